@@ -1,0 +1,170 @@
+//! Indices of the per-CPU counters the datapath bumps for every packet it sees.
+//!
+//! Every packet either program handles ends in exactly one "result" counter (translated, passed
+//! for a reason, or dropped for a reason); allocation events are counted on top. The controller
+//! sums each index over all CPUs and names it with [`Counter::labels`].
+
+/// One counter slot in `SNAT_COUNTERS`. The discriminant is the array index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    // Egress results: exactly one per packet seen on egress.
+    EgressTranslatedTcp,
+    EgressTranslatedUdp,
+    EgressTranslatedIcmp,
+    EgressTranslatedIcmpError,
+    EgressPassNotIpv4,
+    EgressPassNotInternal,
+    EgressPassExcluded,
+    EgressDropMalformed,
+    EgressDropFragment,
+    EgressDropUnsupportedProto,
+    EgressDropIcmpType,
+    EgressDropTcpNotSyn,
+    EgressDropIcmpErrorNoMapping,
+    EgressDropNoNatIp,
+    EgressDropExhaustedTcp,
+    EgressDropExhaustedUdp,
+    EgressDropExhaustedIcmp,
+    EgressDropTableFull,
+    EgressDropRewrite,
+    // Ingress results: exactly one per packet seen on ingress.
+    IngressTranslatedTcp,
+    IngressTranslatedUdp,
+    IngressTranslatedIcmp,
+    IngressTranslatedIcmpError,
+    IngressPassNotIpv4,
+    IngressPassNoMapping,
+    IngressPassUnparsed,
+    IngressDropRewrite,
+    // Allocation events, counted besides the packet's result.
+    CreatedTcp,
+    CreatedUdp,
+    CreatedIcmp,
+    /// The new mapping kept the pod's own source port (or echo identifier).
+    AllocPreserved,
+    /// The new mapping took a random port on the first tries.
+    AllocRandom,
+    /// Random tries failed and the exhaustive scan of the range found the port.
+    AllocScan,
+    /// Two CPUs mapped the same new flow at once; the loser adopted the winner's mapping.
+    AllocRaceLost,
+    /// A new TCP SYN reopened a closed mapping and kept its NAT port (binding persistence).
+    TcpReopened,
+}
+
+impl Counter {
+    /// Number of counters (the size of `SNAT_COUNTERS`).
+    pub const COUNT: u32 = Counter::TcpReopened as u32 + 1;
+
+    /// Every counter, in index order.
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::EgressTranslatedTcp,
+        Counter::EgressTranslatedUdp,
+        Counter::EgressTranslatedIcmp,
+        Counter::EgressTranslatedIcmpError,
+        Counter::EgressPassNotIpv4,
+        Counter::EgressPassNotInternal,
+        Counter::EgressPassExcluded,
+        Counter::EgressDropMalformed,
+        Counter::EgressDropFragment,
+        Counter::EgressDropUnsupportedProto,
+        Counter::EgressDropIcmpType,
+        Counter::EgressDropTcpNotSyn,
+        Counter::EgressDropIcmpErrorNoMapping,
+        Counter::EgressDropNoNatIp,
+        Counter::EgressDropExhaustedTcp,
+        Counter::EgressDropExhaustedUdp,
+        Counter::EgressDropExhaustedIcmp,
+        Counter::EgressDropTableFull,
+        Counter::EgressDropRewrite,
+        Counter::IngressTranslatedTcp,
+        Counter::IngressTranslatedUdp,
+        Counter::IngressTranslatedIcmp,
+        Counter::IngressTranslatedIcmpError,
+        Counter::IngressPassNotIpv4,
+        Counter::IngressPassNoMapping,
+        Counter::IngressPassUnparsed,
+        Counter::IngressDropRewrite,
+        Counter::CreatedTcp,
+        Counter::CreatedUdp,
+        Counter::CreatedIcmp,
+        Counter::AllocPreserved,
+        Counter::AllocRandom,
+        Counter::AllocScan,
+        Counter::AllocRaceLost,
+        Counter::TcpReopened,
+    ];
+
+    /// The counter's index in `SNAT_COUNTERS`.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// Stable `(group, detail)` names: group is `egress`, `ingress` or `alloc`; detail names the
+    /// result (`translated_tcp`, `drop_exhausted_udp`, …). Metrics and the CLI print these.
+    pub const fn labels(self) -> (&'static str, &'static str) {
+        use Counter::*;
+        match self {
+            EgressTranslatedTcp => ("egress", "translated_tcp"),
+            EgressTranslatedUdp => ("egress", "translated_udp"),
+            EgressTranslatedIcmp => ("egress", "translated_icmp"),
+            EgressTranslatedIcmpError => ("egress", "translated_icmp_error"),
+            EgressPassNotIpv4 => ("egress", "pass_not_ipv4"),
+            EgressPassNotInternal => ("egress", "pass_not_internal"),
+            EgressPassExcluded => ("egress", "pass_excluded"),
+            EgressDropMalformed => ("egress", "drop_malformed"),
+            EgressDropFragment => ("egress", "drop_fragment"),
+            EgressDropUnsupportedProto => ("egress", "drop_unsupported_proto"),
+            EgressDropIcmpType => ("egress", "drop_icmp_type"),
+            EgressDropTcpNotSyn => ("egress", "drop_tcp_not_syn"),
+            EgressDropIcmpErrorNoMapping => ("egress", "drop_icmp_error_no_mapping"),
+            EgressDropNoNatIp => ("egress", "drop_no_nat_ip"),
+            EgressDropExhaustedTcp => ("egress", "drop_exhausted_tcp"),
+            EgressDropExhaustedUdp => ("egress", "drop_exhausted_udp"),
+            EgressDropExhaustedIcmp => ("egress", "drop_exhausted_icmp"),
+            EgressDropTableFull => ("egress", "drop_table_full"),
+            EgressDropRewrite => ("egress", "drop_rewrite_failed"),
+            IngressTranslatedTcp => ("ingress", "translated_tcp"),
+            IngressTranslatedUdp => ("ingress", "translated_udp"),
+            IngressTranslatedIcmp => ("ingress", "translated_icmp"),
+            IngressTranslatedIcmpError => ("ingress", "translated_icmp_error"),
+            IngressPassNotIpv4 => ("ingress", "pass_not_ipv4"),
+            IngressPassNoMapping => ("ingress", "pass_no_mapping"),
+            IngressPassUnparsed => ("ingress", "pass_unparsed"),
+            IngressDropRewrite => ("ingress", "drop_rewrite_failed"),
+            CreatedTcp => ("alloc", "created_tcp"),
+            CreatedUdp => ("alloc", "created_udp"),
+            CreatedIcmp => ("alloc", "created_icmp"),
+            AllocPreserved => ("alloc", "port_preserved"),
+            AllocRandom => ("alloc", "port_random"),
+            AllocScan => ("alloc", "port_scan"),
+            AllocRaceLost => ("alloc", "race_lost"),
+            TcpReopened => ("alloc", "tcp_reopened"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c.index() as usize, i, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn labels_are_unique() {
+        for a in Counter::ALL {
+            for b in Counter::ALL {
+                if a != b {
+                    assert_ne!(a.labels(), b.labels());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The map keys and values that hold snat's state.
+//!
+//! Invariants:
+//! - Every type is `#[repr(C)]`, made of byte arrays and fixed-width integers with explicit
+//!   padding, so kernel and userspace agree on the layout byte for byte; a `const` assertion pins
+//!   each size.
+//! - Addresses and ports are stored in network byte order (`[u8; N]`), read through typed accessors.
+//! - A mapping is two entries created and removed together: `SNAT_FWD[k] = m` and
+//!   `SNAT_REV[k.reply(m)] = o`, where `o` names the internal endpoint of `k`. The reverse entry is
+//!   inserted first (with `BPF_NOEXIST`: that insert *is* the port claim) and removed last, so a
+//!   forward entry never exists without the claim that makes its NAT port unique.
+
+use core::net::Ipv4Addr;
+
+use bytemuck::{Pod, Zeroable};
+
+/// IP protocol numbers snat translates.
+pub mod proto {
+    /// ICMP (echo queries by identifier, errors by their embedded header).
+    pub const ICMP: u8 = 1;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+}
+
+/// A flow as one direction of packets shows it: source and destination endpoints and protocol.
+///
+/// Forward keys are written as the pod's packet reads (internal source → remote destination),
+/// reverse keys as the reply reads (remote source → NAT destination). What goes in the port
+/// fields depends on the protocol and sets the port-reuse rules of the seeds (Azure's model):
+///
+/// | proto | internal side          | remote side            | a NAT port is unique per |
+/// |-------|------------------------|------------------------|--------------------------|
+/// | TCP   | port                   | port                   | remote ip:port           |
+/// | UDP   | port                   | 0 (any port of the IP) | remote ip                |
+/// | ICMP  | echo identifier        | 0                      | remote ip                |
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 16);
+
+impl FlowKey {
+    /// A key from addresses and ports in network byte order.
+    #[inline(always)]
+    pub const fn new(
+        proto: u8,
+        src_addr: [u8; 4],
+        src_port: [u8; 2],
+        dst_addr: [u8; 4],
+        dst_port: [u8; 2],
+    ) -> Self {
+        Self {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The remote port as it belongs in a key of `proto`: TCP keeps it, UDP and ICMP use 0.
+    #[inline(always)]
+    pub const fn remote_port_for(proto: u8, port: [u8; 2]) -> [u8; 2] {
+        if proto == proto::TCP {
+            port
+        } else {
+            [0; 2]
+        }
+    }
+
+    /// The reverse key a forward key `self` gets once mapped to `nat_addr:nat_port`.
+    #[inline(always)]
+    pub const fn reply(&self, nat_addr: [u8; 4], nat_port: [u8; 2]) -> Self {
+        Self::new(self.proto, self.dst_addr, self.dst_port, nat_addr, nat_port)
+    }
+
+    /// The forward key whose reverse key is `self`, given the internal endpoint it maps to.
+    #[inline(always)]
+    pub const fn forward(&self, origin: &Origin) -> Self {
+        Self::new(
+            self.proto,
+            origin.addr,
+            origin.port,
+            self.src_addr,
+            self.src_port,
+        )
+    }
+
+    pub fn src(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.src_addr)
+    }
+
+    pub fn dst(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.dst_addr)
+    }
+
+    pub const fn src_port(&self) -> u16 {
+        u16::from_be_bytes(self.src_port)
+    }
+
+    pub const fn dst_port(&self) -> u16 {
+        u16::from_be_bytes(self.dst_port)
+    }
+}
+
+/// The forward half of a mapping: where the pod's packets are translated to, and what the pod
+/// side of the connection has done. Written by egress only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Mapping {
+    pub nat_addr: [u8; 4],
+    pub nat_port: [u8; 2],
+    /// [`crate::tcp`] flags the internal side has sent (TCP only).
+    pub tcp_seen: u8,
+    pub _pad: u8,
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds when the mapping was made.
+    pub created_ns: u64,
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last outbound packet.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<Mapping>() == 24);
+
+impl Mapping {
+    pub fn nat_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.nat_addr)
+    }
+
+    pub const fn nat_port(&self) -> u16 {
+        u16::from_be_bytes(self.nat_port)
+    }
+}
+
+/// The reverse half of a mapping: the internal endpoint replies go back to, and what the remote
+/// side has done. Written by ingress only (after egress created it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Origin {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    /// [`crate::tcp`] flags the remote side has sent (TCP only).
+    pub tcp_seen: u8,
+    pub _pad: u8,
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last inbound packet (or of creation).
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<Origin>() == 16);
+
+impl Origin {
+    pub fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr)
+    }
+
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+}
+
+/// One NAT IP and the part of its port space this node may hand out (inclusive bounds,
+/// host byte order: they are numbers to count with, not wire fields).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatIp {
+    pub addr: [u8; 4],
+    pub port_min: u16,
+    pub port_max: u16,
+}
+const _: () = assert!(size_of::<NatIp>() == 8);
+
+impl NatIp {
+    pub fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr)
+    }
+
+    /// How many ports the range holds: 1..=65,536, never 0 (the datapath divides by it). The
+    /// controller only writes ranges with `port_min <= port_max`.
+    #[inline(always)]
+    pub const fn range_len(&self) -> u32 {
+        self.port_max.wrapping_sub(self.port_min) as u32 + 1
+    }
+}
+
+/// The live configuration the datapath reads on every new mapping.
+///
+/// NAT IPs live in two sets so the controller can replace them without the datapath ever seeing
+/// half of a change: it writes the inactive set and its count, then flips `active` (one aligned
+/// 4-byte store).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// Which set of `SNAT_NAT_IPS` is live: 0 → entries `0..MAX_NAT_IPS`, 1 → the next ones.
+    pub active: u32,
+    /// Number of NAT IPs in each set.
+    pub nat_ip_count: [u32; 2],
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is `repr(C)`, `bytemuck::Pod` (no padding, no invalid bit patterns).
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Mapping {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatIp {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_and_forward_are_inverse() {
+        let fwd = FlowKey::new(
+            proto::TCP,
+            [10, 1, 0, 2],
+            40000u16.to_be_bytes(),
+            [203, 0, 113, 9],
+            443u16.to_be_bytes(),
+        );
+        let rev = fwd.reply([198, 51, 100, 1], 33000u16.to_be_bytes());
+        assert_eq!(rev.src_addr, [203, 0, 113, 9]);
+        assert_eq!(rev.dst_port(), 33000);
+        let origin = Origin {
+            addr: fwd.src_addr,
+            port: fwd.src_port,
+            ..Origin::default()
+        };
+        assert_eq!(rev.forward(&origin), fwd);
+    }
+
+    #[test]
+    fn remote_port_only_counts_for_tcp() {
+        let p = 53u16.to_be_bytes();
+        assert_eq!(FlowKey::remote_port_for(proto::TCP, p), p);
+        assert_eq!(FlowKey::remote_port_for(proto::UDP, p), [0, 0]);
+        assert_eq!(FlowKey::remote_port_for(proto::ICMP, p), [0, 0]);
+    }
+
+    #[test]
+    fn range_len_is_inclusive() {
+        let ip = NatIp {
+            addr: [0; 4],
+            port_min: 32768,
+            port_max: 65535,
+        };
+        assert_eq!(ip.range_len(), 32768);
+    }
+}

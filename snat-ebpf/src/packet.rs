@@ -1,0 +1,186 @@
+//! Reading and rewriting packet fields.
+//!
+//! Reads go through [`read`], which uses direct packet access when the bytes are in the linear
+//! part of the skb and falls back to `bpf_skb_load_bytes` otherwise, so callers never hold packet
+//! pointers across helpers that may move the data. Writes go through the kernel helpers
+//! (`bpf_skb_store_bytes`, `bpf_l3/l4_csum_replace`), which unclone the skb and keep
+//! `skb->csum` (CHECKSUM_COMPLETE) and pending offload (CHECKSUM_PARTIAL) right.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use network_types::ip::Ipv4Hdr;
+use snat_common::flow::proto;
+
+/// Bytes of the Ethernet header in front of IPv4 (the controller only attaches to Ethernet links).
+pub const ETH_LEN: usize = 14;
+/// EtherType of IPv4 as `skb->protocol` holds it (network byte order).
+pub const ETH_P_IP_BE: u32 = 0x0008;
+
+/// IPv4 header field offsets.
+pub mod ip {
+    pub const CHECK: usize = 10;
+    pub const SRC: usize = 12;
+    pub const DST: usize = 16;
+    /// More-fragments flag and fragment offset bits of `frags` (host order).
+    pub const MF_OR_OFFSET: u16 = 0x3fff;
+}
+
+/// The packet's bytes at `off`, copied out. `T` must be at least 2 bytes: for one byte at a
+/// variable offset LLVM folds the bounds check into a form the verifier does not accept.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() <= end {
+        // SAFETY: the range lies inside the linear packet data (checked above); the read is
+        // unaligned because packet fields have no alignment guarantee.
+        Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    } else {
+        ctx.load::<T>(off)
+    }
+}
+
+/// What the programs need of an IPv4 header, read once.
+#[derive(Clone, Copy)]
+pub struct Ipv4 {
+    pub version: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    /// Header length in bytes (20..=60 once [`Ipv4::valid`] holds).
+    pub ihl: usize,
+    pub tot_len: u16,
+    pub frags: u16,
+}
+
+impl Ipv4 {
+    #[inline(always)]
+    pub fn read(ctx: &TcContext) -> Result<Self, i64> {
+        let h: Ipv4Hdr = read(ctx, ETH_LEN)?;
+        Ok(Self {
+            version: h.vihl >> 4,
+            src: h.src_addr,
+            dst: h.dst_addr,
+            proto: h.proto,
+            ihl: usize::from(h.vihl & 0x0f) * 4,
+            tot_len: u16::from_be_bytes(h.tot_len),
+            frags: u16::from_be_bytes(h.frags),
+        })
+    }
+
+    /// Version 4, a header of 20–60 bytes, and a total length that fits the header and the
+    /// frame. (`tot_len` 0 is accepted: IPv4 BIG TCP super-packets carry it.)
+    #[inline(always)]
+    pub fn valid(&self, ctx: &TcContext) -> bool {
+        let frame = ctx.len() as usize;
+        let tot = usize::from(self.tot_len);
+        self.version == 4
+            && self.ihl >= 20
+            && (tot == 0 && frame > ETH_LEN + 60 || tot >= self.ihl && ETH_LEN + tot <= frame)
+    }
+
+    /// A fragment other than a whole datagram (MF set or a non-zero offset).
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        self.frags & ip::MF_OR_OFFSET != 0
+    }
+
+    /// Offset of the L4 header in the frame.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        ETH_LEN + self.ihl
+    }
+
+    /// Bytes after the IP header according to `tot_len` (or to the frame when it is 0).
+    #[inline(always)]
+    pub fn l4_len(&self, ctx: &TcContext) -> usize {
+        if self.tot_len == 0 {
+            (ctx.len() as usize).saturating_sub(self.l4())
+        } else {
+            usize::from(self.tot_len).saturating_sub(self.ihl)
+        }
+    }
+}
+
+/// Offset of the checksum inside an L4 header of `proto`.
+#[inline(always)]
+pub const fn l4_check_offset(proto: u8) -> usize {
+    match proto {
+        proto::TCP => 16,
+        proto::UDP => 6,
+        _ => 2, // ICMP
+    }
+}
+
+/// Which endpoint of a packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Src,
+    Dst,
+}
+
+impl Side {
+    #[inline(always)]
+    const fn addr_off(self) -> usize {
+        match self {
+            Side::Src => ETH_LEN + ip::SRC,
+            Side::Dst => ETH_LEN + ip::DST,
+        }
+    }
+}
+
+/// Rewrites one endpoint of a TCP, UDP or ICMP query packet: the address in the IPv4 header and
+/// the port (TCP/UDP, `port_off` 0 for source or 2 for destination) or echo identifier (ICMP,
+/// `port_off` 4), fixing the IPv4 checksum and the L4 checksum incrementally. A UDP checksum of 0
+/// stays 0 (`BPF_F_MARK_MANGLED_0`).
+#[inline(always)]
+pub fn rewrite_endpoint(
+    ctx: &TcContext,
+    l4: usize,
+    l4_proto: u8,
+    side: Side,
+    port_off: usize,
+    old: ([u8; 4], [u8; 2]),
+    new: ([u8; 4], [u8; 2]),
+) -> Result<(), i64> {
+    let check = l4 + l4_check_offset(l4_proto);
+    let mangled = if l4_proto == proto::UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    if old.0 != new.0 {
+        if l4_proto != proto::ICMP {
+            // TCP and UDP checksums cover the addresses through the pseudo-header.
+            let (from, to) = (
+                u64::from(u32::from_ne_bytes(old.0)),
+                u64::from(u32::from_ne_bytes(new.0)),
+            );
+            ctx.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)?;
+        }
+        rewrite_addr(ctx, side, old.0, new.0)?;
+    }
+    if old.1 != new.1 {
+        let (from, to) = (
+            u64::from(u16::from_ne_bytes(old.1)),
+            u64::from(u16::from_ne_bytes(new.1)),
+        );
+        ctx.l4_csum_replace(check, from, to, mangled | 2)?;
+        ctx.store(l4 + port_off, &new.1, 0)?;
+    }
+    Ok(())
+}
+
+/// Rewrites the source or destination address of the IPv4 header and its checksum (nothing else:
+/// the caller fixes any checksum that covers the address through a pseudo-header).
+#[inline(always)]
+pub fn rewrite_addr(ctx: &TcContext, side: Side, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
+    let (from, to) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
+    ctx.l3_csum_replace(ETH_LEN + ip::CHECK, from, to, 4)?;
+    ctx.store(side.addr_off(), &new, 0)
+}

@@ -1,0 +1,206 @@
+//! IPv4 CIDRs and port ranges as operators write them.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+/// An IPv4 network: address with no host bits set, and prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    addr: Ipv4Addr,
+    len: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CidrError {
+    #[error("invalid CIDR {0:?}: write an IPv4 network like 10.244.0.0/16")]
+    Syntax(String),
+    #[error("invalid CIDR {0:?}: the prefix length must be 0..=32")]
+    Prefix(String),
+    #[error("invalid CIDR {input:?}: host bits are set; did you mean {network}?")]
+    HostBits { input: String, network: Ipv4Cidr },
+}
+
+impl Ipv4Cidr {
+    pub fn new(addr: Ipv4Addr, len: u8) -> Option<Self> {
+        (len <= 32 && u32::from(addr) & !Self::mask(len) == 0).then_some(Self { addr, len })
+    }
+
+    const fn mask(len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - len)
+        }
+    }
+
+    pub const fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    pub const fn len(&self) -> u8 {
+        self.len
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.len) == u32::from(self.addr)
+    }
+
+    /// Whether the two networks share any address.
+    pub fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, l) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = a.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
+        let len: u8 = l.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
+        if len > 32 {
+            return Err(CidrError::Prefix(s.to_owned()));
+        }
+        Self::new(addr, len).ok_or_else(|| CidrError::HostBits {
+            input: s.to_owned(),
+            network: Self {
+                addr: Ipv4Addr::from(u32::from(addr) & Self::mask(len)),
+                len,
+            },
+        })
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// An inclusive range of ports, `LO:HI` like Calico's `natPortRange` (`LO-HI` is accepted too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PortRangeError {
+    #[error("invalid port range {0:?}: write LO:HI with 1 <= LO <= HI <= 65535, e.g. 32768:65535")]
+    Syntax(String),
+    #[error(
+        "invalid port range {0:?}: ports are 1..=65535 (port 0 cannot be used); e.g. 32768:65535"
+    )]
+    OutOfBounds(String),
+    #[error("invalid port range {0:?}: LO is above HI; swap them, e.g. {1}:{2}")]
+    Reversed(String, u16, u16),
+}
+
+impl PortRange {
+    pub const DEFAULT: PortRange = PortRange {
+        lo: 32768,
+        hi: 65535,
+    };
+
+    pub const fn len(&self) -> u32 {
+        self.hi as u32 - self.lo as u32 + 1
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = PortRangeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (lo, hi) = s
+            .split_once([':', '-'])
+            .ok_or_else(|| PortRangeError::Syntax(s.to_owned()))?;
+        let num = |p: &str| -> Result<u32, PortRangeError> {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| PortRangeError::Syntax(s.to_owned()))
+        };
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo == 0 || hi == 0 || lo > 65535 || hi > 65535 {
+            return Err(PortRangeError::OutOfBounds(s.to_owned()));
+        }
+        let (lo, hi) = (lo as u16, hi as u16);
+        if lo > hi {
+            return Err(PortRangeError::Reversed(s.to_owned(), hi, lo));
+        }
+        Ok(Self { lo, hi })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.lo, self.hi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        let c: Ipv4Cidr = "10.244.0.0/16".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(10, 244, 3, 4)));
+        assert!(!c.contains(Ipv4Addr::new(10, 245, 0, 0)));
+        assert_eq!("10.0.0.1".parse::<Ipv4Cidr>().unwrap().len(), 32);
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Cidr>().unwrap().len(), 0);
+        assert!("0.0.0.0/0"
+            .parse::<Ipv4Cidr>()
+            .unwrap()
+            .contains(Ipv4Addr::new(1, 2, 3, 4)));
+    }
+
+    #[test]
+    fn cidr_errors_name_value_and_fix() {
+        let e = "10.1.2.3/8".parse::<Ipv4Cidr>().unwrap_err().to_string();
+        assert!(
+            e.contains("10.1.2.3/8") && e.contains("did you mean 10.0.0.0/8"),
+            "{e}"
+        );
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Ipv4Cidr>(),
+            Err(CidrError::Prefix(_))
+        ));
+        assert!(matches!(
+            "pods".parse::<Ipv4Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0/8".parse::<Ipv4Cidr>(),
+            Err(CidrError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn overlaps() {
+        let a: Ipv4Cidr = "10.0.0.0/8".parse().unwrap();
+        let b: Ipv4Cidr = "10.1.0.0/16".parse().unwrap();
+        let c: Ipv4Cidr = "11.0.0.0/8".parse().unwrap();
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(!a.overlaps(&c));
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("32768:65535".parse(), Ok(PortRange::DEFAULT));
+        assert_eq!("1000-1009".parse::<PortRange>().unwrap().len(), 10);
+        assert_eq!("5:5".parse::<PortRange>().unwrap().len(), 1);
+        assert!(matches!(
+            "0:100".parse::<PortRange>(),
+            Err(PortRangeError::OutOfBounds(_))
+        ));
+        assert!(matches!(
+            "1:65536".parse::<PortRange>(),
+            Err(PortRangeError::OutOfBounds(_))
+        ));
+        assert!(matches!(
+            "100".parse::<PortRange>(),
+            Err(PortRangeError::Syntax(_))
+        ));
+        let e = "65535:32768".parse::<PortRange>().unwrap_err().to_string();
+        assert!(e.contains("swap them, e.g. 32768:65535"), "{e}");
+    }
+}

@@ -1,0 +1,131 @@
+//! The `snat` command line.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    cidr::{Ipv4Cidr, PortRange},
+    duration,
+};
+
+/// snat: an eBPF egress NAT for Linux nodes.
+///
+/// Pods behind a node share a few public (NAT) IPs; every outbound flow needs a (NAT IP, SNAT
+/// port) pair. snat translates those flows in the kernel, on the node's uplink, and never lets a
+/// pod's packet leave with its internal address.
+#[derive(Debug, Parser)]
+#[command(name = "snat", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the NAT to an uplink and run until SIGINT/SIGTERM (needs root).
+    Run(Box<RunArgs>),
+    /// Print the packet and allocation counters of the agent running on an interface.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The node's uplink: outbound pod traffic leaving through it is translated (egress), and
+    /// replies arriving on it are translated back (ingress).
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+
+    /// A public/outbound NAT IP (frontend IP) to translate to; repeat for several. Each pod
+    /// address is paired with one of them (paired pooling). Default: the interface's primary IPv4.
+    #[arg(long = "nat-ip", value_name = "IP")]
+    pub nat_ips: Vec<Ipv4Addr>,
+
+    /// Internal (pod) CIDR whose sources are translated; repeat for several. Required.
+    #[arg(long = "internal", value_name = "CIDR")]
+    pub internal: Vec<Ipv4Cidr>,
+
+    /// Destination CIDR never translated (e.g. the cluster's pod and service CIDRs); repeat for
+    /// several. The internal CIDRs are always excluded.
+    #[arg(long = "exclude", value_name = "CIDR")]
+    pub exclude: Vec<Ipv4Cidr>,
+
+    /// SNAT ports this node hands out on each NAT IP, inclusive: Calico's natPortRange. The
+    /// default stays clear of the NodePort range (30000-32767) and of well-known ports.
+    #[arg(long, value_name = "LO:HI", default_value_t = PortRange::DEFAULT)]
+    pub port_range: PortRange,
+
+    /// Idle timeout of an established TCP connection (RFC 5382: at least 2h4m).
+    #[arg(long, value_name = "DURATION", default_value = "2h4m", value_parser = duration::parse)]
+    pub tcp_established_timeout: Duration,
+
+    /// Idle timeout of a TCP connection being opened or half-closed (RFC 5382: at least 4m).
+    #[arg(long, value_name = "DURATION", default_value = "4m", value_parser = duration::parse)]
+    pub tcp_transitory_timeout: Duration,
+
+    /// SNAT port release after a FIN was sent in both directions (Azure: 240s).
+    #[arg(long, value_name = "DURATION", default_value = "240s", value_parser = duration::parse)]
+    pub tcp_fin_timeout: Duration,
+
+    /// SNAT port release after a TCP RST was sent or received (Azure: 15s).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration::parse)]
+    pub tcp_rst_timeout: Duration,
+
+    /// Idle timeout of a UDP mapping (RFC 4787: at least 2m, 5m recommended).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration::parse)]
+    pub udp_timeout: Duration,
+
+    /// Idle timeout of an ICMP echo mapping (RFC 5508: at least 60s).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration::parse)]
+    pub icmp_timeout: Duration,
+
+    /// Concurrent mappings (SNAT connections) the kernel tables hold; memory is reserved up
+    /// front, about 160 bytes per mapping.
+    #[arg(long, value_name = "N", default_value_t = snat_common::DEFAULT_MAX_MAPPINGS)]
+    pub max_mappings: u32,
+
+    /// How often idle mappings are looked for and their ports released.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration::parse)]
+    pub gc_interval: Duration,
+
+    /// Kernel-side log level. `off` compiles logging out of the loaded programs.
+    #[arg(long, value_name = "LEVEL", default_value = "off")]
+    pub ebpf_log: EbpfLog,
+
+    /// Write the counters as JSON to this file on exit (for scripts and tests).
+    #[arg(long, value_name = "FILE")]
+    pub stats_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EbpfLog {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl EbpfLog {
+    /// The value of aya-log's `AYA_LOG_LEVEL` global (0 disables every statement).
+    pub const fn aya_level(self) -> u8 {
+        match self {
+            EbpfLog::Off => 0,
+            EbpfLog::Error => 1,
+            EbpfLog::Warn => 2,
+            EbpfLog::Info => 3,
+            EbpfLog::Debug => 4,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The interface the agent runs on.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,361 @@
+//! Validation of `snat run`'s flags into [`Settings`], before anything touches the kernel.
+//!
+//! Invariant: a `Settings` value is internally consistent (at least one internal CIDR, 1..=64
+//! distinct NAT IPs none of which is internal, timeouts of at least one second, a table size
+//! the kernel accepts); every error names the offending value and the fix.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use snat_common::MAX_NAT_IPS;
+
+use crate::{
+    cidr::{Ipv4Cidr, PortRange},
+    cli::{EbpfLog, RunArgs},
+    duration::Human,
+    netdev::Interface,
+};
+
+/// Largest `--max-mappings`: 16 Mi mappings need ~2.5 GiB of kernel memory.
+pub const MAX_MAPPINGS_LIMIT: u32 = 1 << 24;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_established: Duration,
+    pub tcp_transitory: Duration,
+    pub tcp_fin: Duration,
+    pub tcp_rst: Duration,
+    pub udp: Duration,
+    pub icmp: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub iface: Interface,
+    pub nat_ips: Vec<Ipv4Addr>,
+    pub internal: Vec<Ipv4Cidr>,
+    /// Destinations never translated: the `--exclude` CIDRs and the internal ones.
+    pub exclude: Vec<Ipv4Cidr>,
+    pub port_range: PortRange,
+    pub timeouts: Timeouts,
+    pub max_mappings: u32,
+    pub gc_interval: Duration,
+    pub ebpf_log: EbpfLog,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("no --internal CIDR given: name the pod CIDR(s) whose traffic snat translates, e.g. --internal 10.244.0.0/16")]
+    NoInternal,
+    #[error("interface {0:?} has no IPv4 address to use as NAT IP: give one with --nat-ip")]
+    NoNatIp(String),
+    #[error("--nat-ip {ip} is inside the internal CIDR {cidr}: a NAT IP must be a public/outbound address, not a pod address")]
+    NatIpInternal { ip: Ipv4Addr, cidr: Ipv4Cidr },
+    #[error("--nat-ip {0} is given twice: list each NAT IP once")]
+    DuplicateNatIp(Ipv4Addr),
+    #[error("--nat-ip {0} cannot be used: 0.0.0.0, broadcast, multicast and loopback addresses are not NAT IPs")]
+    UnusableNatIp(Ipv4Addr),
+    #[error("{0} NAT IPs given: snat supports at most {MAX_NAT_IPS}")]
+    TooManyNatIps(usize),
+    #[error("--{flag} {value} is too short: timeouts must be at least 1s")]
+    TimeoutTooShort { flag: &'static str, value: String },
+    #[error("--gc-interval {0} is out of range: use 100ms to 1m")]
+    GcInterval(String),
+    #[error("--max-mappings {0} is out of range: use 1 to {MAX_MAPPINGS_LIMIT}")]
+    MaxMappings(u32),
+}
+
+impl Settings {
+    /// Checks `args` against the facts of the interface they name.
+    pub fn validate(args: &RunArgs, iface: Interface) -> Result<Self, ConfigError> {
+        if args.internal.is_empty() {
+            return Err(ConfigError::NoInternal);
+        }
+        let nat_ips = if args.nat_ips.is_empty() {
+            vec![*iface
+                .ipv4
+                .first()
+                .ok_or_else(|| ConfigError::NoNatIp(iface.name.clone()))?]
+        } else {
+            args.nat_ips.clone()
+        };
+        if nat_ips.len() > MAX_NAT_IPS as usize {
+            return Err(ConfigError::TooManyNatIps(nat_ips.len()));
+        }
+        for (i, ip) in nat_ips.iter().enumerate() {
+            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+                return Err(ConfigError::UnusableNatIp(*ip));
+            }
+            if nat_ips[..i].contains(ip) {
+                return Err(ConfigError::DuplicateNatIp(*ip));
+            }
+            if let Some(cidr) = args.internal.iter().find(|c| c.contains(*ip)) {
+                return Err(ConfigError::NatIpInternal {
+                    ip: *ip,
+                    cidr: *cidr,
+                });
+            }
+        }
+        let timeouts = Timeouts {
+            tcp_established: args.tcp_established_timeout,
+            tcp_transitory: args.tcp_transitory_timeout,
+            tcp_fin: args.tcp_fin_timeout,
+            tcp_rst: args.tcp_rst_timeout,
+            udp: args.udp_timeout,
+            icmp: args.icmp_timeout,
+        };
+        for (flag, value) in timeouts.named() {
+            if value < Duration::from_secs(1) {
+                return Err(ConfigError::TimeoutTooShort {
+                    flag,
+                    value: Human(value).to_string(),
+                });
+            }
+        }
+        if args.gc_interval < Duration::from_millis(100)
+            || args.gc_interval > Duration::from_secs(60)
+        {
+            return Err(ConfigError::GcInterval(Human(args.gc_interval).to_string()));
+        }
+        if args.max_mappings == 0 || args.max_mappings > MAX_MAPPINGS_LIMIT {
+            return Err(ConfigError::MaxMappings(args.max_mappings));
+        }
+        let mut exclude = args.exclude.clone();
+        for c in &args.internal {
+            if !exclude.contains(c) {
+                exclude.push(*c);
+            }
+        }
+        Ok(Self {
+            iface,
+            nat_ips,
+            internal: args.internal.clone(),
+            exclude,
+            port_range: args.port_range,
+            timeouts,
+            max_mappings: args.max_mappings,
+            gc_interval: args.gc_interval,
+            ebpf_log: args.ebpf_log,
+        })
+    }
+
+    /// Valid but unwise choices, for the operator to see at start-up.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let t = &self.timeouts;
+        let rfc = [
+            (
+                "tcp-established-timeout",
+                t.tcp_established,
+                Duration::from_secs(2 * 3600 + 4 * 60),
+                "RFC 5382 REQ-5",
+            ),
+            (
+                "tcp-transitory-timeout",
+                t.tcp_transitory,
+                Duration::from_secs(240),
+                "RFC 5382 REQ-5",
+            ),
+            (
+                "udp-timeout",
+                t.udp,
+                Duration::from_secs(120),
+                "RFC 4787 REQ-5",
+            ),
+            (
+                "icmp-timeout",
+                t.icmp,
+                Duration::from_secs(60),
+                "RFC 5508 REQ-1",
+            ),
+        ];
+        for (flag, value, min, rfc) in rfc {
+            if value < min {
+                w.push(format!(
+                    "--{flag} {} is below the {} minimum of {} ({rfc}): idle flows lose their mapping early",
+                    Human(value),
+                    flag.trim_end_matches("-timeout"),
+                    Human(min)
+                ));
+            }
+        }
+        if self.port_range.lo < 1024 {
+            w.push(format!(
+                "--port-range {} includes well-known ports below 1024; the usual choice is 32768:65535",
+                self.port_range
+            ));
+        }
+        let nodeport = PortRange {
+            lo: 30000,
+            hi: 32767,
+        };
+        if self.port_range.lo <= nodeport.hi && nodeport.lo <= self.port_range.hi {
+            w.push(format!(
+                "--port-range {} overlaps the Kubernetes NodePort range {nodeport}; replies to NodePorts on a NAT IP could be taken for SNAT traffic. Use 32768:65535",
+                self.port_range
+            ));
+        }
+        w
+    }
+}
+
+impl Timeouts {
+    pub fn named(&self) -> [(&'static str, Duration); 6] {
+        [
+            ("tcp-established-timeout", self.tcp_established),
+            ("tcp-transitory-timeout", self.tcp_transitory),
+            ("tcp-fin-timeout", self.tcp_fin),
+            ("tcp-rst-timeout", self.tcp_rst),
+            ("udp-timeout", self.udp),
+            ("icmp-timeout", self.icmp),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn args(line: &str) -> RunArgs {
+        let argv = std::iter::once("snat").chain(line.split_whitespace());
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn iface(ips: &[Ipv4Addr]) -> Interface {
+        Interface {
+            name: "up0".into(),
+            index: 7,
+            ipv4: ips.to_vec(),
+        }
+    }
+
+    const UPLINK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+
+    #[test]
+    fn defaults() {
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.1.0.0/16"),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        assert_eq!(s.nat_ips, [UPLINK]);
+        assert_eq!(s.port_range, PortRange::DEFAULT);
+        assert_eq!(s.timeouts.tcp_established, Duration::from_secs(7440));
+        assert_eq!(s.timeouts.tcp_transitory, Duration::from_secs(240));
+        assert_eq!(s.timeouts.tcp_fin, Duration::from_secs(240));
+        assert_eq!(s.timeouts.tcp_rst, Duration::from_secs(15));
+        assert_eq!(s.timeouts.udp, Duration::from_secs(300));
+        assert_eq!(s.timeouts.icmp, Duration::from_secs(60));
+        assert_eq!(s.max_mappings, 1_000_000);
+        assert_eq!(s.exclude, ["10.1.0.0/16".parse().unwrap()]);
+        assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+    }
+
+    #[test]
+    fn internal_is_required() {
+        let e = Settings::validate(&args("run --iface up0"), iface(&[UPLINK])).unwrap_err();
+        assert_eq!(e, ConfigError::NoInternal);
+        assert!(e.to_string().contains("--internal 10.244.0.0/16"));
+    }
+
+    #[test]
+    fn nat_ip_errors() {
+        let e = Settings::validate(&args("run --iface up0 --internal 10.0.0.0/8"), iface(&[]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("\"up0\" has no IPv4") && e.to_string().contains("--nat-ip")
+        );
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --nat-ip 10.2.3.4"),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("10.2.3.4 is inside the internal CIDR 10.0.0.0/8"),
+            "{e}"
+        );
+        let e = Settings::validate(
+            &args(
+                "run --iface up0 --internal 10.0.0.0/8 --nat-ip 203.0.113.1 --nat-ip 203.0.113.1",
+            ),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::DuplicateNatIp(Ipv4Addr::new(203, 0, 113, 1))
+        );
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --nat-ip 0.0.0.0"),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::UnusableNatIp(_)));
+    }
+
+    #[test]
+    fn bad_flag_values_name_the_value() {
+        for (line, needle) in [
+            (
+                "run --iface up0 --internal 10.1.2.3/8",
+                "did you mean 10.0.0.0/8",
+            ),
+            (
+                "run --iface up0 --internal 10.0.0.0/8 --port-range 70000:80000",
+                "70000:80000",
+            ),
+            (
+                "run --iface up0 --internal 10.0.0.0/8 --udp-timeout 5",
+                "e.g. 15s",
+            ),
+            (
+                "run --iface up0 --internal 10.0.0.0/8 --nat-ip 1.2.3",
+                "1.2.3",
+            ),
+        ] {
+            let argv = std::iter::once("snat").chain(line.split_whitespace());
+            let e = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(e.contains(needle), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn timeouts_and_limits() {
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --tcp-rst-timeout 500ms"),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("--tcp-rst-timeout 500ms is too short"),
+            "{e}"
+        );
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --max-mappings 0"),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err();
+        assert_eq!(e, ConfigError::MaxMappings(0));
+    }
+
+    #[test]
+    fn warnings_for_short_timeouts_and_nodeport_overlap() {
+        let s = Settings::validate(
+            &args(
+                "run --iface up0 --internal 10.0.0.0/8 --udp-timeout 30s --port-range 30000:40000",
+            ),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        let w = s.warnings().join("\n");
+        assert!(w.contains("--udp-timeout 30s is below"), "{w}");
+        assert!(w.contains("NodePort range 30000:32767"), "{w}");
+    }
+}

@@ -1,0 +1,274 @@
+//! The loaded datapath: owns the eBPF object, fills its configuration maps, attaches both programs
+//! to the uplink and detaches them again (also on drop), leaving nothing of its own behind.
+
+use std::{io, net::Ipv4Addr, process::Command};
+
+use anyhow::{anyhow, Context as _};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{
+        tc::{self, SchedClassifierLinkId, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use log::{debug, info, warn};
+use snat_common::{
+    Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, MAP_CONFIG, MAP_COUNTERS,
+    MAP_EXCLUDE, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV, PROG_EGRESS, PROG_INGRESS,
+};
+
+use crate::{cidr::PortRange, config::Settings};
+
+/// The eBPF object built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/snat"));
+
+/// How the programs are attached to the uplink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links (kernel ≥ 6.6): nothing to clean up but the links.
+    Tcx,
+    /// cls_bpf filters on a clsact qdisc; `added_qdisc` says whether snat created the qdisc.
+    Clsact { added_qdisc: bool },
+}
+
+/// The two halves of every mapping.
+pub struct Tables {
+    pub fwd: HashMap<MapData, FlowKey, Mapping>,
+    pub rev: HashMap<MapData, FlowKey, Origin>,
+}
+
+/// The per-CPU counters.
+pub struct Counters(PerCpuArray<MapData, u64>);
+
+impl Counters {
+    /// Every counter summed over CPUs, in index order.
+    pub fn read(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = self
+                    .0
+                    .get(&c.index(), 0)
+                    .with_context(|| format!("reading counter {c:?}"))?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+pub struct Engine {
+    ebpf: Ebpf,
+    config: Array<MapData, Config>,
+    nat_ips: Array<MapData, NatIp>,
+    iface: String,
+    mode: Option<AttachMode>,
+    links: Vec<(&'static str, SchedClassifierLinkId)>,
+}
+
+impl Engine {
+    /// Loads the programs with maps sized from `settings` and writes the configuration maps.
+    /// Nothing is attached yet.
+    pub fn load(settings: &Settings) -> anyhow::Result<Self> {
+        raise_memlock();
+        let log_level = settings.ebpf_log.aya_level();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_FWD, settings.max_mappings)
+            .map_max_entries(MAP_REV, settings.max_mappings)
+            .override_global(aya_log::LEVEL, &log_level, true)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (are you root?)")?;
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading program {name} into the kernel"))?;
+        }
+        let config = Array::try_from(
+            ebpf.take_map(MAP_CONFIG)
+                .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
+        )?;
+        let nat_ips = Array::try_from(
+            ebpf.take_map(MAP_NAT_IPS)
+                .ok_or_else(|| anyhow!("map {MAP_NAT_IPS} missing"))?,
+        )?;
+        let mut engine = Self {
+            ebpf,
+            config,
+            nat_ips,
+            iface: settings.iface.name.clone(),
+            mode: None,
+            links: Vec::new(),
+        };
+        engine.configure(settings)?;
+        Ok(engine)
+    }
+
+    fn configure(&mut self, settings: &Settings) -> anyhow::Result<()> {
+        self.set_nat_ips(&settings.nat_ips, settings.port_range)?;
+        for (map, cidrs) in [
+            (MAP_INTERNAL, &settings.internal),
+            (MAP_EXCLUDE, &settings.exclude),
+        ] {
+            let mut trie: LpmTrie<_, Ipv4Octets, u8> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut(map)
+                    .ok_or_else(|| anyhow!("map {map} missing"))?,
+            )?;
+            for c in cidrs {
+                trie.insert(&Key::new(u32::from(c.len()), c.addr().octets()), 1, 0)
+                    .with_context(|| format!("adding {c} to {map}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
+    /// `Config::active` so the datapath never sees half of the change.
+    pub fn set_nat_ips(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
+        let mut cfg = self.config.get(&0, 0)?;
+        let next = (cfg.active ^ 1) & 1;
+        for (i, ip) in ips.iter().enumerate() {
+            let entry = NatIp {
+                addr: ip.octets(),
+                port_min: range.lo,
+                port_max: range.hi,
+            };
+            self.nat_ips
+                .set(next * snat_common::MAX_NAT_IPS + i as u32, entry, 0)?;
+        }
+        cfg.nat_ip_count[next as usize] = ips.len() as u32;
+        self.config.set(0, cfg, 0)?;
+        cfg.active = next;
+        self.config.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Attaches ingress, then egress (so replies are translated as soon as mappings exist): with
+    /// TCX where the kernel has it, else as cls_bpf filters on a clsact qdisc.
+    pub fn attach(&mut self) -> anyhow::Result<AttachMode> {
+        let mode = match self.attach_all(true) {
+            Ok(()) => AttachMode::Tcx,
+            Err(e) => {
+                warn!("TCX attach failed ({e:#}); falling back to a clsact qdisc");
+                self.detach();
+                let added_qdisc = match tc::qdisc_add_clsact(&self.iface) {
+                    Ok(()) => true,
+                    Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        false
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("adding a clsact qdisc to {}", self.iface))
+                    }
+                };
+                self.mode = Some(AttachMode::Clsact { added_qdisc });
+                self.attach_all(false)?;
+                AttachMode::Clsact { added_qdisc }
+            }
+        };
+        self.mode = Some(mode);
+        Ok(mode)
+    }
+
+    fn attach_all(&mut self, tcx: bool) -> anyhow::Result<()> {
+        for (name, kind) in [
+            (PROG_INGRESS, TcAttachType::Ingress),
+            (PROG_EGRESS, TcAttachType::Egress),
+        ] {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .try_into()?;
+            let options = if tcx {
+                TcAttachOptions::TcxOrder(LinkOrder::default())
+            } else {
+                TcAttachOptions::Netlink(tc::NlOptions::default())
+            };
+            let id = prog
+                .attach_with_options(&self.iface, kind, options)
+                .with_context(|| format!("attaching {name} to {} {kind:?}", self.iface))?;
+            self.links.push((name, id));
+        }
+        Ok(())
+    }
+
+    /// Detaches both programs (egress first) and removes the clsact qdisc if snat added it.
+    pub fn detach(&mut self) {
+        while let Some((name, id)) = self.links.pop() {
+            let prog: Option<&mut SchedClassifier> =
+                self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
+            if let Some(prog) = prog {
+                if let Err(e) = prog.detach(id) {
+                    warn!("detaching {name} from {}: {e}", self.iface);
+                }
+            }
+        }
+        if let Some(AttachMode::Clsact { added_qdisc: true }) = self.mode.take() {
+            match Command::new("tc")
+                .args(["qdisc", "del", "dev", &self.iface, "clsact"])
+                .status()
+            {
+                Ok(s) if s.success() => debug!("removed the clsact qdisc from {}", self.iface),
+                other => warn!(
+                    "could not remove the clsact qdisc snat added to {}: {other:?}",
+                    self.iface
+                ),
+            }
+        }
+    }
+
+    pub fn take_tables(&mut self) -> anyhow::Result<Tables> {
+        let fwd = self
+            .ebpf
+            .take_map(MAP_FWD)
+            .ok_or_else(|| anyhow!("map {MAP_FWD} missing"))?;
+        let rev = self
+            .ebpf
+            .take_map(MAP_REV)
+            .ok_or_else(|| anyhow!("map {MAP_REV} missing"))?;
+        Ok(Tables {
+            fwd: HashMap::try_from(fwd)?,
+            rev: HashMap::try_from(rev)?,
+        })
+    }
+
+    pub fn take_counters(&mut self) -> anyhow::Result<Counters> {
+        let map = self
+            .ebpf
+            .take_map(MAP_COUNTERS)
+            .ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?;
+        Ok(Counters(PerCpuArray::try_from(map)?))
+    }
+
+    /// The eBPF object, for the kernel log reader.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.detach();
+        info!("detached from {}", self.iface);
+    }
+}
+
+/// Maps are charged to the memory cgroup on current kernels; older ones need RLIMIT_MEMLOCK.
+/// Raising it may be refused (no CAP_SYS_RESOURCE): carry on, the load says if it mattered.
+fn raise_memlock() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
