@@ -8,7 +8,7 @@ use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         tc::{self, SchedClassifierLinkId, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
     },
     Ebpf, EbpfLoader,
 };
@@ -242,6 +242,26 @@ impl Engine {
             .take_map(MAP_COUNTERS)
             .ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?;
         Ok(Counters(PerCpuArray::try_from(map)?))
+    }
+
+    /// Runs program `name` once on `packet` with `BPF_PROG_TEST_RUN` (nothing needs to be
+    /// attached) and returns its TC action and the packet as the program left it.
+    pub fn test_run(&self, name: &str, packet: &[u8]) -> anyhow::Result<(i32, Vec<u8>)> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .try_into()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
     }
 
     /// The eBPF object, for the kernel log reader.

@@ -3,16 +3,6 @@
 //! `snat run` validates its flags, loads and attaches the kernel programs, releases idle mappings
 //! and answers the control socket until SIGINT/SIGTERM, then detaches everything it attached.
 
-mod cidr;
-mod cli;
-mod config;
-mod control;
-mod duration;
-mod engine;
-mod expiry;
-mod netdev;
-mod stats;
-
 use std::{
     process::ExitCode,
     sync::{
@@ -29,18 +19,26 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
-use crate::{
+use snat_user::{
     cli::{Cli, Command, RunArgs, StatsArgs},
     config::Settings,
+    control,
     engine::{AttachMode, Engine},
-    expiry::Sweeper,
+    expiry::{self, Sweeper},
     netdev::Interface,
+    stats,
     stats::Shared,
 };
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // Kernel records (`--ebpf-log debug`) go through the same logger: let them through by default.
+    let default_filter = match &cli.command {
+        Command::Run(a) if a.ebpf_log == snat_user::cli::EbpfLog::Debug => "debug",
+        _ => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
+        .init();
     let result = match cli.command {
         Command::Run(args) => run(&args),
         Command::Stats(args) => stats_command(&args),
@@ -79,7 +77,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut engine = Engine::load(&settings)?;
     let tables = engine.take_tables()?;
     let counters = engine.take_counters()?;
-    let logger = if settings.ebpf_log == cli::EbpfLog::Off {
+    let logger = if settings.ebpf_log == snat_user::cli::EbpfLog::Off {
         None
     } else {
         Some(

@@ -1,1 +1,13 @@
+//! Test harness for snat: network namespaces and veths that clean up after themselves, a standard
+//! pods → node → router → server topology, the `snat` agent as a child process, and traffic
+//! (TCP, UDP, ICMP) driven from threads that enter a namespace.
+//!
+//! Network safety: everything is created inside namespaces this harness makes, named with a
+//! per-process unique prefix, and deleted by exact name on drop (panics included). No address,
+//! route or program ever touches the root namespace.
 
+pub mod agent;
+pub mod netns;
+pub mod packets;
+pub mod topo;
+pub mod traffic;

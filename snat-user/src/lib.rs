@@ -1,0 +1,13 @@
+//! snat's controller as a library: flag validation, the loaded datapath ([`engine::Engine`]),
+//! expiry of idle mappings, the control socket and the figures the agent reports. The `snat`
+//! binary (`main.rs`) wires them together; the integration tests drive them directly.
+
+pub mod cidr;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod duration;
+pub mod engine;
+pub mod expiry;
+pub mod netdev;
+pub mod stats;

@@ -1,0 +1,149 @@
+//! The `snat` agent as a child process inside a namespace.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::netns::Netns;
+
+/// The `snat` binary under test: `$SNAT_BIN` (set by `cargo xtask test`), else the workspace's
+/// release build.
+pub fn snat_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SNAT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/snat");
+    assert!(
+        p.exists(),
+        "{} missing: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A running `snat run`, stopped with SIGINT (then SIGKILL) when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    ns: String,
+    iface: String,
+    log: PathBuf,
+    stats_file: PathBuf,
+}
+
+impl Agent {
+    /// Starts `snat run --iface <iface> <args…>` in `ns` and waits until it answers.
+    pub fn start(ns: &Netns, iface: &str, args: &[&str]) -> Self {
+        let log = std::env::temp_dir().join(format!("{}-snat.log", ns.name));
+        let stats_file = std::env::temp_dir().join(format!("{}-snat-stats.json", ns.name));
+        let _ = std::fs::remove_file(&stats_file);
+        let out = std::fs::File::create(&log).expect("creating the agent log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(snat_bin())
+            .args(["run", "--iface", iface])
+            .args(args)
+            .arg("--stats-file")
+            .arg(&stats_file)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
+            .spawn()
+            .expect("spawning snat");
+        let mut agent = Self {
+            child: Some(child),
+            ns: ns.name.clone(),
+            iface: iface.to_owned(),
+            log,
+            stats_file,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("snat exited early ({status}):\n{}", agent.log());
+            }
+            if agent.try_stats().is_some() {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snat did not come up:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_stats(&self) -> Option<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(snat_bin())
+            .args(["stats", "--json", "--iface", &self.iface])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// The agent's figures (`snat stats --json`).
+    pub fn stats(&self) -> Value {
+        self.try_stats()
+            .unwrap_or_else(|| panic!("snat stats failed:\n{}", self.log()))
+    }
+
+    /// One counter, e.g. `counter("egress", "translated_tcp")`.
+    pub fn counter(&self, group: &str, name: &str) -> u64 {
+        self.stats()["counters"][group][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {group}.{name}"))
+    }
+
+    /// Active mappings of `proto` ("tcp", "udp", "icmp").
+    pub fn mappings(&self, proto: &str) -> u64 {
+        self.stats()["mappings"][proto].as_u64().expect("mappings")
+    }
+
+    /// Stops the agent with SIGINT; returns its exit status and the final figures it wrote.
+    pub fn stop(mut self) -> (ExitStatus, Value) {
+        let status = self.interrupt().expect("agent already stopped");
+        let stats = std::fs::read(&self.stats_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(|| panic!("no final stats written:\n{}", self.log()));
+        (status, stats)
+    }
+
+    fn interrupt(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: plain kill(2) on our child's pid (`ip netns exec` execs snat in place).
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.interrupt();
+    }
+}

@@ -1,0 +1,421 @@
+//! Servers and clients that run inside namespaces (on threads that entered them).
+//!
+//! Servers record every peer they see, as the server sees it: that is what tests check the NAT
+//! against. Every wait is bounded.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// Peers a server has seen, in arrival order.
+pub type Peers = Arc<Mutex<Vec<SocketAddrV4>>>;
+
+fn v4(a: SocketAddr) -> SocketAddrV4 {
+    match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("unexpected IPv6 peer {a}"),
+    }
+}
+
+/// A TCP server: to each connection it first writes the peer address it sees (`ip:port\n`), then
+/// echoes everything back until the client closes.
+pub struct TcpServer {
+    pub peers: Peers,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    pub fn start(ns: &Netns, addr: SocketAddrV4) -> Self {
+        let peers: Peers = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peers.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let listener = TcpListener::bind(addr).expect("bind");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        p.lock().unwrap().push(v4(peer));
+                        std::thread::Builder::new()
+                            .stack_size(64 * 1024)
+                            .spawn(move || {
+                                let _ = serve_echo(conn, peer);
+                            })
+                            .expect("spawn");
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server did not start");
+        Self {
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddrV4> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+fn serve_echo(mut conn: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    conn.write_all(format!("{peer}\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        conn.write_all(&buf[..n])?;
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client connection to a [`TcpServer`]: knows how the server saw it.
+pub struct TcpClient {
+    pub stream: TcpStream,
+    /// Our address as the server saw it (after NAT).
+    pub seen_as: SocketAddrV4,
+}
+
+impl TcpClient {
+    /// Connects (on the calling thread, which must be in the client's namespace) and reads the
+    /// server's greeting.
+    pub fn connect(to: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+        let mut stream = TcpStream::connect_timeout(&to.into(), timeout)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            if stream.read(&mut byte)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no greeting"));
+            }
+            line.push(byte[0]);
+        }
+        let seen_as = String::from_utf8_lossy(&line)
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("greeting: {e}")))?;
+        Ok(Self { stream, seen_as })
+    }
+
+    /// Sends `data` and reads it back from the echo server; returns what came back.
+    pub fn echo(&mut self, data: &[u8]) -> io::Result<Vec<u8>> {
+        let mut writer = self.stream.try_clone()?;
+        let data = data.to_vec();
+        let len = data.len();
+        let w = std::thread::spawn(move || writer.write_all(&data));
+        let mut back = vec![0u8; len];
+        self.stream.read_exact(&mut back)?;
+        w.join()
+            .map_err(|_| io::Error::other("writer panicked"))??;
+        Ok(back)
+    }
+}
+
+/// A UDP server answering each datagram with the peer address it sees (`ip:port`).
+pub struct UdpServer {
+    pub peers: Peers,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    pub fn start(ns: &Netns, addr: SocketAddrV4) -> Self {
+        let peers: Peers = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peers.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let sock = UdpSocket::bind(addr).expect("bind");
+            sock.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            ready_tx.send(()).expect("ready");
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                    p.lock().unwrap().push(v4(peer));
+                    let _ = sock.send_to(peer.to_string().as_bytes(), peer);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server did not start");
+        Self {
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddrV4> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one datagram from `sock` and returns how the server saw us.
+pub fn udp_ask(sock: &UdpSocket, to: SocketAddrV4) -> io::Result<SocketAddrV4> {
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send_to(b"who am i", to)?;
+    let mut buf = [0u8; 64];
+    let (n, _) = sock.recv_from(&mut buf)?;
+    String::from_utf8_lossy(&buf[..n])
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}")))
+}
+
+/// Watches ICMP echo requests arriving in a namespace (a raw socket sees a copy of each; the
+/// kernel still answers them): records (source address, identifier).
+pub struct IcmpWatch {
+    pub seen: Arc<Mutex<Vec<(Ipv4Addr, u16)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl IcmpWatch {
+    pub fn start(ns: &Netns) -> Self {
+        let seen: Arc<Mutex<Vec<(Ipv4Addr, u16)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (seen.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            // SAFETY: plain socket(2); the fd is closed at the end of this thread.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+            assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 20_000,
+            };
+            // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    size_of::<libc::timeval>() as u32,
+                )
+            };
+            ready_tx.send(()).expect("ready");
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                // SAFETY: reading into our buffer from our socket.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 28 {
+                    continue;
+                }
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                if n as usize >= ihl + 8 && buf[ihl] == 8 {
+                    let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+                    let id = u16::from_be_bytes([buf[ihl + 4], buf[ihl + 5]]);
+                    p.lock().unwrap().push((src, id));
+                }
+            }
+            // SAFETY: closing the socket this thread opened.
+            unsafe { libc::close(fd) };
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("watch did not start");
+        Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn seen(&self) -> Vec<(Ipv4Addr, u16)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for IcmpWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A deterministic pseudo-random payload (xorshift), so transfers need no RNG crate.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// FNV-1a 64 over `data`: a content fingerprint to compare transfers with.
+pub fn fingerprint(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Watches every IPv4 packet on an interface (an `AF_PACKET` socket in its namespace) and counts
+/// those whose source lies in 10.0.0.0/8, the internal space of the tests: a translated world
+/// must show none.
+pub struct LeakWatch {
+    counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LeakWatch {
+    pub fn start(ns: &Netns, iface: &str) -> Self {
+        let counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (counts.clone(), stop.clone());
+        let iface = std::ffi::CString::new(iface).expect("iface name");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let proto = (libc::ETH_P_IP as u16).to_be();
+            // SAFETY: plain socket(2); closed at the end of this thread.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
+            assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
+            // SAFETY: `iface` is NUL-terminated.
+            let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+            assert_ne!(index, 0, "no interface {iface:?}");
+            // SAFETY: all-zero is a valid sockaddr_ll; we fill the fields bind needs.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = index as i32;
+            // SAFETY: binding our socket to a valid sockaddr_ll of the stated size.
+            let rc = unsafe {
+                libc::bind(
+                    fd,
+                    (&raw const sll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 20_000,
+            };
+            // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    size_of::<libc::timeval>() as u32,
+                )
+            };
+            ready_tx.send(()).expect("ready");
+            let mut buf = [0u8; 128];
+            while !s.load(Ordering::Relaxed) {
+                // SAFETY: reading (truncated) packets into our buffer from our socket.
+                let n =
+                    unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
+                if n < 20 {
+                    continue;
+                }
+                let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+                let mut g = c.lock().unwrap();
+                g.0 += 1;
+                if buf[12] == 10 {
+                    g.1 += 1;
+                    if g.2.len() < 10 {
+                        g.2.push(src);
+                    }
+                }
+            }
+            // SAFETY: closing the socket this thread opened.
+            unsafe { libc::close(fd) };
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("watch did not start");
+        Self {
+            counts,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching and asserts packets were seen and none had an internal source.
+    pub fn assert_no_leak(mut self) {
+        std::thread::sleep(Duration::from_millis(50));
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let (total, leaked, examples) = self.counts.lock().unwrap().clone();
+        assert!(total > 0, "the leak watch saw no packet at all");
+        assert_eq!(
+            leaked, 0,
+            "{leaked} of {total} packets left with an internal source, e.g. {examples:?}"
+        );
+    }
+}
+
+impl Drop for LeakWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

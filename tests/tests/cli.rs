@@ -1,0 +1,161 @@
+//! `snat run` as an operator meets it: bad input is refused before anything is attached, a
+//! second agent on the same interface is refused, and a stop leaves nothing behind.
+
+use std::process::Command;
+
+use tests::{
+    agent::{snat_bin, Agent},
+    topo::{Topology, POD_CIDR},
+};
+
+/// Programs named like snat's that are loaded anywhere on the machine.
+fn snat_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| matches!(p.name_as_str(), Some("snat_egress" | "snat_ingress")))
+        .count()
+}
+
+fn run_in(topo: &Topology, args: &[&str]) -> (i32, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.node.name])
+        .arg(snat_bin())
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("spawning snat");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_is_refused_with_the_value_and_the_fix_and_nothing_is_attached() {
+    let topo = Topology::new(1);
+    let up = topo.uplink.clone();
+    let before = snat_programs();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--iface", "nope0", "--internal", POD_CIDR],
+            "\"nope0\" does not exist",
+        ),
+        (
+            vec!["--iface", &up, "--internal", "10.1.2.3/16"],
+            "did you mean 10.1.0.0/16",
+        ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--port-range",
+                "65535:32768",
+            ],
+            "swap them",
+        ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--port-range",
+                "0:100",
+            ],
+            "port 0 cannot be used",
+        ),
+        (vec!["--iface", &up], "--internal 10.244.0.0/16"),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--nat-ip",
+                "10.1.9.9",
+            ],
+            "inside the internal CIDR",
+        ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--udp-timeout",
+                "5x",
+            ],
+            "e.g. 15s",
+        ),
+        (
+            vec!["--iface", "lo", "--internal", POD_CIDR],
+            "not Ethernet",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, stderr) = run_in(&topo, &args);
+        assert_ne!(code, 0, "{args:?} must fail");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in:\n{stderr}"
+        );
+        assert_eq!(snat_programs(), before, "{args:?} left a program loaded");
+    }
+}
+
+#[test]
+fn a_second_agent_on_the_same_interface_is_refused() {
+    let topo = Topology::new(1);
+    let agent = Agent::start(
+        &topo.node,
+        &topo.uplink,
+        &["--internal", POD_CIDR, "--max-mappings", "4096"],
+    );
+    let (code, stderr) = run_in(
+        &topo,
+        &[
+            "--iface",
+            &topo.uplink,
+            "--internal",
+            POD_CIDR,
+            "--max-mappings",
+            "4096",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("already runs"), "{stderr}");
+    // The first agent is unharmed.
+    agent.stats();
+}
+
+#[test]
+fn a_stop_detaches_everything() {
+    let topo = Topology::new(1);
+    let agent = Agent::start(
+        &topo.node,
+        &topo.uplink,
+        &["--internal", POD_CIDR, "--max-mappings", "4096"],
+    );
+    assert!(snat_programs() >= 2);
+    let (status, stats) = agent.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(stats["iface"], topo.uplink.as_str());
+    assert_eq!(snat_programs(), 0, "programs left loaded after a stop");
+    let qdiscs = topo
+        .node
+        .exec(&["tc", "qdisc", "show", "dev", &topo.uplink]);
+    assert!(
+        !String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"),
+        "a clsact qdisc was left behind"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.node.name])
+        .arg(snat_bin())
+        .args(["stats", "--iface", &topo.uplink])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no snat agent runs"));
+}

@@ -1,0 +1,262 @@
+//! Namespace tests: real clients and servers on either side of a node running the `snat` agent
+//! (see `tests::topo` for the topology). Each test builds its own uniquely named namespaces and
+//! removes them on every path. Needs root and the release `snat` binary (`cargo xtask test`).
+
+use std::{
+    collections::HashSet,
+    net::{SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+use tests::{
+    agent::Agent,
+    topo::{Topology, NAT_IP, POD_CIDR, ROUTER_UPLINK, SERVER},
+    traffic::{
+        fingerprint, payload, udp_ask, wait_for, IcmpWatch, LeakWatch, TcpClient, TcpServer,
+        UdpServer,
+    },
+};
+
+fn agent(topo: &Topology, extra: &[&str]) -> Agent {
+    let mut args = vec!["--internal", POD_CIDR, "--max-mappings", "65536"];
+    args.extend_from_slice(extra);
+    Agent::start(&topo.node, &topo.uplink, &args)
+}
+
+fn in_default_range(p: u16) -> bool {
+    (32768..=65535).contains(&p)
+}
+
+#[test]
+fn tcp_udp_and_ping_leave_with_the_nat_ip_and_a_port_in_range() {
+    let topo = Topology::new(1);
+    let agent = agent(&topo, &[]);
+    let leaks = LeakWatch::start(&topo.router, &topo.router_uplink);
+    let tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let udp = UdpServer::start(&topo.server, SocketAddrV4::new(SERVER, 5353));
+    let icmp = IcmpWatch::start(&topo.server);
+
+    let (tcp_seen, udp_seen) = topo.pods[0].ns.run(|| {
+        let mut c = TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+            .expect("TCP connect");
+        assert_eq!(
+            c.echo(b"hello through the NAT").unwrap(),
+            b"hello through the NAT"
+        );
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        (
+            c.seen_as,
+            udp_ask(&s, SocketAddrV4::new(SERVER, 5353)).expect("UDP answer"),
+        )
+    });
+    assert_eq!(*tcp_seen.ip(), NAT_IP);
+    assert!(in_default_range(tcp_seen.port()), "{tcp_seen}");
+    assert_eq!(tcp.peers(), [tcp_seen]);
+    assert_eq!(*udp_seen.ip(), NAT_IP);
+    assert!(in_default_range(udp_seen.port()), "{udp_seen}");
+    assert_eq!(udp.peers(), [udp_seen]);
+
+    topo.pods[0]
+        .ns
+        .exec(&["ping", "-c", "2", "-W", "2", &SERVER.to_string()]);
+    let pings = wait_for(Duration::from_secs(2), || {
+        Some(icmp.seen()).filter(|p| p.len() >= 2)
+    })
+    .unwrap_or_else(|| icmp.seen());
+    assert_eq!(pings.len(), 2, "{pings:?}");
+    assert!(
+        pings
+            .iter()
+            .all(|(src, id)| *src == NAT_IP && in_default_range(*id)),
+        "{pings:?}"
+    );
+
+    let stats = agent.stats();
+    assert_eq!(stats["mappings"]["tcp"], 1);
+    assert_eq!(stats["mappings"]["udp"], 1);
+    assert_eq!(stats["mappings"]["icmp"], 1);
+    assert!(stats["counters"]["ingress"]["translated_icmp"].as_u64() >= Some(2));
+    leaks.assert_no_leak();
+}
+
+#[test]
+fn ten_megabytes_arrive_intact_with_offload_on_and_off() {
+    let topo = Topology::new(1);
+    let _agent = agent(&topo, &[]);
+    let _tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    for (offload, seed) in [(true, 1), (false, 2), (true, 3)] {
+        topo.set_offload(offload);
+        let data = payload(10 << 20, seed);
+        let want = fingerprint(&data);
+        let got = topo.pods[0].ns.run(move || {
+            let mut c = TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+                .expect("connect");
+            fingerprint(&c.echo(&data).expect("echo"))
+        });
+        assert_eq!(got, want, "10 MB echo with offload {offload}");
+    }
+}
+
+#[test]
+fn two_thousand_concurrent_connections_get_distinct_mappings() {
+    let topo = Topology::new(2);
+    let agent = agent(&topo, &[]);
+    let tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    // Both pods draw from the same 1,000 source ports: the NAT must separate them.
+    for p in &topo.pods {
+        p.ns.sysctl("net.ipv4.ip_local_port_range=40000 40999");
+    }
+    let handles: Vec<_> = topo
+        .pods
+        .iter()
+        .map(|p| {
+            p.ns.spawn(|| {
+                (0..1000)
+                    .map(|i| {
+                        TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(5))
+                            .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let clients: Vec<TcpClient> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect();
+    assert_eq!(clients.len(), 2000);
+    let seen: HashSet<SocketAddrV4> = clients.iter().map(|c| c.seen_as).collect();
+    assert_eq!(seen.len(), 2000, "every connection has its own NAT port");
+    assert!(seen
+        .iter()
+        .all(|a| *a.ip() == NAT_IP && in_default_range(a.port())));
+    assert_eq!(tcp.peers().into_iter().collect::<HashSet<_>>(), seen);
+    assert_eq!(agent.mappings("tcp"), 2000);
+    drop(clients);
+}
+
+#[test]
+fn short_timeouts_release_ports() {
+    let topo = Topology::new(1);
+    let agent = agent(
+        &topo,
+        &[
+            "--udp-timeout",
+            "2s",
+            "--tcp-fin-timeout",
+            "2s",
+            "--icmp-timeout",
+            "2s",
+            "--gc-interval",
+            "200ms",
+        ],
+    );
+    let _udp = UdpServer::start(&topo.server, SocketAddrV4::new(SERVER, 5353));
+    let _tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    topo.pods[0].ns.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        udp_ask(&s, SocketAddrV4::new(SERVER, 5353)).expect("UDP answer");
+        let mut c = TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+            .expect("connect");
+        c.echo(b"bye").unwrap();
+        // Closing: FIN both ways (the echo server closes when it reads EOF).
+    });
+    topo.pods[0]
+        .ns
+        .exec(&["ping", "-c", "1", "-W", "2", &SERVER.to_string()]);
+    assert_eq!(agent.mappings("udp"), 1);
+    assert_eq!(agent.mappings("icmp"), 1);
+    let released = wait_for(Duration::from_secs(10), || {
+        let s = agent.stats();
+        (s["mappings"]["udp"] == 0 && s["mappings"]["tcp"] == 0 && s["mappings"]["icmp"] == 0)
+            .then_some(s)
+    })
+    .unwrap_or_else(|| panic!("mappings not released: {}", agent.stats()));
+    assert_eq!(released["expired"]["udp"]["idle"], 1, "{released}");
+    assert_eq!(released["expired"]["icmp"]["idle"], 1, "{released}");
+    assert_eq!(released["expired"]["tcp"]["fin"], 1, "{released}");
+}
+
+#[test]
+fn a_ten_port_range_refuses_the_eleventh_flow_and_recovers() {
+    let topo = Topology::new(1);
+    let agent = agent(
+        &topo,
+        &[
+            "--port-range",
+            "40000:40009",
+            "--tcp-fin-timeout",
+            "1s",
+            "--gc-interval",
+            "200ms",
+        ],
+    );
+    let leaks = LeakWatch::start(&topo.router, &topo.router_uplink);
+    let _a = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let _b = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8081));
+    let to_a = SocketAddrV4::new(SERVER, 8080);
+    let mut held = topo.pods[0].ns.run(move || {
+        (0..10)
+            .map(|i| {
+                TcpClient::connect(to_a, Duration::from_secs(3))
+                    .unwrap_or_else(|e| panic!("flow {i}: {e}"))
+            })
+            .collect::<Vec<_>>()
+    });
+    let ports: HashSet<u16> = held.iter().map(|c| c.seen_as.port()).collect();
+    assert_eq!(ports, (40000..=40009).collect());
+
+    // The eleventh flow to the same destination gets no port: its SYN is dropped and counted.
+    let refused = topo.pods[0]
+        .ns
+        .run(move || TcpClient::connect(to_a, Duration::from_millis(500)).is_err());
+    assert!(refused, "an eleventh flow must not get a port");
+    assert!(agent.counter("egress", "drop_exhausted_tcp") >= 1);
+
+    // Another destination port may reuse the same NAT ports.
+    let other = topo.pods[0].ns.run(|| {
+        TcpClient::connect(SocketAddrV4::new(SERVER, 8081), Duration::from_secs(3))
+            .expect("other port")
+            .seen_as
+    });
+    assert!((40000..=40009).contains(&other.port()));
+
+    // Close one flow: once its FIN timeout passes, a new flow gets its port.
+    held.pop();
+    let again = wait_for(Duration::from_secs(10), || {
+        topo.pods[0].ns.run(move || {
+            TcpClient::connect(to_a, Duration::from_millis(500))
+                .ok()
+                .map(|c| c.seen_as)
+        })
+    })
+    .expect("a new flow after one closed");
+    assert!((40000..=40009).contains(&again.port()));
+    drop(held);
+    leaks.assert_no_leak();
+}
+
+#[test]
+fn traceroute_shows_the_hop_behind_the_nat() {
+    let topo = Topology::new(1);
+    let agent = agent(&topo, &[]);
+    for mode in [&[][..], &["-I"][..]] {
+        let mut args = vec!["traceroute", "-n", "-q", "1", "-w", "2", "-m", "5"];
+        args.extend_from_slice(mode);
+        let server = SERVER.to_string();
+        args.push(&server);
+        let out = topo.pods[0].ns.exec(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let hops: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .collect();
+        assert_eq!(
+            hops,
+            ["10.1.0.1", &ROUTER_UPLINK.to_string(), &server],
+            "traceroute {mode:?}:\n{text}"
+        );
+    }
+    assert!(agent.counter("ingress", "translated_icmp_error") >= 4);
+}
