@@ -178,11 +178,11 @@ pub fn create(fwd: &FlowKey, tcp_seen: u8, now: u64) -> Result<Mapping, AllocErr
         created_ns: now,
         last_seen_ns: now,
     };
-    match SNAT_FWD.insert(fwd, &mapping, u64::from(BPF_NOEXIST)) {
+    match SNAT_FWD.insert(fwd, mapping, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(mapping),
         Err(e) => {
             // Give the port back before anything can use it.
-            let _ = SNAT_REV.remove(&reply);
+            let _ = SNAT_REV.remove(reply);
             if e == -EEXIST {
                 count(Counter::AllocRaceLost);
                 if let Some(winner) = SNAT_FWD.get_ptr(fwd) {

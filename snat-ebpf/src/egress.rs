@@ -140,7 +140,7 @@ fn mapping(
 #[inline(always)]
 fn reopen_if_closed(key: &FlowKey, m: &mut Mapping, now: u64) {
     let reply = key.reply(m.nat_addr, m.nat_port);
-    let Some(o) = SNAT_REV.get_ptr_mut(&reply) else {
+    let Some(o) = SNAT_REV.get_ptr_mut(reply) else {
         return;
     };
     // SAFETY: pointer from a successful lookup.
@@ -238,7 +238,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         FlowKey::remote_port_for(inner.proto, inner.sport),
     );
     let m = SNAT_FWD
-        .get_ptr(&key)
+        .get_ptr(key)
         // SAFETY: pointer from a successful lookup, copied out at once.
         .map(|p| unsafe { *p })
         .ok_or(Counter::EgressDropIcmpErrorNoMapping)?;

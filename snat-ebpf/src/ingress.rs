@@ -139,7 +139,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         inner.src,
         inner.sport,
     );
-    let Some(o) = SNAT_REV.get_ptr(&key).map(|p| {
+    let Some(o) = SNAT_REV.get_ptr(key).map(|p| {
         // SAFETY: pointer from a successful lookup, copied out at once.
         unsafe { *p }
     }) else {

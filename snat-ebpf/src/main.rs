@@ -43,17 +43,25 @@ mod programs {
             }
             Err(c) => {
                 count(c);
-                TC_ACT_SHOT as i32
+                TC_ACT_SHOT
             }
         }
     }
 
     #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
     pub fn snat_egress(ctx: TcContext) -> i32 {
         action(egress::run(&ctx))
     }
 
     #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
     pub fn snat_ingress(ctx: TcContext) -> i32 {
         action(ingress::run(&ctx))
     }

@@ -36,7 +36,7 @@ impl Ipv4Cidr {
         self.addr
     }
 
-    pub const fn len(&self) -> u8 {
+    pub const fn prefix_len(&self) -> u8 {
         self.len
     }
 
@@ -101,7 +101,8 @@ impl PortRange {
         hi: 65535,
     };
 
-    pub const fn len(&self) -> u32 {
+    /// How many ports the range holds (never 0).
+    pub const fn size(&self) -> u32 {
         self.hi as u32 - self.lo as u32 + 1
     }
 }
@@ -145,8 +146,8 @@ mod tests {
         let c: Ipv4Cidr = "10.244.0.0/16".parse().unwrap();
         assert!(c.contains(Ipv4Addr::new(10, 244, 3, 4)));
         assert!(!c.contains(Ipv4Addr::new(10, 245, 0, 0)));
-        assert_eq!("10.0.0.1".parse::<Ipv4Cidr>().unwrap().len(), 32);
-        assert_eq!("0.0.0.0/0".parse::<Ipv4Cidr>().unwrap().len(), 0);
+        assert_eq!("10.0.0.1".parse::<Ipv4Cidr>().unwrap().prefix_len(), 32);
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Cidr>().unwrap().prefix_len(), 0);
         assert!("0.0.0.0/0"
             .parse::<Ipv4Cidr>()
             .unwrap()
@@ -186,8 +187,8 @@ mod tests {
     #[test]
     fn port_ranges() {
         assert_eq!("32768:65535".parse(), Ok(PortRange::DEFAULT));
-        assert_eq!("1000-1009".parse::<PortRange>().unwrap().len(), 10);
-        assert_eq!("5:5".parse::<PortRange>().unwrap().len(), 1);
+        assert_eq!("1000-1009".parse::<PortRange>().unwrap().size(), 10);
+        assert_eq!("5:5".parse::<PortRange>().unwrap().size(), 1);
         assert!(matches!(
             "0:100".parse::<PortRange>(),
             Err(PortRangeError::OutOfBounds(_))

@@ -118,8 +118,12 @@ impl Engine {
                     .ok_or_else(|| anyhow!("map {map} missing"))?,
             )?;
             for c in cidrs {
-                trie.insert(&Key::new(u32::from(c.len()), c.addr().octets()), 1, 0)
-                    .with_context(|| format!("adding {c} to {map}"))?;
+                trie.insert(
+                    &Key::new(u32::from(c.prefix_len()), c.addr().octets()),
+                    1,
+                    0,
+                )
+                .with_context(|| format!("adding {c} to {map}"))?;
             }
         }
         Ok(())

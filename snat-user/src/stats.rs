@@ -26,8 +26,9 @@ pub fn snapshot(shared: &Shared) -> anyhow::Result<Value> {
         let (group, name) = c.labels();
         groups.entry(group).or_default().insert(name, v);
     }
-    let mut mappings: BTreeMap<&str, u64> =
-        ["tcp", "udp", "icmp"].into_iter().map(|p| (p, 0)).collect();
+    let zero =
+        || -> BTreeMap<&str, u64> { ["tcp", "udp", "icmp"].into_iter().map(|p| (p, 0)).collect() };
+    let (mut mappings, mut claims) = (zero(), zero());
     {
         let tables = shared
             .tables
@@ -35,6 +36,9 @@ pub fn snapshot(shared: &Shared) -> anyhow::Result<Value> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for key in tables.fwd.keys() {
             *mappings.entry(proto_name(key?.proto)).or_default() += 1;
+        }
+        for key in tables.rev.keys() {
+            *claims.entry(proto_name(key?.proto)).or_default() += 1;
         }
     }
     let mut expired: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
@@ -54,11 +58,14 @@ pub fn snapshot(shared: &Shared) -> anyhow::Result<Value> {
         "port_range": s.port_range.to_string(),
         "counters": groups,
         "mappings": mappings,
+        // Reverse halves: each holds one (NAT ip:port, remote) claim. Equal to `mappings` at rest;
+        // anything more would be a leaked port.
+        "port_claims": claims,
         "expired": expired,
     }))
 }
 
-/// A snapshot as aligned text.
+/// A snapshot as aligned text; counters that are still zero are left out.
 pub fn render(v: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -75,7 +82,7 @@ pub fn render(v: &Value) -> String {
             .unwrap_or_default(),
         v["port_range"].as_str().unwrap_or("?"),
     );
-    for section in ["mappings", "expired", "counters"] {
+    for section in ["mappings", "port_claims", "expired", "counters"] {
         let Some(obj) = v[section].as_object() else {
             continue;
         };
@@ -84,6 +91,9 @@ pub fn render(v: &Value) -> String {
             match val {
                 Value::Object(inner) => {
                     for (name, n) in inner {
+                        if section == "counters" && n.as_u64() == Some(0) {
+                            continue;
+                        }
                         let _ = writeln!(out, "  {:<36} {}", format!("{k}.{name}"), n);
                     }
                 }

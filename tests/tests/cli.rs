@@ -159,3 +159,38 @@ fn a_stop_detaches_everything() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snat agent runs"));
 }
+
+#[test]
+fn ebpf_log_debug_reports_new_mappings_and_off_is_silent() {
+    let topo = Topology::new(1);
+    for (level, expect) in [("debug", true), ("off", false)] {
+        let agent = Agent::start(
+            &topo.node,
+            &topo.uplink,
+            &[
+                "--internal",
+                POD_CIDR,
+                "--max-mappings",
+                "4096",
+                "--ebpf-log",
+                level,
+            ],
+        );
+        topo.pods[0].ns.exec(&[
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            &tests::topo::SERVER.to_string(),
+        ]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let log = agent.log();
+        drop(agent);
+        assert_eq!(
+            log.contains("new mapping: proto 1"),
+            expect,
+            "--ebpf-log {level}:\n{log}"
+        );
+    }
+}

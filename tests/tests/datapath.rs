@@ -260,3 +260,56 @@ fn traceroute_shows_the_hop_behind_the_nat() {
     }
     assert!(agent.counter("ingress", "translated_icmp_error") >= 4);
 }
+
+#[test]
+fn churn_leaves_no_mapping_and_no_port_behind() {
+    let topo = Topology::new(2);
+    let agent = agent(
+        &topo,
+        &[
+            "--tcp-fin-timeout",
+            "1s",
+            "--udp-timeout",
+            "1s",
+            "--gc-interval",
+            "200ms",
+        ],
+    );
+    let _tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let _udp = UdpServer::start(&topo.server, SocketAddrV4::new(SERVER, 5353));
+    let handles: Vec<_> = topo
+        .pods
+        .iter()
+        .map(|p| {
+            p.ns.spawn(|| {
+                for i in 0..1000 {
+                    let mut c =
+                        TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(5))
+                            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                    c.echo(b"x").expect("echo");
+                    if i % 10 == 0 {
+                        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                        udp_ask(&s, SocketAddrV4::new(SERVER, 5353)).expect("UDP answer");
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client thread");
+    }
+    let created = agent.counter("alloc", "created_tcp");
+    assert!(created >= 2000, "{created}");
+    let rest = wait_for(Duration::from_secs(15), || {
+        let s = agent.stats();
+        let empty = ["tcp", "udp"]
+            .iter()
+            .all(|p| s["mappings"][p] == 0 && s["port_claims"][p] == 0);
+        empty.then_some(s)
+    })
+    .unwrap_or_else(|| panic!("mappings or claims left after churn: {}", agent.stats()));
+    assert!(
+        rest["expired"]["tcp"]["fin"].as_u64() >= Some(2000),
+        "{rest}"
+    );
+}
