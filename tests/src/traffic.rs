@@ -6,9 +6,10 @@
 use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        mpsc, Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -26,25 +27,103 @@ fn v4(a: SocketAddr) -> SocketAddrV4 {
     }
 }
 
+/// A loop on a thread inside a namespace, stopped and joined when dropped.
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Runs `body(ready, stop)` on a thread in `ns` and returns once the body has called
+    /// `ready` (its sockets are bound). The body loops until `stop` is set.
+    fn start(ns: &Netns, body: impl FnOnce(&dyn Fn(), &AtomicBool) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let s = stop.clone();
+        let thread = ns.spawn(move || {
+            body(&|| ready_tx.send(()).expect("ready"), &s);
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("background loop did not start");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A raw socket(2) with a 20 ms receive timeout, so loops around it see their stop flag.
+fn raw_socket(domain: i32, kind: i32, proto: i32) -> OwnedFd {
+    // SAFETY: plain socket(2); the fd is owned by the returned OwnedFd.
+    let fd = unsafe { libc::socket(domain, kind, proto) };
+    assert!(
+        fd >= 0,
+        "socket({domain}, {kind}, {proto}): {}",
+        io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 20_000,
+    };
+    // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        )
+    };
+    fd
+}
+
+/// Receives one packet (truncated to `buf`) from a raw socket; `None` on timeout.
+fn recv_raw(fd: &OwnedFd, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: reading into our buffer from our socket.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_TRUNC,
+        )
+    };
+    usize::try_from(n).ok()
+}
+
 /// A TCP server: to each connection it first writes the peer address it sees (`ip:port\n`), then
 /// echoes everything back until the client closes.
 pub struct TcpServer {
     pub peers: Peers,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _loop: Background,
 }
 
 impl TcpServer {
     pub fn start(ns: &Netns, addr: SocketAddrV4) -> Self {
         let peers: Peers = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (peers.clone(), stop.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = ns.spawn(move || {
+        let p = peers.clone();
+        let bg = Background::start(ns, move |ready, stop| {
             let listener = TcpListener::bind(addr).expect("bind");
             listener.set_nonblocking(true).expect("nonblocking");
-            ready_tx.send(()).expect("ready");
-            while !s.load(Ordering::Relaxed) {
+            ready();
+            while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, peer)) => {
                         p.lock().unwrap().push(v4(peer));
@@ -62,14 +141,7 @@ impl TcpServer {
                 }
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server did not start");
-        Self {
-            peers,
-            stop,
-            thread: Some(thread),
-        }
+        Self { peers, _loop: bg }
     }
 
     pub fn peers(&self) -> Vec<SocketAddrV4> {
@@ -88,15 +160,6 @@ fn serve_echo(mut conn: TcpStream, peer: SocketAddr) -> io::Result<()> {
             return Ok(());
         }
         conn.write_all(&buf[..n])?;
-    }
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -145,50 +208,31 @@ impl TcpClient {
 /// A UDP server answering each datagram with the peer address it sees (`ip:port`).
 pub struct UdpServer {
     pub peers: Peers,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _loop: Background,
 }
 
 impl UdpServer {
     pub fn start(ns: &Netns, addr: SocketAddrV4) -> Self {
         let peers: Peers = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (peers.clone(), stop.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = ns.spawn(move || {
+        let p = peers.clone();
+        let bg = Background::start(ns, move |ready, stop| {
             let sock = UdpSocket::bind(addr).expect("bind");
             sock.set_read_timeout(Some(Duration::from_millis(20)))
                 .expect("timeout");
-            ready_tx.send(()).expect("ready");
+            ready();
             let mut buf = [0u8; 2048];
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = sock.recv_from(&mut buf) {
                     p.lock().unwrap().push(v4(peer));
                     let _ = sock.send_to(peer.to_string().as_bytes(), peer);
                 }
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server did not start");
-        Self {
-            peers,
-            stop,
-            thread: Some(thread),
-        }
+        Self { peers, _loop: bg }
     }
 
     pub fn peers(&self) -> Vec<SocketAddrV4> {
         self.peers.lock().unwrap().clone()
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -207,60 +251,30 @@ pub fn udp_ask(sock: &UdpSocket, to: SocketAddrV4) -> io::Result<SocketAddrV4> {
 /// kernel still answers them): records (source address, identifier).
 pub struct IcmpWatch {
     pub seen: Arc<Mutex<Vec<(Ipv4Addr, u16)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _loop: Background,
 }
 
 impl IcmpWatch {
     pub fn start(ns: &Netns) -> Self {
         let seen: Arc<Mutex<Vec<(Ipv4Addr, u16)>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (seen.clone(), stop.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = ns.spawn(move || {
-            // SAFETY: plain socket(2); the fd is closed at the end of this thread.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-            assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 20_000,
-            };
-            // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const tv).cast(),
-                    size_of::<libc::timeval>() as u32,
-                )
-            };
-            ready_tx.send(()).expect("ready");
+        let p = seen.clone();
+        let bg = Background::start(ns, move |ready, stop| {
+            let fd = raw_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+            ready();
             let mut buf = [0u8; 2048];
-            while !s.load(Ordering::Relaxed) {
-                // SAFETY: reading into our buffer from our socket.
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n < 28 {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(n) = recv_raw(&fd, &mut buf) else {
                     continue;
-                }
+                };
                 let ihl = usize::from(buf[0] & 0x0f) * 4;
-                if n as usize >= ihl + 8 && buf[ihl] == 8 {
+                if n >= ihl + 8 && ihl >= 20 && buf[ihl] == 8 {
                     let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
                     let id = u16::from_be_bytes([buf[ihl + 4], buf[ihl + 5]]);
                     p.lock().unwrap().push((src, id));
                 }
             }
-            // SAFETY: closing the socket this thread opened.
-            unsafe { libc::close(fd) };
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("watch did not start");
-        Self {
-            seen,
-            stop,
-            thread: Some(thread),
-        }
+        Self { seen, _loop: bg }
     }
 
     pub fn seen(&self) -> Vec<(Ipv4Addr, u16)> {
@@ -268,12 +282,69 @@ impl IcmpWatch {
     }
 }
 
-impl Drop for IcmpWatch {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+/// Watches every IPv4 packet on an interface (an `AF_PACKET` socket in its namespace) and counts
+/// those whose source lies in 10.0.0.0/8, the internal space of the tests: a translated world
+/// must show none.
+pub struct LeakWatch {
+    /// Packets seen, packets with an internal source, and the first few such sources.
+    counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>>,
+    bg: Background,
+}
+
+impl LeakWatch {
+    pub fn start(ns: &Netns, iface: &str) -> Self {
+        let counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>> = Arc::default();
+        let c = counts.clone();
+        let iface = std::ffi::CString::new(iface).expect("iface name");
+        let bg = Background::start(ns, move |ready, stop| {
+            let proto = (libc::ETH_P_IP as u16).to_be();
+            let fd = raw_socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto));
+            // SAFETY: `iface` is NUL-terminated.
+            let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+            assert_ne!(index, 0, "no interface {iface:?}");
+            // SAFETY: all-zero is a valid sockaddr_ll; we fill the fields bind needs.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = index as i32;
+            // SAFETY: binding our socket to a valid sockaddr_ll of the stated size.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            ready();
+            let mut buf = [0u8; 128];
+            while !stop.load(Ordering::Relaxed) {
+                if recv_raw(&fd, &mut buf).is_none_or(|n| n < 20) {
+                    continue;
+                }
+                let mut g = c.lock().unwrap();
+                g.0 += 1;
+                if buf[12] == 10 {
+                    g.1 += 1;
+                    if g.2.len() < 10 {
+                        g.2.push(Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]));
+                    }
+                }
+            }
+        });
+        Self { counts, bg }
+    }
+
+    /// Stops watching and asserts packets were seen and none had an internal source.
+    pub fn assert_no_leak(mut self) {
+        std::thread::sleep(Duration::from_millis(50));
+        self.bg.stop();
+        let (total, leaked, examples) = self.counts.lock().unwrap().clone();
+        assert!(total > 0, "the leak watch saw no packet at all");
+        assert_eq!(
+            leaked, 0,
+            "{leaked} of {total} packets left with an internal source, e.g. {examples:?}"
+        );
     }
 }
 
@@ -309,113 +380,4 @@ pub fn fingerprint(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
-}
-
-/// Watches every IPv4 packet on an interface (an `AF_PACKET` socket in its namespace) and counts
-/// those whose source lies in 10.0.0.0/8, the internal space of the tests: a translated world
-/// must show none.
-pub struct LeakWatch {
-    counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl LeakWatch {
-    pub fn start(ns: &Netns, iface: &str) -> Self {
-        let counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (counts.clone(), stop.clone());
-        let iface = std::ffi::CString::new(iface).expect("iface name");
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = ns.spawn(move || {
-            let proto = (libc::ETH_P_IP as u16).to_be();
-            // SAFETY: plain socket(2); closed at the end of this thread.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
-            assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
-            // SAFETY: `iface` is NUL-terminated.
-            let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
-            assert_ne!(index, 0, "no interface {iface:?}");
-            // SAFETY: all-zero is a valid sockaddr_ll; we fill the fields bind needs.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = index as i32;
-            // SAFETY: binding our socket to a valid sockaddr_ll of the stated size.
-            let rc = unsafe {
-                libc::bind(
-                    fd,
-                    (&raw const sll).cast(),
-                    size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 20_000,
-            };
-            // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const tv).cast(),
-                    size_of::<libc::timeval>() as u32,
-                )
-            };
-            ready_tx.send(()).expect("ready");
-            let mut buf = [0u8; 128];
-            while !s.load(Ordering::Relaxed) {
-                // SAFETY: reading (truncated) packets into our buffer from our socket.
-                let n =
-                    unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
-                if n < 20 {
-                    continue;
-                }
-                let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
-                let mut g = c.lock().unwrap();
-                g.0 += 1;
-                if buf[12] == 10 {
-                    g.1 += 1;
-                    if g.2.len() < 10 {
-                        g.2.push(src);
-                    }
-                }
-            }
-            // SAFETY: closing the socket this thread opened.
-            unsafe { libc::close(fd) };
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("watch did not start");
-        Self {
-            counts,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops watching and asserts packets were seen and none had an internal source.
-    pub fn assert_no_leak(mut self) {
-        std::thread::sleep(Duration::from_millis(50));
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let (total, leaked, examples) = self.counts.lock().unwrap().clone();
-        assert!(total > 0, "the leak watch saw no packet at all");
-        assert_eq!(
-            leaked, 0,
-            "{leaked} of {total} packets left with an internal source, e.g. {examples:?}"
-        );
-    }
-}
-
-impl Drop for LeakWatch {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }

@@ -345,3 +345,32 @@ fn tcp_ports_are_reused_per_destination_and_exhaustion_is_exact() {
     // never gave up early.
     assert_eq!(dp.count(Counter::CreatedTcp), 3);
 }
+
+#[test]
+fn a_new_syn_on_a_closed_mapping_keeps_its_nat_port() {
+    // Binding persistence: the server's TIME_WAIT must see the same 4-tuple again.
+    let dp = Dp::new("");
+    let fin_ack = packets::Flags {
+        fin: true,
+        ack: true,
+        ..packets::Flags::default()
+    };
+    // Port 1234 lies outside the range, so the NAT port is random: keeping it is no accident.
+    let first = dp
+        .egress_ok(&packets::tcp((POD, 1234), (REMOTE, 80), SYN, b""))
+        .tcp()
+        .source_port;
+    dp.ingress_ok(&packets::tcp((REMOTE, 80), (NAT, first), SYN_ACK, b""));
+    dp.egress_ok(&packets::tcp((POD, 1234), (REMOTE, 80), fin_ack, b""));
+    dp.ingress_ok(&packets::tcp((REMOTE, 80), (NAT, first), fin_ack, b""));
+    let again = dp
+        .egress_ok(&packets::tcp((POD, 1234), (REMOTE, 80), SYN, b""))
+        .tcp()
+        .source_port;
+    assert_eq!(again, first);
+    assert_eq!(dp.count(Counter::TcpReopened), 1);
+    assert_eq!(dp.count(Counter::CreatedTcp), 1);
+    // A retransmitted SYN before any answer is not a reopen.
+    dp.egress_ok(&packets::tcp((POD, 1234), (REMOTE, 80), SYN, b""));
+    assert_eq!(dp.count(Counter::TcpReopened), 1);
+}
