@@ -14,12 +14,18 @@ use crate::NatIp;
 /// Random ports tried before the exhaustive walk of the range.
 pub const RANDOM_TRIES: u32 = 8;
 
-/// Index of the NAT IP (among `count`) that `internal` is paired with. `count` must be > 0.
+/// Index of the NAT IP (among `count`, which must be > 0) that `internal` is paired with.
 #[inline(always)]
 pub const fn nat_index(internal: [u8; 4], count: u32) -> u32 {
-    // Fibonacci hashing spreads consecutive pod addresses over the set.
-    let h = u32::from_be_bytes(internal).wrapping_mul(0x9e37_79b1);
-    (h >> 16) % count
+    // murmur3's finaliser mixes every address bit into every hash bit; the multiply-shift maps
+    // the hash onto 0..count without a division.
+    let mut h = u32::from_be_bytes(internal);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    ((h as u64 * count as u64) >> 32) as u32
 }
 
 /// The pod's own port when it may be kept as the NAT port.
@@ -106,12 +112,25 @@ mod tests {
 
     #[test]
     fn nat_index_is_stable_and_spread() {
+        const MAX: u32 = 8;
         assert_eq!(nat_index([10, 0, 0, 1], 1), 0);
         assert_eq!(nat_index([10, 0, 0, 7], 4), nat_index([10, 0, 0, 7], 4));
-        let mut hits = [0u32; 4];
-        for i in 0..=255u8 {
-            hits[nat_index([10, 1, 0, i], 4) as usize] += 1;
+        for count in 1..=MAX {
+            let mut hits = [0u32; MAX as usize];
+            for i in 0..=255u8 {
+                for j in [0u8, 1, 2, 3] {
+                    hits[nat_index([10, 1, i, 2 + j], count) as usize] += 1;
+                }
+            }
+            let fair = 1024 / count;
+            assert!(
+                hits[..count as usize].iter().all(|h| *h > fair / 2),
+                "{count}: {hits:?}"
+            );
+            assert!(
+                hits[count as usize..].iter().all(|h| *h == 0),
+                "{count}: {hits:?}"
+            );
         }
-        assert!(hits.iter().all(|h| *h > 32), "{hits:?}");
     }
 }

@@ -88,6 +88,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration::parse)]
     pub gc_interval: Duration,
 
+    /// How to attach: `tcx` links (kernel >= 6.6), `clsact` (cls_bpf filters on a clsact qdisc,
+    /// for older kernels or tools that expect them), or `auto` (TCX, else clsact).
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub attach: AttachChoice,
+
     /// Kernel-side log level. `off` compiles logging out of the loaded programs.
     #[arg(long, value_name = "LEVEL", default_value = "off")]
     pub ebpf_log: EbpfLog,
@@ -95,6 +100,13 @@ pub struct RunArgs {
     /// Write the counters as JSON to this file on exit (for scripts and tests).
     #[arg(long, value_name = "FILE")]
     pub stats_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttachChoice {
+    Auto,
+    Tcx,
+    Clsact,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -10,7 +10,7 @@ use snat_common::MAX_NAT_IPS;
 
 use crate::{
     cidr::{Ipv4Cidr, PortRange},
-    cli::{EbpfLog, RunArgs},
+    cli::{AttachChoice, EbpfLog, RunArgs},
     duration::Human,
     netdev::Interface,
 };
@@ -40,6 +40,7 @@ pub struct Settings {
     pub max_mappings: u32,
     pub gc_interval: Duration,
     pub ebpf_log: EbpfLog,
+    pub attach: AttachChoice,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -135,6 +136,7 @@ impl Settings {
             max_mappings: args.max_mappings,
             gc_interval: args.gc_interval,
             ebpf_log: args.ebpf_log,
+            attach: args.attach,
         })
     }
 

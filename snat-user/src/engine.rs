@@ -18,7 +18,7 @@ use snat_common::{
     MAP_EXCLUDE, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV, PROG_EGRESS, PROG_INGRESS,
 };
 
-use crate::{cidr::PortRange, config::Settings};
+use crate::{cidr::PortRange, cli::AttachChoice, config::Settings};
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/snat"));
@@ -151,29 +151,36 @@ impl Engine {
     }
 
     /// Attaches ingress, then egress (so replies are translated as soon as mappings exist): with
-    /// TCX where the kernel has it, else as cls_bpf filters on a clsact qdisc.
-    pub fn attach(&mut self) -> anyhow::Result<AttachMode> {
-        let mode = match self.attach_all(true) {
-            Ok(()) => AttachMode::Tcx,
+    /// TCX links, or as cls_bpf filters on a clsact qdisc; `auto` tries TCX first.
+    pub fn attach(&mut self, choice: AttachChoice) -> anyhow::Result<AttachMode> {
+        if choice != AttachChoice::Clsact {
+            match self.attach_all(true) {
+                Ok(()) => {
+                    self.mode = Some(AttachMode::Tcx);
+                    return Ok(AttachMode::Tcx);
+                }
+                Err(e) if choice == AttachChoice::Auto => {
+                    warn!("TCX attach failed ({e:#}); falling back to a clsact qdisc");
+                    self.detach();
+                }
+                Err(e) => {
+                    return Err(
+                        e.context("--attach tcx needs kernel >= 6.6; use --attach clsact or auto")
+                    )
+                }
+            }
+        }
+        let added_qdisc = match tc::qdisc_add_clsact(&self.iface) {
+            Ok(()) => true,
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
             Err(e) => {
-                warn!("TCX attach failed ({e:#}); falling back to a clsact qdisc");
-                self.detach();
-                let added_qdisc = match tc::qdisc_add_clsact(&self.iface) {
-                    Ok(()) => true,
-                    Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        false
-                    }
-                    Err(e) => {
-                        return Err(e)
-                            .with_context(|| format!("adding a clsact qdisc to {}", self.iface))
-                    }
-                };
-                self.mode = Some(AttachMode::Clsact { added_qdisc });
-                self.attach_all(false)?;
-                AttachMode::Clsact { added_qdisc }
+                return Err(e).with_context(|| format!("adding a clsact qdisc to {}", self.iface))
             }
         };
+        let mode = AttachMode::Clsact { added_qdisc };
+        // Recorded before attaching, so a failure below still removes the qdisc we added.
         self.mode = Some(mode);
+        self.attach_all(false)?;
         Ok(mode)
     }
 

@@ -85,7 +85,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 .context("starting the kernel log reader")?,
         )
     };
-    let mode = engine.attach()?;
+    let mode = engine.attach(settings.attach)?;
     info!(
         "snat running on {} ({}): NAT IPs {}, ports {}, internal {}",
         settings.iface.name,

@@ -8,6 +8,15 @@ use tests::{
     topo::{Topology, POD_CIDR},
 };
 
+/// Waits (up to 3 s: the kernel frees detached programs after an RCU grace period) until no
+/// program named like snat's is loaded, and returns how many still are.
+fn snat_programs_after_stop() -> usize {
+    tests::traffic::wait_for(std::time::Duration::from_secs(3), || {
+        Some(snat_programs()).filter(|n| *n == 0)
+    })
+    .unwrap_or_else(snat_programs)
+}
+
 /// Programs named like snat's that are loaded anywhere on the machine.
 fn snat_programs() -> usize {
     aya::programs::loaded_programs()
@@ -142,7 +151,11 @@ fn a_stop_detaches_everything() {
     let (status, stats) = agent.stop();
     assert!(status.success(), "{status}");
     assert_eq!(stats["iface"], topo.uplink.as_str());
-    assert_eq!(snat_programs(), 0, "programs left loaded after a stop");
+    assert_eq!(
+        snat_programs_after_stop(),
+        0,
+        "programs left loaded after a stop"
+    );
     let qdiscs = topo
         .node
         .exec(&["tc", "qdisc", "show", "dev", &topo.uplink]);
@@ -193,4 +206,50 @@ fn ebpf_log_debug_reports_new_mappings_and_off_is_silent() {
             "--ebpf-log {level}:\n{log}"
         );
     }
+}
+
+#[test]
+fn clsact_mode_translates_and_removes_its_qdisc() {
+    use std::{net::SocketAddrV4, time::Duration};
+    use tests::{
+        topo::{NAT_IP, SERVER},
+        traffic::{TcpClient, TcpServer},
+    };
+    let topo = Topology::new(1);
+    let agent = Agent::start(
+        &topo.node,
+        &topo.uplink,
+        &[
+            "--internal",
+            POD_CIDR,
+            "--max-mappings",
+            "4096",
+            "--attach",
+            "clsact",
+        ],
+    );
+    let qdiscs = topo
+        .node
+        .exec(&["tc", "qdisc", "show", "dev", &topo.uplink]);
+    assert!(
+        String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"),
+        "no clsact qdisc in clsact mode"
+    );
+    let _server = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let seen = topo.pods[0].ns.run(|| {
+        TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+            .expect("connect")
+            .seen_as
+    });
+    assert_eq!(*seen.ip(), NAT_IP);
+    let (status, _) = agent.stop();
+    assert!(status.success());
+    let qdiscs = topo
+        .node
+        .exec(&["tc", "qdisc", "show", "dev", &topo.uplink]);
+    assert!(
+        !String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"),
+        "the clsact qdisc snat added was left behind"
+    );
+    assert_eq!(snat_programs_after_stop(), 0);
 }

@@ -313,3 +313,55 @@ fn churn_leaves_no_mapping_and_no_port_behind() {
         "{rest}"
     );
 }
+
+#[test]
+fn each_pod_keeps_one_nat_ip_across_protocols_and_flows() {
+    // Paired pooling (RFC 4787 REQ-2) over two NAT IPs, both on the uplink.
+    let second = std::net::Ipv4Addr::new(198, 51, 100, 3);
+    let topo = Topology::new(4);
+    topo.node
+        .ip(&["addr", "add", &format!("{second}/24"), "dev", &topo.uplink]);
+    let agent = agent(
+        &topo,
+        &[
+            "--nat-ip",
+            &NAT_IP.to_string(),
+            "--nat-ip",
+            &second.to_string(),
+        ],
+    );
+    let leaks = LeakWatch::start(&topo.router, &topo.router_uplink);
+    let _tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let _udp = UdpServer::start(&topo.server, SocketAddrV4::new(SERVER, 5353));
+    let mut used = HashSet::new();
+    for pod in &topo.pods {
+        let seen = pod.ns.run(|| {
+            let mut ips = Vec::new();
+            for _ in 0..5 {
+                ips.push(
+                    *TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+                        .expect("connect")
+                        .seen_as
+                        .ip(),
+                );
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                ips.push(
+                    *udp_ask(&s, SocketAddrV4::new(SERVER, 5353))
+                        .expect("UDP")
+                        .ip(),
+                );
+            }
+            ips
+        });
+        let distinct: HashSet<_> = seen.iter().collect();
+        assert_eq!(distinct.len(), 1, "pod {} used {distinct:?}", pod.addr);
+        used.insert(seen[0]);
+    }
+    assert_eq!(
+        used,
+        HashSet::from([NAT_IP, second]),
+        "four pods should spread over both NAT IPs"
+    );
+    assert!(agent.mappings("tcp") >= 20);
+    leaks.assert_no_leak();
+}
