@@ -188,6 +188,22 @@ impl NatIp {
     }
 }
 
+/// A NAT IP and protocol: the key of per-pool figures (`SNAT_EXHAUSTED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PoolKey {
+    pub addr: [u8; 4],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PoolKey>() == 8);
+
+impl PoolKey {
+    pub fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr)
+    }
+}
+
 /// The live configuration the datapath reads on every new mapping.
 ///
 /// NAT IPs live in two sets so the controller can replace them without the datapath ever seeing
@@ -216,6 +232,8 @@ mod user {
     unsafe impl aya::Pod for super::NatIp {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PoolKey {}
 }
 
 #[cfg(test)]

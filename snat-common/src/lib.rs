@@ -15,7 +15,7 @@ pub mod pool;
 pub mod tcp;
 
 pub use counter::Counter;
-pub use flow::{Config, FlowKey, Mapping, NatIp, Origin};
+pub use flow::{Config, FlowKey, Mapping, NatIp, Origin, PoolKey};
 
 /// Name of the TC egress program (translates pod → internet).
 pub const PROG_EGRESS: &str = "snat_egress";
@@ -37,12 +37,103 @@ pub const MAP_REV: &str = "SNAT_REV";
 /// Per-CPU array of `u64` indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "SNAT_COUNTERS";
 
+/// Per-CPU hash [`PoolKey`] → flows refused for lack of a port (each flow counted once).
+pub const MAP_EXHAUSTED: &str = "SNAT_EXHAUSTED";
+/// LRU hash [`FlowKey`] → when the flow was last refused: counts a refused flow once, not each
+/// retransmitted SYN.
+pub const MAP_REFUSED: &str = "SNAT_REFUSED";
+/// Per-CPU array of `u64`: allocation time histogram (see [`alloc_hist`]).
+pub const MAP_ALLOC_NS: &str = "SNAT_ALLOC_NS";
+
 /// Most NAT IPs one agent can use (per set; the map holds two sets).
 pub const MAX_NAT_IPS: u32 = 64;
 /// Most internal and excluded CIDRs each.
 pub const MAX_CIDRS: u32 = 1024;
 /// Default number of concurrent mappings the maps are sized for.
 pub const DEFAULT_MAX_MAPPINGS: u32 = 1_000_000;
+
+/// Refused flows remembered by `SNAT_REFUSED`.
+pub const REFUSED_FLOWS: u32 = 16_384;
+/// A flow refused again within this window is the same refusal (SYN retransmissions, repeated
+/// datagrams), not a new one.
+pub const REFUSAL_WINDOW_NS: u64 = 60_000_000_000;
+
+/// Layout of `SNAT_ALLOC_NS`: a log2 histogram of how long new mappings took to allocate.
+pub mod alloc_hist {
+    /// Buckets `0..BUCKETS`: bucket `i > 0` counts allocations of `2^(i-1)..2^i` ns (bucket 0:
+    /// 0 ns); the last bucket also takes everything longer.
+    pub const BUCKETS: u32 = 24;
+    /// Index of the sum of all allocation times (ns).
+    pub const SUM: u32 = BUCKETS;
+    /// Index of the number of allocations timed.
+    pub const COUNT: u32 = BUCKETS + 1;
+    /// Size of the map.
+    pub const LEN: u32 = BUCKETS + 2;
+
+    /// The bucket of a duration of `ns` nanoseconds: its bit length, capped. Loop-free, so the
+    /// verifier takes it as it is.
+    #[inline(always)]
+    pub const fn bucket(ns: u64) -> u32 {
+        let mut v = ns;
+        let mut bits = 0;
+        if v >= 1 << 32 {
+            v >>= 32;
+            bits += 32;
+        }
+        if v >= 1 << 16 {
+            v >>= 16;
+            bits += 16;
+        }
+        if v >= 1 << 8 {
+            v >>= 8;
+            bits += 8;
+        }
+        if v >= 1 << 4 {
+            v >>= 4;
+            bits += 4;
+        }
+        if v >= 1 << 2 {
+            v >>= 2;
+            bits += 2;
+        }
+        if v >= 1 << 1 {
+            v >>= 1;
+            bits += 1;
+        }
+        bits += v as u32;
+        if bits >= BUCKETS {
+            BUCKETS - 1
+        } else {
+            bits
+        }
+    }
+
+    /// Upper bound (ns, inclusive) of bucket `i`'s values, for exposition.
+    pub const fn upper_ns(i: u32) -> u64 {
+        (1u64 << i) - 1
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn buckets_are_bit_lengths() {
+            assert_eq!(bucket(0), 0);
+            assert_eq!(bucket(1), 1);
+            assert_eq!(bucket(2), 2);
+            assert_eq!(bucket(3), 2);
+            assert_eq!(bucket(4), 3);
+            assert_eq!(bucket(255), 8);
+            assert_eq!(bucket(256), 9);
+            assert_eq!(bucket(u64::MAX), BUCKETS - 1);
+            for i in 0..BUCKETS - 1 {
+                assert_eq!(bucket(upper_ns(i)), i, "{i}");
+                assert_eq!(bucket(upper_ns(i) + 1), i + 1, "{i}");
+            }
+        }
+    }
+}
 
 /// Key of the internal and excluded LPM tries: an IPv4 address in network byte order.
 pub type Ipv4Octets = [u8; 4];

@@ -23,7 +23,8 @@ use crate::maps::{count, SNAT_CONFIG, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV};
 pub enum AllocError {
     /// No NAT IP is configured.
     NoNatIp,
-    /// Every port of the range is taken towards this destination.
+    /// Every port of the range is taken towards the destination. (No payload: LLVM merges the
+    /// error paths and would read an enum payload register the verifier sees uninitialised.)
     Exhausted,
     /// `SNAT_FWD` or `SNAT_REV` is full (`--max-mappings`).
     TableFull,
@@ -109,7 +110,7 @@ fn walk_range(reply: &FlowKey, origin: &Origin, nat: &NatIp) -> Result<[u8; 2], 
 
 /// The NAT IP the internal address `src` is paired with in the live set.
 #[inline(always)]
-fn nat_ip_for(src: [u8; 4]) -> Result<NatIp, AllocError> {
+pub fn nat_ip_for(src: [u8; 4]) -> Result<NatIp, AllocError> {
     let cfg = SNAT_CONFIG.get(0).ok_or(AllocError::NoNatIp)?;
     let set = cfg.active & 1;
     let n = *cfg

@@ -4,7 +4,11 @@
 //! translated or not at all: anything that cannot be translated (malformed, fragment, unsupported
 //! protocol or ICMP type, no port left, table full, a helper failing) is dropped and counted.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
 use aya_log_ebpf::{debug, warn};
 use snat_common::{
     flow::proto,
@@ -15,7 +19,9 @@ use snat_common::{
 use crate::{
     alloc::{self, AllocError},
     icmp::{self, kind, Inner},
-    maps::{count, SNAT_EXCLUDE, SNAT_FWD, SNAT_INTERNAL, SNAT_REV},
+    maps::{
+        count, count_refusal, time_allocation, SNAT_EXCLUDE, SNAT_FWD, SNAT_INTERNAL, SNAT_REV,
+    },
     packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, ETH_P_IP_BE},
 };
 
@@ -90,11 +96,19 @@ fn mapping(
         // Only a SYN opens a TCP mapping: a stray segment must not take a port.
         return Err(Counter::EgressDropTcpNotSyn);
     }
-    let m = alloc::create(key, tcp_bits, now).map_err(|e| {
+    // SAFETY: helper without preconditions.
+    let started = unsafe { bpf_ktime_get_ns() };
+    let created = alloc::create(key, tcp_bits, now);
+    // SAFETY: as above.
+    time_allocation(unsafe { bpf_ktime_get_ns() }.wrapping_sub(started));
+    let m = created.map_err(|e| {
         let (sport, dport) = (key.src_port(), key.dst_port());
         match e {
             AllocError::NoNatIp => Counter::EgressDropNoNatIp,
             AllocError::Exhausted => {
+                if let Ok(nat) = alloc::nat_ip_for(key.src_addr) {
+                    count_refusal(key, nat.addr, now);
+                }
                 warn!(
                     ctx,
                     "no NAT port left: proto {} {:i}:{} -> {:i}:{}",

@@ -9,13 +9,13 @@
 //! in practice.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use snat_common::{
-    Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, DEFAULT_MAX_MAPPINGS, MAX_CIDRS,
-    MAX_NAT_IPS,
+    alloc_hist, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, PoolKey,
+    DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_NAT_IPS, REFUSAL_WINDOW_NS, REFUSED_FLOWS,
 };
 
 #[map]
@@ -47,5 +47,71 @@ pub fn count(counter: Counter) {
     if let Some(slot) = SNAT_COUNTERS.get_ptr_mut(counter.index()) {
         // SAFETY: per-CPU slot, and programs do not nest on one CPU for TC hooks.
         unsafe { *slot += 1 };
+    }
+}
+
+#[map]
+pub static SNAT_EXHAUSTED: PerCpuHashMap<PoolKey, u64> =
+    PerCpuHashMap::with_max_entries(2 * MAX_NAT_IPS * 3, 0);
+
+#[map]
+pub static SNAT_REFUSED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(REFUSED_FLOWS, 0);
+
+#[map]
+pub static SNAT_ALLOC_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(alloc_hist::LEN, 0);
+
+/// Records that the flow `key` found no port on `nat`: counted once per flow (a SYN
+/// retransmitted or a datagram repeated within `REFUSAL_WINDOW_NS` is the same refusal).
+#[inline(always)]
+pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64) {
+    let fresh = match SNAT_REFUSED.get_ptr_mut(key) {
+        Some(p) => {
+            // SAFETY: pointer from a successful lookup; a torn read only misjudges freshness.
+            let last = unsafe { &mut *p };
+            let fresh = now.wrapping_sub(*last) > REFUSAL_WINDOW_NS;
+            *last = now;
+            fresh
+        }
+        None => {
+            let _ = SNAT_REFUSED.insert(key, now, 0);
+            true
+        }
+    };
+    if !fresh {
+        return;
+    }
+    let pool = PoolKey {
+        addr: nat,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    for _ in 0..2 {
+        if let Some(n) = SNAT_EXHAUSTED.get_ptr_mut(pool) {
+            // SAFETY: this CPU's slot of a per-CPU value.
+            unsafe { *n += 1 };
+            return;
+        }
+        // First refusal on this pool: create it (another CPU may win the race: look again).
+        if SNAT_EXHAUSTED
+            .insert(pool, 1, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Adds one allocation that took `ns` nanoseconds to the histogram.
+#[inline(always)]
+pub fn time_allocation(ns: u64) {
+    for (index, add) in [
+        (alloc_hist::bucket(ns), 1),
+        (alloc_hist::SUM, ns),
+        (alloc_hist::COUNT, 1),
+    ] {
+        if let Some(slot) = SNAT_ALLOC_NS.get_ptr_mut(index) {
+            // SAFETY: per-CPU slot.
+            unsafe { *slot += add };
+        }
     }
 }

@@ -1,6 +1,10 @@
 //! The `snat` command line.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -25,8 +29,110 @@ pub struct Cli {
 pub enum Command {
     /// Attach the NAT to an uplink and run until SIGINT/SIGTERM (needs root).
     Run(Box<RunArgs>),
-    /// Print the packet and allocation counters of the agent running on an interface.
-    Stats(StatsArgs),
+    /// SNAT port use per NAT IP and protocol (allocated, in use, mappings, exhaustion), and who
+    /// holds the most ports.
+    Status(AgentArgs),
+    /// Every packet and allocation counter of the agent, mappings and releases.
+    Stats(AgentArgs),
+    /// The mappings (SNAT connections), one a line, like `conntrack -L`.
+    Conns(ConnsArgs),
+    /// Who holds the most SNAT ports, refreshed like `top`.
+    Top(TopArgs),
+    /// Change a running agent's settings without dropping connections.
+    Set(SetArgs),
+}
+
+/// Options of the commands that talk to a running agent. They reach the agent of the network
+/// namespace they run in (use `ip netns exec NS snat …` for another).
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The interface the agent runs on.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnsArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
+    /// Only mappings whose internal (pod) source is in this CIDR.
+    #[arg(long, value_name = "CIDR")]
+    pub source: Option<Ipv4Cidr>,
+
+    /// Only mappings whose destination is in this CIDR.
+    #[arg(long, value_name = "CIDR")]
+    pub destination: Option<Ipv4Cidr>,
+
+    /// Only mappings of this protocol.
+    #[arg(long, value_name = "PROTO")]
+    pub proto: Option<Proto>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Proto {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The interface the agent runs on.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+
+    /// Rank internal sources (pods) or destinations.
+    #[arg(long, value_name = "WHAT", default_value = "source")]
+    pub by: TopBy,
+
+    /// Time between refreshes.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration::parse)]
+    pub interval: Duration,
+
+    /// Stop after this many refreshes (default: until Ctrl-C).
+    #[arg(long, value_name = "N")]
+    pub iterations: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TopBy {
+    Source,
+    Destination,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The interface the agent runs on.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+
+    #[command(subcommand)]
+    pub what: SetWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetWhat {
+    /// New flows use this SNAT port range (like `calicoctl patch felixconfiguration … natPortRange`);
+    /// mappings already outside it keep working until they end.
+    PortRange {
+        #[arg(value_name = "LO:HI")]
+        range: PortRange,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -97,9 +203,23 @@ pub struct RunArgs {
     #[arg(long, value_name = "LEVEL", default_value = "off")]
     pub ebpf_log: EbpfLog,
 
-    /// Write the counters as JSON to this file on exit (for scripts and tests).
+    /// Serve Prometheus metrics on this address (path /metrics), in the agent's namespace.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469")]
+    pub metrics_addr: SocketAddr,
+
+    /// How many internal sources and destinations the metrics and `status` name (the busiest
+    /// ones), so label cardinality stays bounded.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub top_sources: usize,
+
+    /// Write the final report as JSON to this file on exit (for scripts and tests).
     #[arg(long, value_name = "FILE")]
     pub stats_file: Option<PathBuf>,
+
+    /// Read settings from a TOML file whose keys are these flags' names (`port-range = "…"`,
+    /// `internal = ["…"]`); flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -129,15 +249,4 @@ impl EbpfLog {
             EbpfLog::Debug => 4,
         }
     }
-}
-
-#[derive(Debug, Args)]
-pub struct StatsArgs {
-    /// The interface the agent runs on.
-    #[arg(long, value_name = "IF")]
-    pub iface: String,
-
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
 }

@@ -5,7 +5,7 @@ use std::{io, net::Ipv4Addr, process::Command};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         tc::{self, SchedClassifierLinkId, TcAttachOptions},
         LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
@@ -14,8 +14,9 @@ use aya::{
 };
 use log::{debug, info, warn};
 use snat_common::{
-    Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, MAP_CONFIG, MAP_COUNTERS,
-    MAP_EXCLUDE, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV, PROG_EGRESS, PROG_INGRESS,
+    alloc_hist, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, PoolKey,
+    MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL,
+    MAP_NAT_IPS, MAP_REV, PROG_EGRESS, PROG_INGRESS,
 };
 
 use crate::{cidr::PortRange, cli::AttachChoice, config::Settings};
@@ -38,29 +39,97 @@ pub struct Tables {
     pub rev: HashMap<MapData, FlowKey, Origin>,
 }
 
-/// The per-CPU counters.
-pub struct Counters(PerCpuArray<MapData, u64>);
+/// What the datapath counts: packets by result, refused flows by pool, allocation times.
+pub struct Counters {
+    packets: PerCpuArray<MapData, u64>,
+    exhausted: PerCpuHashMap<MapData, PoolKey, u64>,
+    alloc_ns: PerCpuArray<MapData, u64>,
+}
+
+/// The allocation time histogram, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocHistogram {
+    /// Per bucket (not cumulative), see [`alloc_hist`].
+    pub buckets: Vec<u64>,
+    pub sum_ns: u64,
+    pub count: u64,
+}
 
 impl Counters {
-    /// Every counter summed over CPUs, in index order.
+    /// Every packet counter summed over CPUs, in index order.
     pub fn read(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
         Counter::ALL
             .iter()
             .map(|c| {
-                let per_cpu = self
-                    .0
-                    .get(&c.index(), 0)
-                    .with_context(|| format!("reading counter {c:?}"))?;
-                Ok((*c, per_cpu.iter().sum()))
+                Ok((
+                    *c,
+                    sum_slot(&self.packets, c.index())
+                        .with_context(|| format!("reading counter {c:?}"))?,
+                ))
             })
             .collect()
+    }
+
+    /// Flows refused for lack of a port, by (NAT IP, protocol).
+    pub fn exhausted(&self) -> anyhow::Result<Vec<(PoolKey, u64)>> {
+        self.exhausted
+            .iter()
+            .map(|item| {
+                let (k, per_cpu) = item.context("reading SNAT_EXHAUSTED")?;
+                Ok((k, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    pub fn alloc_histogram(&self) -> anyhow::Result<AllocHistogram> {
+        let slot = |i| sum_slot(&self.alloc_ns, i).context("reading SNAT_ALLOC_NS");
+        Ok(AllocHistogram {
+            buckets: (0..alloc_hist::BUCKETS)
+                .map(slot)
+                .collect::<anyhow::Result<_>>()?,
+            sum_ns: slot(alloc_hist::SUM)?,
+            count: slot(alloc_hist::COUNT)?,
+        })
+    }
+}
+
+fn sum_slot(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
+    Ok(map.get(&index, 0)?.iter().sum())
+}
+
+/// The live NAT IP set and port range (`SNAT_CONFIG`, `SNAT_NAT_IPS`).
+pub struct NatPool {
+    config: Array<MapData, Config>,
+    nat_ips: Array<MapData, NatIp>,
+}
+
+impl NatPool {
+    /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
+    /// `Config::active` so the datapath never sees half of the change. Mappings made before
+    /// keep their ports until they end.
+    pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
+        let mut cfg = self.config.get(&0, 0)?;
+        let next = (cfg.active ^ 1) & 1;
+        for (i, ip) in ips.iter().enumerate() {
+            let entry = NatIp {
+                addr: ip.octets(),
+                port_min: range.lo,
+                port_max: range.hi,
+            };
+            self.nat_ips
+                .set(next * snat_common::MAX_NAT_IPS + i as u32, entry, 0)?;
+        }
+        cfg.nat_ip_count[next as usize] = ips.len() as u32;
+        self.config.set(0, cfg, 0)?;
+        cfg.active = next;
+        self.config.set(0, cfg, 0)?;
+        Ok(())
     }
 }
 
 pub struct Engine {
     ebpf: Ebpf,
-    config: Array<MapData, Config>,
-    nat_ips: Array<MapData, NatIp>,
+    pool: Option<NatPool>,
     iface: String,
     mode: Option<AttachMode>,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
@@ -96,8 +165,7 @@ impl Engine {
         )?;
         let mut engine = Self {
             ebpf,
-            config,
-            nat_ips,
+            pool: Some(NatPool { config, nat_ips }),
             iface: settings.iface.name.clone(),
             mode: None,
             links: Vec::new(),
@@ -107,7 +175,10 @@ impl Engine {
     }
 
     fn configure(&mut self, settings: &Settings) -> anyhow::Result<()> {
-        self.set_nat_ips(&settings.nat_ips, settings.port_range)?;
+        self.pool
+            .as_mut()
+            .ok_or_else(|| anyhow!("the NAT pool was taken before configuration"))?
+            .set(&settings.nat_ips, settings.port_range)?;
         for (map, cidrs) in [
             (MAP_INTERNAL, &settings.internal),
             (MAP_EXCLUDE, &settings.exclude),
@@ -126,27 +197,6 @@ impl Engine {
                 .with_context(|| format!("adding {c} to {map}"))?;
             }
         }
-        Ok(())
-    }
-
-    /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
-    /// `Config::active` so the datapath never sees half of the change.
-    pub fn set_nat_ips(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
-        let mut cfg = self.config.get(&0, 0)?;
-        let next = (cfg.active ^ 1) & 1;
-        for (i, ip) in ips.iter().enumerate() {
-            let entry = NatIp {
-                addr: ip.octets(),
-                port_min: range.lo,
-                port_max: range.hi,
-            };
-            self.nat_ips
-                .set(next * snat_common::MAX_NAT_IPS + i as u32, entry, 0)?;
-        }
-        cfg.nat_ip_count[next as usize] = ips.len() as u32;
-        self.config.set(0, cfg, 0)?;
-        cfg.active = next;
-        self.config.set(0, cfg, 0)?;
         Ok(())
     }
 
@@ -248,11 +298,23 @@ impl Engine {
     }
 
     pub fn take_counters(&mut self) -> anyhow::Result<Counters> {
-        let map = self
-            .ebpf
-            .take_map(MAP_COUNTERS)
-            .ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?;
-        Ok(Counters(PerCpuArray::try_from(map)?))
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing"))
+        };
+        Ok(Counters {
+            packets: PerCpuArray::try_from(take(MAP_COUNTERS)?)?,
+            exhausted: PerCpuHashMap::try_from(take(MAP_EXHAUSTED)?)?,
+            alloc_ns: PerCpuArray::try_from(take(MAP_ALLOC_NS)?)?,
+        })
+    }
+
+    /// The NAT IP set and port range, for changing them while running.
+    pub fn take_pool(&mut self) -> anyhow::Result<NatPool> {
+        self.pool
+            .take()
+            .ok_or_else(|| anyhow!("the NAT pool was already taken"))
     }
 
     /// Runs program `name` once on `packet` with `BPF_PROG_TEST_RUN` (nothing needs to be

@@ -2,6 +2,7 @@
 //! expiry of idle mappings, the control socket and the figures the agent reports. The `snat`
 //! binary (`main.rs`) wires them together; the integration tests drive them directly.
 
+pub mod agent;
 pub mod cidr;
 pub mod cli;
 pub mod config;
@@ -9,5 +10,7 @@ pub mod control;
 pub mod duration;
 pub mod engine;
 pub mod expiry;
+pub mod metrics;
 pub mod netdev;
-pub mod stats;
+pub mod report;
+pub mod view;

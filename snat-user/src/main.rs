@@ -1,47 +1,50 @@
-//! `snat`: the controller of snat's eBPF egress NAT.
-//!
-//! `snat run` validates its flags, loads and attaches the kernel programs, releases idle mappings
-//! and answers the control socket until SIGINT/SIGTERM, then detaches everything it attached.
+//! `snat`: the controller of snat's eBPF egress NAT. `snat run` is the agent (see `agent`); the
+//! other commands talk to a running agent over its control socket.
 
-use std::{
-    process::ExitCode,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-};
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::Parser as _;
-use log::{error, info, warn};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    signal::unix::{signal, SignalKind},
-};
-
+use clap::{CommandFactory as _, Parser as _};
 use snat_user::{
-    cli::{Cli, Command, RunArgs, StatsArgs},
-    config::Settings,
-    control,
-    engine::{AttachMode, Engine},
-    expiry::{self, Sweeper},
-    netdev::Interface,
-    stats,
-    stats::Shared,
+    agent,
+    cli::{AgentArgs, Cli, Command, ConnsArgs, EbpfLog, SetArgs, SetWhat, TopArgs, TopBy},
+    config::expand_config_file,
+    control::{self, Request, Response},
+    report::{self, Report},
+    view::ConnFilter,
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let known: Vec<String> = Cli::command()
+        .find_subcommand("run")
+        .map(|run| {
+            run.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let argv = match expand_config_file(std::env::args_os().collect(), &known) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     // Kernel records (`--ebpf-log debug`) go through the same logger: let them through by default.
     let default_filter = match &cli.command {
-        Command::Run(a) if a.ebpf_log == snat_user::cli::EbpfLog::Debug => "debug",
+        Command::Run(a) if a.ebpf_log == EbpfLog::Debug => "debug",
         _ => "info",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
         .init();
     let result = match cli.command {
-        Command::Run(args) => run(&args),
-        Command::Stats(args) => stats_command(&args),
+        Command::Run(args) => agent::run(&args),
+        Command::Status(args) => show(&args, report::render_status),
+        Command::Stats(args) => show(&args, report::render_stats),
+        Command::Conns(args) => conns(&args),
+        Command::Top(args) => top(&args),
+        Command::Set(args) => set(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,166 +55,74 @@ fn main() -> ExitCode {
     }
 }
 
-fn stats_command(args: &StatsArgs) -> anyhow::Result<()> {
-    let answer = control::request(&args.iface, "stats")?;
-    if args.json {
-        println!("{answer}");
+fn print(r: &Report, json: bool, render: fn(&Report) -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
     } else {
-        let v: serde_json::Value =
-            serde_json::from_str(&answer).context("parsing the agent's answer")?;
-        print!("{}", stats::render(&v));
+        print!("{}", render(r));
     }
     Ok(())
 }
 
-fn run(args: &RunArgs) -> anyhow::Result<()> {
-    // Everything is checked before anything is attached.
-    let iface =
-        Interface::lookup(&args.iface).with_context(|| format!("--iface {}", args.iface))?;
-    let settings = Settings::validate(args, iface)?;
-    for w in settings.warnings() {
-        warn!("{w}");
-    }
-    let listener = control::bind(&settings.iface.name)?;
-
-    let mut engine = Engine::load(&settings)?;
-    let tables = engine.take_tables()?;
-    let counters = engine.take_counters()?;
-    let logger = if settings.ebpf_log == snat_user::cli::EbpfLog::Off {
-        None
-    } else {
-        Some(
-            aya_log::EbpfLogger::init(engine.ebpf_mut())
-                .context("starting the kernel log reader")?,
-        )
-    };
-    let mode = engine.attach(settings.attach)?;
-    info!(
-        "snat running on {} ({}): NAT IPs {}, ports {}, internal {}",
-        settings.iface.name,
-        match mode {
-            AttachMode::Tcx => "tcx",
-            AttachMode::Clsact { .. } => "clsact",
-        },
-        settings
-            .nat_ips
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-        settings.port_range,
-        settings
-            .internal
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
-    );
-
-    let shared = Arc::new(Shared {
-        settings: settings.clone(),
-        counters,
-        tables: Mutex::new(tables),
-        sweeper: Mutex::new(Sweeper::default()),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let gc = {
-        let (shared, stop) = (shared.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("snat-gc".into())
-            .spawn(move || gc_loop(&shared, &stop))?
-    };
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let served = runtime.block_on(serve(listener, shared.clone(), logger));
-
-    stop.store(true, Ordering::Relaxed);
-    gc.thread().unpark();
-    let _ = gc.join();
-    drop(engine);
-    let summary = stats::snapshot(&shared)?;
-    if let Some(path) = &args.stats_file {
-        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
-            .with_context(|| format!("writing --stats-file {}", path.display()))?;
-    }
-    info!("final counters:\n{}", stats::render(&summary));
-    served
+fn show(args: &AgentArgs, render: fn(&Report) -> String) -> anyhow::Result<()> {
+    print(&control::report(&args.iface, None)?, args.json, render)
 }
 
-/// Releases idle mappings every `--gc-interval` until `stop`.
-fn gc_loop(shared: &Shared, stop: &AtomicBool) {
-    let interval = shared.settings.gc_interval;
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::park_timeout(interval);
-        let mut tables = shared
-            .tables
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut sweeper = shared
-            .sweeper
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(e) = sweeper.sweep(&mut tables, &shared.settings.timeouts, expiry::now_ns()) {
-            error!("expiry sweep failed: {e:#}");
-        }
-    }
+fn conns(args: &ConnsArgs) -> anyhow::Result<()> {
+    let filter = ConnFilter {
+        source: args.source.map(|c| c.to_string()),
+        destination: args.destination.map(|c| c.to_string()),
+        proto: args.proto.map(|p| p.name().to_owned()),
+    };
+    print(
+        &control::report(&args.agent.iface, Some(filter))?,
+        args.agent.json,
+        report::render_conns,
+    )
 }
 
-/// Answers the control socket until SIGINT or SIGTERM.
-async fn serve(
-    listener: std::os::unix::net::UnixListener,
-    shared: Arc<Shared>,
-    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-) -> anyhow::Result<()> {
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::UnixListener::from_std(listener)?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    if let Some(logger) = logger {
-        tokio::spawn(read_kernel_log(logger));
-    }
+fn top(args: &TopArgs) -> anyhow::Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    let mut n = 0;
     loop {
-        tokio::select! {
-            _ = sigint.recv() => { info!("SIGINT: stopping"); return Ok(()); }
-            _ = sigterm.recv() => { info!("SIGTERM: stopping"); return Ok(()); }
-            conn = listener.accept() => {
-                let (stream, _) = conn?;
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &shared).await {
-                        warn!("control request failed: {e:#}");
-                    }
-                });
+        let r = control::report(&args.iface, None)?;
+        if tty {
+            print!("\x1b[H\x1b[2J");
+        }
+        println!(
+            "snat top on {} (every {}; Ctrl-C to quit)",
+            r.iface,
+            snat_user::duration::Human(args.interval)
+        );
+        print!(
+            "{}",
+            match args.by {
+                TopBy::Source => report::render_top_sources(&r),
+                TopBy::Destination => report::render_top_destinations(&r),
             }
+        );
+        n += 1;
+        if args.iterations.is_some_and(|max| n >= max) {
+            return Ok(());
         }
+        std::thread::sleep(args.interval);
     }
 }
 
-async fn answer(stream: tokio::net::UnixStream, shared: &Arc<Shared>) -> anyhow::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let reply = match line.trim() {
-        "stats" => {
-            let shared = shared.clone();
-            let v = tokio::task::spawn_blocking(move || stats::snapshot(&shared)).await??;
-            serde_json::to_string(&v)?
-        }
-        other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
+fn set(args: &SetArgs) -> anyhow::Result<()> {
+    let req = match &args.what {
+        SetWhat::PortRange { range } => Request::SetPortRange {
+            range: range.to_string(),
+        },
     };
-    write.write_all(reply.as_bytes()).await?;
-    write.shutdown().await?;
-    Ok(())
-}
-
-/// Forwards kernel log records (`--ebpf-log`) to the agent's log. Polling keeps it simple; the
-/// ring buffer holds 128 KiB, far more than 50 ms of debug records.
-async fn read_kernel_log(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
-    loop {
-        tick.tick().await;
-        logger.flush();
+    match control::request(&args.iface, &req).context("the agent refused the change")? {
+        Response::Done { message, warnings } => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("{message}");
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
     }
 }

@@ -111,6 +111,49 @@ impl Agent {
             .unwrap_or_else(|| panic!("no counter {group}.{name}"))
     }
 
+    /// Runs `snat <args…>` against this agent (in its namespace); returns (success, stdout,
+    /// stderr). `args` must include `--iface` where the command needs it.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(snat_bin())
+            .args(args)
+            .output()
+            .expect("spawning snat");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `snat <command> --iface <iface> --json <args…>`, parsed.
+    pub fn json(&self, command: &str, args: &[&str]) -> Value {
+        let mut full = vec![command, "--iface", &self.iface, "--json"];
+        full.extend_from_slice(args);
+        let (ok, out, err) = self.cli(&full);
+        assert!(ok, "snat {full:?} failed: {err}");
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("snat {full:?} printed no JSON ({e}): {out}"))
+    }
+
+    /// The agent's /metrics as Prometheus text (scraped inside its namespace).
+    pub fn scrape(&self, ns: &Netns) -> String {
+        use std::io::{Read as _, Write as _};
+        ns.run(|| {
+            let mut s =
+                std::net::TcpStream::connect("127.0.0.1:9469").expect("connecting to /metrics");
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: snat\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+            body.to_owned()
+        })
+    }
+
     /// Active mappings of `proto` ("tcp", "udp", "icmp").
     pub fn mappings(&self, proto: &str) -> u64 {
         self.stats()["mappings"][proto].as_u64().expect("mappings")

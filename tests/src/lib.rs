@@ -11,3 +11,15 @@ pub mod netns;
 pub mod packets;
 pub mod topo;
 pub mod traffic;
+
+/// The value of the sample `name{labels}` in Prometheus text `metrics` (labels in the order the
+/// exposition prints them, e.g. `snat_mappings{proto="tcp"}`).
+pub fn metric(metrics: &str, sample: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

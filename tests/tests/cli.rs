@@ -253,3 +253,84 @@ fn clsact_mode_translates_and_removes_its_qdisc() {
     );
     assert_eq!(snat_programs_after_stop(), 0);
 }
+
+#[test]
+fn a_metrics_address_in_use_is_refused_before_attaching() {
+    let topo = Topology::new(1);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel::<()>();
+    let holder = topo.node.spawn(move || {
+        let _l = std::net::TcpListener::bind("127.0.0.1:9469").expect("bind");
+        bound_tx.send(()).unwrap();
+        let _ = rx.recv();
+    });
+    bound_rx.recv().unwrap();
+    let before = snat_programs();
+    let (code, stderr) = run_in(
+        &topo,
+        &[
+            "--iface",
+            &topo.uplink,
+            "--internal",
+            POD_CIDR,
+            "--max-mappings",
+            "4096",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--metrics-addr 127.0.0.1:9469") && stderr.contains("pass a free address"),
+        "{stderr}"
+    );
+    assert_eq!(snat_programs(), before);
+    // With another address it starts.
+    let agent = Agent::start(
+        &topo.node,
+        &topo.uplink,
+        &[
+            "--internal",
+            POD_CIDR,
+            "--max-mappings",
+            "4096",
+            "--metrics-addr",
+            "127.0.0.1:9470",
+        ],
+    );
+    agent.stats();
+    tx.send(()).unwrap();
+    holder.join().unwrap();
+}
+
+#[test]
+fn a_config_file_supplies_flags_and_flags_win() {
+    let topo = Topology::new(1);
+    let file = std::env::temp_dir().join(format!("{}-snat.toml", topo.prefix));
+    std::fs::write(
+        &file,
+        format!(
+            "internal = [\"{POD_CIDR}\"]\nport_range = \"40000:40099\"\nmax-mappings = 4096\nudp-timeout = \"3m\"\n"
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(
+        &topo.node,
+        &topo.uplink,
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--port-range",
+            "41000:41099",
+        ],
+    );
+    let status = agent.json("status", &[]);
+    assert_eq!(status["port_range"], "41000:41099", "the flag wins");
+    drop(agent);
+    std::fs::write(&file, "colour = \"blue\"\n").unwrap();
+    let (code, stderr) = run_in(
+        &topo,
+        &["--iface", &topo.uplink, "--config", file.to_str().unwrap()],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unknown key \"colour\""), "{stderr}");
+    let _ = std::fs::remove_file(&file);
+}

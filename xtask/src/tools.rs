@@ -16,6 +16,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("ip", "iproute2"),
     ("python3", "python3"),
+    // `promtool check metrics` validates snat's /metrics exposition.
+    ("promtool", "prometheus"),
 ];
 
 /// Installs the packages of the [`TEST_TOOLS`] that are not on PATH; does nothing if all are.

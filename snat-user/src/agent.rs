@@ -1,0 +1,187 @@
+//! `snat run`: the agent. Validates everything, binds its sockets, loads and attaches the
+//! datapath, then releases idle mappings, serves the control socket and the metrics endpoint
+//! until SIGINT/SIGTERM, and detaches everything it attached.
+
+use std::{
+    net::TcpListener,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError, RwLock, RwLockReadGuard,
+    },
+};
+
+use anyhow::Context as _;
+use log::{error, info, warn};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    cidr::PortRange,
+    cli::{EbpfLog, RunArgs},
+    config::Settings,
+    control,
+    engine::{AttachMode, Counters, Engine, NatPool, Tables},
+    expiry::{self, Sweeper},
+    metrics,
+    netdev::Interface,
+    report::{self, Report},
+};
+
+/// What the running agent's tasks share.
+pub struct AgentState {
+    settings: RwLock<Settings>,
+    pool: Mutex<NatPool>,
+    pub counters: Counters,
+    pub tables: Mutex<Tables>,
+    pub sweeper: Mutex<Sweeper>,
+}
+
+impl AgentState {
+    pub fn settings(&self) -> RwLockReadGuard<'_, Settings> {
+        self.settings.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves new flows to `range`; existing mappings keep their ports. Returns warnings about the
+    /// range (as `snat run` would print them).
+    pub fn set_port_range(&self, range: PortRange) -> anyhow::Result<Vec<String>> {
+        let mut settings = self
+            .settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut next = settings.clone();
+        next.port_range = range;
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set(&next.nat_ips, range)?;
+        let warnings = next.warnings();
+        info!("port range changed from {} to {range}", settings.port_range);
+        *settings = next;
+        Ok(warnings)
+    }
+}
+
+pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    // Everything is checked, and every socket bound, before anything is attached.
+    let iface =
+        Interface::lookup(&args.iface).with_context(|| format!("--iface {}", args.iface))?;
+    let settings = Settings::validate(args, iface)?;
+    for w in settings.warnings() {
+        warn!("{w}");
+    }
+    let control_listener = control::bind(&settings.iface.name)?;
+    let metrics_listener = TcpListener::bind(settings.metrics_addr).map_err(|e| {
+        anyhow::anyhow!(
+            "--metrics-addr {}: {e}; pass a free address (e.g. --metrics-addr 127.0.0.1:9470) or stop what holds it",
+            settings.metrics_addr
+        )
+    })?;
+
+    let mut engine = Engine::load(&settings)?;
+    let state = Arc::new(AgentState {
+        pool: Mutex::new(engine.take_pool()?),
+        counters: engine.take_counters()?,
+        tables: Mutex::new(engine.take_tables()?),
+        sweeper: Mutex::new(Sweeper::default()),
+        settings: RwLock::new(settings.clone()),
+    });
+    let logger = if settings.ebpf_log == EbpfLog::Off {
+        None
+    } else {
+        Some(
+            aya_log::EbpfLogger::init(engine.ebpf_mut())
+                .context("starting the kernel log reader")?,
+        )
+    };
+    let mode = engine.attach(settings.attach)?;
+    let list = |v: &[String]| v.join(",");
+    info!(
+        "snat running on {} ({}): NAT IPs {}, ports {}, internal {}, metrics http://{}/metrics",
+        settings.iface.name,
+        match mode {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact { .. } => "clsact",
+        },
+        list(
+            &settings
+                .nat_ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        ),
+        settings.port_range,
+        list(
+            &settings
+                .internal
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        ),
+        settings.metrics_addr,
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let gc = {
+        let (state, stop) = (state.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("snat-gc".into())
+            .spawn(move || gc_loop(&state, &stop))?
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let served = runtime.block_on(async {
+        metrics_listener.set_nonblocking(true)?;
+        let metrics_listener = tokio::net::TcpListener::from_std(metrics_listener)?;
+        tokio::spawn(metrics::serve(metrics_listener, state.clone()));
+        if let Some(logger) = logger {
+            tokio::spawn(read_kernel_log(logger));
+        }
+        let control = tokio::spawn(control::serve(control_listener, state.clone()));
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = sigint.recv() => info!("SIGINT: stopping"),
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            r = control => return r.map_err(anyhow::Error::from).and_then(|r| r),
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+
+    stop.store(true, Ordering::Relaxed);
+    gc.thread().unpark();
+    let _ = gc.join();
+    drop(engine);
+    let summary = Report::build(&state, None)?;
+    if let Some(path) = &args.stats_file {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("writing --stats-file {}", path.display()))?;
+    }
+    info!("final figures:\n{}", report::render_stats(&summary));
+    served
+}
+
+/// Releases idle mappings every `--gc-interval` until `stop`.
+fn gc_loop(state: &AgentState, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let (interval, timeouts) = {
+            let s = state.settings();
+            (s.gc_interval, s.timeouts.clone())
+        };
+        std::thread::park_timeout(interval);
+        let mut tables = state.tables.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sweeper = state.sweeper.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = sweeper.sweep(&mut tables, &timeouts, expiry::now_ns()) {
+            error!("expiry sweep failed: {e:#}");
+        }
+    }
+}
+
+/// Forwards kernel log records (`--ebpf-log`) to the agent's log. Polling keeps it simple; the
+/// ring buffer holds 128 KiB, far more than 50 ms of debug records.
+async fn read_kernel_log(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        logger.flush();
+    }
+}

@@ -1,0 +1,372 @@
+//! Prometheus exposition of a [`Report`], and the `/metrics` endpoint.
+//!
+//! Every scrape reads the maps (through [`Report::build`]), so values are exact at scrape time.
+//! Families are built directly with the `prometheus` crate's data model and text encoder; label
+//! sets are bounded by the NAT IPs, the counter enum and `--top-sources`.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus::{
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
+    Encoder as _, TextEncoder,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::{agent::AgentState, report::Report};
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).into());
+            l.set_value((*v).into());
+            l
+        })
+        .collect()
+}
+
+struct Family(MetricFamily);
+
+impl Family {
+    fn new(name: &str, help: &str, kind: MetricType) -> Self {
+        let mut f = MetricFamily::default();
+        f.set_name(name.into());
+        f.set_help(help.into());
+        f.set_field_type(kind);
+        Self(f)
+    }
+
+    fn gauge(mut self, pairs: &[(&str, &str)], v: f64) -> Self {
+        let mut g = Gauge::default();
+        g.set_value(v);
+        let mut m = Metric::from_label(labels(pairs));
+        m.set_gauge(g);
+        self.0.mut_metric().push(m);
+        self
+    }
+
+    fn counter(mut self, pairs: &[(&str, &str)], v: u64) -> Self {
+        let mut c = Counter::default();
+        c.set_value(v as f64);
+        let mut m = Metric::from_label(labels(pairs));
+        m.set_counter(c);
+        self.0.mut_metric().push(m);
+        self
+    }
+}
+
+/// The gauge whose name ends in `_total`, exposed as `untyped` (see [`encode`]).
+const UNTYPED_GAUGE: &str = "snat_ports_total";
+
+/// The report as Prometheus families.
+pub fn families(r: &Report) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let mut out = Vec::new();
+    let per_pool = |name: &str, help: &str, kind, value: &dyn Fn(&crate::report::Pool) -> f64| {
+        r.pools
+            .iter()
+            .fold(Family::new(name, help, kind), |f, p| {
+                let l = [("nat_ip", p.nat_ip.as_str()), ("proto", p.proto.as_str())];
+                match kind {
+                    COUNTER => f.counter(&l, value(p) as u64),
+                    _ => f.gauge(&l, value(p)),
+                }
+            })
+            .0
+    };
+    // A gauge by nature, but its `_total` name (Azure's "allocated ports") is reserved for
+    // counters by the conventions `promtool` enforces: [`encode`] declares it untyped.
+    out.push(per_pool(
+        UNTYPED_GAUGE,
+        "SNAT ports this node may hand out per NAT IP and protocol (its allocation); a gauge.",
+        GAUGE,
+        &|p| p.ports_total as f64,
+    ));
+    out.push(per_pool(
+        "snat_ports_in_use",
+        "Distinct SNAT ports currently held by at least one mapping.",
+        GAUGE,
+        &|p| p.ports_in_use as f64,
+    ));
+    out.push(per_pool(
+        "snat_port_exhaustion_total",
+        "New flows refused because no SNAT port was free towards their destination (each flow once).",
+        COUNTER,
+        &|p| p.exhausted_flows as f64,
+    ));
+    let mut mappings = Family::new(
+        "snat_mappings",
+        "Active mappings (SNAT connections).",
+        GAUGE,
+    );
+    let mut claims = Family::new(
+        "snat_port_claims",
+        "Held (NAT ip:port, destination) claims; equal to snat_mappings at rest.",
+        GAUGE,
+    );
+    for (p, n) in &r.mappings {
+        mappings = mappings.gauge(&[("proto", p)], *n as f64);
+    }
+    for (p, n) in &r.port_claims {
+        claims = claims.gauge(&[("proto", p)], *n as f64);
+    }
+    out.push(mappings.0);
+    out.push(claims.0);
+
+    let mut packets = Family::new("snat_packets_total", "Packets seen by the datapath, by direction and result (translated, passed, or dropped with a reason).", COUNTER);
+    for dir in ["egress", "ingress"] {
+        for (result, n) in r.counters.get(dir).into_iter().flatten() {
+            packets = packets.counter(&[("direction", dir), ("result", result)], *n);
+        }
+    }
+    out.push(packets.0);
+    let alloc = r.counters.get("alloc");
+    let get = |name: &str| alloc.and_then(|a| a.get(name)).copied().unwrap_or(0);
+    let mut created = Family::new("snat_mappings_created_total", "Mappings created.", COUNTER);
+    for p in ["tcp", "udp", "icmp"] {
+        created = created.counter(&[("proto", p)], get(&format!("created_{p}")));
+    }
+    out.push(created.0);
+    let mut method = Family::new(
+        "snat_port_allocations_total",
+        "How new mappings found their port: the pod's own (preserved), a random try, or the exhaustive walk of the range (scan).",
+        COUNTER,
+    );
+    for m in ["preserved", "random", "scan"] {
+        method = method.counter(&[("method", m)], get(&format!("port_{m}")));
+    }
+    out.push(method.0);
+    out.push(
+        Family::new(
+            "snat_allocation_races_total",
+            "New flows mapped by two CPUs at once (the loser adopted the winner's mapping).",
+            COUNTER,
+        )
+        .counter(&[], get("race_lost"))
+        .0,
+    );
+    out.push(
+        Family::new(
+            "snat_tcp_reopened_total",
+            "SYNs that reopened a closed mapping on the same SNAT port (binding persistence).",
+            COUNTER,
+        )
+        .counter(&[], get("tcp_reopened"))
+        .0,
+    );
+    let mut expired = Family::new(
+        "snat_mappings_expired_total",
+        "Mappings released, by protocol and reason (idle, fin, rst, orphan).",
+        COUNTER,
+    );
+    for (p, reasons) in &r.expired {
+        for (reason, n) in reasons {
+            expired = expired.counter(&[("proto", p), ("reason", reason)], *n);
+        }
+    }
+    out.push(expired.0);
+    let mut sources = Family::new("snat_source_ports_in_use", "SNAT ports (mappings) held per internal source IP, for the busiest sources (--top-sources).", GAUGE);
+    for s in &r.top_sources {
+        sources = sources.gauge(&[("source", &s.source)], s.ports as f64);
+    }
+    out.push(sources.0);
+    let mut dests = Family::new(
+        "snat_destination_saturation",
+        "Fraction of a NAT IP's port range used towards one destination (ip:port for TCP, ip otherwise), for the busiest destinations.",
+        GAUGE,
+    );
+    for d in &r.top_destinations {
+        dests = dests.gauge(
+            &[
+                ("nat_ip", &d.nat_ip),
+                ("destination", &d.destination),
+                ("proto", &d.proto),
+            ],
+            d.saturation,
+        );
+    }
+    out.push(dests.0);
+
+    let mut h = Histogram::default();
+    h.set_sample_count(r.allocation.count);
+    h.set_sample_sum(r.allocation.sum_ns as f64 / 1e9);
+    h.set_bucket(
+        r.allocation
+            .buckets
+            .iter()
+            .filter(|(upper, _)| *upper != u64::MAX)
+            .map(|(upper, cumulative)| {
+                let mut b = Bucket::default();
+                b.set_upper_bound(*upper as f64 / 1e9);
+                b.set_cumulative_count(*cumulative);
+                b
+            })
+            .collect(),
+    );
+    let mut m = Metric::default();
+    m.set_histogram(h);
+    let mut f = Family::new(
+        "snat_allocation_duration_seconds",
+        "Time the datapath took to create a mapping (NAT IP, port claim and publication).",
+        MetricType::HISTOGRAM,
+    );
+    f.0.mut_metric().push(m);
+    out.push(f.0);
+    out
+}
+
+/// The report in the Prometheus text format.
+pub fn encode(r: &Report) -> anyhow::Result<String> {
+    let mut buf = Vec::new();
+    // The encoder refuses a family without samples (e.g. no mapping has expired yet).
+    let families: Vec<MetricFamily> = families(r)
+        .into_iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .collect();
+    TextEncoder::new().encode(&families, &mut buf)?;
+    // The crate's text encoder cannot write untyped samples; a gauge's samples read the same.
+    Ok(String::from_utf8(buf)?.replacen(
+        &format!("# TYPE {UNTYPED_GAUGE} gauge\n"),
+        &format!("# TYPE {UNTYPED_GAUGE} untyped\n"),
+        1,
+    ))
+}
+
+/// Serves `GET /metrics` until the task is dropped. A minimal HTTP/1.1 responder: one request
+/// per connection, bounded in size and time.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AgentState>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut len = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = conn.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, kind, body) = if request.starts_with("GET ")
+                && (path == "/metrics" || path.starts_with("/metrics?"))
+            {
+                let s = state.clone();
+                match tokio::task::spawn_blocking(move || {
+                    Report::build(&s, None).and_then(|r| encode(&r))
+                })
+                .await
+                {
+                    Ok(Ok(text)) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
+                    Ok(Err(e)) => (
+                        "500 Internal Server Error",
+                        "text/plain",
+                        format!("{e:#}\n"),
+                    ),
+                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+                }
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "snat serves Prometheus metrics at /metrics\n".into(),
+                )
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::report::{Allocation, DestinationUse, Pool, SourceUse};
+
+    #[test]
+    fn encodes_every_family_with_its_labels() {
+        let mut counters = BTreeMap::new();
+        counters.insert(
+            "egress".to_owned(),
+            BTreeMap::from([("translated_tcp".to_owned(), 7)]),
+        );
+        counters.insert(
+            "alloc".to_owned(),
+            BTreeMap::from([("created_tcp".to_owned(), 3), ("port_scan".to_owned(), 1)]),
+        );
+        let r = Report {
+            pools: vec![Pool {
+                nat_ip: "198.51.100.1".into(),
+                proto: "tcp".into(),
+                ports_total: 100,
+                ports_in_use: 3,
+                used_percent: 3.0,
+                mappings: 3,
+                exhausted_flows: 2,
+            }],
+            mappings: BTreeMap::from([("tcp".to_owned(), 3)]),
+            port_claims: BTreeMap::from([("tcp".to_owned(), 3)]),
+            top_sources: vec![SourceUse {
+                source: "10.1.0.2".into(),
+                ports: 3,
+            }],
+            top_destinations: vec![DestinationUse {
+                nat_ip: "198.51.100.1".into(),
+                proto: "tcp".into(),
+                destination: "203.0.113.10:443".into(),
+                ports: 3,
+                saturation: 0.03,
+            }],
+            counters,
+            allocation: Allocation {
+                buckets: vec![(127, 1), (255, 3), (u64::MAX, 3)],
+                sum_ns: 600,
+                count: 3,
+            },
+            ..Report::default()
+        };
+        let text = encode(&r).unwrap();
+        for line in [
+            "# TYPE snat_ports_total untyped",
+            "snat_ports_total{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 100",
+            "snat_ports_in_use{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 3",
+            "snat_port_exhaustion_total{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 2",
+            "snat_mappings{proto=\"tcp\"} 3",
+            "snat_packets_total{direction=\"egress\",result=\"translated_tcp\"} 7",
+            "snat_mappings_created_total{proto=\"tcp\"} 3",
+            "snat_port_allocations_total{method=\"scan\"} 1",
+            "snat_source_ports_in_use{source=\"10.1.0.2\"} 3",
+            "snat_destination_saturation{nat_ip=\"198.51.100.1\",destination=\"203.0.113.10:443\",proto=\"tcp\"} 0.03",
+            "snat_allocation_duration_seconds_bucket{le=\"0.000000255\"} 3",
+            "snat_allocation_duration_seconds_count 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        assert!(
+            !text.contains("snat_mappings_expired_total"),
+            "empty families are left out"
+        );
+    }
+}
