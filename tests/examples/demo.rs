@@ -7,13 +7,12 @@
 
 use std::{
     net::{SocketAddrV4, UdpSocket},
-    process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use tests::{
-    agent::{snat_bin, Agent},
+    agent::Agent,
     topo::{Topology, NAT_IP, POD_CIDR, SERVER},
     traffic::{udp_ask, wait_for, IcmpWatch, TcpClient, TcpServer, UdpServer},
 };
@@ -48,6 +47,87 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// Runs `snat <args>` in the node's namespace and prints the command and its output.
+fn snat(agent: &Agent, args: &[&str]) {
+    println!("\n$ snat {}   (in the node's namespace)", args.join(" "));
+    let (_, out, err) = agent.cli(args);
+    print!("{out}{err}");
+}
+
+/// Connects from `pod` to the server, or says why not.
+fn try_connect(pod: &tests::topo::Pod) -> Result<TcpClient, String> {
+    pod.ns.run(|| {
+        TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_millis(300))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Act 2: one noisy pod takes every port towards one destination; the operator sees it in the
+/// counters and `snat top`, and fixes it live by widening the range.
+fn exhaustion_act(topo: &Topology, agent: &Agent) -> Result<(), String> {
+    let iface = topo.uplink.as_str();
+    println!("\n== Act 2: one noisy pod exhausts the node's ports ==");
+    println!("A node with a small SNAT allocation (50 ports), like a crowded Azure backend pool:");
+    snat(
+        agent,
+        &["set", "--iface", iface, "port-range", "40000:40049"],
+    );
+    let (noisy, quiet) = topo.pods.split_first().expect("pods");
+    let exhausted = || {
+        agent.json("status", &[])["pools"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["proto"] == "tcp"))
+            .and_then(|p| p["exhausted_flows"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut held = Vec::new();
+    for round in 1..=3 {
+        check()?;
+        let mut refused = 0;
+        for _ in 0..25 {
+            match try_connect(noisy) {
+                Ok(c) => held.push(c),
+                Err(_) => refused += 1,
+            }
+        }
+        println!(
+            "round {round}: noisy pod {} holds {} connections to {SERVER}:8080, {refused} refused; snat_port_exhaustion_total = {}",
+            noisy.addr,
+            held.len(),
+            exhausted()
+        );
+    }
+    snat(agent, &["top", "--iface", iface, "--iterations", "1"]);
+    for pod in quiet {
+        match try_connect(pod) {
+            Ok(c) => println!("quiet pod {}: connected as {}", pod.addr, c.seen_as),
+            Err(e) => println!(
+                "quiet pod {}: refused ({e}): no port left towards {SERVER}:8080",
+                pod.addr
+            ),
+        }
+    }
+    check()?;
+    println!("\nThe operator widens the range live; existing connections keep their ports:");
+    snat(
+        agent,
+        &["set", "--iface", iface, "port-range", "40000:40999"],
+    );
+    for pod in quiet {
+        match try_connect(pod) {
+            Ok(c) => println!("quiet pod {}: connected as {}", pod.addr, c.seen_as),
+            Err(e) => println!("quiet pod {}: still refused ({e})", pod.addr),
+        }
+    }
+    let (still, _) = noisy.ns.run(move || {
+        let mut first = held.swap_remove(0);
+        (first.echo(b"ping").is_ok(), held)
+    });
+    println!("a connection the noisy pod opened before the change still works: {still}");
+    snat(agent, &["status", "--iface", iface]);
+    Ok(())
 }
 
 fn demo() -> Result<(), String> {
@@ -127,17 +207,9 @@ fn demo() -> Result<(), String> {
         udp.peers().len()
     );
 
-    println!(
-        "\n$ snat stats --iface {}   (inside the node's namespace)",
-        topo.uplink
-    );
-    let out = Command::new("ip")
-        .args(["netns", "exec", &topo.node.name])
-        .arg(snat_bin())
-        .args(["stats", "--iface", &topo.uplink])
-        .output()
-        .map_err(|e| e.to_string())?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    snat(&agent, &["stats", "--iface", &topo.uplink]);
+    check()?;
+    exhaustion_act(&topo, &agent)?;
     check()?;
     let (status, _) = agent.stop();
     println!(
