@@ -3,7 +3,7 @@
 //! until SIGINT/SIGTERM, and detaches everything it attached.
 
 use std::{
-    net::TcpListener,
+    net::{Ipv4Addr, TcpListener},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, PoisonError, RwLock, RwLockReadGuard,
@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     cidr::PortRange,
     cli::{EbpfLog, RunArgs},
-    config::Settings,
+    config::{check_nat_ips, Settings},
     control,
     engine::{AttachMode, Counters, Engine, NatPool, Tables},
     expiry::{self, Sweeper},
@@ -40,23 +40,46 @@ impl AgentState {
         self.settings.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Moves new flows to `range`; existing mappings keep their ports. Returns warnings about the
-    /// range (as `snat run` would print them).
-    pub fn set_port_range(&self, range: PortRange) -> anyhow::Result<Vec<String>> {
+    /// Moves new flows to `range` (and to `nat_ips` if given); existing mappings keep their NAT
+    /// IP and port until they end. Returns what changed and warnings about the new setting.
+    pub fn set_pool(
+        &self,
+        nat_ips: Option<Vec<Ipv4Addr>>,
+        range: PortRange,
+        slice: Option<String>,
+    ) -> anyhow::Result<(String, Vec<String>)> {
         let mut settings = self
             .settings
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let mut next = settings.clone();
         next.port_range = range;
+        next.slice = slice;
+        if let Some(ips) = nat_ips {
+            check_nat_ips(&ips, &next.internal)?;
+            next.nat_ips = ips;
+        }
         self.pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .set(&next.nat_ips, range)?;
+        let ips = next
+            .nat_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let message = match &next.slice {
+            Some(slice) => format!("now on {slice}: NAT IPs {ips}, port range {range}"),
+            None => format!("port range is now {range} (NAT IPs {ips})"),
+        };
+        info!(
+            "{message} (was NAT IPs {:?}, port range {})",
+            settings.nat_ips, settings.port_range
+        );
         let warnings = next.warnings();
-        info!("port range changed from {} to {range}", settings.port_range);
         *settings = next;
-        Ok(warnings)
+        Ok((message, warnings))
     }
 }
 
@@ -70,10 +93,18 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     let control_listener = control::bind(&settings.iface.name)?;
     let metrics_listener = TcpListener::bind(settings.metrics_addr).map_err(|e| {
-        anyhow::anyhow!(
-            "--metrics-addr {}: {e}; pass a free address (e.g. --metrics-addr 127.0.0.1:9470) or stop what holds it",
-            settings.metrics_addr
-        )
+        let addr = settings.metrics_addr;
+        match e.kind() {
+            std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+                "--metrics-addr {addr} is in use: pass a free address (e.g. --metrics-addr {}:{}) or stop what holds it",
+                addr.ip(),
+                addr.port().wrapping_add(1)
+            ),
+            std::io::ErrorKind::AddrNotAvailable => anyhow::anyhow!(
+                "--metrics-addr {addr}: no interface in this network namespace has that address (is `lo` up?); pass one it has"
+            ),
+            _ => anyhow::anyhow!("--metrics-addr {addr}: {e}"),
+        }
     })?;
 
     let mut engine = Engine::load(&settings)?;
@@ -94,6 +125,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     };
     let mode = engine.attach(settings.attach)?;
     let list = |v: &[String]| v.join(",");
+    if let Some(slice) = &settings.slice {
+        info!("running on {slice}");
+    }
     info!(
         "snat running on {} ({}): NAT IPs {}, ports {}, internal {}, metrics http://{}/metrics",
         settings.iface.name,

@@ -40,6 +40,45 @@ pub enum Command {
     Top(TopArgs),
     /// Change a running agent's settings without dropping connections.
     Set(SetArgs),
+    /// Plan per-node SNAT port slices for nodes sharing NAT IPs, with Azure's checks
+    /// (`(nodes + surge) × ports per node ≤ ports per IP × IPs`).
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Nodes (backend instances) sharing the NAT IPs.
+    #[arg(long, value_name = "N")]
+    pub nodes: u32,
+
+    /// Extra nodes that exist during upgrades (AKS maxSurge, default 1 there); they get slices too.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub surge: u32,
+
+    /// Number of NAT (outbound public) IPs; implied by --nat-ip.
+    #[arg(long, value_name = "K")]
+    pub ips: Option<u32>,
+
+    /// The NAT IPs, so the plan can be given to `snat run --plan`; repeat for each.
+    #[arg(long = "nat-ip", value_name = "IP")]
+    pub nat_ips: Vec<Ipv4Addr>,
+
+    /// SNAT ports each node holds over all NAT IPs (Azure's allocatedOutboundPorts). Default:
+    /// Azure's allocation table by pool size (1,024 per IP up to 50 nodes, … 32 up to 1,000).
+    #[arg(long, value_name = "P")]
+    pub ports_per_node: Option<u32>,
+
+    /// The port range each NAT IP offers (our default, 32,768 ports).
+    #[arg(long, value_name = "LO:HI", conflicts_with = "ports_per_ip")]
+    pub port_range: Option<PortRange>,
+
+    /// Plan in Azure's terms: this many ports per IP from 1024 up (Azure: 64000).
+    #[arg(long, value_name = "M")]
+    pub ports_per_ip: Option<u32>,
+
+    /// Print the plan as JSON (the file `snat run --plan` reads).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of the commands that talk to a running agent. They reach the agent of the network
@@ -127,6 +166,15 @@ pub struct SetArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SetWhat {
+    /// Move this node to its slice of a (new) plan: NAT IPs and port range. Mappings made
+    /// before keep their NAT IP and port until they end.
+    Plan {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// This node's index in the plan.
+        #[arg(long, value_name = "I")]
+        node_index: u32,
+    },
     /// New flows use this SNAT port range (like `calicoctl patch felixconfiguration … natPortRange`);
     /// mappings already outside it keep working until they end.
     PortRange {
@@ -160,6 +208,25 @@ pub struct RunArgs {
     /// default stays clear of the NodePort range (30000-32767) and of well-known ports.
     #[arg(long, value_name = "LO:HI", default_value_t = PortRange::DEFAULT)]
     pub port_range: PortRange,
+
+    /// Run on this node's slice of a cluster plan (`snat plan … --json`): its NAT IPs and the
+    /// node's port slice replace --nat-ip and --port-range.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["nat_ips", "port_range"])]
+    pub plan: Option<PathBuf>,
+
+    /// This node's index in --plan.
+    #[arg(long, value_name = "I", requires = "plan")]
+    pub node_index: Option<u32>,
+
+    /// A file holding this node's index in --plan (e.g. written by an init container from the
+    /// node's label).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "plan",
+        conflicts_with = "node_index"
+    )]
+    pub node_index_file: Option<PathBuf>,
 
     /// Idle timeout of an established TCP connection (RFC 5382: at least 2h4m).
     #[arg(long, value_name = "DURATION", default_value = "2h4m", value_parser = duration::parse)]

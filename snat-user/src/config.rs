@@ -18,6 +18,7 @@ use crate::{
     cli::{AttachChoice, EbpfLog, RunArgs},
     duration::Human,
     netdev::Interface,
+    plan::Plan,
 };
 
 /// Largest `--max-mappings`: 16 Mi mappings need ~2.5 GiB of kernel memory.
@@ -41,6 +42,8 @@ pub struct Settings {
     /// Destinations never translated: the `--exclude` CIDRs and the internal ones.
     pub exclude: Vec<Ipv4Cidr>,
     pub port_range: PortRange,
+    /// Which slice of a cluster plan this node runs on (`--plan`), for status and logs.
+    pub slice: Option<String>,
     pub timeouts: Timeouts,
     pub max_mappings: u32,
     pub gc_interval: Duration,
@@ -72,6 +75,8 @@ pub enum ConfigError {
     MaxMappings(u32),
     #[error("--top-sources {0} is out of range: use 1 to 1000 (each is a metrics label)")]
     TopSources(usize),
+    #[error("{0}")]
+    Plan(String),
 }
 
 impl Settings {
@@ -80,31 +85,29 @@ impl Settings {
         if args.internal.is_empty() {
             return Err(ConfigError::NoInternal);
         }
-        let nat_ips = if args.nat_ips.is_empty() {
-            vec![*iface
-                .ipv4
-                .first()
-                .ok_or_else(|| ConfigError::NoNatIp(iface.name.clone()))?]
-        } else {
-            args.nat_ips.clone()
+        let (nat_ips, port_range, slice) = match &args.plan {
+            Some(path) => {
+                let plan = Plan::load(path).map_err(ConfigError::Plan)?;
+                let index = node_index(args)?;
+                let slice = plan.slice(index).map_err(ConfigError::Plan)?;
+                let label = format!(
+                    "node {index} of {}{} ({})",
+                    plan.nodes + plan.surge,
+                    if slice.surge { ", a surge slice" } else { "" },
+                    path.display()
+                );
+                (plan.nat_ips.clone(), slice.range(), Some(label))
+            }
+            None if args.nat_ips.is_empty() => {
+                let primary = *iface
+                    .ipv4
+                    .first()
+                    .ok_or_else(|| ConfigError::NoNatIp(iface.name.clone()))?;
+                (vec![primary], args.port_range, None)
+            }
+            None => (args.nat_ips.clone(), args.port_range, None),
         };
-        if nat_ips.len() > MAX_NAT_IPS as usize {
-            return Err(ConfigError::TooManyNatIps(nat_ips.len()));
-        }
-        for (i, ip) in nat_ips.iter().enumerate() {
-            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
-                return Err(ConfigError::UnusableNatIp(*ip));
-            }
-            if nat_ips[..i].contains(ip) {
-                return Err(ConfigError::DuplicateNatIp(*ip));
-            }
-            if let Some(cidr) = args.internal.iter().find(|c| c.contains(*ip)) {
-                return Err(ConfigError::NatIpInternal {
-                    ip: *ip,
-                    cidr: *cidr,
-                });
-            }
-        }
+        check_nat_ips(&nat_ips, &args.internal)?;
         let timeouts = Timeouts {
             tcp_established: args.tcp_established_timeout,
             tcp_transitory: args.tcp_transitory_timeout,
@@ -143,7 +146,8 @@ impl Settings {
             nat_ips,
             internal: args.internal.clone(),
             exclude,
-            port_range: args.port_range,
+            port_range,
+            slice,
             timeouts,
             max_mappings: args.max_mappings,
             gc_interval: args.gc_interval,
@@ -211,6 +215,52 @@ impl Settings {
             ));
         }
         w
+    }
+}
+
+/// Checks a set of NAT IPs: 1..=64 distinct usable addresses, none inside an internal CIDR.
+pub fn check_nat_ips(nat_ips: &[Ipv4Addr], internal: &[Ipv4Cidr]) -> Result<(), ConfigError> {
+    if nat_ips.len() > MAX_NAT_IPS as usize {
+        return Err(ConfigError::TooManyNatIps(nat_ips.len()));
+    }
+    for (i, ip) in nat_ips.iter().enumerate() {
+        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+            return Err(ConfigError::UnusableNatIp(*ip));
+        }
+        if nat_ips[..i].contains(ip) {
+            return Err(ConfigError::DuplicateNatIp(*ip));
+        }
+        if let Some(cidr) = internal.iter().find(|c| c.contains(*ip)) {
+            return Err(ConfigError::NatIpInternal {
+                ip: *ip,
+                cidr: *cidr,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The node index of `--node-index`, or read from `--node-index-file` (e.g. written from the
+/// node's label by an init container).
+fn node_index(args: &RunArgs) -> Result<u32, ConfigError> {
+    match (&args.node_index, &args.node_index_file) {
+        (Some(i), _) => Ok(*i),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Plan(format!("--node-index-file {}: {e}", path.display()))
+            })?;
+            text.trim().parse().map_err(|_| {
+                ConfigError::Plan(format!(
+                    "--node-index-file {}: {:?} is not a node index (a number like 0, 1, 2)",
+                    path.display(),
+                    text.trim()
+                ))
+            })
+        }
+        (None, None) => Err(ConfigError::Plan(
+            "--plan needs --node-index I or --node-index-file FILE: which slice is this node's?"
+                .into(),
+        )),
     }
 }
 

@@ -30,8 +30,13 @@ pub enum Request {
     Status,
     /// The report with the mappings that match the filter.
     Conns { filter: ConnFilter },
-    /// New flows use this port range.
-    SetPortRange { range: String },
+    /// New flows use this port range, and these NAT IPs if given (a plan's slice).
+    Set {
+        port_range: String,
+        nat_ips: Option<Vec<std::net::Ipv4Addr>>,
+        /// The plan slice this is, for status.
+        slice: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -146,12 +151,13 @@ fn handle(state: &AgentState, req: Request) -> Response {
                 .unwrap_or_else(fail),
             Err(message) => Response::Error { message },
         },
-        Request::SetPortRange { range } => match range.parse::<PortRange>() {
-            Ok(range) => match state.set_port_range(range) {
-                Ok(warnings) => Response::Done {
-                    message: format!("port range is now {range}"),
-                    warnings,
-                },
+        Request::Set {
+            port_range,
+            nat_ips,
+            slice,
+        } => match port_range.parse::<PortRange>() {
+            Ok(range) => match state.set_pool(nat_ips, range, slice) {
+                Ok((message, warnings)) => Response::Done { message, warnings },
                 Err(e) => fail(e),
             },
             Err(e) => Response::Error {

@@ -12,5 +12,6 @@ pub mod engine;
 pub mod expiry;
 pub mod metrics;
 pub mod netdev;
+pub mod plan;
 pub mod report;
 pub mod view;

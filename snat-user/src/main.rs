@@ -7,9 +7,12 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use snat_user::{
     agent,
-    cli::{AgentArgs, Cli, Command, ConnsArgs, EbpfLog, SetArgs, SetWhat, TopArgs, TopBy},
+    cli::{
+        AgentArgs, Cli, Command, ConnsArgs, EbpfLog, PlanArgs, SetArgs, SetWhat, TopArgs, TopBy,
+    },
     config::expand_config_file,
     control::{self, Request, Response},
+    plan::{self as planner, Plan, Space},
     report::{self, Report},
     view::ConnFilter,
 };
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Conns(args) => conns(&args),
         Command::Top(args) => top(&args),
         Command::Set(args) => set(&args),
+        Command::Plan(args) => plan(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -111,9 +115,24 @@ fn top(args: &TopArgs) -> anyhow::Result<()> {
 
 fn set(args: &SetArgs) -> anyhow::Result<()> {
     let req = match &args.what {
-        SetWhat::PortRange { range } => Request::SetPortRange {
-            range: range.to_string(),
+        SetWhat::PortRange { range } => Request::Set {
+            port_range: range.to_string(),
+            nat_ips: None,
+            slice: None,
         },
+        SetWhat::Plan { file, node_index } => {
+            let plan = Plan::load(file).map_err(anyhow::Error::msg)?;
+            let slice = plan.slice(*node_index).map_err(anyhow::Error::msg)?;
+            Request::Set {
+                port_range: slice.range().to_string(),
+                nat_ips: Some(plan.nat_ips.clone()),
+                slice: Some(format!(
+                    "node {node_index} of {} ({})",
+                    plan.nodes + plan.surge,
+                    file.display()
+                )),
+            }
+        }
     };
     match control::request(&args.iface, &req).context("the agent refused the change")? {
         Response::Done { message, warnings } => {
@@ -125,4 +144,33 @@ fn set(args: &SetArgs) -> anyhow::Result<()> {
         }
         other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
     }
+}
+
+fn plan(args: &PlanArgs) -> anyhow::Result<()> {
+    let ips = match (args.ips, args.nat_ips.len()) {
+        (Some(k), _) => k,
+        (None, 0) => anyhow::bail!(
+            "say how many NAT IPs the nodes share: --ips K, or list them with --nat-ip"
+        ),
+        (None, n) => n as u32,
+    };
+    let space = match (args.ports_per_ip, args.port_range) {
+        (Some(m), _) => Space::azure(m)?,
+        (None, Some(r)) => Space::from_range(r),
+        (None, None) => Space::from_range(snat_user::cidr::PortRange::DEFAULT),
+    };
+    let plan = planner::plan(&planner::Request {
+        nodes: args.nodes,
+        surge: args.surge,
+        ips,
+        nat_ips: args.nat_ips.clone(),
+        ports_per_node: args.ports_per_node,
+        space,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", plan.render());
+    }
+    Ok(())
 }

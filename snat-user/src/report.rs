@@ -22,6 +22,9 @@ pub struct Report {
     pub iface: String,
     pub nat_ips: Vec<String>,
     pub port_range: String,
+    /// The plan slice this node runs on (`snat run --plan`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice: Option<String>,
     pub pools: Vec<Pool>,
     pub mappings: BTreeMap<String, u64>,
     /// Reverse halves: each holds one (NAT ip:port, remote) claim. Equal to `mappings` at rest;
@@ -181,6 +184,7 @@ impl Report {
             iface: settings.iface.name.clone(),
             nat_ips: settings.nat_ips.iter().map(ToString::to_string).collect(),
             port_range: settings.port_range.to_string(),
+            slice: settings.slice.clone(),
             pools,
             mappings: by_proto(&view.mappings),
             port_claims: by_proto(&view.claims),

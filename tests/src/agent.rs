@@ -37,12 +37,19 @@ pub struct Agent {
 impl Agent {
     /// Starts `snat run --iface <iface> <args…>` in `ns` and waits until it answers.
     pub fn start(ns: &Netns, iface: &str, args: &[&str]) -> Self {
+        Self::start_wrapped(ns, &[], iface, args)
+    }
+
+    /// Like [`Agent::start`], with `wrapper` (e.g. `setpriv …`) run inside the namespace in front
+    /// of `snat`.
+    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], iface: &str, args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!("{}-snat.log", ns.name));
         let stats_file = std::env::temp_dir().join(format!("{}-snat-stats.json", ns.name));
         let _ = std::fs::remove_file(&stats_file);
         let out = std::fs::File::create(&log).expect("creating the agent log");
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
+            .args(wrapper)
             .arg(snat_bin())
             .args(["run", "--iface", iface])
             .args(args)

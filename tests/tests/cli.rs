@@ -43,6 +43,13 @@ fn run_in(topo: &Topology, args: &[&str]) -> (i32, String) {
 fn bad_input_is_refused_with_the_value_and_the_fix_and_nothing_is_attached() {
     let topo = Topology::new(1);
     let up = topo.uplink.clone();
+    let plan_file = std::env::temp_dir().join(format!("{}-plan.json", topo.prefix));
+    let out = Command::new(snat_bin())
+        .args(["plan", "--nodes", "3", "--nat-ip", "198.51.100.1", "--json"])
+        .output()
+        .unwrap();
+    std::fs::write(&plan_file, out.stdout).unwrap();
+    let plan = plan_file.to_str().unwrap().to_owned();
     let before = snat_programs();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -101,6 +108,51 @@ fn bad_input_is_refused_with_the_value_and_the_fix_and_nothing_is_attached() {
         (
             vec!["--iface", "lo", "--internal", POD_CIDR],
             "not Ethernet",
+        ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--plan",
+                "/nonexistent/plan.json",
+                "--node-index",
+                "0",
+            ],
+            "--plan /nonexistent/plan.json",
+        ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--plan",
+                &plan,
+                "--node-index",
+                "3",
+            ],
+            "node index 3 is outside the plan",
+        ),
+        (
+            vec!["--iface", &up, "--internal", POD_CIDR, "--plan", &plan],
+            "--plan needs --node-index",
+        ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--plan",
+                &plan,
+                "--node-index",
+                "0",
+                "--port-range",
+                "1:2",
+            ],
+            "cannot be used with",
         ),
     ];
     for (args, needle) in cases {
@@ -279,7 +331,8 @@ fn a_metrics_address_in_use_is_refused_before_attaching() {
     );
     assert_ne!(code, 0);
     assert!(
-        stderr.contains("--metrics-addr 127.0.0.1:9469") && stderr.contains("pass a free address"),
+        stderr.contains("--metrics-addr 127.0.0.1:9469 is in use")
+            && stderr.contains("pass a free address"),
         "{stderr}"
     );
     assert_eq!(snat_programs(), before);
@@ -333,4 +386,36 @@ fn a_config_file_supplies_flags_and_flags_win() {
     assert_ne!(code, 0);
     assert!(stderr.contains("unknown key \"colour\""), "{stderr}");
     let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn the_agent_needs_only_bpf_net_admin_and_perfmon() {
+    // The capabilities deploy/kubernetes/snat.yaml grants, and no others (not even in the
+    // bounding set): the agent loads, attaches, translates and detaches with them alone.
+    use std::{net::SocketAddrV4, time::Duration};
+    use tests::{
+        topo::{NAT_IP, SERVER},
+        traffic::{TcpClient, TcpServer},
+    };
+    let topo = Topology::new(1);
+    let caps = "-all,+bpf,+net_admin,+perfmon";
+    let inh = format!("--inh-caps={caps}");
+    let amb = format!("--ambient-caps={caps}");
+    let bnd = format!("--bounding-set={caps}");
+    let agent = Agent::start_wrapped(
+        &topo.node,
+        &["setpriv", "--reuid=0", &inh, &amb, &bnd, "--"],
+        &topo.uplink,
+        &["--internal", POD_CIDR, "--max-mappings", "4096"],
+    );
+    let _server = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let seen = topo.pods[0].ns.run(|| {
+        TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+            .expect("connect")
+            .seen_as
+    });
+    assert_eq!(*seen.ip(), NAT_IP);
+    let (status, _) = agent.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(snat_programs_after_stop(), 0);
 }

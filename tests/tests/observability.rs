@@ -286,3 +286,98 @@ fn set_port_range_moves_new_flows_and_keeps_old_ones() {
         1 + 5 - 5 + 5
     );
 }
+
+#[test]
+fn set_plan_moves_a_running_node_to_its_new_slice() {
+    let topo = Topology::new(1);
+    let second = std::net::Ipv4Addr::new(198, 51, 100, 3);
+    topo.node
+        .ip(&["addr", "add", &format!("{second}/24"), "dev", &topo.uplink]);
+    let plan = |ip: std::net::Ipv4Addr, name: &str| {
+        let out = Command::new(tests::agent::snat_bin())
+            .args([
+                "plan",
+                "--nodes",
+                "4",
+                "--nat-ip",
+                &ip.to_string(),
+                "--ports-per-node",
+                "1000",
+                "--port-range",
+                "40000:49999",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let path = std::env::temp_dir().join(format!("{}-{name}.json", topo.prefix));
+        std::fs::write(&path, out.stdout).unwrap();
+        path
+    };
+    let (a, b) = (plan(NAT_IP, "a"), plan(second, "b"));
+    let agent = agent(&topo, &["--plan", a.to_str().unwrap(), "--node-index", "0"]);
+    let _tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let to = SocketAddrV4::new(SERVER, 8080);
+    let mut old = topo.pods[0]
+        .ns
+        .run(move || TcpClient::connect(to, Duration::from_secs(3)).expect("connect"));
+    assert_eq!(*old.seen_as.ip(), NAT_IP);
+    assert!((40000..=40999).contains(&old.seen_as.port()));
+
+    let (ok, out, err) = agent.cli(&[
+        "set",
+        "--iface",
+        &topo.uplink,
+        "plan",
+        b.to_str().unwrap(),
+        "--node-index",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("198.51.100.3") && out.contains("42000:42999"),
+        "{out}"
+    );
+    let new = topo.pods[0].ns.run(move || {
+        TcpClient::connect(to, Duration::from_secs(3))
+            .expect("connect")
+            .seen_as
+    });
+    assert_eq!(*new.ip(), second);
+    assert!((42000..=42999).contains(&new.port()), "{new}");
+    let echoed = topo.pods[0]
+        .ns
+        .run(move || old.echo(b"kept").expect("old flow"));
+    assert_eq!(echoed, b"kept");
+    let status = agent.json("status", &[]);
+    assert!(
+        status["slice"].as_str().unwrap().starts_with("node 2 of 4"),
+        "{status}"
+    );
+    // The old NAT IP still shows while it holds a mapping, with no allocation of its own.
+    let old_pool = status["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nat_ip"] == "198.51.100.1" && p["proto"] == "tcp")
+        .cloned();
+    assert_eq!(
+        old_pool.map(|p| (p["ports_total"].clone(), p["mappings"].clone())),
+        Some((0.into(), 1.into()))
+    );
+    // A node index outside the plan is refused and changes nothing.
+    let (ok, _, err) = agent.cli(&[
+        "set",
+        "--iface",
+        &topo.uplink,
+        "plan",
+        b.to_str().unwrap(),
+        "--node-index",
+        "4",
+    ]);
+    assert!(
+        !ok && err.contains("node index 4 is outside the plan"),
+        "{err}"
+    );
+    let _ = (std::fs::remove_file(a), std::fs::remove_file(b));
+}

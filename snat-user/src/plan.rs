@@ -1,0 +1,569 @@
+//! Per-node port slices for a cluster whose nodes share NAT IPs (Azure's load-balancer outbound
+//! model, seeds 000–004).
+//!
+//! Model: every node gets the same number of ports on each NAT IP, `per_ip`, and the same slice
+//! of each IP's port space: node `i` owns `first + i·per_ip ..= first + (i+1)·per_ip − 1` on every
+//! NAT IP. A node's total allocation is `ports_per_node = per_ip × IPs`, the number Azure's
+//! `allocatedOutboundPorts` counts, and a plan is valid exactly when Azure's rule holds:
+//! `(nodes + surge) × ports_per_node ≤ ports_per_ip × IPs`. Surge nodes (upgrades) get slices of
+//! their own after the regular nodes'. Invariant: slices never overlap and stay inside the space.
+//!
+//! Pure logic: [`plan`] takes numbers and returns a [`Plan`] or a [`PlanError`] whose message
+//! has the shape and numbers of Azure's `InvalidLoadBalancerProfileAllocatedOutboundPorts`.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::PortRange;
+
+/// Version of the plan file format; a file of another version is refused, not misread.
+pub const PLAN_VERSION: u32 = 1;
+
+/// Azure's default allocation table (seeds 000, 001, 004): SNAT ports each backend instance gets
+/// per frontend IP, by backend pool size.
+pub const DEFAULT_TABLE: [(u32, u32); 6] = [
+    (50, 1024),
+    (100, 512),
+    (200, 256),
+    (400, 128),
+    (800, 64),
+    (1000, 32),
+];
+
+/// The port space of each NAT IP that a plan divides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Space {
+    pub first: u16,
+    pub size: u32,
+}
+
+impl Space {
+    /// Azure's terms: 64,000 ports per IP, 1024–65023 (the first 1024 are system ports).
+    pub fn azure(ports_per_ip: u32) -> Result<Self, PlanError> {
+        if !(1..=64512).contains(&ports_per_ip) {
+            return Err(PlanError::Input(format!(
+                "--ports-per-ip {ports_per_ip} is out of range: use 1 to 64512 (ports 1024-65535); Azure gives 64000"
+            )));
+        }
+        Ok(Self {
+            first: 1024,
+            size: ports_per_ip,
+        })
+    }
+
+    pub fn from_range(r: PortRange) -> Self {
+        Self {
+            first: r.lo,
+            size: r.size(),
+        }
+    }
+}
+
+/// What to plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub nodes: u32,
+    pub surge: u32,
+    pub ips: u32,
+    /// Real NAT IPs (empty: only a count was given).
+    pub nat_ips: Vec<Ipv4Addr>,
+    pub ports_per_node: Option<u32>,
+    pub space: Space,
+}
+
+/// How the per-node number was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allocation {
+    /// `--ports-per-node` (an explicit outbound rule).
+    Explicit,
+    /// Azure's default table by pool size.
+    Table,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    pub node: u32,
+    /// A slice kept for a surge node (an upgrade's extra node).
+    pub surge: bool,
+    pub first: u16,
+    pub last: u16,
+}
+
+impl Slice {
+    pub fn range(&self) -> PortRange {
+        PortRange {
+            lo: self.first,
+            hi: self.last,
+        }
+    }
+}
+
+/// A plan: what `snat plan --json` writes and `snat run --plan` reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: u32,
+    pub nat_ips: Vec<Ipv4Addr>,
+    pub ips: u32,
+    pub space: Space,
+    pub nodes: u32,
+    pub surge: u32,
+    pub allocation: Allocation,
+    /// Ports each node holds over all NAT IPs (Azure's allocatedOutboundPorts).
+    pub ports_per_node: u32,
+    /// Ports each node holds on each NAT IP (the size of its slice).
+    pub per_ip: u32,
+    /// Ports per node from Azure's default table (per IP × IPs), when the pool size is in it.
+    pub table_per_node: Option<u32>,
+    /// The largest even split of all ports over nodes and surge (what an explicit rule allows).
+    pub even_split_per_node: u32,
+    pub slices: Vec<Slice>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    Input(String),
+    /// Azure's `InvalidLoadBalancerProfileAllocatedOutboundPorts`, same shape and numbers.
+    #[error(
+        "allocated ports {ports_per_node} is not in an allowable range given the number of nodes and IPs provisioned. \
+         Total node count {total_nodes} requires {required} ports but only {available} ports are available given {ips} outbound public IPs. \
+         {fix}"
+    )]
+    TooFewPorts {
+        ports_per_node: u32,
+        total_nodes: u32,
+        required: u64,
+        available: u64,
+        ips: u32,
+        fix: String,
+    },
+}
+
+/// Ports per instance per IP from the default table, for a pool of `size` instances.
+pub fn table_per_ip(size: u32) -> Option<u32> {
+    DEFAULT_TABLE
+        .iter()
+        .find(|(max, _)| size <= *max)
+        .map(|(_, ports)| *ports)
+}
+
+/// Plans the slices, or says why the request cannot work and what would.
+pub fn plan(req: &Request) -> Result<Plan, PlanError> {
+    let input = |m: String| Err(PlanError::Input(m));
+    if req.nodes == 0 {
+        return input("--nodes must be at least 1".into());
+    }
+    if req.ips == 0 {
+        return input("--ips must be at least 1".into());
+    }
+    if !req.nat_ips.is_empty() && req.nat_ips.len() != req.ips as usize {
+        return input(format!(
+            "--ips {} but {} --nat-ip given: give one --nat-ip per IP",
+            req.ips,
+            req.nat_ips.len()
+        ));
+    }
+    let total = req.nodes + req.surge;
+    let (k, space) = (u64::from(req.ips), u64::from(req.space.size));
+    let available = space * k;
+    let even_per_ip = (space / u64::from(total)) as u32;
+    let table = table_per_ip(total);
+    let (allocation, per_ip) = match req.ports_per_node {
+        Some(p) => {
+            if p == 0 {
+                return input("--ports-per-node must be at least 1".into());
+            }
+            let required = u64::from(total) * u64::from(p);
+            if required > available {
+                return Err(PlanError::TooFewPorts {
+                    ports_per_node: p,
+                    total_nodes: total,
+                    required,
+                    available,
+                    ips: req.ips,
+                    fix: fix(req, p),
+                });
+            }
+            if p % req.ips != 0 {
+                let lower = p - p % req.ips;
+                return input(format!(
+                    "--ports-per-node {p} does not split evenly over {} NAT IPs (each node gets the same slice of every IP): use {} or {}",
+                    req.ips,
+                    lower.max(req.ips),
+                    lower + req.ips
+                ));
+            }
+            (Allocation::Explicit, p / req.ips)
+        }
+        None => {
+            let Some(t) = table else {
+                return input(format!(
+                    "the default allocation table stops at 1000 instances and this pool has {total}: give --ports-per-node (at most {} here)",
+                    u64::from(even_per_ip) * k
+                ));
+            };
+            if u64::from(total) * u64::from(t) > space {
+                return input(format!(
+                    "the default table gives {t} ports per node per IP, and {total} nodes need {} but each IP's space holds {space} ({}..); \
+                     plan in Azure's terms with --ports-per-ip 64000, or give --ports-per-node (at most {} here)",
+                    u64::from(total) * u64::from(t),
+                    req.space.first,
+                    u64::from(even_per_ip) * k
+                ));
+            }
+            (Allocation::Table, t)
+        }
+    };
+    let slices = (0..total)
+        .map(|i| {
+            let first = u32::from(req.space.first) + i * per_ip;
+            Slice {
+                node: i,
+                surge: i >= req.nodes,
+                first: first as u16,
+                last: (first + per_ip - 1) as u16,
+            }
+        })
+        .collect();
+    Ok(Plan {
+        version: PLAN_VERSION,
+        nat_ips: req.nat_ips.clone(),
+        ips: req.ips,
+        space: req.space,
+        nodes: req.nodes,
+        surge: req.surge,
+        allocation,
+        ports_per_node: per_ip * req.ips,
+        per_ip,
+        table_per_node: table.map(|t| t * req.ips),
+        even_split_per_node: even_per_ip * req.ips,
+        slices,
+    })
+}
+
+/// The nearest changes that make an explicit request valid.
+fn fix(req: &Request, p: u32) -> String {
+    let total = u64::from(req.nodes + req.surge);
+    let (k, space) = (u64::from(req.ips), u64::from(req.space.size));
+    let best_p = (space / total) * k;
+    let ips_needed = (total * u64::from(p)).div_ceil(space);
+    let max_total = space * k / u64::from(p);
+    let mut out =
+        format!("Use --ports-per-node {best_p} (the most that fits), or --ips {ips_needed}");
+    if max_total > u64::from(req.surge) {
+        let _ = write!(
+            out,
+            ", or at most {} nodes",
+            max_total - u64::from(req.surge)
+        );
+        if req.surge > 0 {
+            let _ = write!(out, " plus {} surge", req.surge);
+        }
+    }
+    out.push('.');
+    out
+}
+
+impl Plan {
+    /// Checks a plan read from a file: its version, NAT IPs and slices.
+    pub fn check(&self) -> Result<(), String> {
+        if self.version != PLAN_VERSION {
+            return Err(format!(
+                "plan format version {} is not the {PLAN_VERSION} this snat reads; make the plan again with this snat's `snat plan --json`",
+                self.version
+            ));
+        }
+        if self.nat_ips.is_empty() {
+            return Err("the plan names no NAT IPs: make it with `snat plan --nat-ip IP …`".into());
+        }
+        let total = self.nodes + self.surge;
+        if self.slices.len() != total as usize || self.per_ip == 0 {
+            return Err(format!(
+                "the plan has {} slices for {total} nodes: it is damaged; make it again",
+                self.slices.len()
+            ));
+        }
+        let end = u32::from(self.space.first) + self.space.size;
+        for (i, s) in self.slices.iter().enumerate() {
+            let first = u32::from(self.space.first) + i as u32 * self.per_ip;
+            if s.node != i as u32
+                || u32::from(s.first) != first
+                || u32::from(s.last) != first + self.per_ip - 1
+                || first + self.per_ip > end
+            {
+                return Err(format!("slice {i} of the plan ({}-{}) does not follow its layout: it is damaged; make it again", s.first, s.last));
+            }
+        }
+        Ok(())
+    }
+
+    /// The slice of node `index`, which must be in the plan.
+    pub fn slice(&self, index: u32) -> Result<&Slice, String> {
+        self.slices.get(index as usize).ok_or_else(|| {
+            format!(
+                "node index {index} is outside the plan: it has nodes 0..={} ({} nodes + {} surge)",
+                self.nodes + self.surge - 1,
+                self.nodes,
+                self.surge
+            )
+        })
+    }
+
+    /// Reads and checks a plan file.
+    pub fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("--plan {}: {e}", path.display()))?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "--plan {}: not a snat plan ({e}); make one with `snat plan … --json`",
+                path.display()
+            )
+        })?;
+        plan.check()
+            .map_err(|e| format!("--plan {}: {e}", path.display()))?;
+        Ok(plan)
+    }
+
+    /// The plan as a table.
+    pub fn render(&self) -> String {
+        let last = u32::from(self.space.first) + self.space.size - 1;
+        let mut out = format!(
+            "{} nodes + {} surge over {} NAT IP(s), {} ports per IP ({}-{last})\n",
+            self.nodes, self.surge, self.ips, self.space.size, self.space.first
+        );
+        let _ = writeln!(
+            out,
+            "{} ports per node ({} on each IP), {}",
+            self.ports_per_node,
+            self.per_ip,
+            match self.allocation {
+                Allocation::Explicit => "explicit (--ports-per-node)",
+                Allocation::Table => "from the default allocation table",
+            }
+        );
+        match self.table_per_node {
+            Some(t) => {
+                let _ = writeln!(
+                    out,
+                    "default table: {t} per node; largest even split: {} per node",
+                    self.even_split_per_node
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "largest even split: {} per node",
+                    self.even_split_per_node
+                );
+            }
+        }
+        let ips: Vec<String> = if self.nat_ips.is_empty() {
+            (0..self.ips).map(|i| format!("ip{i}")).collect()
+        } else {
+            self.nat_ips.iter().map(ToString::to_string).collect()
+        };
+        let _ = writeln!(
+            out,
+            "\n{:<7} {:<16} {:>6} {:>6}",
+            "NODE", "NAT IP", "FIRST", "LAST"
+        );
+        for s in &self.slices {
+            for ip in &ips {
+                let node = if s.surge {
+                    format!("{}s", s.node)
+                } else {
+                    s.node.to_string()
+                };
+                let _ = writeln!(out, "{node:<7} {ip:<16} {:>6} {:>6}", s.first, s.last);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn azure(
+        nodes: u32,
+        surge: u32,
+        ips: u32,
+        ports_per_node: Option<u32>,
+    ) -> Result<Plan, PlanError> {
+        plan(&Request {
+            nodes,
+            surge,
+            ips,
+            nat_ips: vec![],
+            ports_per_node,
+            space: Space::azure(64000).unwrap(),
+        })
+    }
+
+    #[test]
+    fn nine_nodes_at_8000_do_not_fit_one_ip() {
+        // Seed 000: "Load balancer profile allocated ports 8000 is not in an allowable range given
+        // the number of nodes and IPs provisioned. Total node count 9 requires 72000 ports but only
+        // 64000 ports are available given 1 outbound public IPs."
+        let e = azure(9, 0, 1, Some(8000)).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "allocated ports 8000 is not in an allowable range given the number of nodes and IPs provisioned. \
+                 Total node count 9 requires 72000 ports but only 64000 ports are available given 1 outbound public IPs."
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("--ports-per-node 7111")
+                && e.contains("--ips 2")
+                && e.contains("at most 8 nodes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn eight_nodes_plus_one_surge_is_the_same_nine() {
+        // Seed 000: "make sure you account for node surges which happen during cluster upgrades …
+        // AKS defaults to 1 buffer node for upgrade operations".
+        let e = azure(8, 1, 1, Some(8000)).unwrap_err().to_string();
+        assert!(
+            e.contains("Total node count 9 requires 72000 ports but only 64000"),
+            "{e}"
+        );
+        assert!(e.contains("at most 7 nodes plus 1 surge"), "{e}");
+    }
+
+    #[test]
+    fn eight_nodes_at_8000_fit_one_ip() {
+        // Seed 002: "the combination of the available port range per IP (64000) and the number of
+        // nodes per cluster (8) limits the maximum to 8000 ports per node."
+        let p = azure(8, 0, 1, Some(8000)).unwrap();
+        assert_eq!((p.per_ip, p.slices.len()), (8000, 8));
+        assert_eq!((p.slices[0].first, p.slices[0].last), (1024, 9023));
+        assert_eq!((p.slices[7].first, p.slices[7].last), (57024, 65023));
+        assert_eq!(p.even_split_per_node, 8000);
+    }
+
+    #[test]
+    fn a_hundred_nodes_get_512_from_the_table() {
+        // Seed 001: "with 100 VMs in a backend pool and only one frontend IP, each VM is assigned
+        // 512 ports."
+        let p = azure(100, 0, 1, None).unwrap();
+        assert_eq!(
+            (p.allocation, p.ports_per_node, p.per_ip),
+            (Allocation::Table, 512, 512)
+        );
+        assert_eq!(p.table_per_node, Some(512));
+        assert_eq!(p.even_split_per_node, 640);
+    }
+
+    #[test]
+    fn a_second_ip_doubles_what_each_node_gets() {
+        // Seed 001: "Add another frontend IP → Each VM now gets an additional 512 ports, totaling
+        // 1,024 per VM." Seed 002: "a pair of contiguous public IP addresses, which provides a
+        // total of 128,000 available ports."
+        let one = azure(100, 0, 1, None).unwrap();
+        let two = azure(100, 0, 2, None).unwrap();
+        assert_eq!(two.ports_per_node, 2 * one.ports_per_node);
+        assert_eq!(two.even_split_per_node, 2 * one.even_split_per_node);
+        // And nine nodes at 8000 fit over two IPs (128,000 ports).
+        let p = azure(9, 0, 2, Some(8000)).unwrap();
+        assert_eq!(p.per_ip, 4000);
+    }
+
+    #[test]
+    fn seed_004_explicit_rule_example() {
+        // Seed 004: "If you have a backend pool with a max size of 6, each instance can have
+        // 64,000/10 = 6,400 ports if you define an explicit outbound rule. According to the above
+        // table each will only have 1,024 if you choose automatic allocation."
+        // Read as a pool of 10 (the arithmetic): 6,400 each, and the table's 1,024.
+        let ten = azure(10, 0, 1, None).unwrap();
+        assert_eq!(
+            (ten.even_split_per_node, ten.table_per_node),
+            (6400, Some(1024))
+        );
+        assert!(azure(10, 0, 1, Some(6400)).is_ok());
+        assert!(azure(10, 0, 1, Some(6401)).is_err());
+        // Read as a pool of 6 (the words): 10,666 each.
+        assert_eq!(azure(6, 0, 1, None).unwrap().even_split_per_node, 10666);
+    }
+
+    #[test]
+    fn slices_tile_the_space_without_overlap() {
+        let space = Space::from_range("32768:65535".parse().unwrap());
+        let p = plan(&Request {
+            nodes: 3,
+            surge: 1,
+            ips: 1,
+            nat_ips: vec![],
+            ports_per_node: None,
+            space,
+        })
+        .unwrap();
+        assert_eq!(p.per_ip, 1024);
+        let mut next = 32768u32;
+        for s in &p.slices {
+            assert_eq!(u32::from(s.first), next);
+            next = u32::from(s.last) + 1;
+        }
+        assert!(p.slices[3].surge && !p.slices[2].surge);
+        let even = plan(&Request {
+            nodes: 3,
+            surge: 0,
+            ips: 1,
+            nat_ips: vec![],
+            ports_per_node: Some(10922),
+            space,
+        })
+        .unwrap();
+        assert_eq!(even.slices[2].last, 32768 + 3 * 10922 - 1);
+    }
+
+    #[test]
+    fn bad_requests_say_what_to_do() {
+        let e = azure(3, 0, 2, Some(1001)).unwrap_err().to_string();
+        assert!(e.contains("use 1000 or 1002"), "{e}");
+        let e = azure(1001, 0, 1, None).unwrap_err().to_string();
+        assert!(e.contains("table stops at 1000"), "{e}");
+        // Our default range holds 32,768 ports: the table's 1,024 × 50 does not fit.
+        let space = Space::from_range("32768:65535".parse().unwrap());
+        let e = plan(&Request {
+            nodes: 50,
+            surge: 0,
+            ips: 1,
+            nat_ips: vec![],
+            ports_per_node: None,
+            space,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--ports-per-ip 64000"), "{e}");
+        assert!(azure(0, 0, 1, None).is_err());
+    }
+
+    #[test]
+    fn plan_files_are_checked() {
+        let mut p = plan(&Request {
+            nodes: 2,
+            surge: 0,
+            ips: 1,
+            nat_ips: vec![Ipv4Addr::new(198, 51, 100, 1)],
+            ports_per_node: Some(100),
+            space: Space::from_range("40000:40999".parse().unwrap()),
+        })
+        .unwrap();
+        assert!(p.check().is_ok());
+        assert_eq!(p.slice(1).unwrap().range(), "40100:40199".parse().unwrap());
+        assert!(p
+            .slice(2)
+            .unwrap_err()
+            .contains("node index 2 is outside the plan"));
+        p.slices[1].first += 1;
+        assert!(p.check().unwrap_err().contains("damaged"));
+        p.version = 7;
+        assert!(p.check().unwrap_err().contains("version 7"));
+    }
+}
