@@ -28,6 +28,8 @@ pub enum Counter {
     EgressDropExhaustedIcmp,
     EgressDropTableFull,
     EgressDropRewrite,
+    EgressDropSourceCap,
+    EgressDropFairShare,
     // Ingress results: exactly one per packet seen on ingress.
     IngressTranslatedTcp,
     IngressTranslatedUdp,
@@ -51,11 +53,22 @@ pub enum Counter {
     AllocRaceLost,
     /// A new TCP SYN reopened a closed mapping and kept its NAT port (binding persistence).
     TcpReopened,
+    /// A candidate port was skipped because a local socket uses it (NAT IP is the node's own).
+    AllocHostPortSkipped,
+    // Answers to refused flows (besides the packet's drop result).
+    /// A TCP RST was sent back to the pod.
+    RejectRst,
+    /// An ICMP destination unreachable (code 13) was sent back to the pod.
+    RejectIcmp,
+    /// The answer was not sent: the rate limit was reached.
+    RejectRateLimited,
+    /// The answer could not be built (unusual header); the packet was dropped.
+    RejectFailed,
 }
 
 impl Counter {
     /// Number of counters (the size of `SNAT_COUNTERS`).
-    pub const COUNT: u32 = Counter::TcpReopened as u32 + 1;
+    pub const COUNT: u32 = Counter::RejectFailed as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -78,6 +91,8 @@ impl Counter {
         Counter::EgressDropExhaustedIcmp,
         Counter::EgressDropTableFull,
         Counter::EgressDropRewrite,
+        Counter::EgressDropSourceCap,
+        Counter::EgressDropFairShare,
         Counter::IngressTranslatedTcp,
         Counter::IngressTranslatedUdp,
         Counter::IngressTranslatedIcmp,
@@ -94,6 +109,11 @@ impl Counter {
         Counter::AllocScan,
         Counter::AllocRaceLost,
         Counter::TcpReopened,
+        Counter::AllocHostPortSkipped,
+        Counter::RejectRst,
+        Counter::RejectIcmp,
+        Counter::RejectRateLimited,
+        Counter::RejectFailed,
     ];
 
     /// The counter's index in `SNAT_COUNTERS`.
@@ -102,7 +122,7 @@ impl Counter {
         self as u32
     }
 
-    /// Stable `(group, detail)` names: group is `egress`, `ingress` or `alloc`; detail names the
+    /// Stable `(group, detail)` names: group is `egress`, `ingress`, `alloc` or `reject`; detail names the
     /// result (`translated_tcp`, `drop_exhausted_udp`, …). Metrics and the CLI print these.
     pub const fn labels(self) -> (&'static str, &'static str) {
         use Counter::*;
@@ -126,6 +146,8 @@ impl Counter {
             EgressDropExhaustedIcmp => ("egress", "drop_exhausted_icmp"),
             EgressDropTableFull => ("egress", "drop_table_full"),
             EgressDropRewrite => ("egress", "drop_rewrite_failed"),
+            EgressDropSourceCap => ("egress", "drop_source_cap"),
+            EgressDropFairShare => ("egress", "drop_fair_share"),
             IngressTranslatedTcp => ("ingress", "translated_tcp"),
             IngressTranslatedUdp => ("ingress", "translated_udp"),
             IngressTranslatedIcmp => ("ingress", "translated_icmp"),
@@ -142,6 +164,11 @@ impl Counter {
             AllocScan => ("alloc", "port_scan"),
             AllocRaceLost => ("alloc", "race_lost"),
             TcpReopened => ("alloc", "tcp_reopened"),
+            AllocHostPortSkipped => ("alloc", "host_port_skipped"),
+            RejectRst => ("reject", "rst_sent"),
+            RejectIcmp => ("reject", "icmp_sent"),
+            RejectRateLimited => ("reject", "rate_limited"),
+            RejectFailed => ("reject", "failed"),
         }
     }
 }

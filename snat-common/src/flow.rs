@@ -172,10 +172,16 @@ pub struct NatIp {
     pub addr: [u8; 4],
     pub port_min: u16,
     pub port_max: u16,
+    /// [`NatIp::LOCAL`] and future flags.
+    pub flags: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<NatIp>() == 8);
+const _: () = assert!(size_of::<NatIp>() == 12);
 
 impl NatIp {
+    /// The address is one of the node's own: skip ports a local socket uses.
+    pub const LOCAL: u16 = 1;
+
     pub fn addr(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.addr)
     }
@@ -186,6 +192,141 @@ impl NatIp {
     pub const fn range_len(&self) -> u32 {
         self.port_max.wrapping_sub(self.port_min) as u32 + 1
     }
+}
+
+/// What a [`UseKey`] counts (its `kind` byte).
+pub mod use_kind {
+    /// Mappings an internal source holds on a NAT IP and protocol (`dst`, `dport` zero).
+    pub const SOURCE: u8 = 1;
+    /// Mappings towards a destination on a NAT IP (`src` zero).
+    pub const DESTINATION: u8 = 2;
+    /// Mappings one internal source holds towards one destination.
+    pub const SOURCE_DESTINATION: u8 = 3;
+    /// Written by the controller: how many sources hold mappings towards a destination (the
+    /// fair share divides the range by this plus one). Same fields as `DESTINATION`.
+    pub const DESTINATION_SOURCES: u8 = 4;
+}
+
+/// Key of `SNAT_USE`: who holds how many mappings where. The datapath adds one to the
+/// `SOURCE`, `DESTINATION` and `SOURCE_DESTINATION` counts of every mapping it creates and the
+/// release program subtracts one when the mapping goes; the controller only writes
+/// `DESTINATION_SOURCES` and removes counts that stay at zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct UseKey {
+    pub src: [u8; 4],
+    pub nat: [u8; 4],
+    pub dst: [u8; 4],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub kind: u8,
+}
+const _: () = assert!(size_of::<UseKey>() == 16);
+
+impl UseKey {
+    /// The three counts a mapping of `fwd` on `nat` adds to: (source, destination, pair).
+    #[inline(always)]
+    pub const fn of_mapping(fwd: &FlowKey, nat: [u8; 4]) -> [UseKey; 3] {
+        let (src, dst, dport, proto) = (fwd.src_addr, fwd.dst_addr, fwd.dst_port, fwd.proto);
+        [
+            UseKey {
+                src,
+                nat,
+                dst: [0; 4],
+                dport: [0; 2],
+                proto,
+                kind: use_kind::SOURCE,
+            },
+            UseKey {
+                src: [0; 4],
+                nat,
+                dst,
+                dport,
+                proto,
+                kind: use_kind::DESTINATION,
+            },
+            UseKey {
+                src,
+                nat,
+                dst,
+                dport,
+                proto,
+                kind: use_kind::SOURCE_DESTINATION,
+            },
+        ]
+    }
+
+    /// The controller's hint key for a destination count key.
+    #[inline(always)]
+    pub const fn sources_of(dest: &UseKey) -> UseKey {
+        UseKey {
+            kind: use_kind::DESTINATION_SOURCES,
+            ..*dest
+        }
+    }
+
+    pub fn src(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.src)
+    }
+
+    pub fn nat(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.nat)
+    }
+
+    pub fn dst(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.dst)
+    }
+}
+
+/// Interprets a use count: the release program subtracts with wrapping adds, so a count that
+/// lost an increment to a concurrent reset can wrap below zero; that reads as zero.
+#[inline(always)]
+pub const fn use_count(raw: u64) -> u64 {
+    if raw > (1 << 62) {
+        0
+    } else {
+        raw
+    }
+}
+
+/// One mapping the controller asks the release program (`snat_release`) to remove, if it is
+/// still as idle as when the controller looked. The program writes [`ReleaseEntry::result`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReleaseEntry {
+    /// The forward key.
+    pub key: FlowKey,
+    /// `Mapping::last_seen_ns` the controller saw.
+    pub fwd_seen_ns: u64,
+    /// `Origin::last_seen_ns` the controller saw (0 if the reverse half was missing).
+    pub rev_seen_ns: u64,
+    /// One of [`release_result`], written by the program.
+    pub result: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ReleaseEntry>() == 40);
+
+/// Outcomes of a [`ReleaseEntry`].
+pub mod release_result {
+    /// Not processed (the program did not reach it).
+    pub const PENDING: u32 = 0;
+    /// Removed, with its port claim and use counts.
+    pub const RELEASED: u32 = 1;
+    /// A packet refreshed the mapping since the controller looked: kept.
+    pub const REFRESHED: u32 = 2;
+    /// Already gone.
+    pub const GONE: u32 = 3;
+}
+
+/// Layout of the `snat_release` program's input: after a 14-byte Ethernet header (required by
+/// `BPF_PROG_TEST_RUN`), a little-endian `u32` count, then that many [`ReleaseEntry`].
+pub mod release_batch {
+    /// Offset of the entry count.
+    pub const COUNT_OFFSET: usize = 14;
+    /// Offset of the first entry.
+    pub const ENTRIES_OFFSET: usize = 16;
+    /// Most entries one run takes (the input must fit a page).
+    pub const MAX_ENTRIES: u32 = 64;
 }
 
 /// A NAT IP and protocol: the key of per-pool figures (`SNAT_EXHAUSTED`).
@@ -216,9 +357,23 @@ pub struct Config {
     pub active: u32,
     /// Number of NAT IPs in each set.
     pub nat_ip_count: [u32; 2],
+    /// [`Config::REJECT`] and future flags.
+    pub flags: u32,
+    /// Most mappings one internal source may hold per NAT IP and protocol; 0: no cap.
+    pub max_per_source: u32,
+    /// Fair share: once a destination holds this many thousandths of the range, a source holding
+    /// at least `range / (sources + 1)` towards it gets no more ports; 0: off.
+    pub fair_share_permille: u32,
+    /// Refused flows answered (RST / ICMP) per second and CPU at most; the rest are dropped.
+    pub reject_per_sec: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 32);
+
+impl Config {
+    /// Answer a refused flow at once: TCP RST, or ICMP destination unreachable code 13.
+    pub const REJECT: u32 = 1;
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -234,6 +389,10 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PoolKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UseKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ReleaseEntry {}
 }
 
 #[cfg(test)]
@@ -274,6 +433,7 @@ mod tests {
             addr: [0; 4],
             port_min: 32768,
             port_max: 65535,
+            ..NatIp::default()
         };
         assert_eq!(ip.range_len(), 32768);
     }

@@ -15,12 +15,16 @@ pub mod pool;
 pub mod tcp;
 
 pub use counter::Counter;
-pub use flow::{Config, FlowKey, Mapping, NatIp, Origin, PoolKey};
+pub use flow::{Config, FlowKey, Mapping, NatIp, Origin, PoolKey, ReleaseEntry, UseKey};
 
 /// Name of the TC egress program (translates pod → internet).
 pub const PROG_EGRESS: &str = "snat_egress";
 /// Name of the TC ingress program (translates replies internet → pod).
 pub const PROG_INGRESS: &str = "snat_ingress";
+/// Name of the release program: never attached; the controller runs it with
+/// `BPF_PROG_TEST_RUN` on a batch of expired mappings so that removals and use counts change in
+/// the kernel, atomically with respect to the datapath.
+pub const PROG_RELEASE: &str = "snat_release";
 
 /// Array\[1\] of [`Config`]: which NAT IP set is live.
 pub const MAP_CONFIG: &str = "SNAT_CONFIG";
@@ -51,6 +55,24 @@ pub const MAX_NAT_IPS: u32 = 64;
 pub const MAX_CIDRS: u32 = 1024;
 /// Default number of concurrent mappings the maps are sized for.
 pub const DEFAULT_MAX_MAPPINGS: u32 = 1_000_000;
+
+/// Hash [`UseKey`] → `u64`: mappings held per source, destination and pair (see `use_kind`).
+pub const MAP_USE: &str = "SNAT_USE";
+/// LRU hash internal source address → flows refused to it (any reason, each flow once).
+pub const MAP_SOURCE_REFUSED: &str = "SNAT_SRC_REFUSED";
+/// Per-CPU array\[1\] of [`RejectWindow`]: the rate limit of RSTs and ICMP errors.
+pub const MAP_REJECT_RATE: &str = "SNAT_REJECT_RATE";
+
+/// One CPU's rate-limit window for answering refused flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RejectWindow {
+    pub start_ns: u64,
+    pub sent: u64,
+}
+
+/// Sources remembered by `SNAT_SRC_REFUSED`.
+pub const REFUSING_SOURCES: u32 = 4096;
 
 /// Refused flows remembered by `SNAT_REFUSED`.
 pub const REFUSED_FLOWS: u32 = 16_384;

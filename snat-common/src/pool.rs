@@ -64,6 +64,7 @@ mod tests {
             addr: [198, 51, 100, 1],
             port_min: min,
             port_max: max,
+            ..NatIp::default()
         }
     }
 

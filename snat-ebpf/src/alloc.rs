@@ -1,33 +1,44 @@
-//! Creating a mapping for a new flow: pick the NAT IP paired with the pod, claim a NAT port, then
-//! publish the forward entry.
+//! Creating a mapping for a new flow: pick the NAT IP paired with the pod, apply the per-source
+//! cap and the fair share, claim a NAT port, then publish the forward entry and count it.
 //!
 //! The claim is `SNAT_REV.insert(reply_key, origin, BPF_NOEXIST)`: the kernel's hash map makes
 //! that insert atomic, so two CPUs can never both own (NAT ip:port, remote) even when they race
 //! for the same port. Ports are tried in the order [`snat_common::pool`] documents; the last stage
-//! walks the whole range with `bpf_loop`, so a new flow is refused only when every port of the
-//! range is taken towards its destination.
+//! walks the whole range with `bpf_loop`, so a new flow is refused for lack of ports only when
+//! every port of the range is taken towards its destination. When the NAT IP is one of the
+//! node's own addresses, a port a local socket uses towards the same remote (or listens on) is
+//! skipped too (`bpf_sk_lookup_*`), so replies to the node's own sockets are never taken.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, generated::bpf_loop},
+    bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
+    helpers::{
+        bpf_get_prandom_u32,
+        generated::{bpf_loop, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    },
+    programs::TcContext,
 };
 use snat_common::{
+    flow::proto,
     pool::{self, RANDOM_TRIES},
-    Counter, FlowKey, Mapping, NatIp, Origin, MAX_NAT_IPS,
+    Config, Counter, FlowKey, Mapping, NatIp, Origin, UseKey, MAX_NAT_IPS,
 };
 
-use crate::maps::{count, SNAT_CONFIG, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV};
+use crate::maps::{count, use_add, use_of, SNAT_CONFIG, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV};
 
-/// Why a new flow got no mapping.
+/// Why a new flow got no mapping. (No payloads: LLVM merges the error paths and would read an
+/// enum payload register the verifier sees uninitialised.)
 #[derive(Clone, Copy)]
 pub enum AllocError {
     /// No NAT IP is configured.
     NoNatIp,
-    /// Every port of the range is taken towards the destination. (No payload: LLVM merges the
-    /// error paths and would read an enum payload register the verifier sees uninitialised.)
+    /// Every port of the range is taken towards the destination.
     Exhausted,
     /// `SNAT_FWD` or `SNAT_REV` is full (`--max-mappings`).
     TableFull,
+    /// The source holds `--max-ports-per-source` mappings on this NAT IP and protocol.
+    SourceCap,
+    /// The destination is nearly full and the source holds at least its fair share of it.
+    FairShare,
 }
 
 const EEXIST: i32 = 17;
@@ -39,9 +50,69 @@ enum Claim {
     Full,
 }
 
+/// Whether a local socket uses `reply`'s NAT port: a TCP socket connected to the same remote
+/// endpoint or listening on the port, or a UDP socket bound to it.
 #[inline(always)]
-fn claim(reply: &FlowKey, origin: &Origin) -> Claim {
+fn host_uses(skb: *mut __sk_buff, reply: &FlowKey) -> bool {
+    let mut tuple: bpf_sock_tuple = bpf_sock_tuple {
+        __bindgen_anon_1: zero_tuple(),
+    };
+    // SAFETY: writing the IPv4 member of a zeroed plain-data union.
+    unsafe {
+        let t = &mut tuple.__bindgen_anon_1.ipv4;
+        t.saddr = u32::from_ne_bytes(reply.src_addr);
+        t.daddr = u32::from_ne_bytes(reply.dst_addr);
+        t.sport = u16::from_ne_bytes(reply.src_port);
+        t.dport = u16::from_ne_bytes(reply.dst_port);
+    }
+    let size = size_of::<u32>() as u32 * 3;
+    // SAFETY: `skb` is the program's context; `tuple` is a valid IPv4 tuple of `size` bytes.
+    let sk = unsafe {
+        match reply.proto {
+            proto::TCP => bpf_sk_lookup_tcp(
+                skb.cast(),
+                &raw mut tuple,
+                size,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            ),
+            proto::UDP => bpf_sk_lookup_udp(
+                skb.cast(),
+                &raw mut tuple,
+                size,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            ),
+            _ => return false,
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` came from a successful lookup and is released exactly once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+#[inline(always)]
+const fn zero_tuple() -> aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+    aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
+        ipv4: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: 0,
+            sport: 0,
+            dport: 0,
+        },
+    }
+}
+
+#[inline(always)]
+fn claim(skb: *mut __sk_buff, local: bool, reply: &FlowKey, origin: &Origin) -> Claim {
     if SNAT_REV.get_ptr(reply).is_some() {
+        return Claim::Taken;
+    }
+    if local && host_uses(skb, reply) {
+        count(Counter::AllocHostPortSkipped);
         return Claim::Taken;
     }
     match SNAT_REV.insert(reply, origin, u64::from(BPF_NOEXIST)) {
@@ -54,6 +125,7 @@ fn claim(reply: &FlowKey, origin: &Origin) -> Claim {
 /// State of the exhaustive walk, shared with the `bpf_loop` callback on the stack.
 #[repr(C)]
 struct Walk {
+    skb: *mut __sk_buff,
     reply: FlowKey,
     origin: Origin,
     nat: NatIp,
@@ -68,7 +140,7 @@ extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // caller's stack, and runs the callback on the same CPU synchronously.
     let w = unsafe { &mut *ctx.cast::<Walk>() };
     w.reply.dst_port = pool::walk(&w.nat, w.start, i as u32).to_be_bytes();
-    match claim(&w.reply, &w.origin) {
+    match claim(w.skb, w.nat.flags & NatIp::LOCAL != 0, &w.reply, &w.origin) {
         Claim::Won => {
             w.result = 1;
             1
@@ -82,8 +154,14 @@ extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 #[inline(always)]
-fn walk_range(reply: &FlowKey, origin: &Origin, nat: &NatIp) -> Result<[u8; 2], AllocError> {
+fn walk_range(
+    skb: *mut __sk_buff,
+    reply: &FlowKey,
+    origin: &Origin,
+    nat: &NatIp,
+) -> Result<[u8; 2], AllocError> {
     let mut w = Walk {
+        skb,
         reply: *reply,
         origin: *origin,
         nat: *nat,
@@ -108,10 +186,10 @@ fn walk_range(reply: &FlowKey, origin: &Origin, nat: &NatIp) -> Result<[u8; 2], 
     }
 }
 
-/// The NAT IP the internal address `src` is paired with in the live set.
+/// The live configuration and the NAT IP the internal address `src` is paired with in it.
 #[inline(always)]
-pub fn nat_ip_for(src: [u8; 4]) -> Result<NatIp, AllocError> {
-    let cfg = SNAT_CONFIG.get(0).ok_or(AllocError::NoNatIp)?;
+pub fn nat_ip_for(src: [u8; 4]) -> Result<(Config, NatIp), AllocError> {
+    let cfg = *SNAT_CONFIG.get(0).ok_or(AllocError::NoNatIp)?;
     let set = cfg.active & 1;
     let n = *cfg
         .nat_ip_count
@@ -121,17 +199,47 @@ pub fn nat_ip_for(src: [u8; 4]) -> Result<NatIp, AllocError> {
         return Err(AllocError::NoNatIp);
     }
     let idx = set * MAX_NAT_IPS + pool::nat_index(src, n);
-    SNAT_NAT_IPS.get(idx).copied().ok_or(AllocError::NoNatIp)
+    let nat = SNAT_NAT_IPS.get(idx).copied().ok_or(AllocError::NoNatIp)?;
+    Ok((cfg, nat))
+}
+
+/// Applies `--max-ports-per-source` and `--fair-share` to a new flow whose mapping would add to
+/// the counts `uses` (source, destination, pair).
+#[inline(always)]
+fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError> {
+    if cfg.max_per_source != 0 && use_of(&uses[0]) >= u64::from(cfg.max_per_source) {
+        return Err(AllocError::SourceCap);
+    }
+    if cfg.fair_share_permille != 0 {
+        let range = u64::from(nat.range_len());
+        let used = use_of(&uses[1]);
+        if used * 1000 >= u64::from(cfg.fair_share_permille) * range {
+            // The controller's count of sources towards the destination; one more makes room
+            // for a source that has none yet.
+            let sources = use_of(&UseKey::sources_of(&uses[1])).min(u64::from(u32::MAX));
+            let share = (range / (sources + 1)).max(1);
+            if use_of(&uses[2]) >= share {
+                return Err(AllocError::FairShare);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Claims a NAT port for the flow `fwd` and returns the reply key holding the claim.
 #[inline(always)]
-fn claim_port(fwd: &FlowKey, origin: &Origin, nat: &NatIp) -> Result<FlowKey, AllocError> {
+fn claim_port(
+    skb: *mut __sk_buff,
+    fwd: &FlowKey,
+    origin: &Origin,
+    nat: &NatIp,
+) -> Result<FlowKey, AllocError> {
+    let local = nat.flags & NatIp::LOCAL != 0;
     let mut reply = fwd.reply(nat.addr, [0; 2]);
 
     if let Some(port) = pool::preserved(nat, u16::from_be_bytes(fwd.src_port)) {
         reply.dst_port = port.to_be_bytes();
-        match claim(&reply, origin) {
+        match claim(skb, local, &reply, origin) {
             Claim::Won => {
                 count(Counter::AllocPreserved);
                 return Ok(reply);
@@ -144,7 +252,7 @@ fn claim_port(fwd: &FlowKey, origin: &Origin, nat: &NatIp) -> Result<FlowKey, Al
         // SAFETY: helper without preconditions.
         let r = unsafe { bpf_get_prandom_u32() };
         reply.dst_port = pool::port_at(nat, r).to_be_bytes();
-        match claim(&reply, origin) {
+        match claim(skb, local, &reply, origin) {
             Claim::Won => {
                 count(Counter::AllocRandom);
                 return Ok(reply);
@@ -153,7 +261,7 @@ fn claim_port(fwd: &FlowKey, origin: &Origin, nat: &NatIp) -> Result<FlowKey, Al
             Claim::Full => return Err(AllocError::TableFull),
         }
     }
-    reply.dst_port = walk_range(&reply, origin, nat)?;
+    reply.dst_port = walk_range(skb, &reply, origin, nat)?;
     count(Counter::AllocScan);
     Ok(reply)
 }
@@ -161,8 +269,15 @@ fn claim_port(fwd: &FlowKey, origin: &Origin, nat: &NatIp) -> Result<FlowKey, Al
 /// Creates the mapping for the new flow `fwd` (a forward key) at time `now`, or adopts the one
 /// another CPU created for the same flow a moment earlier.
 #[inline(always)]
-pub fn create(fwd: &FlowKey, tcp_seen: u8, now: u64) -> Result<Mapping, AllocError> {
-    let nat = nat_ip_for(fwd.src_addr)?;
+pub fn create(
+    ctx: &TcContext,
+    fwd: &FlowKey,
+    tcp_seen: u8,
+    now: u64,
+) -> Result<Mapping, AllocError> {
+    let (cfg, nat) = nat_ip_for(fwd.src_addr)?;
+    let uses = UseKey::of_mapping(fwd, nat.addr);
+    admit(&cfg, &nat, &uses)?;
     let origin = Origin {
         addr: fwd.src_addr,
         port: fwd.src_port,
@@ -170,7 +285,7 @@ pub fn create(fwd: &FlowKey, tcp_seen: u8, now: u64) -> Result<Mapping, AllocErr
         _pad: 0,
         last_seen_ns: now,
     };
-    let reply = claim_port(fwd, &origin, &nat)?;
+    let reply = claim_port(ctx.skb.skb, fwd, &origin, &nat)?;
     let mapping = Mapping {
         nat_addr: nat.addr,
         nat_port: reply.dst_port,
@@ -180,7 +295,10 @@ pub fn create(fwd: &FlowKey, tcp_seen: u8, now: u64) -> Result<Mapping, AllocErr
         last_seen_ns: now,
     };
     match SNAT_FWD.insert(fwd, mapping, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Ok(mapping),
+        Ok(()) => {
+            use_add(&uses);
+            Ok(mapping)
+        }
         Err(e) => {
             // Give the port back before anything can use it.
             let _ = SNAT_REV.remove(reply);

@@ -23,12 +23,12 @@ use crate::{
         count, count_refusal, time_allocation, SNAT_EXCLUDE, SNAT_FWD, SNAT_INTERNAL, SNAT_REV,
     },
     packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, ETH_P_IP_BE},
+    reject,
+    verdict::{Stop, Verdict},
 };
 
 /// Mappings record a packet's time only when it moved on by this much, to spare the cache line.
 pub const REFRESH_NS: u64 = 100_000_000;
-
-type Verdict = Result<Counter, Counter>;
 
 pub fn run(ctx: &TcContext) -> Verdict {
     if ctx.skb.protocol() != ETH_P_IP_BE {
@@ -43,15 +43,15 @@ pub fn run(ctx: &TcContext) -> Verdict {
         return Ok(Counter::EgressPassExcluded);
     }
     if !ip.valid(ctx) {
-        return Err(Counter::EgressDropMalformed);
+        return Err(Counter::EgressDropMalformed.into());
     }
     if ip.is_fragment() {
-        return Err(Counter::EgressDropFragment);
+        return Err(Counter::EgressDropFragment.into());
     }
     match ip.proto {
         proto::TCP | proto::UDP => transport(ctx, &ip),
         proto::ICMP => icmp(ctx, &ip),
-        _ => Err(Counter::EgressDropUnsupportedProto),
+        _ => Err(Counter::EgressDropUnsupportedProto.into()),
     }
 }
 
@@ -70,14 +70,16 @@ fn exhausted(p: u8) -> Counter {
     }
 }
 
-/// The mapping of `key`, existing (refreshed) or new.
+/// The mapping of `key`, existing (refreshed) or new. A new flow that gets no port is counted
+/// once per flow and, with `--on-exhaustion reject`, answered at once (see `reject`).
 #[inline(always)]
 fn mapping(
     ctx: &TcContext,
+    ip: &Ipv4,
     key: &FlowKey,
     tcp_bits: u8,
     pure_syn: bool,
-) -> Result<Mapping, Counter> {
+) -> Result<Mapping, Stop> {
     let now = now();
     if let Some(p) = SNAT_FWD.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup (see the concurrency note in `maps`).
@@ -94,58 +96,60 @@ fn mapping(
     }
     if key.proto == proto::TCP && !pure_syn {
         // Only a SYN opens a TCP mapping: a stray segment must not take a port.
-        return Err(Counter::EgressDropTcpNotSyn);
+        return Err(Counter::EgressDropTcpNotSyn.into());
     }
     // SAFETY: helper without preconditions.
     let started = unsafe { bpf_ktime_get_ns() };
-    let created = alloc::create(key, tcp_bits, now);
+    let created = alloc::create(ctx, key, tcp_bits, now);
     // SAFETY: as above.
     time_allocation(unsafe { bpf_ktime_get_ns() }.wrapping_sub(started));
-    let m = created.map_err(|e| {
-        let (sport, dport) = (key.src_port(), key.dst_port());
-        match e {
-            AllocError::NoNatIp => Counter::EgressDropNoNatIp,
-            AllocError::Exhausted => {
-                if let Ok(nat) = alloc::nat_ip_for(key.src_addr) {
-                    count_refusal(key, nat.addr, now);
-                }
-                warn!(
-                    ctx,
-                    "no NAT port left: proto {} {:i}:{} -> {:i}:{}",
-                    key.proto,
-                    key.src_addr,
-                    sport,
-                    key.dst_addr,
-                    dport
-                );
-                exhausted(key.proto)
-            }
-            AllocError::TableFull => {
-                warn!(
-                    ctx,
-                    "mapping table full: proto {} {:i}:{}", key.proto, key.src_addr, sport
-                );
-                Counter::EgressDropTableFull
-            }
+    let refused = match created {
+        Ok(m) => {
+            // Few arguments: each one costs stack, and the programs are near the 512-byte limit.
+            debug!(
+                ctx,
+                "new mapping {:i}:{} via port {}",
+                key.src_addr,
+                key.src_port(),
+                m.nat_port()
+            );
+            count(match key.proto {
+                proto::TCP => Counter::CreatedTcp,
+                proto::UDP => Counter::CreatedUdp,
+                _ => Counter::CreatedIcmp,
+            });
+            return Ok(m);
         }
-    })?;
-    debug!(
+        Err(AllocError::NoNatIp) => return Err(Counter::EgressDropNoNatIp.into()),
+        Err(AllocError::TableFull) => {
+            warn!(
+                ctx,
+                "mapping table full: proto {} {:i}:{}",
+                key.proto,
+                key.src_addr,
+                key.src_port()
+            );
+            return Err(Counter::EgressDropTableFull.into());
+        }
+        Err(AllocError::Exhausted) => exhausted(key.proto),
+        Err(AllocError::SourceCap) => Counter::EgressDropSourceCap,
+        Err(AllocError::FairShare) => Counter::EgressDropFairShare,
+    };
+    let Ok((cfg, nat)) = alloc::nat_ip_for(key.src_addr) else {
+        return Err(refused.into());
+    };
+    count_refusal(key, nat.addr, now);
+    warn!(
         ctx,
-        "new mapping: proto {} {:i}:{} -> {:i}:{} via {:i}:{}",
-        key.proto,
+        "refused new flow from {:i}:{} (counter {})",
         key.src_addr,
         key.src_port(),
-        key.dst_addr,
-        key.dst_port(),
-        m.nat_addr,
-        m.nat_port()
+        refused.index()
     );
-    count(match key.proto {
-        proto::TCP => Counter::CreatedTcp,
-        proto::UDP => Counter::CreatedUdp,
-        _ => Counter::CreatedIcmp,
-    });
-    Ok(m)
+    Err(Stop {
+        counter: refused,
+        action: reject::answer(ctx, ip, &cfg, now).unwrap_or(aya_ebpf::bindings::TC_ACT_SHOT),
+    })
 }
 
 /// A new SYN on a mapping whose connection ended (FIN or RST seen) or got an answer starts a new
@@ -178,7 +182,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         let off_flags: [u8; 2] = read(ctx, l4 + 12).map_err(|_| Counter::EgressDropMalformed)?;
         let doff = usize::from(off_flags[0] >> 4) * 4;
         if avail < 20 || doff < 20 || doff > avail {
-            return Err(Counter::EgressDropMalformed);
+            return Err(Counter::EgressDropMalformed.into());
         }
         let flags = off_flags[1];
         bits = tcp::seen_bits(flags);
@@ -187,7 +191,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     } else {
         let udp_len = usize::from(u16::from_be_bytes([head[4], head[5]]));
         if avail < 8 || udp_len < 8 || udp_len > avail {
-            return Err(Counter::EgressDropMalformed);
+            return Err(Counter::EgressDropMalformed.into());
         }
         Counter::EgressTranslatedUdp
     };
@@ -198,7 +202,7 @@ fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         ip.dst,
         FlowKey::remote_port_for(ip.proto, dport),
     );
-    let m = mapping(ctx, &key, bits, pure_syn)?;
+    let m = mapping(ctx, ip, &key, bits, pure_syn)?;
     rewrite_endpoint(
         ctx,
         l4,
@@ -215,14 +219,14 @@ fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let l4 = ip.l4();
     if ip.l4_len(ctx) < 8 {
-        return Err(Counter::EgressDropMalformed);
+        return Err(Counter::EgressDropMalformed.into());
     }
     let head: [u8; 8] = read(ctx, l4).map_err(|_| Counter::EgressDropMalformed)?;
     match head[0] {
         kind::ECHO_REQUEST => {
             let id = [head[4], head[5]];
             let key = FlowKey::new(proto::ICMP, ip.src, id, ip.dst, [0; 2]);
-            let m = mapping(ctx, &key, 0, false)?;
+            let m = mapping(ctx, ip, &key, 0, false)?;
             rewrite_endpoint(
                 ctx,
                 l4,
@@ -236,7 +240,7 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
             Ok(Counter::EgressTranslatedIcmp)
         }
         t if icmp::is_error(t) => icmp_error(ctx, ip),
-        _ => Err(Counter::EgressDropIcmpType),
+        _ => Err(Counter::EgressDropIcmpType.into()),
     }
 }
 

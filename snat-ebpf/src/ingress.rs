@@ -9,9 +9,8 @@ use crate::{
     icmp::{self, kind, Inner},
     maps::SNAT_REV,
     packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, ETH_P_IP_BE},
+    verdict::Verdict,
 };
-
-type Verdict = Result<Counter, Counter>;
 
 pub fn run(ctx: &TcContext) -> Verdict {
     if ctx.skb.protocol() != ETH_P_IP_BE {

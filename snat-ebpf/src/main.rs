@@ -7,6 +7,13 @@
 //! See `docs/packet-flow.md` for the path of a packet through both and the maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic adds: the BPF target has no `AtomicU64::fetch_add` (no CAS), but LLVM lowers an
+// `atomic_xadd` whose result is unused to BPF_XADD, which every BPF ISA has.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "atomic_xadd, see above")
+)]
 
 #[cfg(target_arch = "bpf")]
 mod alloc;
@@ -20,30 +27,32 @@ mod ingress;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
+mod release;
+#[cfg(target_arch = "bpf")]
+mod verdict;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{
-        bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-        macros::classifier,
-        programs::TcContext,
-    };
-    use snat_common::Counter;
+    use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 
-    use crate::{egress, ingress, maps::count};
+    use crate::{egress, ingress, maps::count, release, verdict::Verdict};
 
     /// Counts the verdict and turns it into a TC action: passed and translated packets go on to
-    /// the next program or the stack (`TC_ACT_UNSPEC`, TCX "next"); dropped ones are shot.
+    /// the next program or the stack (`TC_ACT_UNSPEC`, TCX "next"); the others are shot or, when
+    /// turned into an answer, redirected.
     #[inline(always)]
-    fn action(verdict: Result<Counter, Counter>) -> i32 {
+    fn action(verdict: Verdict) -> i32 {
         match verdict {
             Ok(c) => {
                 count(c);
                 TC_ACT_UNSPEC
             }
-            Err(c) => {
-                count(c);
-                TC_ACT_SHOT
+            Err(stop) => {
+                count(stop.counter);
+                stop.action
             }
         }
     }
@@ -64,6 +73,15 @@ mod programs {
     )]
     pub fn snat_ingress(ctx: TcContext) -> i32 {
         action(ingress::run(&ctx))
+    }
+
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_release(ctx: TcContext) -> i32 {
+        release::run(&ctx)
     }
 
     #[panic_handler]

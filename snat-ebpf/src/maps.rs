@@ -14,8 +14,9 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use snat_common::{
-    alloc_hist, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, PoolKey,
-    DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_NAT_IPS, REFUSAL_WINDOW_NS, REFUSED_FLOWS,
+    alloc_hist, flow::use_count, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin,
+    PoolKey, RejectWindow, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_NAT_IPS, REFUSAL_WINDOW_NS,
+    REFUSED_FLOWS, REFUSING_SOURCES,
 };
 
 #[map]
@@ -60,8 +61,70 @@ pub static SNAT_REFUSED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries
 #[map]
 pub static SNAT_ALLOC_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(alloc_hist::LEN, 0);
 
+#[map]
+pub static SNAT_USE: HashMap<UseKey, u64> =
+    HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SNAT_SRC_REFUSED: LruHashMap<Ipv4Octets, u64> =
+    LruHashMap::with_max_entries(REFUSING_SOURCES, 0);
+
+#[map]
+pub static SNAT_REJECT_RATE: PerCpuArray<RejectWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Adds `delta` (wrapping: `u64::MAX` subtracts one) to `*p` atomically.
+#[inline(always)]
+pub fn atomic_add(p: *mut u64, delta: u64) {
+    // SAFETY: `p` points into a live map value; the atomic add (BPF_XADD, result unused) is
+    // safe against concurrent adds from other CPUs.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, delta,
+        );
+    }
+}
+
+/// The count of `key` in `SNAT_USE` (0 if absent).
+#[inline(always)]
+pub fn use_of(key: &UseKey) -> u64 {
+    // SAFETY: pointer from a successful lookup, read at once.
+    SNAT_USE
+        .get_ptr(key)
+        .map_or(0, |p| use_count(unsafe { *p }))
+}
+
+/// Adds one to each count of a new mapping, creating missing counts.
+#[inline(always)]
+pub fn use_add(keys: &[UseKey; 3]) {
+    for key in keys {
+        match SNAT_USE.get_ptr_mut(key) {
+            Some(p) => atomic_add(p, 1),
+            None => {
+                if SNAT_USE.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
+                    // Another CPU created it first (or the map is full: then the count is lost
+                    // and only makes caps less strict).
+                    if let Some(p) = SNAT_USE.get_ptr_mut(key) {
+                        atomic_add(p, 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Subtracts one from each count of a released mapping.
+#[inline(always)]
+pub fn use_sub(keys: &[UseKey; 3]) {
+    for key in keys {
+        if let Some(p) = SNAT_USE.get_ptr_mut(key) {
+            atomic_add(p, u64::MAX);
+        }
+    }
+}
+
 /// Records that the flow `key` found no port on `nat`: counted once per flow (a SYN
-/// retransmitted or a datagram repeated within `REFUSAL_WINDOW_NS` is the same refusal).
+/// retransmitted or a datagram repeated within `REFUSAL_WINDOW_NS` is the same refusal), both
+/// per NAT IP and protocol and per internal source.
 #[inline(always)]
 pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64) {
     let fresh = match SNAT_REFUSED.get_ptr_mut(key) {
@@ -79,6 +142,12 @@ pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64) {
     };
     if !fresh {
         return;
+    }
+    match SNAT_SRC_REFUSED.get_ptr_mut(key.src_addr) {
+        Some(p) => atomic_add(p, 1),
+        None => {
+            let _ = SNAT_SRC_REFUSED.insert(key.src_addr, 1, 0);
+        }
     }
     let pool = PoolKey {
         addr: nat,

@@ -1,12 +1,13 @@
 //! `snat run`: the agent. Validates everything, binds its sockets, loads and attaches the
 //! datapath, then releases idle mappings, serves the control socket and the metrics endpoint
-//! until SIGINT/SIGTERM, and detaches everything it attached.
+//! until SIGINT/SIGTERM, and detaches everything it attached (restoring the host's reserved
+//! ports).
 
 use std::{
     net::{Ipv4Addr, TcpListener},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex, PoisonError, RwLock, RwLockReadGuard,
+        Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard,
     },
 };
 
@@ -17,22 +18,33 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     cidr::PortRange,
     cli::{EbpfLog, RunArgs},
-    config::{check_nat_ips, Settings},
+    config::{check_nat_ips, check_reserved, Settings},
     control,
     engine::{AttachMode, Counters, Engine, NatPool, Tables},
     expiry::{self, Sweeper},
     metrics,
-    netdev::Interface,
+    netdev::{self, Interface},
+    ports::HostReservation,
     report::{self, Report},
+    usage::{self, Saturation},
 };
 
 /// What the running agent's tasks share.
 pub struct AgentState {
     settings: RwLock<Settings>,
     pool: Mutex<NatPool>,
+    /// The loaded programs: the sweeper runs the release program; shutdown detaches.
+    engine: Mutex<Engine>,
+    /// `ip_local_reserved_ports` as found, restored when dropped.
+    reservation: Mutex<Option<HostReservation>>,
     pub counters: Counters,
     pub tables: Mutex<Tables>,
     pub sweeper: Mutex<Sweeper>,
+    pub saturation: Mutex<Saturation>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl AgentState {
@@ -53,16 +65,18 @@ impl AgentState {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let mut next = settings.clone();
+        check_reserved(range, &next.reserved_ports)?;
         next.port_range = range;
         next.slice = slice;
         if let Some(ips) = nat_ips {
             check_nat_ips(&ips, &next.internal)?;
             next.nat_ips = ips;
         }
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .set(&next.nat_ips, range)?;
+        lock(&self.pool).set(&next.nat_ips, range)?;
+        let mut warnings = next.warnings();
+        if let Some(r) = lock(&self.reservation).as_ref() {
+            warnings.extend(r.update(range)?);
+        }
         let ips = next
             .nat_ips
             .iter()
@@ -77,9 +91,23 @@ impl AgentState {
             "{message} (was NAT IPs {:?}, port range {})",
             settings.nat_ips, settings.port_range
         );
-        let warnings = next.warnings();
         *settings = next;
         Ok((message, warnings))
+    }
+
+    /// One expiry pass, then the use-count hints and saturation warnings.
+    fn sweep(&self) -> anyhow::Result<()> {
+        let settings = self.settings().clone();
+        let mut tables = lock(&self.tables);
+        let engine = lock(&self.engine);
+        lock(&self.sweeper).sweep(
+            &mut tables,
+            &|batch| engine.release(batch),
+            &settings.timeouts,
+            expiry::now_ns(),
+        )?;
+        drop(engine);
+        usage::refresh(&mut tables, &settings, &mut lock(&self.saturation))
     }
 }
 
@@ -108,13 +136,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     })?;
 
     let mut engine = Engine::load(&settings)?;
-    let state = Arc::new(AgentState {
-        pool: Mutex::new(engine.take_pool()?),
-        counters: engine.take_counters()?,
-        tables: Mutex::new(engine.take_tables()?),
-        sweeper: Mutex::new(Sweeper::default()),
-        settings: RwLock::new(settings.clone()),
-    });
     let logger = if settings.ebpf_log == EbpfLog::Off {
         None
     } else {
@@ -123,11 +144,33 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
                 .context("starting the kernel log reader")?,
         )
     };
-    let mode = engine.attach(settings.attach)?;
-    let list = |v: &[String]| v.join(",");
+    // The host's own connections keep off the SNAT range while snat runs, if a NAT IP is one of
+    // this namespace's addresses.
+    let local = netdev::local_ipv4()?;
+    let reservation = if settings.nat_ips.iter().any(|ip| local.contains(ip)) {
+        let (guard, warnings) = HostReservation::apply(settings.port_range)?;
+        for w in warnings {
+            warn!("{w}");
+        }
+        guard
+    } else {
+        None
+    };
+    let state = Arc::new(AgentState {
+        pool: Mutex::new(engine.take_pool()?),
+        counters: engine.take_counters()?,
+        tables: Mutex::new(engine.take_tables()?),
+        sweeper: Mutex::new(Sweeper::default()),
+        saturation: Mutex::new(Saturation::default()),
+        settings: RwLock::new(settings.clone()),
+        reservation: Mutex::new(reservation),
+        engine: Mutex::new(engine),
+    });
+    let mode = lock(&state.engine).attach(settings.attach)?;
     if let Some(slice) = &settings.slice {
         info!("running on {slice}");
     }
+    let list = |v: &[String]| v.join(",");
     info!(
         "snat running on {} ({}): NAT IPs {}, ports {}, internal {}, metrics http://{}/metrics",
         settings.iface.name,
@@ -184,7 +227,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     gc.thread().unpark();
     let _ = gc.join();
-    drop(engine);
+    lock(&state.engine).detach();
+    lock(&state.reservation).take();
     let summary = Report::build(&state, None)?;
     if let Some(path) = &args.stats_file {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
@@ -197,14 +241,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
 /// Releases idle mappings every `--gc-interval` until `stop`.
 fn gc_loop(state: &AgentState, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        let (interval, timeouts) = {
-            let s = state.settings();
-            (s.gc_interval, s.timeouts.clone())
-        };
+        let interval = state.settings().gc_interval;
         std::thread::park_timeout(interval);
-        let mut tables = state.tables.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut sweeper = state.sweeper.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = sweeper.sweep(&mut tables, &timeouts, expiry::now_ns()) {
+        if let Err(e) = state.sweep() {
             error!("expiry sweep failed: {e:#}");
         }
     }

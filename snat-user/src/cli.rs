@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     cidr::{Ipv4Cidr, PortRange},
     duration,
+    ports::PortList,
 };
 
 /// snat: an eBPF egress NAT for Linux nodes.
@@ -209,6 +210,41 @@ pub struct RunArgs {
     #[arg(long, value_name = "LO:HI", default_value_t = PortRange::DEFAULT)]
     pub port_range: PortRange,
 
+    /// What a pod learns when a new flow gets no SNAT port (none left towards the destination,
+    /// its --max-ports-per-source, or its fair share): `reject` answers at once (TCP RST, ICMP
+    /// destination unreachable code 13, RFC 5508 REQ-8); `drop` lets its connect time out.
+    #[arg(long, value_name = "WHAT", default_value = "reject")]
+    pub on_exhaustion: OnExhaustion,
+
+    /// Answers to refused flows per second and CPU at most; above that they are dropped.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub reject_rate: u32,
+
+    /// Most SNAT ports (mappings) one internal source IP (pod) may hold per NAT IP and
+    /// protocol, so one pod cannot starve its neighbours (RFC 6888's per-subscriber limit).
+    /// 0: no cap.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_ports_per_source: u32,
+
+    /// Fair share: once a destination's ports are more than --fair-share-threshold used, a pod
+    /// holding at least range/(pods towards it + 1) of them gets no more, while others still do.
+    #[arg(long)]
+    pub fair_share: bool,
+
+    /// Fraction of a destination's ports in use from which the fair share applies.
+    #[arg(
+        long,
+        value_name = "FRACTION",
+        default_value_t = 0.8,
+        requires = "fair_share"
+    )]
+    pub fair_share_threshold: f64,
+
+    /// Ports never handed out, e.g. the Kubernetes NodePort range; --port-range must not overlap
+    /// them.
+    #[arg(long, value_name = "LIST", default_value = "30000-32767")]
+    pub reserved_ports: PortList,
+
     /// Run on this node's slice of a cluster plan (`snat plan … --json`): its NAT IPs and the
     /// node's port slice replace --nat-ip and --port-range.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["nat_ips", "port_range"])]
@@ -287,6 +323,12 @@ pub struct RunArgs {
     /// `internal = ["…"]`); flags given on the command line win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnExhaustion {
+    Reject,
+    Drop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -15,10 +15,11 @@ use snat_common::MAX_NAT_IPS;
 
 use crate::{
     cidr::{Ipv4Cidr, PortRange},
-    cli::{AttachChoice, EbpfLog, RunArgs},
+    cli::{AttachChoice, EbpfLog, OnExhaustion, RunArgs},
     duration::Human,
     netdev::Interface,
     plan::Plan,
+    ports::PortList,
 };
 
 /// Largest `--max-mappings`: 16 Mi mappings need ~2.5 GiB of kernel memory.
@@ -51,6 +52,20 @@ pub struct Settings {
     pub attach: AttachChoice,
     pub metrics_addr: SocketAddr,
     pub top_sources: usize,
+    pub policy: Policy,
+    pub reserved_ports: PortList,
+}
+
+/// Who gets a port when ports run short, and what refused flows learn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Answer refused flows (TCP RST / ICMP unreachable) instead of dropping them.
+    pub reject: bool,
+    pub reject_per_sec: u32,
+    /// 0: no cap.
+    pub max_per_source: u32,
+    /// 0: no fair share; else the threshold in thousandths of the range.
+    pub fair_share_permille: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,6 +92,16 @@ pub enum ConfigError {
     TopSources(usize),
     #[error("{0}")]
     Plan(String),
+    #[error("--port-range {range} overlaps --reserved-ports {reserved} ({overlap}): choose a range outside them (e.g. 32768:65535) or change --reserved-ports")]
+    ReservedOverlap {
+        range: PortRange,
+        reserved: PortList,
+        overlap: PortRange,
+    },
+    #[error("--fair-share-threshold {0} is out of range: use a fraction above 0 and at most 1, e.g. 0.8")]
+    FairShareThreshold(String),
+    #[error("--reject-rate 0: use at least 1 (or --on-exhaustion drop to send no answers)")]
+    RejectRate,
 }
 
 impl Settings {
@@ -135,6 +160,24 @@ impl Settings {
         if args.top_sources == 0 || args.top_sources > 1000 {
             return Err(ConfigError::TopSources(args.top_sources));
         }
+        check_reserved(port_range, &args.reserved_ports)?;
+        let t = args.fair_share_threshold;
+        if !(t > 0.0 && t <= 1.0) {
+            return Err(ConfigError::FairShareThreshold(t.to_string()));
+        }
+        if args.reject_rate == 0 {
+            return Err(ConfigError::RejectRate);
+        }
+        let policy = Policy {
+            reject: args.on_exhaustion == OnExhaustion::Reject,
+            reject_per_sec: args.reject_rate,
+            max_per_source: args.max_ports_per_source,
+            fair_share_permille: if args.fair_share {
+                (t * 1000.0).round().max(1.0) as u32
+            } else {
+                0
+            },
+        };
         let mut exclude = args.exclude.clone();
         for c in &args.internal {
             if !exclude.contains(c) {
@@ -155,6 +198,8 @@ impl Settings {
             attach: args.attach,
             metrics_addr: args.metrics_addr,
             top_sources: args.top_sources,
+            policy,
+            reserved_ports: args.reserved_ports.clone(),
         })
     }
 
@@ -215,6 +260,18 @@ impl Settings {
             ));
         }
         w
+    }
+}
+
+/// Checks that `range` keeps clear of the reserved ports.
+pub fn check_reserved(range: PortRange, reserved: &PortList) -> Result<(), ConfigError> {
+    match reserved.overlap(range) {
+        Some(overlap) => Err(ConfigError::ReservedOverlap {
+            range,
+            reserved: reserved.clone(),
+            overlap,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -579,10 +636,52 @@ mod tests {
     }
 
     #[test]
+    fn reserved_ports_and_policy_flags() {
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --port-range 30000:40000"),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("overlaps --reserved-ports 30000-32767") && e.contains("e.g. 32768:65535"),
+            "{e}"
+        );
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --fair-share --fair-share-threshold 0.9 --max-ports-per-source 500 --on-exhaustion drop"),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.policy,
+            Policy {
+                reject: false,
+                reject_per_sec: 1000,
+                max_per_source: 500,
+                fair_share_permille: 900
+            }
+        );
+        let d = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8"),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        assert!(
+            d.policy.reject && d.policy.fair_share_permille == 0 && d.policy.max_per_source == 0
+        );
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --fair-share --fair-share-threshold 1.5"),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::FairShareThreshold(_)));
+    }
+
+    #[test]
     fn warnings_for_short_timeouts_and_nodeport_overlap() {
         let s = Settings::validate(
             &args(
-                "run --iface up0 --internal 10.0.0.0/8 --udp-timeout 30s --port-range 30000:40000",
+                "run --iface up0 --internal 10.0.0.0/8 --udp-timeout 30s --port-range 30000:40000 --reserved-ports 20000-20099",
             ),
             iface(&[UPLINK]),
         )

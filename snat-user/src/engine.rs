@@ -14,12 +14,17 @@ use aya::{
 };
 use log::{debug, info, warn};
 use snat_common::{
-    alloc_hist, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, PoolKey,
-    MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL,
-    MAP_NAT_IPS, MAP_REV, PROG_EGRESS, PROG_INGRESS,
+    alloc_hist, flow::release_batch, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin,
+    PoolKey, ReleaseEntry, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDE,
+    MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV, MAP_SOURCE_REFUSED, MAP_USE,
+    PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
 };
 
-use crate::{cidr::PortRange, cli::AttachChoice, config::Settings};
+use crate::{
+    cidr::PortRange,
+    cli::AttachChoice,
+    config::{Policy, Settings},
+};
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/snat"));
@@ -33,15 +38,17 @@ pub enum AttachMode {
     Clsact { added_qdisc: bool },
 }
 
-/// The two halves of every mapping.
+/// The two halves of every mapping, and who holds how many (`SNAT_USE`).
 pub struct Tables {
     pub fwd: HashMap<MapData, FlowKey, Mapping>,
     pub rev: HashMap<MapData, FlowKey, Origin>,
+    pub usage: HashMap<MapData, UseKey, u64>,
 }
 
 /// What the datapath counts: packets by result, refused flows by pool, allocation times.
 pub struct Counters {
     packets: PerCpuArray<MapData, u64>,
+    source_refused: HashMap<MapData, Ipv4Octets, u64>,
     exhausted: PerCpuHashMap<MapData, PoolKey, u64>,
     alloc_ns: PerCpuArray<MapData, u64>,
 }
@@ -81,6 +88,17 @@ impl Counters {
             .collect()
     }
 
+    /// Flows refused per internal source (any reason), as the kernel's LRU remembers them.
+    pub fn refused_by_source(&self) -> anyhow::Result<Vec<(Ipv4Addr, u64)>> {
+        self.source_refused
+            .iter()
+            .map(|item| {
+                let (addr, n) = item.context("reading SNAT_SRC_REFUSED")?;
+                Ok((Ipv4Addr::from(addr), n))
+            })
+            .collect()
+    }
+
     pub fn alloc_histogram(&self) -> anyhow::Result<AllocHistogram> {
         let slot = |i| sum_slot(&self.alloc_ns, i).context("reading SNAT_ALLOC_NS");
         Ok(AllocHistogram {
@@ -106,8 +124,10 @@ pub struct NatPool {
 impl NatPool {
     /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
     /// `Config::active` so the datapath never sees half of the change. Mappings made before
-    /// keep their ports until they end.
+    /// keep their ports until they end. NAT IPs that are this namespace's own addresses are
+    /// flagged so the datapath skips ports the node's sockets use.
     pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
+        let local = crate::netdev::local_ipv4().context("listing this namespace's addresses")?;
         let mut cfg = self.config.get(&0, 0)?;
         let next = (cfg.active ^ 1) & 1;
         for (i, ip) in ips.iter().enumerate() {
@@ -115,6 +135,8 @@ impl NatPool {
                 addr: ip.octets(),
                 port_min: range.lo,
                 port_max: range.hi,
+                flags: if local.contains(ip) { NatIp::LOCAL } else { 0 },
+                _pad: 0,
             };
             self.nat_ips
                 .set(next * snat_common::MAX_NAT_IPS + i as u32, entry, 0)?;
@@ -122,6 +144,18 @@ impl NatPool {
         cfg.nat_ip_count[next as usize] = ips.len() as u32;
         self.config.set(0, cfg, 0)?;
         cfg.active = next;
+        self.config.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Writes the admission policy: the per-source cap, the fair share and how refused flows
+    /// are answered.
+    pub fn set_policy(&mut self, p: &Policy) -> anyhow::Result<()> {
+        let mut cfg = self.config.get(&0, 0)?;
+        cfg.flags = if p.reject { Config::REJECT } else { 0 };
+        cfg.reject_per_sec = p.reject_per_sec;
+        cfg.max_per_source = p.max_per_source;
+        cfg.fair_share_permille = p.fair_share_permille;
         self.config.set(0, cfg, 0)?;
         Ok(())
     }
@@ -147,7 +181,7 @@ impl Engine {
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root?)")?;
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_RELEASE] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
@@ -179,6 +213,10 @@ impl Engine {
             .as_mut()
             .ok_or_else(|| anyhow!("the NAT pool was taken before configuration"))?
             .set(&settings.nat_ips, settings.port_range)?;
+        self.pool
+            .as_mut()
+            .ok_or_else(|| anyhow!("the NAT pool was taken"))?
+            .set_policy(&settings.policy)?;
         for (map, cidrs) in [
             (MAP_INTERNAL, &settings.internal),
             (MAP_EXCLUDE, &settings.exclude),
@@ -291,9 +329,14 @@ impl Engine {
             .ebpf
             .take_map(MAP_REV)
             .ok_or_else(|| anyhow!("map {MAP_REV} missing"))?;
+        let usage = self
+            .ebpf
+            .take_map(MAP_USE)
+            .ok_or_else(|| anyhow!("map {MAP_USE} missing"))?;
         Ok(Tables {
             fwd: HashMap::try_from(fwd)?,
             rev: HashMap::try_from(rev)?,
+            usage: HashMap::try_from(usage)?,
         })
     }
 
@@ -305,6 +348,7 @@ impl Engine {
         };
         Ok(Counters {
             packets: PerCpuArray::try_from(take(MAP_COUNTERS)?)?,
+            source_refused: HashMap::try_from(take(MAP_SOURCE_REFUSED)?)?,
             exhausted: PerCpuHashMap::try_from(take(MAP_EXHAUSTED)?)?,
             alloc_ns: PerCpuArray::try_from(take(MAP_ALLOC_NS)?)?,
         })
@@ -335,6 +379,32 @@ impl Engine {
             .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
+    }
+
+    /// Removes the mappings of `entries` that are still as idle as when they were read, with
+    /// the kernel's release program, and fills in each entry's result.
+    pub fn release(&self, entries: &mut [ReleaseEntry]) -> anyhow::Result<()> {
+        const SIZE: usize = size_of::<ReleaseEntry>();
+        for chunk in entries.chunks_mut(release_batch::MAX_ENTRIES as usize) {
+            let mut data = vec![0u8; release_batch::ENTRIES_OFFSET + chunk.len() * SIZE];
+            // An EtherType of local experiments: BPF_PROG_TEST_RUN wants an Ethernet frame.
+            data[12..14].copy_from_slice(&[0x88, 0xb5]);
+            data[release_batch::COUNT_OFFSET..release_batch::COUNT_OFFSET + 4]
+                .copy_from_slice(&(chunk.len() as u32).to_ne_bytes());
+            for (i, e) in chunk.iter().enumerate() {
+                let at = release_batch::ENTRIES_OFFSET + i * SIZE;
+                data[at..at + SIZE].copy_from_slice(bytemuck::bytes_of(e));
+            }
+            let (_, out) = self.test_run(PROG_RELEASE, &data)?;
+            for (i, e) in chunk.iter_mut().enumerate() {
+                let at = release_batch::ENTRIES_OFFSET + i * SIZE;
+                let bytes = out
+                    .get(at..at + SIZE)
+                    .context("the release program returned a short batch")?;
+                *e = bytemuck::pod_read_unaligned(bytes);
+            }
+        }
+        Ok(())
     }
 
     /// The eBPF object, for the kernel log reader.

@@ -6,9 +6,16 @@
 //! never free while a forward entry still points at it. No per-entry kernel timers: they fail
 //! under connection churn on this kernel (see `docs/behaviour.md`).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
 
-use snat_common::{flow::proto, tcp::Phase, FlowKey, Mapping, Origin};
+use snat_common::{
+    flow::{proto, release_result, use_count, use_kind},
+    tcp::Phase,
+    FlowKey, Mapping, Origin, ReleaseEntry, UseKey,
+};
 
 use crate::{config::Timeouts, engine::Tables};
 
@@ -102,54 +109,70 @@ const ORPHAN_GRACE_NS: u64 = 5_000_000_000;
 pub struct Sweeper {
     pub expired: BTreeMap<(&'static str, Reason), u64>,
     sweeps: u64,
+    /// Use counts seen at zero on the previous pass (removed if still zero now).
+    zero_uses: HashSet<UseKey>,
 }
 
 impl Sweeper {
-    /// One pass over the tables at `now_ns`. Returns how many mappings it released.
+    /// One pass over the tables at `now_ns`: expired mappings are removed by the kernel's
+    /// release program (`release`), which keeps any a packet refreshed meanwhile and updates the
+    /// use counts. Returns how many mappings it released.
     pub fn sweep(
         &mut self,
         tables: &mut Tables,
+        release: &dyn Fn(&mut [ReleaseEntry]) -> anyhow::Result<()>,
         t: &Timeouts,
         now_ns: u64,
     ) -> anyhow::Result<usize> {
         let mut doomed = Vec::new();
         for item in tables.fwd.iter() {
             let (key, m) = item?;
-            let reply = key.reply(m.nat_addr, m.nat_port);
-            let o = tables.rev.get(&reply, 0).ok();
-            if expiry(&key, &m, o.as_ref(), now_ns, t).is_some() {
-                doomed.push(key);
+            let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
+            if let Some(reason) = expiry(&key, &m, o.as_ref(), now_ns, t) {
+                let entry = ReleaseEntry {
+                    key,
+                    fwd_seen_ns: m.last_seen_ns,
+                    rev_seen_ns: o.map_or(0, |o| o.last_seen_ns),
+                    ..ReleaseEntry::default()
+                };
+                doomed.push((entry, reason));
             }
         }
+        let mut entries: Vec<ReleaseEntry> = doomed.iter().map(|(e, _)| *e).collect();
+        release(&mut entries)?;
         let mut released = 0;
-        for key in doomed {
-            // Look again right before deleting: a packet may have refreshed the mapping since.
-            let Ok(m) = tables.fwd.get(&key, 0) else {
-                continue;
-            };
-            let reply = key.reply(m.nat_addr, m.nat_port);
-            let o = tables.rev.get(&reply, 0).ok();
-            let Some(reason) = expiry(&key, &m, o.as_ref(), now_ns, t) else {
-                continue;
-            };
-            if tables.fwd.remove(&key).is_err() {
-                continue;
+        for (e, (_, reason)) in entries.iter().zip(&doomed) {
+            if e.result == release_result::RELEASED {
+                *self
+                    .expired
+                    .entry((proto_name(e.key.proto), *reason))
+                    .or_default() += 1;
+                released += 1;
             }
-            if reason != Reason::Orphan {
-                // The claim belongs to this mapping (checked by `expiry`): release the port.
-                let _ = tables.rev.remove(&reply);
-            }
-            *self
-                .expired
-                .entry((proto_name(key.proto), reason))
-                .or_default() += 1;
-            released += 1;
         }
         self.sweeps += 1;
         if self.sweeps % 10 == 1 {
             released += self.sweep_orphan_claims(tables, now_ns)?;
         }
+        self.sweep_uses(tables)?;
         Ok(released)
+    }
+
+    /// Removes use counts that were zero on this pass and the previous one (a count the
+    /// datapath bumps in between loses that bump; caps are then one looser until it settles).
+    fn sweep_uses(&mut self, tables: &mut Tables) -> anyhow::Result<()> {
+        let mut zero = HashSet::new();
+        for item in tables.usage.iter() {
+            let (key, n) = item?;
+            if key.kind != use_kind::DESTINATION_SOURCES && use_count(n) == 0 {
+                zero.insert(key);
+            }
+        }
+        for key in zero.intersection(&self.zero_uses) {
+            let _ = tables.usage.remove(key);
+        }
+        self.zero_uses = zero;
+        Ok(())
     }
 
     /// Removes reverse halves with no forward half (left behind if the agent died between the

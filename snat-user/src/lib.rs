@@ -13,5 +13,7 @@ pub mod expiry;
 pub mod metrics;
 pub mod netdev;
 pub mod plan;
+pub mod ports;
 pub mod report;
+pub mod usage;
 pub mod view;

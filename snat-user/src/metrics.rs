@@ -166,6 +166,50 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
         }
     }
     out.push(expired.0);
+    out.push(
+        Family::new(
+            "snat_host_port_skips_total",
+            "Candidate SNAT ports skipped because one of the node's own sockets uses them.",
+            COUNTER,
+        )
+        .counter(&[], get("host_port_skipped"))
+        .0,
+    );
+    let mut rejects = Family::new(
+        "snat_rejects_total",
+        "Answers to refused flows: TCP RSTs and ICMP unreachables sent, or not sent (rate limit, unusual header).",
+        COUNTER,
+    );
+    for (result, n) in r.counters.get("reject").into_iter().flatten() {
+        rejects = rejects.counter(&[("result", result)], *n);
+    }
+    out.push(rejects.0);
+    let mut refused = Family::new(
+        "snat_source_refused_total",
+        "Flows refused per internal source IP (no port, its cap, or its fair share; each flow once), for the most refused sources.",
+        COUNTER,
+    );
+    for x in &r.top_refused {
+        refused = refused.counter(&[("source", &x.source)], x.flows);
+    }
+    out.push(refused.0);
+    let mut saturated = Family::new(
+        "snat_saturated",
+        "Destinations (of the range) and sources (of --max-ports-per-source) at or above a warning level of what they may use.",
+        GAUGE,
+    );
+    let mut crossings = Family::new(
+        "snat_saturation_crossings_total",
+        "Times a destination or source rose to a warning level (80 or 95 percent).",
+        COUNTER,
+    );
+    for l in &r.saturation {
+        let level = l.level.to_string();
+        saturated = saturated.gauge(&[("kind", &l.kind), ("level", &level)], l.current as f64);
+        crossings = crossings.counter(&[("kind", &l.kind), ("level", &level)], l.crossings);
+    }
+    out.push(saturated.0);
+    out.push(crossings.0);
     let mut sources = Family::new("snat_source_ports_in_use", "SNAT ports (mappings) held per internal source IP, for the busiest sources (--top-sources).", GAUGE);
     for s in &r.top_sources {
         sources = sources.gauge(&[("source", &s.source)], s.ports as f64);

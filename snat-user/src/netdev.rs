@@ -78,7 +78,16 @@ fn link_type(name: &str) -> io::Result<u16> {
     Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
 }
 
+/// Every IPv4 address of every interface in this network namespace.
+pub fn local_ipv4() -> io::Result<Vec<Ipv4Addr>> {
+    ipv4_addrs_where(|_| true)
+}
+
 fn ipv4_addrs(name: &str) -> io::Result<Vec<Ipv4Addr>> {
+    ipv4_addrs_where(|n| n == name.as_bytes())
+}
+
+fn ipv4_addrs_where(wanted: impl Fn(&[u8]) -> bool) -> io::Result<Vec<Ipv4Addr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -91,7 +100,7 @@ fn ipv4_addrs(name: &str) -> io::Result<Vec<Ipv4Addr>> {
         let ifa = unsafe { &*cur };
         // SAFETY: `ifa_name` is a NUL-terminated string owned by the list.
         let ifa_name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
-        if ifa_name.to_bytes() == name.as_bytes() && !ifa.ifa_addr.is_null() {
+        if wanted(ifa_name.to_bytes()) && !ifa.ifa_addr.is_null() {
             // SAFETY: `ifa_addr` is non-null and points to a sockaddr of the family it states.
             let family = unsafe { (*ifa.ifa_addr).sa_family };
             if i32::from(family) == libc::AF_INET {

@@ -32,6 +32,11 @@ pub struct Report {
     pub port_claims: BTreeMap<String, u64>,
     pub top_sources: Vec<SourceUse>,
     pub top_destinations: Vec<DestinationUse>,
+    /// Sources refused the most flows (no port, their cap, or their fair share), most first.
+    pub top_refused: Vec<SourceRefused>,
+    pub policy: PolicyReport,
+    /// Destinations and sources at or above each warning level (80 %, 95 %).
+    pub saturation: Vec<SaturationLevel>,
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
     pub expired: BTreeMap<String, BTreeMap<String, u64>>,
     pub allocation: Allocation,
@@ -70,6 +75,36 @@ pub struct DestinationUse {
     pub ports: u64,
     /// `ports` over the NAT IP's range: how close this destination is to exhaustion.
     pub saturation: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceRefused {
+    pub source: String,
+    pub flows: u64,
+}
+
+/// The admission policy in force.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyReport {
+    /// `reject` or `drop`.
+    pub on_exhaustion: String,
+    /// 0: no cap.
+    pub max_ports_per_source: u32,
+    /// 0: no fair share.
+    pub fair_share_threshold: f64,
+    pub reserved_ports: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SaturationLevel {
+    /// `destination` or `source`.
+    pub kind: String,
+    /// Percent.
+    pub level: u32,
+    /// Subjects at or above the level now.
+    pub current: u64,
+    /// Times a subject rose to the level.
+    pub crossings: u64,
 }
 
 /// How long allocations took (log2 buckets of nanoseconds).
@@ -161,6 +196,31 @@ impl Report {
                 .collect()
         };
         let top_n = settings.top_sources;
+        let mut refused = state.counters.refused_by_source()?;
+        refused.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        refused.truncate(top_n);
+        let saturation = {
+            let s = state
+                .saturation
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.counts()
+                .into_iter()
+                .map(|((kind, level), current)| SaturationLevel {
+                    kind: kind.into(),
+                    level,
+                    current,
+                    crossings: s.crossings.get(&(kind, level)).copied().unwrap_or(0),
+                })
+                .collect()
+        };
+        let p = &settings.policy;
+        let policy = PolicyReport {
+            on_exhaustion: if p.reject { "reject" } else { "drop" }.into(),
+            max_ports_per_source: p.max_per_source,
+            fair_share_threshold: f64::from(p.fair_share_permille) / 1000.0,
+            reserved_ports: settings.reserved_ports.to_string(),
+        };
         let hist = state.counters.alloc_histogram()?;
         let mut cumulative = 0;
         let buckets = hist
@@ -207,6 +267,15 @@ impl Report {
                     saturation: ratio(n, total_of(d.nat_ip)),
                 })
                 .collect(),
+            top_refused: refused
+                .into_iter()
+                .map(|(ip, n)| SourceRefused {
+                    source: ip.to_string(),
+                    flows: n,
+                })
+                .collect(),
+            policy,
+            saturation,
             counters,
             expired,
             allocation: Allocation {
@@ -250,6 +319,26 @@ pub fn render_status(r: &Report) -> String {
         r.nat_ips.join(","),
         r.port_range
     );
+    if let Some(slice) = &r.slice {
+        let _ = writeln!(out, "plan slice: {slice}");
+    }
+    let p = &r.policy;
+    let _ = writeln!(
+        out,
+        "on exhaustion: {}; per-source cap: {}; fair share: {}; reserved ports: {}",
+        p.on_exhaustion,
+        if p.max_ports_per_source == 0 {
+            "none".to_owned()
+        } else {
+            p.max_ports_per_source.to_string()
+        },
+        if p.fair_share_threshold == 0.0 {
+            "off".to_owned()
+        } else {
+            format!("from {:.0}% used", p.fair_share_threshold * 100.0)
+        },
+        p.reserved_ports
+    );
     let _ = writeln!(
         out,
         "\n{:<16} {:<5} {:>10} {:>8} {:>7} {:>9} {:>10}",
@@ -285,9 +374,31 @@ pub fn render_status(r: &Report) -> String {
 }
 
 pub fn render_top_sources(r: &Report) -> String {
-    let mut out = format!("\n{:<18} {:>8}\n", "SOURCE", "PORTS");
+    let refused = |src: &str| {
+        r.top_refused
+            .iter()
+            .find(|x| x.source == src)
+            .map_or(0, |x| x.flows)
+    };
+    let mut out = format!("\n{:<18} {:>8} {:>9}\n", "SOURCE", "PORTS", "REFUSED");
+    let mut shown = Vec::new();
     for s in &r.top_sources {
-        let _ = writeln!(out, "{:<18} {:>8}", s.source, s.ports);
+        let _ = writeln!(
+            out,
+            "{:<18} {:>8} {:>9}",
+            s.source,
+            s.ports,
+            refused(&s.source)
+        );
+        shown.push(s.source.as_str());
+    }
+    // Sources refused everything hold no ports: still name them.
+    for x in r
+        .top_refused
+        .iter()
+        .filter(|x| !shown.contains(&x.source.as_str()))
+    {
+        let _ = writeln!(out, "{:<18} {:>8} {:>9}", x.source, 0, x.flows);
     }
     out
 }

@@ -253,7 +253,7 @@ fn ebpf_log_debug_reports_new_mappings_and_off_is_silent() {
         let log = agent.log();
         drop(agent);
         assert_eq!(
-            log.contains("new mapping: proto 1"),
+            log.contains("new mapping 10.1.0.2:"),
             expect,
             "--ebpf-log {level}:\n{log}"
         );

@@ -17,6 +17,7 @@ use tests::packets::{self, quoted, Seen, ACK, SYN, SYN_ACK};
 
 const PASS: i32 = -1; // TC_ACT_UNSPEC: on to the next program / the stack
 const SHOT: i32 = 2; // TC_ACT_SHOT
+const REDIRECT: i32 = 7; // TC_ACT_REDIRECT
 const POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 const NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -319,7 +320,7 @@ fn what_is_passed_and_what_is_dropped() {
 
 #[test]
 fn tcp_ports_are_reused_per_destination_and_exhaustion_is_exact() {
-    let dp = Dp::new("--port-range 40000:40001");
+    let dp = Dp::new("--port-range 40000:40001 --on-exhaustion drop");
     let a = dp
         .egress_ok(&packets::tcp((POD, 1), (REMOTE, 80), SYN, b""))
         .tcp()
@@ -373,4 +374,146 @@ fn a_new_syn_on_a_closed_mapping_keeps_its_nat_port() {
     // A retransmitted SYN before any answer is not a reopen.
     dp.egress_ok(&packets::tcp((POD, 1234), (REMOTE, 80), SYN, b""));
     assert_eq!(dp.count(Counter::TcpReopened), 1);
+}
+
+#[test]
+fn a_refused_syn_becomes_a_rst_from_its_destination() {
+    let dp = Dp::new("--port-range 40000:40000");
+    dp.egress_ok(&packets::tcp((POD, 1), (REMOTE, 80), SYN, b""));
+    let syn = packets::tcp((POD, 2), (REMOTE, 80), SYN, b"");
+    let seq = Seen::parse(&syn).tcp().sequence_number;
+    let (ret, out) = dp.egress(&syn);
+    assert_eq!(ret, REDIRECT, "answered and sent back in");
+    let rst = Seen::parse(&out);
+    assert_eq!(
+        (rst.src(), rst.dst()),
+        (REMOTE, POD),
+        "from the destination to the pod, never out"
+    );
+    let t = rst.tcp();
+    assert_eq!((t.source_port, t.destination_port), (80, 2));
+    assert!(t.rst && t.ack && !t.syn);
+    assert_eq!(
+        (t.sequence_number, t.acknowledgment_number),
+        (0, seq.wrapping_add(1))
+    );
+    assert_eq!(out.len(), 14 + 40);
+    // The Ethernet addresses are swapped: the answer arrives addressed to the uplink.
+    assert_eq!((&out[0..6], &out[6..12]), (&syn[6..12], &syn[0..6]));
+    assert_eq!(dp.count(Counter::EgressDropExhaustedTcp), 1);
+    assert_eq!(dp.count(Counter::RejectRst), 1);
+}
+
+#[test]
+fn a_refused_datagram_or_ping_becomes_icmp_unreachable_code_13() {
+    let dp = Dp::new("--port-range 40000:40000");
+    dp.egress_ok(&packets::udp((POD, 1), (REMOTE, 53), b"first"));
+    let second = packets::udp((POD, 2), (REMOTE, 53), b"second query");
+    let (ret, out) = dp.egress(&second);
+    assert_eq!(ret, REDIRECT);
+    let err = Seen::parse(&out);
+    assert_eq!((err.src(), err.dst()), (REMOTE, POD));
+    assert_eq!(
+        err.icmp().icmp_type,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FilterProhibited)
+    );
+    let (qip, ql4) = quoted(&err);
+    assert_eq!(
+        (Ipv4Addr::from(qip.source), Ipv4Addr::from(qip.destination)),
+        (POD, REMOTE)
+    );
+    assert_eq!(
+        &ql4[..2],
+        &2u16.to_be_bytes(),
+        "quotes the refused datagram's ports"
+    );
+    assert_eq!(ql4.len(), 8);
+
+    dp.egress_ok(&packets::icmp_echo(POD, REMOTE, true, 40000, 1));
+    let (ret, out) = dp.egress(&packets::icmp_echo(
+        Ipv4Addr::new(10, 1, 0, 3),
+        REMOTE,
+        true,
+        40000,
+        1,
+    ));
+    assert_eq!(ret, REDIRECT);
+    let err = Seen::parse(&out);
+    assert_eq!(err.dst(), Ipv4Addr::new(10, 1, 0, 3));
+    assert_eq!(dp.count(Counter::RejectIcmp), 2);
+}
+
+#[test]
+fn answers_are_rate_limited_and_drop_mode_only_drops() {
+    let dp = Dp::new("--port-range 40000:40000 --reject-rate 1");
+    dp.egress_ok(&packets::tcp((POD, 1), (REMOTE, 80), SYN, b""));
+    assert_eq!(
+        dp.egress(&packets::tcp((POD, 2), (REMOTE, 80), SYN, b"")).0,
+        REDIRECT
+    );
+    // test_run may move between CPUs: each has its own budget of one per second.
+    let rest: Vec<i32> = (3..6)
+        .map(|p| dp.egress(&packets::tcp((POD, p), (REMOTE, 80), SYN, b"")).0)
+        .collect();
+    assert!(rest.contains(&SHOT), "{rest:?}");
+    assert!(dp.count(Counter::RejectRateLimited) >= 1);
+    assert_eq!(
+        dp.count(Counter::EgressDropExhaustedTcp),
+        4,
+        "every refused SYN still counts as refused"
+    );
+
+    let quiet = Dp::new("--port-range 40000:40000 --on-exhaustion drop");
+    quiet.egress_ok(&packets::tcp((POD, 1), (REMOTE, 80), SYN, b""));
+    assert_eq!(
+        quiet
+            .egress(&packets::tcp((POD, 2), (REMOTE, 80), SYN, b""))
+            .0,
+        SHOT
+    );
+    assert_eq!(quiet.count(Counter::RejectRst), 0);
+}
+
+#[test]
+fn per_source_cap_and_fair_share_refuse_the_greedy_source_only() {
+    let dp = Dp::new("--port-range 40000:40009 --max-ports-per-source 3");
+    let greedy = POD;
+    let other = Ipv4Addr::new(10, 1, 0, 3);
+    for p in 1..=3 {
+        dp.egress_ok(&packets::tcp((greedy, p), (REMOTE, 80), SYN, b""));
+    }
+    assert_eq!(
+        dp.egress(&packets::tcp((greedy, 4), (REMOTE, 81), SYN, b""))
+            .0,
+        REDIRECT
+    );
+    assert_eq!(dp.count(Counter::EgressDropSourceCap), 1);
+    dp.egress_ok(&packets::tcp((other, 1), (REMOTE, 80), SYN, b""));
+
+    // Fair share from 50 %, with the controller's hint that one source uses the destination:
+    // its share is 10 / (1 + 1) = 5 ports once 5 are used; a newcomer still gets one.
+    let mut fair = Dp::new("--port-range 40000:40009 --fair-share --fair-share-threshold 0.5");
+    let fwd = snat_common::FlowKey::new(
+        6,
+        greedy.octets(),
+        [0, 1],
+        REMOTE.octets(),
+        80u16.to_be_bytes(),
+    );
+    let [_, dest, _] = snat_common::UseKey::of_mapping(&fwd, NAT.octets());
+    let mut tables = fair.engine.take_tables().unwrap();
+    tables
+        .usage
+        .insert(snat_common::UseKey::sources_of(&dest), 1, 0)
+        .unwrap();
+    for p in 1..=5 {
+        fair.egress_ok(&packets::tcp((greedy, p), (REMOTE, 80), SYN, b""));
+    }
+    assert_eq!(
+        fair.egress(&packets::tcp((greedy, 6), (REMOTE, 80), SYN, b""))
+            .0,
+        REDIRECT
+    );
+    assert_eq!(fair.count(Counter::EgressDropFairShare), 1);
+    fair.egress_ok(&packets::tcp((other, 1), (REMOTE, 80), SYN, b""));
 }

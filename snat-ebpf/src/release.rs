@@ -1,0 +1,82 @@
+//! `snat_release`: removes the mappings the controller found expired, in the kernel, so that a
+//! removal and the use counts it changes are atomic with respect to the datapath. Never
+//! attached: the controller runs it with `BPF_PROG_TEST_RUN` on a batch of [`ReleaseEntry`]s
+//! (layout in `snat_common::flow::release_batch`) and reads each entry's result back.
+//!
+//! A mapping is removed only if neither half was refreshed since the controller looked (its
+//! `last_seen_ns` stamps are unchanged); forward half first, then the port claim if it still
+//! belongs to this mapping, then its use counts.
+
+use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, programs::TcContext};
+use snat_common::{
+    flow::{release_batch, release_result},
+    ReleaseEntry, UseKey,
+};
+
+use crate::maps::{use_sub, SNAT_FWD, SNAT_REV};
+
+#[repr(C)]
+struct Batch {
+    skb: *mut __sk_buff,
+}
+
+pub fn run(ctx: &TcContext) -> i32 {
+    let Ok(n) = ctx.load::<u32>(release_batch::COUNT_OFFSET) else {
+        return 0;
+    };
+    let mut batch = Batch { skb: ctx.skb.skb };
+    // SAFETY: `release_one` has the callback signature `bpf_loop` expects and only reads `batch`.
+    unsafe {
+        bpf_loop(
+            n.min(release_batch::MAX_ENTRIES),
+            release_one as *mut core::ffi::c_void,
+            (&raw mut batch).cast(),
+            0,
+        );
+    }
+    0
+}
+
+extern "C" fn release_one(i: u64, data: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the pointer `run` gave it, to a live `Batch`.
+    let batch = unsafe { &*data.cast::<Batch>() };
+    let ctx = TcContext::new(batch.skb);
+    let off = release_batch::ENTRIES_OFFSET + i as usize * size_of::<ReleaseEntry>();
+    let Ok(entry) = ctx.load::<ReleaseEntry>(off) else {
+        return 1;
+    };
+    let result = release(&entry);
+    let _ = ctx.store(
+        off + core::mem::offset_of!(ReleaseEntry, result),
+        &result,
+        0,
+    );
+    0
+}
+
+#[inline(always)]
+fn release(e: &ReleaseEntry) -> u32 {
+    let Some(m) = SNAT_FWD.get_ptr(e.key) else {
+        return release_result::GONE;
+    };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let m = unsafe { *m };
+    if m.last_seen_ns != e.fwd_seen_ns {
+        return release_result::REFRESHED;
+    }
+    let reply = e.key.reply(m.nat_addr, m.nat_port);
+    // SAFETY: as above.
+    let rev = SNAT_REV.get_ptr(reply).map(|p| unsafe { *p });
+    let owned = rev.filter(|o| o.addr == e.key.src_addr && o.port == e.key.src_port);
+    if owned.is_some_and(|o| o.last_seen_ns != e.rev_seen_ns) {
+        return release_result::REFRESHED;
+    }
+    if SNAT_FWD.remove(e.key).is_err() {
+        return release_result::GONE;
+    }
+    if owned.is_some() {
+        let _ = SNAT_REV.remove(reply);
+    }
+    use_sub(&UseKey::of_mapping(&e.key, m.nat_addr));
+    release_result::RELEASED
+}

@@ -1,0 +1,195 @@
+//! The controller's side of `SNAT_USE`: the fair-share hints the datapath divides by, and the
+//! early warnings before a destination or a source runs out of what it may use.
+//!
+//! Both read only the use counts the datapath and the release program keep, so a pass costs one
+//! walk of `SNAT_USE` (entries ≈ sources + destinations + pairs), not of the mappings.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use log::warn;
+use snat_common::{
+    flow::{proto, use_count, use_kind},
+    UseKey,
+};
+
+use crate::{config::Settings, engine::Tables, expiry::proto_name};
+
+/// Warning levels, in percent of what a destination or source may use.
+pub const LEVELS: [u32; 2] = [80, 95];
+
+/// Who is saturated at which level, and how often a level was crossed.
+#[derive(Clone, Debug, Default)]
+pub struct Saturation {
+    /// (kind, subject) → highest level reached (only subjects at or above the first level).
+    pub current: HashMap<(&'static str, String), u32>,
+    /// (kind, level) → times a subject rose to it.
+    pub crossings: BTreeMap<(&'static str, u32), u64>,
+}
+
+impl Saturation {
+    /// Subjects currently at or above each level, by kind.
+    pub fn counts(&self) -> BTreeMap<(&'static str, u32), u64> {
+        let mut out: BTreeMap<(&'static str, u32), u64> = BTreeMap::new();
+        for kind in ["destination", "source"] {
+            for level in LEVELS {
+                out.insert((kind, level), 0);
+            }
+        }
+        for ((kind, _), reached) in &self.current {
+            for level in LEVELS.iter().filter(|l| *l <= reached) {
+                *out.entry((kind, *level)).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// Records the fractions seen on this pass; logs a warning when a subject rises to a level.
+    fn observe(&mut self, seen: Vec<(&'static str, String, f64)>) {
+        let mut next = HashMap::new();
+        for (kind, subject, fraction) in seen {
+            let Some(level) = LEVELS
+                .iter()
+                .rev()
+                .find(|l| fraction * 100.0 >= f64::from(**l))
+                .copied()
+            else {
+                continue;
+            };
+            let before = self
+                .current
+                .get(&(kind, subject.clone()))
+                .copied()
+                .unwrap_or(0);
+            if level > before {
+                *self.crossings.entry((kind, level)).or_default() += 1;
+                warn!(
+                    "{kind} {subject} is at {:.1}% of the SNAT ports it may use (over {level}%): {}",
+                    fraction * 100.0,
+                    if kind == "destination" {
+                        "new flows to it will soon be refused; see `snat top --by destination`"
+                    } else {
+                        "this source will soon be refused new ports; see `snat top`"
+                    }
+                );
+            }
+            next.insert((kind, subject), level);
+        }
+        self.current = next;
+    }
+}
+
+fn dest_label(k: &UseKey) -> String {
+    let port = u16::from_be_bytes(k.dport);
+    if k.proto == proto::TCP {
+        format!(
+            "{}:{port} ({} via {})",
+            k.dst(),
+            proto_name(k.proto),
+            k.nat()
+        )
+    } else {
+        format!("{} ({} via {})", k.dst(), proto_name(k.proto), k.nat())
+    }
+}
+
+/// One pass: writes the fair-share hints (sources per busy destination) and updates the
+/// saturation warnings.
+pub fn refresh(
+    tables: &mut Tables,
+    settings: &Settings,
+    saturation: &mut Saturation,
+) -> anyhow::Result<()> {
+    let range = f64::from(settings.port_range.size());
+    let mut dests: HashMap<UseKey, (u64, u64)> = HashMap::new(); // destination → (mappings, sources)
+    let mut hints: Vec<UseKey> = Vec::new();
+    let mut seen = Vec::new();
+    for item in tables.usage.iter() {
+        let (key, raw) = item?;
+        let n = use_count(raw);
+        match key.kind {
+            use_kind::DESTINATION => dests.entry(key).or_default().0 = n,
+            use_kind::SOURCE_DESTINATION if n > 0 => {
+                dests
+                    .entry(UseKey {
+                        src: [0; 4],
+                        kind: use_kind::DESTINATION,
+                        ..key
+                    })
+                    .or_default()
+                    .1 += 1;
+            }
+            use_kind::SOURCE if settings.policy.max_per_source > 0 && n > 0 => {
+                let subject = format!(
+                    "{} ({} via {})",
+                    Ipv4Addr::from(key.src),
+                    proto_name(key.proto),
+                    key.nat()
+                );
+                seen.push((
+                    "source",
+                    subject,
+                    n as f64 / f64::from(settings.policy.max_per_source),
+                ));
+            }
+            use_kind::DESTINATION_SOURCES => hints.push(key),
+            _ => {}
+        }
+    }
+    let permille = settings.policy.fair_share_permille;
+    let mut keep = Vec::new();
+    for (dest, (mappings, sources)) in &dests {
+        let fraction = *mappings as f64 / range;
+        seen.push(("destination", dest_label(dest), fraction));
+        // Hints matter once a destination nears the fair-share threshold; write them from half.
+        if permille > 0 && fraction * 2000.0 >= f64::from(permille) {
+            let hint = UseKey::sources_of(dest);
+            tables.usage.insert(hint, *sources, 0)?;
+            keep.push(hint);
+        }
+    }
+    for stale in hints.iter().filter(|h| !keep.contains(h)) {
+        let _ = tables.usage.remove(stale);
+    }
+    saturation.observe(seen);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_are_crossed_once_and_counted() {
+        let mut s = Saturation::default();
+        s.observe(vec![("destination", "a".into(), 0.5)]);
+        assert!(s.current.is_empty());
+        s.observe(vec![("destination", "a".into(), 0.85)]);
+        s.observe(vec![("destination", "a".into(), 0.9)]);
+        assert_eq!(s.crossings[&("destination", 80)], 1);
+        s.observe(vec![
+            ("destination", "a".into(), 0.96),
+            ("source", "b".into(), 0.81),
+        ]);
+        assert_eq!(s.crossings[&("destination", 95)], 1);
+        let counts = s.counts();
+        assert_eq!(
+            (
+                counts[&("destination", 80)],
+                counts[&("destination", 95)],
+                counts[&("source", 80)]
+            ),
+            (1, 1, 1)
+        );
+        s.observe(vec![("destination", "a".into(), 0.1)]);
+        assert!(s.current.is_empty());
+        s.observe(vec![("destination", "a".into(), 0.99)]);
+        assert_eq!(
+            s.crossings[&("destination", 95)],
+            2,
+            "a new rise counts again"
+        );
+    }
+}
