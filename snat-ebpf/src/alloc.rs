@@ -214,9 +214,10 @@ fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError
         let range = u64::from(nat.range_len());
         let used = use_of(&uses[1]);
         if used * 1000 >= u64::from(cfg.fair_share_permille) * range {
-            // The controller's count of sources towards the destination; one more makes room
-            // for a source that has none yet.
-            let sources = use_of(&UseKey::sources_of(&uses[1])).min(u64::from(u32::MAX));
+            // The controller's count of sources towards the destination (at least the one asking;
+            // the controller refreshes it every sweep), plus one to keep room for a source that
+            // has none yet: alone, a source stops at the threshold.
+            let sources = use_of(&UseKey::sources_of(&uses[1])).clamp(1, u64::from(u32::MAX));
             let share = (range / (sources + 1)).max(1);
             if use_of(&uses[2]) >= share {
                 return Err(AllocError::FairShare);

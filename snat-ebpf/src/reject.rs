@@ -91,7 +91,7 @@ pub fn answer(ctx: &TcContext, ip: &Ipv4, cfg: &Config, now: u64) -> Option<i32>
         return None;
     }
     count(sent);
-    Some(TC_ACT_REDIRECT as i32)
+    Some(TC_ACT_REDIRECT)
 }
 
 /// The Ethernet header with source and destination swapped (the answer is "received" on the

@@ -115,8 +115,22 @@ pub struct TcpServer {
     _loop: Background,
 }
 
+/// How a [`TcpServer`] treats a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Greeting, then echo until the client closes (the client closes first).
+    Echo,
+    /// Greeting, one line in, one line back, then the server closes first (so the server holds
+    /// the TIME_WAIT, as in the churn that collapses netfilter's port-range masquerade).
+    CloseFirst,
+}
+
 impl TcpServer {
     pub fn start(ns: &Netns, addr: SocketAddrV4) -> Self {
+        Self::start_mode(ns, addr, Mode::Echo)
+    }
+
+    pub fn start_mode(ns: &Netns, addr: SocketAddrV4, mode: Mode) -> Self {
         let peers: Peers = Arc::default();
         let p = peers.clone();
         let bg = Background::start(ns, move |ready, stop| {
@@ -130,7 +144,10 @@ impl TcpServer {
                         std::thread::Builder::new()
                             .stack_size(64 * 1024)
                             .spawn(move || {
-                                let _ = serve_echo(conn, peer);
+                                let _ = match mode {
+                                    Mode::Echo => serve_echo(conn, peer),
+                                    Mode::CloseFirst => serve_once(conn, peer),
+                                };
                             })
                             .expect("spawn");
                     }
@@ -147,6 +164,15 @@ impl TcpServer {
     pub fn peers(&self) -> Vec<SocketAddrV4> {
         self.peers.lock().unwrap().clone()
     }
+}
+
+fn serve_once(mut conn: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.write_all(format!("{peer}\n").as_bytes())?;
+    let mut byte = [0u8; 1];
+    while conn.read(&mut byte)? == 1 && byte[0] != b'\n' {}
+    conn.write_all(b"bye\n")
 }
 
 fn serve_echo(mut conn: TcpStream, peer: SocketAddr) -> io::Result<()> {
@@ -189,6 +215,22 @@ impl TcpClient {
             .parse()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("greeting: {e}")))?;
         Ok(Self { stream, seen_as })
+    }
+
+    /// Against a [`Mode::CloseFirst`] server: sends one line, reads the answer to the end (the
+    /// server closes first).
+    pub fn request(mut self) -> io::Result<()> {
+        self.stream.write_all(b"hi\n")?;
+        let mut rest = Vec::new();
+        self.stream.read_to_end(&mut rest)?;
+        if rest == b"bye\n" {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("answer {rest:?}"),
+            ))
+        }
     }
 
     /// Sends `data` and reads it back from the echo server; returns what came back.
