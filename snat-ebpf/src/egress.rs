@@ -138,7 +138,13 @@ fn mapping(
     let Ok((cfg, nat)) = alloc::nat_ip_for(key.src_addr) else {
         return Err(refused.into());
     };
-    count_refusal(key, nat.addr, now);
+    let no_port = matches!(
+        refused,
+        Counter::EgressDropExhaustedTcp
+            | Counter::EgressDropExhaustedUdp
+            | Counter::EgressDropExhaustedIcmp
+    );
+    count_refusal(key, nat.addr, now, no_port);
     warn!(
         ctx,
         "refused new flow from {:i}:{} (counter {})",

@@ -122,11 +122,12 @@ pub fn use_sub(keys: &[UseKey; 3]) {
     }
 }
 
-/// Records that the flow `key` found no port on `nat`: counted once per flow (a SYN
-/// retransmitted or a datagram repeated within `REFUSAL_WINDOW_NS` is the same refusal), both
-/// per NAT IP and protocol and per internal source.
+/// Records that the flow `key` was refused a port on `nat`: counted once per flow (a SYN
+/// retransmitted or a datagram repeated within `REFUSAL_WINDOW_NS` is the same refusal) per
+/// internal source and, when no port was left (`exhausted`, not a cap or fair share), per NAT
+/// IP and protocol.
 #[inline(always)]
-pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64) {
+pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64, exhausted: bool) {
     let fresh = match SNAT_REFUSED.get_ptr_mut(key) {
         Some(p) => {
             // SAFETY: pointer from a successful lookup; a torn read only misjudges freshness.
@@ -148,6 +149,9 @@ pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64) {
         None => {
             let _ = SNAT_SRC_REFUSED.insert(key.src_addr, 1, 0);
         }
+    }
+    if !exhausted {
+        return;
     }
     let pool = PoolKey {
         addr: nat,
