@@ -17,6 +17,10 @@ pub mod tcp;
 pub use counter::Counter;
 pub use flow::{Config, FlowKey, Mapping, NatIp, Origin, PoolKey, ReleaseEntry, UseKey};
 
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `bytemuck::Pod`.
+unsafe impl aya::Pod for StateHeader {}
+
 /// Name of the TC egress program (translates pod → internet).
 pub const PROG_EGRESS: &str = "snat_egress";
 /// Name of the TC ingress program (translates replies internet → pod).
@@ -73,6 +77,33 @@ pub struct RejectWindow {
 
 /// Sources remembered by `SNAT_SRC_REFUSED`.
 pub const REFUSING_SOURCES: u32 = 4096;
+
+/// Array\[1\] of [`StateHeader`]: identifies pinned state (format version, sizes).
+pub const MAP_STATE: &str = "SNAT_STATE";
+
+/// The maps pinned under `--pin-dir` so that mappings survive an agent restart.
+pub const PINNED_MAPS: [&str; 4] = [MAP_FWD, MAP_REV, MAP_USE, MAP_STATE];
+
+/// `StateHeader::magic`: "SNAT".
+pub const STATE_MAGIC: u32 = 0x534e_4154;
+/// Version of the pinned state's layout and meaning. Bump it whenever a pinned map's key or value
+/// changes in size or meaning: a new agent then refuses old state instead of misreading it.
+pub const STATE_VERSION: u32 = 1;
+
+/// What the agent records about the state it pinned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StateHeader {
+    pub magic: u32,
+    pub version: u32,
+    /// Size of the mapping tables.
+    pub max_mappings: u32,
+    /// Length of `reserved_before`.
+    pub reserved_len: u32,
+    /// `net.ipv4.ip_local_reserved_ports` as the first agent found it (restored at the end).
+    pub reserved_before: [u8; 256],
+}
+const _: () = assert!(size_of::<StateHeader>() == 272);
 
 /// Refused flows remembered by `SNAT_REFUSED`.
 pub const REFUSED_FLOWS: u32 = 16_384;

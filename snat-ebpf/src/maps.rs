@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use snat_common::{
     alloc_hist, flow::use_count, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin,
-    PoolKey, RejectWindow, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_NAT_IPS, REFUSAL_WINDOW_NS,
-    REFUSED_FLOWS, REFUSING_SOURCES,
+    PoolKey, RejectWindow, StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_NAT_IPS,
+    REFUSAL_WINDOW_NS, REFUSED_FLOWS, REFUSING_SOURCES,
 };
 
 #[map]
@@ -60,6 +60,11 @@ pub static SNAT_REFUSED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries
 
 #[map]
 pub static SNAT_ALLOC_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(alloc_hist::LEN, 0);
+
+/// Written by the controller only; pinned with the mappings so a later agent can tell whether it
+/// can read them.
+#[map]
+pub static SNAT_STATE: Array<StateHeader> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static SNAT_USE: HashMap<UseKey, u64> =

@@ -24,6 +24,7 @@ use crate::{
     expiry::{self, Sweeper},
     metrics,
     netdev::{self, Interface},
+    pins::{self, Pins},
     ports::HostReservation,
     report::{self, Report},
     usage::{self, Saturation},
@@ -135,7 +136,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
     })?;
 
-    let mut engine = Engine::load(&settings)?;
+    // State a previous agent pinned is checked before anything changes.
+    let (pins, pin_warnings) = Pins::prepare(&settings.pin_dir, &settings.iface.name)?;
+    for w in pin_warnings {
+        warn!("{w}");
+    }
+    let existing = pins.existing()?;
+    if existing.is_some() {
+        info!("taking over the state pinned in {}", pins.dir.display());
+    }
+    let mut engine = Engine::load_pinned(&settings, Some(&pins), existing.as_ref())?;
     let logger = if settings.ebpf_log == EbpfLog::Off {
         None
     } else {
@@ -147,15 +157,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     // The host's own connections keep off the SNAT range while snat runs, if a NAT IP is one of
     // this namespace's addresses.
     let local = netdev::local_ipv4()?;
-    let reservation = if settings.nat_ips.iter().any(|ip| local.contains(ip)) {
-        let (guard, warnings) = HostReservation::apply(settings.port_range)?;
+    let found = existing.as_ref().map(pins::reserved_before);
+    let (reservation, reserved_before) = if settings.nat_ips.iter().any(|ip| local.contains(ip)) {
+        let (guard, before, warnings) = HostReservation::apply(settings.port_range, found)?;
         for w in warnings {
             warn!("{w}");
         }
-        guard
+        (guard, before)
     } else {
-        None
+        (None, found.unwrap_or_default())
     };
+    engine.write_state(pins::header(settings.max_mappings, &reserved_before))?;
     let state = Arc::new(AgentState {
         pool: Mutex::new(engine.take_pool()?),
         counters: engine.take_counters()?,
@@ -227,7 +239,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     gc.thread().unpark();
     let _ = gc.join();
-    lock(&state.engine).detach();
+    if settings.keep_state {
+        lock(&state.engine).keep_state();
+        if let Some(r) = lock(&state.reservation).as_mut() {
+            r.keep();
+        }
+        info!(
+            "--keep-state: programs stay attached and state stays pinned in {}",
+            pins.dir.display()
+        );
+    } else {
+        lock(&state.engine).detach();
+        pins.remove_all();
+    }
     lock(&state.reservation).take();
     let summary = Report::build(&state, None)?;
     if let Some(path) = &args.stats_file {
@@ -257,4 +281,32 @@ async fn read_kernel_log(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         tick.tick().await;
         logger.flush();
     }
+}
+
+/// `snat cleanup`: removes what an agent left pinned for an interface (its programs detach) and
+/// restores the reserved ports it recorded.
+pub fn cleanup(iface: &str, pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let pins = Pins {
+        dir: pin_dir.join(iface),
+    };
+    if !pins.dir.exists() {
+        anyhow::bail!(
+            "nothing pinned in {}: no state to remove",
+            pins.dir.display()
+        );
+    }
+    // Read what can be read; state of another format is removed all the same.
+    let header = pins.existing().ok().flatten();
+    pins.remove_all();
+    if let Some(h) = header {
+        let before = pins::reserved_before(&h);
+        if let Err(e) = std::fs::write(
+            "/proc/sys/net/ipv4/ip_local_reserved_ports",
+            format!("{before}\n"),
+        ) {
+            warn!("could not restore ip_local_reserved_ports to {before:?}: {e}");
+        }
+    }
+    info!("removed the state pinned in {}", pins.dir.display());
+    Ok(())
 }

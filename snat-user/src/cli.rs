@@ -41,9 +41,23 @@ pub enum Command {
     Top(TopArgs),
     /// Change a running agent's settings without dropping connections.
     Set(SetArgs),
+    /// Remove the state an agent left on an interface (`--keep-state`, or a crash): its programs
+    /// detach and its mappings are gone.
+    Cleanup(CleanupArgs),
     /// Plan per-node SNAT port slices for nodes sharing NAT IPs, with Azure's checks
     /// (`(nodes + surge) × ports per node ≤ ports per IP × IPs`).
     Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// The interface the state belongs to.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+
+    /// The BPF file system directory it was pinned under.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/snat")]
+    pub pin_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -314,6 +328,17 @@ pub struct RunArgs {
     /// ones), so label cardinality stays bounded.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub top_sources: usize,
+
+    /// BPF file system directory for state that outlives the agent (mapping tables, and the TCX
+    /// links that keep the programs attached): `<DIR>/<iface>/`. A restarted agent takes it
+    /// over; a plain stop removes it.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/snat")]
+    pub pin_dir: PathBuf,
+
+    /// On SIGINT/SIGTERM leave the programs attached and the state pinned, for an upgrade or
+    /// restart that keeps every connection (`snat cleanup` removes it).
+    #[arg(long)]
+    pub keep_state: bool,
 
     /// Write the final report as JSON to this file on exit (for scripts and tests).
     #[arg(long, value_name = "FILE")]

@@ -54,6 +54,8 @@ pub struct Settings {
     pub top_sources: usize,
     pub policy: Policy,
     pub reserved_ports: PortList,
+    pub pin_dir: std::path::PathBuf,
+    pub keep_state: bool,
 }
 
 /// Who gets a port when ports run short, and what refused flows learn.
@@ -200,6 +202,8 @@ impl Settings {
             top_sources: args.top_sources,
             policy,
             reserved_ports: args.reserved_ports.clone(),
+            pin_dir: args.pin_dir.clone(),
+            keep_state: args.keep_state,
         })
     }
 

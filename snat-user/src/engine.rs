@@ -7,6 +7,8 @@ use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
         tc::{self, SchedClassifierLinkId, TcAttachOptions},
         LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
     },
@@ -15,15 +17,16 @@ use aya::{
 use log::{debug, info, warn};
 use snat_common::{
     alloc_hist, flow::release_batch, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin,
-    PoolKey, ReleaseEntry, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS, MAP_EXCLUDE,
-    MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV, MAP_SOURCE_REFUSED, MAP_USE,
-    PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
+    PoolKey, ReleaseEntry, StateHeader, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV, MAP_SOURCE_REFUSED,
+    MAP_STATE, MAP_USE, PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
 };
 
 use crate::{
     cidr::PortRange,
     cli::AttachChoice,
     config::{Policy, Settings},
+    pins::Pins,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -163,6 +166,10 @@ impl NatPool {
 
 pub struct Engine {
     ebpf: Ebpf,
+    /// Where links are pinned (TCX), if state is pinned.
+    pins: Option<Pins>,
+    /// Leave everything attached and pinned when dropped (`--keep-state`).
+    keep: bool,
     pool: Option<NatPool>,
     iface: String,
     mode: Option<AttachMode>,
@@ -173,11 +180,37 @@ impl Engine {
     /// Loads the programs with maps sized from `settings` and writes the configuration maps.
     /// Nothing is attached yet.
     pub fn load(settings: &Settings) -> anyhow::Result<Self> {
+        Self::load_pinned(settings, None, None)
+    }
+
+    /// Like [`Engine::load`], with the mapping tables pinned in `pins` (reused if `existing`
+    /// state is there, whose table size then wins over `--max-mappings`).
+    pub fn load_pinned(
+        settings: &Settings,
+        pins: Option<&Pins>,
+        existing: Option<&StateHeader>,
+    ) -> anyhow::Result<Self> {
         raise_memlock();
         let log_level = settings.ebpf_log.aya_level();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_FWD, settings.max_mappings)
-            .map_max_entries(MAP_REV, settings.max_mappings)
+        let mut max = settings.max_mappings;
+        if let Some(h) = existing {
+            if h.max_mappings != max {
+                warn!("keeping the pinned tables' size of {} mappings (--max-mappings {max} applies after a plain stop)", h.max_mappings);
+                max = h.max_mappings;
+            }
+        }
+        let map_paths: Vec<(&str, std::path::PathBuf)> = pins
+            .map(|p| PINNED_MAPS.iter().map(|m| (*m, p.map(m))).collect())
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_FWD, max)
+            .map_max_entries(MAP_REV, max)
+            .map_max_entries(MAP_USE, max.saturating_mul(2));
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root?)")?;
@@ -203,6 +236,8 @@ impl Engine {
             iface: settings.iface.name.clone(),
             mode: None,
             links: Vec::new(),
+            pins: pins.cloned(),
+            keep: false,
         };
         engine.configure(settings)?;
         Ok(engine)
@@ -277,27 +312,89 @@ impl Engine {
             (PROG_INGRESS, TcAttachType::Ingress),
             (PROG_EGRESS, TcAttachType::Egress),
         ] {
+            let link_pin = self.pins.as_ref().filter(|_| tcx).map(|p| p.link(name));
+            let iface = self.iface.clone();
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing"))?
                 .try_into()?;
-            let options = if tcx {
-                TcAttachOptions::TcxOrder(LinkOrder::default())
+            let id = if !tcx {
+                // A previous agent's filters (cls_bpf filters outlive their process) give way.
+                match tc::qdisc_detach_program(&iface, kind, name) {
+                    Ok(()) => info!("replaced a previous agent's {name} filter on {iface}"),
+                    Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => warn!("looking for a previous agent's {name} filter on {iface}: {e}"),
+                }
+                prog.attach_with_options(
+                    &iface,
+                    kind,
+                    TcAttachOptions::Netlink(tc::NlOptions::default()),
+                )
+                .with_context(|| format!("attaching {name} to {iface} {kind:?}"))?
+            } else if let Some(path) = link_pin {
+                // The link stays pinned: programs outlive this process until a plain stop.
+                if !path.exists() {
+                    let id = prog
+                        .attach_with_options(
+                            &iface,
+                            kind,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
+                        .with_context(|| format!("attaching {name} to {iface} {kind:?}"))?;
+                    let link = FdLink::try_from(prog.take_link(id)?)?;
+                    link.pin(&path).with_context(|| {
+                        format!("pinning the {name} link at {}", path.display())
+                    })?;
+                } else {
+                    info!(
+                        "taking over the {name} link a previous agent pinned at {}",
+                        path.display()
+                    );
+                }
+                // Swap this process's program into the pinned link (atomically, if it was
+                // another agent's).
+                let pinned = PinnedLink::from_pin(&path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+                prog.attach_to_link(link)
+                    .with_context(|| format!("attaching {name} to its pinned link"))?
             } else {
-                TcAttachOptions::Netlink(tc::NlOptions::default())
+                prog.attach_with_options(
+                    &iface,
+                    kind,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {name} to {iface} {kind:?}"))?
             };
-            let id = prog
-                .attach_with_options(&self.iface, kind, options)
-                .with_context(|| format!("attaching {name} to {} {kind:?}", self.iface))?;
             self.links.push((name, id));
         }
         Ok(())
     }
 
+    /// Records the format of the pinned state (see `pins`).
+    pub fn write_state(&mut self, header: StateHeader) -> anyhow::Result<()> {
+        let mut state: Array<_, StateHeader> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_STATE)
+                .ok_or_else(|| anyhow!("map {MAP_STATE} missing"))?,
+        )?;
+        state.set(0, header, 0)?;
+        Ok(())
+    }
+
+    /// On drop, leave the programs attached and the state pinned for the next agent.
+    pub fn keep_state(&mut self) {
+        self.keep = true;
+    }
+
     /// Detaches both programs (egress first) and removes the clsact qdisc if snat added it.
     pub fn detach(&mut self) {
         while let Some((name, id)) = self.links.pop() {
+            if let Some(pins) = &self.pins {
+                // Unpinned first, or the link (and the program) would stay.
+                let _ = std::fs::remove_file(pins.link(name));
+            }
             let prog: Option<&mut SchedClassifier> =
                 self.ebpf.program_mut(name).and_then(|p| p.try_into().ok());
             if let Some(prog) = prog {
@@ -415,6 +512,13 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        if self.keep {
+            info!(
+                "left attached to {}: state kept for the next agent",
+                self.iface
+            );
+            return;
+        }
         self.detach();
         info!("detached from {}", self.iface);
     }

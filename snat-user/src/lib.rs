@@ -12,6 +12,7 @@ pub mod engine;
 pub mod expiry;
 pub mod metrics;
 pub mod netdev;
+pub mod pins;
 pub mod plan;
 pub mod ports;
 pub mod report;

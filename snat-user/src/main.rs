@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         Command::Top(args) => top(&args),
         Command::Set(args) => set(&args),
         Command::Plan(args) => plan(&args),
+        Command::Cleanup(args) => agent::cleanup(&args.iface, &args.pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -173,22 +173,40 @@ pub fn host_ephemeral() -> std::io::Result<PortRange> {
 /// `ip_local_reserved_ports` as snat found it, put back when dropped.
 pub struct HostReservation {
     previous: String,
+    keep: bool,
 }
 
 impl HostReservation {
-    /// Applies the reservation for `range` in this network namespace. Returns the guard (if a
-    /// value was written) and the warnings to show.
-    pub fn apply(range: PortRange) -> anyhow::Result<(Option<Self>, Vec<String>)> {
-        let previous = std::fs::read_to_string(RESERVED)?.trim().to_owned();
-        let current: PortList = previous
+    /// Applies the reservation for `range` in this network namespace. `found` is the value an
+    /// earlier agent recorded before it changed anything (when taking over its state); else the
+    /// current value is the one to restore. Returns the guard (if a value was written), the value
+    /// to restore at the end, and the warnings to show.
+    pub fn apply(
+        range: PortRange,
+        found: Option<String>,
+    ) -> anyhow::Result<(Option<Self>, String, Vec<String>)> {
+        let previous = match found {
+            Some(v) => v,
+            None => std::fs::read_to_string(RESERVED)?.trim().to_owned(),
+        };
+        let base: PortList = previous
             .parse()
             .map_err(|e| anyhow::anyhow!("{RESERVED}: {e}"))?;
-        let plan = reservation(range, host_ephemeral()?, &current);
+        let plan = reservation(range, host_ephemeral()?, &base);
         let Some(value) = plan.reserved else {
-            return Ok((None, plan.warnings));
+            // Nothing of ours to keep: make sure an earlier agent's reservation is gone too.
+            write(Path::new(RESERVED), &previous)?;
+            return Ok((None, previous, plan.warnings));
         };
         write(Path::new(RESERVED), &value.to_string())?;
-        Ok((Some(Self { previous }), plan.warnings))
+        Ok((
+            Some(Self {
+                previous: previous.clone(),
+                keep: false,
+            }),
+            previous,
+            plan.warnings,
+        ))
     }
 
     /// Re-applies for a new range on top of the value snat found.
@@ -204,10 +222,18 @@ impl HostReservation {
         )?;
         Ok(plan.warnings)
     }
+
+    /// Leaves the reservation in place (the state, and the programs using it, stay behind).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
 }
 
 impl Drop for HostReservation {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(e) = write(Path::new(RESERVED), &self.previous) {
             log::warn!("could not restore {RESERVED} to {:?}: {e}", self.previous);
         }

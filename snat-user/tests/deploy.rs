@@ -90,6 +90,12 @@ fn the_daemonset_runs_snat_on_its_plan_slice_with_only_the_capabilities_it_needs
             .collect()
     };
     assert!(mounts(agent).contains(&("config".into(), "/etc/snat".into())));
+    // Pinned state lives on the host's BPF file system, so it outlives the container.
+    assert!(mounts(agent).contains(&("bpffs".into(), "/sys/fs/bpf".into())));
+    assert!(
+        args.contains(&"--keep-state".to_owned()),
+        "rolling updates keep connections"
+    );
     assert!(mounts(agent).contains(&("run-snat".into(), "/run/snat".into())));
     let init = &pod["initContainers"][0];
     assert!(mounts(init).contains(&("run-snat".into(), "/run/snat".into())));
@@ -109,6 +115,9 @@ fn the_daemonset_runs_snat_on_its_plan_slice_with_only_the_capabilities_it_needs
     assert!(volumes
         .iter()
         .any(|v| v["name"] == "config" && v["configMap"]["name"] == "snat"));
+    assert!(volumes
+        .iter()
+        .any(|v| v["name"] == "bpffs" && v["hostPath"]["path"] == "/sys/fs/bpf"));
 
     // The agent's own parser accepts the container's command line with the ConfigMap's files.
     let cm = find(&docs, "ConfigMap");

@@ -176,6 +176,14 @@ impl Agent {
         (status, stats)
     }
 
+    /// Kills the agent with SIGKILL (no cleanup of its own), and waits for it.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     fn interrupt(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         // SAFETY: plain kill(2) on our child's pid (`ip netns exec` execs snat in place).

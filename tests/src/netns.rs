@@ -124,3 +124,37 @@ pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
     a.ip(&["link", "set", a_name, "up"]);
     b.ip(&["link", "set", b_name, "up"]);
 }
+
+/// A BPF file system of the test's own, mounted under the temp directory in the root mount
+/// namespace (so agents started with `ip netns exec` see it and what they pin there outlives
+/// them), unmounted and removed when dropped.
+#[derive(Debug)]
+pub struct BpfFs {
+    pub path: std::path::PathBuf,
+}
+
+impl BpfFs {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{name}-bpffs"));
+        std::fs::create_dir_all(&path).expect("creating the bpffs mount point");
+        run(&[
+            "mount",
+            "-t",
+            "bpf",
+            "bpf",
+            path.to_str().expect("utf-8 path"),
+        ]);
+        Self { path }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}

@@ -402,11 +402,21 @@ fn the_agent_needs_only_bpf_net_admin_and_perfmon() {
     let inh = format!("--inh-caps={caps}");
     let amb = format!("--ambient-caps={caps}");
     let bnd = format!("--bounding-set={caps}");
+    // Like the DaemonSet's hostPath /sys/fs/bpf: a BPF file system mounted outside the agent
+    // (mounting one would need CAP_SYS_ADMIN).
+    let bpffs = tests::netns::BpfFs::new(&topo.prefix);
     let agent = Agent::start_wrapped(
         &topo.node,
         &["setpriv", "--reuid=0", &inh, &amb, &bnd, "--"],
         &topo.uplink,
-        &["--internal", POD_CIDR, "--max-mappings", "4096"],
+        &[
+            "--internal",
+            POD_CIDR,
+            "--max-mappings",
+            "4096",
+            "--pin-dir",
+            bpffs.arg(),
+        ],
     );
     let _server = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
     let seen = topo.pods[0].ns.run(|| {

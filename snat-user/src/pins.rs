@@ -1,0 +1,189 @@
+//! State that outlives the agent: the mapping tables and the TCX links, pinned on a BPF file
+//! system under `<pin-dir>/<iface>/`.
+//!
+//! While the links are pinned, the programs stay attached and keep translating when the agent
+//! dies (SIGKILL, crash, upgrade); a new agent reuses the pinned maps and swaps its programs
+//! into the pinned links atomically, so established connections never notice. A plain stop
+//! removes every pin (the programs detach); `--keep-state` leaves them.
+//!
+//! `SNAT_STATE` records the format of what is pinned. An agent refuses state of another format,
+//! or tables whose key or value sizes differ from its own, instead of misreading them.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::maps::{Array, Map, MapData, MapInfo};
+use log::warn;
+use snat_common::{
+    FlowKey, Mapping, Origin, StateHeader, UseKey, MAP_FWD, MAP_REV, MAP_STATE, MAP_USE,
+    STATE_MAGIC, STATE_VERSION,
+};
+
+/// `statfs` magic of a BPF file system.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pin directory of one interface.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    pub dir: PathBuf,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: `statfs` writes the struct we pass, for a NUL-terminated path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+impl Pins {
+    /// The directory for `iface` under `root`, created if needed. `root` must be on a BPF file
+    /// system; `/sys/fs/bpf` is mounted if it is not (with a warning when that mount is private
+    /// to this process, as under `ip netns exec`, where the state will not outlive it).
+    pub fn prepare(root: &Path, iface: &str) -> anyhow::Result<(Self, Vec<String>)> {
+        let mut warnings = Vec::new();
+        let bpffs_root = Path::new("/sys/fs/bpf");
+        if !is_bpffs(root) && root.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
+            std::fs::create_dir_all(bpffs_root).ok();
+            let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+            // SAFETY: mounting a BPF file system on an existing directory, with C strings.
+            let rc = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                bail!(
+                    "--pin-dir {}: /sys/fs/bpf is not mounted and mounting it failed: {}",
+                    root.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            warnings.push(format!(
+                "mounted a BPF file system at /sys/fs/bpf for --pin-dir {}; when this agent runs in its own mount namespace (ip netns exec), that mount and the state in it end with the agent: to keep state across restarts, pass a --pin-dir on a BPF file system mounted outside, e.g. `mount -t bpf bpf /run/snat-bpf`",
+                root.display()
+            ));
+        }
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating --pin-dir {}", root.display()))?;
+        if !is_bpffs(root) {
+            bail!(
+                "--pin-dir {} is not on a BPF file system: mount one there (`mount -t bpf bpf {}`) or choose a directory on one (the default is /sys/fs/bpf/snat)",
+                root.display(),
+                root.display()
+            );
+        }
+        let dir = root.join(iface);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok((Self { dir }, warnings))
+    }
+
+    /// Where map `name` is pinned.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name.to_ascii_lowercase())
+    }
+
+    /// Where the link of program `name` is pinned.
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("link_{name}"))
+    }
+
+    /// The header of state a previous agent left, after checking it can be read: `None` when
+    /// there is none.
+    pub fn existing(&self) -> anyhow::Result<Option<StateHeader>> {
+        let path = self.map(MAP_STATE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let refuse = |why: String| {
+            anyhow!(
+                "pinned state in {} {why}: it was left by an incompatible snat. Run the snat that wrote it, or remove it with `snat cleanup --iface {} --pin-dir {}` (its translated connections end)",
+                self.dir.display(),
+                self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                self.dir.parent().map(|p| p.display().to_string()).unwrap_or_default()
+            )
+        };
+        let data =
+            MapData::from_pin(&path).map_err(|e| refuse(format!("cannot be opened ({e})")))?;
+        let header = Array::<_, StateHeader>::try_from(Map::Array(data))
+            .map_err(|e| refuse(format!("has an unexpected layout ({e})")))?
+            .get(&0, 0)
+            .map_err(|e| refuse(format!("cannot be read ({e})")))?;
+        if header.magic != STATE_MAGIC || header.version != STATE_VERSION {
+            return Err(refuse(format!(
+                "has format version {} (this snat reads version {STATE_VERSION})",
+                header.version
+            )));
+        }
+        for (name, key, value) in [
+            (MAP_FWD, size_of::<FlowKey>(), size_of::<Mapping>()),
+            (MAP_REV, size_of::<FlowKey>(), size_of::<Origin>()),
+            (MAP_USE, size_of::<UseKey>(), size_of::<u64>()),
+        ] {
+            let info = MapInfo::from_pin(self.map(name))
+                .map_err(|e| refuse(format!("lacks {name} ({e})")))?;
+            if info.key_size() as usize != key || info.value_size() as usize != value {
+                return Err(refuse(format!(
+                    "has {name} entries of {}+{} bytes (this snat uses {key}+{value})",
+                    info.key_size(),
+                    info.value_size()
+                )));
+            }
+        }
+        Ok(Some(header))
+    }
+
+    /// Removes every pin of this interface (links first, so the programs detach), then the
+    /// directory.
+    pub fn remove_all(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort_by_key(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+        });
+        for p in paths {
+            if let Err(e) = std::fs::remove_file(&p) {
+                warn!("removing pin {}: {e}", p.display());
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            warn!("removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// A header for newly pinned state.
+pub fn header(max_mappings: u32, reserved_before: &str) -> StateHeader {
+    let mut h = StateHeader {
+        magic: STATE_MAGIC,
+        version: STATE_VERSION,
+        max_mappings,
+        reserved_len: 0,
+        reserved_before: [0; 256],
+    };
+    let bytes = reserved_before.as_bytes();
+    let n = bytes.len().min(h.reserved_before.len());
+    h.reserved_before[..n].copy_from_slice(&bytes[..n]);
+    h.reserved_len = n as u32;
+    h
+}
+
+/// The reserved ports a header recorded.
+pub fn reserved_before(h: &StateHeader) -> String {
+    String::from_utf8_lossy(
+        &h.reserved_before[..(h.reserved_len as usize).min(h.reserved_before.len())],
+    )
+    .into_owned()
+}
