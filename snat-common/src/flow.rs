@@ -345,6 +345,34 @@ impl PoolKey {
     }
 }
 
+/// A fragmented datagram as its fragments show it: addresses, protocol and IP identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 12);
+
+/// What the first fragment's translation decided, for the fragments after it: the address that
+/// replaces the fragments' source (egress) or destination (ingress).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue {
+    pub addr: [u8; 4],
+    pub _pad: u32,
+    /// `CLOCK_MONOTONIC_COARSE` ns of the first fragment; older than `FRAG_TIMEOUT_NS`, stale.
+    pub seen_ns: u64,
+}
+const _: () = assert!(size_of::<FragValue>() == 16);
+
+/// How long a datagram's fragments are matched to its first (RFC 791's reassembly timer is
+/// 15 s; fragments of one datagram travel together, so a short window suffices).
+pub const FRAG_TIMEOUT_NS: u64 = 5_000_000_000;
+
 /// The live configuration the datapath reads on every new mapping.
 ///
 /// NAT IPs live in two sets so the controller can replace them without the datapath ever seeing

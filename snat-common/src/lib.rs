@@ -78,6 +78,12 @@ pub struct RejectWindow {
 /// Sources remembered by `SNAT_SRC_REFUSED`.
 pub const REFUSING_SOURCES: u32 = 4096;
 
+/// LRU hash [`flow::FragKey`] → [`flow::FragValue`]: the translation of datagrams' later
+/// fragments (they carry no ports), keyed per direction by the fragments' own header.
+pub const MAP_FRAGS: &str = "SNAT_FRAGS";
+/// Fragmented datagrams tracked at once.
+pub const MAX_FRAGMENTED: u32 = 16_384;
+
 /// Array\[1\] of [`StateHeader`]: identifies pinned state (format version, sizes).
 pub const MAP_STATE: &str = "SNAT_STATE";
 

@@ -20,7 +20,8 @@ use crate::{
     alloc::{self, AllocError},
     icmp::{self, kind, Inner},
     maps::{
-        count, count_refusal, time_allocation, SNAT_EXCLUDE, SNAT_FWD, SNAT_INTERNAL, SNAT_REV,
+        count, count_refusal, fragments_of, remember_fragments, time_allocation, SNAT_EXCLUDE,
+        SNAT_FWD, SNAT_INTERNAL, SNAT_REV,
     },
     packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, ETH_P_IP_BE},
     reject,
@@ -45,8 +46,8 @@ pub fn run(ctx: &TcContext) -> Verdict {
     if !ip.valid(ctx) {
         return Err(Counter::EgressDropMalformed.into());
     }
-    if ip.is_fragment() {
-        return Err(Counter::EgressDropFragment.into());
+    if ip.is_later_fragment() {
+        return later_fragment(ctx, &ip);
     }
     match ip.proto {
         proto::TCP | proto::UDP => transport(ctx, &ip),
@@ -196,7 +197,8 @@ fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         Counter::EgressTranslatedTcp
     } else {
         let udp_len = usize::from(u16::from_be_bytes([head[4], head[5]]));
-        if avail < 8 || udp_len < 8 || udp_len > avail {
+        // A first fragment carries only part of the datagram its length counts.
+        if avail < 8 || udp_len < 8 || (udp_len > avail && !ip.is_fragment()) {
             return Err(Counter::EgressDropMalformed.into());
         }
         Counter::EgressTranslatedUdp
@@ -219,6 +221,9 @@ fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         (m.nat_addr, m.nat_port),
     )
     .map_err(|_| Counter::EgressDropRewrite)?;
+    if ip.is_fragment() {
+        remember_fragments(&ip.frag_key(), m.nat_addr, m.last_seen_ns);
+    }
     Ok(translated)
 }
 
@@ -243,6 +248,9 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
                 (m.nat_addr, m.nat_port),
             )
             .map_err(|_| Counter::EgressDropRewrite)?;
+            if ip.is_fragment() {
+                remember_fragments(&ip.frag_key(), m.nat_addr, m.last_seen_ns);
+            }
             Ok(Counter::EgressTranslatedIcmp)
         }
         t if icmp::is_error(t) => icmp_error(ctx, ip),
@@ -271,4 +279,24 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         .and_then(|()| rewrite_addr(ctx, Side::Src, ip.src, m.nat_addr))
         .map_err(|_| Counter::EgressDropRewrite)?;
     Ok(Counter::EgressTranslatedIcmpError)
+}
+
+/// A fragment after the first carries no ports: its source becomes the NAT IP its first
+/// fragment got, or, when it overtook the first fragment, the NAT IP the pod is paired with,
+/// which is where the first fragment's mapping will be (RFC 4787 REQ-14: out-of-order fragments).
+fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+    if !matches!(ip.proto, proto::TCP | proto::UDP | proto::ICMP) {
+        return Err(Counter::EgressDropUnsupportedProto.into());
+    }
+    let addr = match fragments_of(&ip.frag_key(), now()) {
+        Some(addr) => addr,
+        None => {
+            alloc::nat_ip_for(ip.src)
+                .map_err(|_| Counter::EgressDropNoNatIp)?
+                .1
+                .addr
+        }
+    };
+    rewrite_addr(ctx, Side::Src, ip.src, addr).map_err(|_| Counter::EgressDropRewrite)?;
+    Ok(Counter::EgressTranslatedFragment)
 }

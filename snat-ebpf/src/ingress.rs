@@ -7,7 +7,7 @@ use snat_common::{flow::proto, tcp, Counter, FlowKey, Origin};
 use crate::{
     egress::REFRESH_NS,
     icmp::{self, kind, Inner},
-    maps::SNAT_REV,
+    maps::{fragments_of, remember_fragments, SNAT_REV},
     packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, ETH_P_IP_BE},
     verdict::Verdict,
 };
@@ -19,8 +19,11 @@ pub fn run(ctx: &TcContext) -> Verdict {
     let Ok(ip) = Ipv4::read(ctx) else {
         return Ok(Counter::IngressPassUnparsed);
     };
-    if !ip.valid(ctx) || ip.is_fragment() {
+    if !ip.valid(ctx) {
         return Ok(Counter::IngressPassUnparsed);
+    }
+    if ip.is_later_fragment() {
+        return later_fragment(ctx, &ip);
     }
     match ip.proto {
         proto::TCP | proto::UDP => transport(ctx, &ip),
@@ -86,6 +89,9 @@ fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         (o.addr, o.port),
     )
     .map_err(|_| Counter::IngressDropRewrite)?;
+    if ip.is_fragment() {
+        remember_fragments(&ip.frag_key(), o.addr, o.last_seen_ns);
+    }
     Ok(translated)
 }
 
@@ -149,4 +155,17 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         .and_then(|()| rewrite_addr(ctx, Side::Dst, ip.dst, o.addr))
         .map_err(|_| Counter::IngressDropRewrite)?;
     Ok(Counter::IngressTranslatedIcmpError)
+}
+
+/// A later fragment of a reply: its destination becomes the internal address its first
+/// fragment went to. One that overtook its first fragment cannot be placed (it names no port)
+/// and is left to the node, which drops what it cannot reassemble.
+fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let Some(addr) = fragments_of(&ip.frag_key(), now) else {
+        return Ok(Counter::IngressPassUnparsed);
+    };
+    rewrite_addr(ctx, Side::Dst, ip.dst, addr).map_err(|_| Counter::IngressDropRewrite)?;
+    Ok(Counter::IngressTranslatedFragment)
 }

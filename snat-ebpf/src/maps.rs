@@ -14,8 +14,10 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use snat_common::{
-    alloc_hist, flow::use_count, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin,
-    PoolKey, RejectWindow, StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_NAT_IPS,
+    alloc_hist,
+    flow::{use_count, FragKey, FragValue, FRAG_TIMEOUT_NS},
+    Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, PoolKey, RejectWindow,
+    StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_NAT_IPS,
     REFUSAL_WINDOW_NS, REFUSED_FLOWS, REFUSING_SOURCES,
 };
 
@@ -60,6 +62,32 @@ pub static SNAT_REFUSED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries
 
 #[map]
 pub static SNAT_ALLOC_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(alloc_hist::LEN, 0);
+
+#[map]
+pub static SNAT_FRAGS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTED, 0);
+
+/// Remembers how the first fragment of a datagram was translated (`addr`).
+#[inline(always)]
+pub fn remember_fragments(key: &FragKey, addr: [u8; 4], now: u64) {
+    let _ = SNAT_FRAGS.insert(
+        key,
+        FragValue {
+            addr,
+            _pad: 0,
+            seen_ns: now,
+        },
+        0,
+    );
+}
+
+/// How the first fragment of this datagram was translated, if it passed recently.
+#[inline(always)]
+pub fn fragments_of(key: &FragKey, now: u64) -> Option<[u8; 4]> {
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let v = unsafe { *SNAT_FRAGS.get_ptr(key)? };
+    (now.wrapping_sub(v.seen_ns) < FRAG_TIMEOUT_NS).then_some(v.addr)
+}
 
 /// Written by the controller only; pinned with the mappings so a later agent can tell whether it
 /// can read them.

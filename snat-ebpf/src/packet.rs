@@ -25,6 +25,8 @@ pub mod ip {
     pub const DST: usize = 16;
     /// More-fragments flag and fragment offset bits of `frags` (host order).
     pub const MF_OR_OFFSET: u16 = 0x3fff;
+    /// Fragment offset bits of `frags` (host order).
+    pub const OFFSET: u16 = 0x1fff;
 }
 
 /// The packet's bytes at `off`, copied out. `T` must be at least 2 bytes: for one byte at a
@@ -53,6 +55,7 @@ pub struct Ipv4 {
     pub ihl: usize,
     pub tot_len: u16,
     pub frags: u16,
+    pub id: [u8; 2],
 }
 
 impl Ipv4 {
@@ -67,6 +70,7 @@ impl Ipv4 {
             ihl: usize::from(h.vihl & 0x0f) * 4,
             tot_len: u16::from_be_bytes(h.tot_len),
             frags: u16::from_be_bytes(h.frags),
+            id: h.id,
         })
     }
 
@@ -85,6 +89,24 @@ impl Ipv4 {
     #[inline(always)]
     pub fn is_fragment(&self) -> bool {
         self.frags & ip::MF_OR_OFFSET != 0
+    }
+
+    /// A fragment after the first: no L4 header.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        self.frags & ip::OFFSET != 0
+    }
+
+    /// The key of this packet's datagram in `SNAT_FRAGS`.
+    #[inline(always)]
+    pub fn frag_key(&self) -> snat_common::flow::FragKey {
+        snat_common::flow::FragKey {
+            src: self.src,
+            dst: self.dst,
+            id: self.id,
+            proto: self.proto,
+            _pad: 0,
+        }
     }
 
     /// Offset of the L4 header in the frame.

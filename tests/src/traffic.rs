@@ -262,11 +262,17 @@ impl UdpServer {
             sock.set_read_timeout(Some(Duration::from_millis(20)))
                 .expect("timeout");
             ready();
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
                     p.lock().unwrap().push(v4(peer));
-                    let _ = sock.send_to(peer.to_string().as_bytes(), peer);
+                    // Small datagrams are questions ("who am I?"); big ones are echoed whole.
+                    let answer = if n > 64 {
+                        buf[..n].to_vec()
+                    } else {
+                        peer.to_string().into_bytes()
+                    };
+                    let _ = sock.send_to(&answer, peer);
                 }
             }
         });

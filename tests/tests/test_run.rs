@@ -284,14 +284,6 @@ fn what_is_passed_and_what_is_dropped() {
             .0,
         SHOT
     );
-    // Fragments (not handled yet) are dropped, never sent with the pod's address.
-    let mut frag = packets::udp((POD, 5557), (REMOTE, 53), &[0u8; 64]);
-    frag[14 + 6] |= 0x20; // MF
-    frag[14 + 10] = 0;
-    frag[14 + 11] = 0;
-    let c = snat_common::csum::checksum(&frag[14..34]);
-    frag[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
-    assert_eq!(dp.egress(&frag).0, SHOT);
     // An unsupported protocol (GRE).
     let mut gre = packets::udp((POD, 1), (REMOTE, 2), b"....");
     gre[14 + 9] = 47;
@@ -312,7 +304,7 @@ fn what_is_passed_and_what_is_dropped() {
     assert_eq!(dp.count(Counter::EgressPassNotInternal), 1);
     assert_eq!(dp.count(Counter::EgressPassExcluded), 1);
     assert_eq!(dp.count(Counter::EgressDropTcpNotSyn), 1);
-    assert_eq!(dp.count(Counter::EgressDropFragment), 1);
+
     assert_eq!(dp.count(Counter::EgressDropUnsupportedProto), 1);
     assert_eq!(dp.count(Counter::EgressDropMalformed), 2);
     assert_eq!(dp.count(Counter::IngressPassNoMapping), 1);
@@ -516,4 +508,82 @@ fn per_source_cap_and_fair_share_refuse_the_greedy_source_only() {
     );
     assert_eq!(fair.count(Counter::EgressDropFairShare), 1);
     fair.egress_ok(&packets::tcp((other, 1), (REMOTE, 80), SYN, b""));
+}
+
+/// `frame` made a fragment: MF set and/or `offset` (in 8-byte units), its IPv4 checksum fixed.
+fn fragment(mut frame: Vec<u8>, id: u16, mf: bool, offset: u16) -> Vec<u8> {
+    frame[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+    let frags = (u16::from(mf) << 13) | offset;
+    frame[14 + 6..14 + 8].copy_from_slice(&frags.to_be_bytes());
+    frame[14 + 10] = 0;
+    frame[14 + 11] = 0;
+    let c = snat_common::csum::checksum(&frame[14..34]);
+    frame[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    frame
+}
+
+/// A later fragment: an IPv4 header of `proto` and `payload` bytes, at `offset`.
+fn later_fragment(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    id: u16,
+    offset: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00];
+    let tot = (20 + payload.len()) as u16;
+    let mut ip = [
+        0x45, 0, 0, 0, 0, 0, 0, 0, 64, proto, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    ip[2..4].copy_from_slice(&tot.to_be_bytes());
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(payload);
+    fragment(f, id, false, offset)
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_both_ways() {
+    let dp = Dp::new("");
+    // A first fragment: UDP header (its length counts the whole datagram) and a first part.
+    let mut first = packets::udp((POD, 40100), (REMOTE, 53), &[7u8; 64]);
+    first[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&(8u16 + 64 + 32).to_be_bytes());
+    let first = fragment(first, 0x1234, true, 0);
+    let (ret, out) = dp.egress(&first);
+    assert_eq!(ret, PASS);
+    assert_eq!(
+        &out[14 + 12..14 + 16],
+        &NAT.octets(),
+        "first fragment translated"
+    );
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), 40100);
+    // The rest of the datagram: no UDP header, translated like its first fragment.
+    let (ret, out) = dp.egress(&later_fragment(POD, REMOTE, 17, 0x1234, 9, &[8u8; 32]));
+    assert_eq!(ret, PASS);
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(&out[14..]).unwrap();
+    assert_eq!(Ipv4Addr::from(ip.source()), NAT);
+    assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum());
+    assert_eq!(&out[34..], &[8u8; 32], "payload untouched");
+    // A later fragment that overtook its first still leaves with the pod's NAT IP.
+    let (ret, out) = dp.egress(&later_fragment(POD, REMOTE, 17, 0x9999, 9, &[1u8; 16]));
+    assert_eq!(ret, PASS);
+    assert_eq!(&out[14 + 12..14 + 16], &NAT.octets());
+    assert_eq!(dp.count(Counter::EgressTranslatedFragment), 2);
+
+    // Replies: the first fragment finds the mapping; the next follows it to the pod.
+    let mut reply = packets::udp((REMOTE, 53), (NAT, 40100), &[9u8; 64]);
+    reply[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&(8u16 + 64 + 32).to_be_bytes());
+    let (ret, out) = dp.ingress(&fragment(reply, 0x4321, true, 0));
+    assert_eq!(ret, PASS);
+    assert_eq!(&out[14 + 16..14 + 20], &POD.octets());
+    let (ret, out) = dp.ingress(&later_fragment(REMOTE, NAT, 17, 0x4321, 9, &[9u8; 32]));
+    assert_eq!(ret, PASS);
+    assert_eq!(&out[14 + 16..14 + 20], &POD.octets());
+    assert_eq!(dp.count(Counter::IngressTranslatedFragment), 1);
+    // One that overtook its first cannot be placed and is left to the node.
+    let (ret, out) = dp.ingress(&later_fragment(REMOTE, NAT, 17, 0x7777, 9, &[9u8; 32]));
+    assert_eq!(ret, PASS);
+    assert_eq!(&out[14 + 16..14 + 20], &NAT.octets());
 }
