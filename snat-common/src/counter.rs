@@ -46,6 +46,9 @@ pub enum Counter {
     CreatedTcp,
     CreatedUdp,
     CreatedIcmp,
+    /// The new mapping took the NAT port its internal endpoint had towards another destination
+    /// (endpoint-independent mapping).
+    AllocSameEndpoint,
     /// The new mapping kept the pod's own source port (or echo identifier).
     AllocPreserved,
     /// The new mapping took a random port on the first tries.
@@ -109,6 +112,7 @@ impl Counter {
         Counter::CreatedTcp,
         Counter::CreatedUdp,
         Counter::CreatedIcmp,
+        Counter::AllocSameEndpoint,
         Counter::AllocPreserved,
         Counter::AllocRandom,
         Counter::AllocScan,
@@ -166,6 +170,7 @@ impl Counter {
             CreatedTcp => ("alloc", "created_tcp"),
             CreatedUdp => ("alloc", "created_udp"),
             CreatedIcmp => ("alloc", "created_icmp"),
+            AllocSameEndpoint => ("alloc", "port_same_endpoint"),
             AllocPreserved => ("alloc", "port_preserved"),
             AllocRandom => ("alloc", "port_random"),
             AllocScan => ("alloc", "port_scan"),

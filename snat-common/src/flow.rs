@@ -345,6 +345,18 @@ impl PoolKey {
     }
 }
 
+/// An endpoint (address, port or echo identifier, protocol): the key and the value of
+/// `SNAT_ENDPOINTS`, which remembers the NAT endpoint an internal endpoint got last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct Endpoint {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Endpoint>() == 8);
+
 /// A fragmented datagram as its fragments show it: addresses, protocol and IP identification.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]

@@ -78,6 +78,11 @@ pub struct RejectWindow {
 /// Sources remembered by `SNAT_SRC_REFUSED`.
 pub const REFUSING_SOURCES: u32 = 4096;
 
+/// LRU hash internal [`flow::Endpoint`] → the NAT endpoint it got last: a new flow from the same
+/// internal endpoint tries that NAT port first, which makes mapping endpoint-independent
+/// whenever the port is free towards the new destination (RFC 4787 REQ-1, RFC 5382 REQ-1).
+pub const MAP_ENDPOINTS: &str = "SNAT_ENDPOINTS";
+
 /// LRU hash [`flow::FragKey`] → [`flow::FragValue`]: the translation of datagrams' later
 /// fragments (they carry no ports), keyed per direction by the fragments' own header.
 pub const MAP_FRAGS: &str = "SNAT_FRAGS";

@@ -19,11 +19,14 @@ use aya_ebpf::{
 };
 use snat_common::{
     flow::proto,
+    flow::Endpoint,
     pool::{self, RANDOM_TRIES},
     Config, Counter, FlowKey, Mapping, NatIp, Origin, UseKey, MAX_NAT_IPS,
 };
 
-use crate::maps::{count, use_add, use_of, SNAT_CONFIG, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV};
+use crate::maps::{
+    count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV,
+};
 
 /// Why a new flow got no mapping. (No payloads: LLVM merges the error paths and would read an
 /// enum payload register the verifier sees uninitialised.)
@@ -238,6 +241,29 @@ fn claim_port(
     let local = nat.flags & NatIp::LOCAL != 0;
     let mut reply = fwd.reply(nat.addr, [0; 2]);
 
+    // The NAT port this internal endpoint had towards another destination, if still in range.
+    let endpoint = Endpoint {
+        addr: fwd.src_addr,
+        port: fwd.src_port,
+        proto: fwd.proto,
+        _pad: 0,
+    };
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    if let Some(last) = SNAT_ENDPOINTS.get_ptr(endpoint).map(|p| unsafe { *p }) {
+        let port = u16::from_be_bytes(last.port);
+        if last.addr == nat.addr && pool::preserved(nat, port).is_some() {
+            reply.dst_port = last.port;
+            match claim(skb, local, &reply, origin) {
+                Claim::Won => {
+                    count(Counter::AllocSameEndpoint);
+                    return Ok(reply);
+                }
+                Claim::Taken => {}
+                Claim::Full => return Err(AllocError::TableFull),
+            }
+        }
+    }
+
     if let Some(port) = pool::preserved(nat, u16::from_be_bytes(fwd.src_port)) {
         reply.dst_port = port.to_be_bytes();
         match claim(skb, local, &reply, origin) {
@@ -298,6 +324,19 @@ pub fn create(
     match SNAT_FWD.insert(fwd, mapping, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             use_add(&uses);
+            let endpoint = Endpoint {
+                addr: fwd.src_addr,
+                port: fwd.src_port,
+                proto: fwd.proto,
+                _pad: 0,
+            };
+            let nat_end = Endpoint {
+                addr: nat.addr,
+                port: reply.dst_port,
+                proto: fwd.proto,
+                _pad: 0,
+            };
+            let _ = SNAT_ENDPOINTS.insert(endpoint, nat_end, 0);
             Ok(mapping)
         }
         Err(e) => {

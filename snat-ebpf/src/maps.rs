@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use snat_common::{
     alloc_hist,
-    flow::{use_count, FragKey, FragValue, FRAG_TIMEOUT_NS},
+    flow::{use_count, Endpoint, FragKey, FragValue, FRAG_TIMEOUT_NS},
     Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, PoolKey, RejectWindow,
     StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_NAT_IPS,
     REFUSAL_WINDOW_NS, REFUSED_FLOWS, REFUSING_SOURCES,
@@ -62,6 +62,12 @@ pub static SNAT_REFUSED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries
 
 #[map]
 pub static SNAT_ALLOC_NS: PerCpuArray<u64> = PerCpuArray::with_max_entries(alloc_hist::LEN, 0);
+
+/// Sized by the controller (half the mapping table by default): losing an entry only loses
+/// the preference for the endpoint's previous NAT port.
+#[map]
+pub static SNAT_ENDPOINTS: LruHashMap<Endpoint, Endpoint> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_MAPPINGS / 2, 0);
 
 #[map]
 pub static SNAT_FRAGS: LruHashMap<FragKey, FragValue> =

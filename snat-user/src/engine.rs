@@ -18,8 +18,8 @@ use log::{debug, info, warn};
 use snat_common::{
     alloc_hist, flow::release_batch, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin,
     PoolKey, ReleaseEntry, StateHeader, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV, MAP_SOURCE_REFUSED,
-    MAP_STATE, MAP_USE, PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
+    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV,
+    MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
 };
 
 use crate::{
@@ -206,7 +206,8 @@ impl Engine {
         loader
             .map_max_entries(MAP_FWD, max)
             .map_max_entries(MAP_REV, max)
-            .map_max_entries(MAP_USE, max.saturating_mul(2));
+            .map_max_entries(MAP_USE, max.saturating_mul(2))
+            .map_max_entries(MAP_ENDPOINTS, (max / 2).max(1024));
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -587,3 +587,69 @@ fn fragments_follow_their_first_fragment_both_ways() {
     assert_eq!(ret, PASS);
     assert_eq!(&out[14 + 16..14 + 20], &NAT.octets());
 }
+
+#[test]
+fn mapping_is_endpoint_independent_when_the_port_is_free() {
+    // RFC 4787 REQ-1 / RFC 5382 REQ-1: one internal endpoint, one NAT endpoint, whatever the
+    // destination (port 1234 is outside the range, so this is not port preservation).
+    let dp = Dp::new("");
+    let other = Ipv4Addr::new(203, 0, 113, 20);
+    let a = dp
+        .egress_ok(&packets::tcp((POD, 1234), (REMOTE, 80), SYN, b""))
+        .tcp()
+        .source_port;
+    let b = dp
+        .egress_ok(&packets::tcp((POD, 1234), (other, 443), SYN, b""))
+        .tcp()
+        .source_port;
+    assert_eq!(a, b);
+    let u1 = dp
+        .egress_ok(&packets::udp((POD, 1234), (REMOTE, 3478), b"q"))
+        .udp()
+        .source_port;
+    let u2 = dp
+        .egress_ok(&packets::udp((POD, 1234), (other, 3479), b"q"))
+        .udp()
+        .source_port;
+    assert_eq!(u1, u2);
+    assert_eq!(dp.count(Counter::AllocSameEndpoint), 2);
+    // Simultaneous open (RFC 5382): the remote's own SYN (no ACK) reaches the pod.
+    let syn = dp.ingress_ok(&packets::tcp((REMOTE, 80), (NAT, a), SYN, b""));
+    assert_eq!((syn.dst(), syn.tcp().destination_port), (POD, 1234));
+}
+
+#[test]
+fn icmp_errors_neither_end_nor_refresh_a_mapping() {
+    // RFC 4787 REQ-12, RFC 5508: an error is translated but changes nothing about the mapping.
+    let mut dp = Dp::new("");
+    let (_, out) = dp.egress(&packets::udp((POD, 40200), (REMOTE, 53), b"q"));
+    let tables = dp.engine.take_tables().unwrap();
+    let key = snat_common::FlowKey::new(
+        17,
+        POD.octets(),
+        40200u16.to_be_bytes(),
+        REMOTE.octets(),
+        [0, 0],
+    );
+    let before = tables.fwd.get(&key, 0).unwrap();
+    let rev_key = key.reply(before.nat_addr, before.nat_port);
+    let rev_before = tables.rev.get(&rev_key, 0).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let err = packets::icmp_error(
+        REMOTE,
+        NAT,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        packets::ip_part(&out),
+    );
+    assert_eq!(dp.ingress_ok(&err).dst(), POD);
+    assert_eq!(
+        tables.fwd.get(&key, 0).unwrap(),
+        before,
+        "the mapping is still there, unchanged"
+    );
+    assert_eq!(
+        tables.rev.get(&rev_key, 0).unwrap().last_seen_ns,
+        rev_before.last_seen_ns,
+        "not refreshed"
+    );
+}
