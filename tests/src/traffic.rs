@@ -339,31 +339,38 @@ pub struct LeakWatch {
     bg: Background,
 }
 
+/// An `AF_PACKET` socket receiving every IPv4 packet on `iface` (in the calling thread's
+/// namespace), with the 20 ms receive timeout of [`raw_socket`].
+fn packet_socket(iface: &std::ffi::CStr) -> OwnedFd {
+    let proto = (libc::ETH_P_IP as u16).to_be();
+    let fd = raw_socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto));
+    // SAFETY: `iface` is NUL-terminated.
+    let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+    assert_ne!(index, 0, "no interface {iface:?}");
+    // SAFETY: all-zero is a valid sockaddr_ll; we fill the fields bind needs.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = index as i32;
+    // SAFETY: binding our socket to a valid sockaddr_ll of the stated size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+    fd
+}
+
 impl LeakWatch {
     pub fn start(ns: &Netns, iface: &str) -> Self {
         let counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>> = Arc::default();
         let c = counts.clone();
         let iface = std::ffi::CString::new(iface).expect("iface name");
         let bg = Background::start(ns, move |ready, stop| {
-            let proto = (libc::ETH_P_IP as u16).to_be();
-            let fd = raw_socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto));
-            // SAFETY: `iface` is NUL-terminated.
-            let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
-            assert_ne!(index, 0, "no interface {iface:?}");
-            // SAFETY: all-zero is a valid sockaddr_ll; we fill the fields bind needs.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = index as i32;
-            // SAFETY: binding our socket to a valid sockaddr_ll of the stated size.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&raw const sll).cast(),
-                    size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            let fd = packet_socket(&iface);
             ready();
             let mut buf = [0u8; 128];
             while !stop.load(Ordering::Relaxed) {
@@ -393,6 +400,41 @@ impl LeakWatch {
             leaked, 0,
             "{leaked} of {total} packets left with an internal source, e.g. {examples:?}"
         );
+    }
+}
+
+/// Records the IPv4 packets seen on an interface (their first 512 bytes, at most 8,192 packets).
+pub struct Capture {
+    packets: Arc<Mutex<Vec<Vec<u8>>>>,
+    _loop: Background,
+}
+
+impl Capture {
+    pub fn start(ns: &Netns, iface: &str) -> Self {
+        let packets: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let p = packets.clone();
+        let iface = std::ffi::CString::new(iface).expect("iface name");
+        let bg = Background::start(ns, move |ready, stop| {
+            let fd = packet_socket(&iface);
+            ready();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                let Some(n) = recv_raw(&fd, &mut buf) else {
+                    continue;
+                };
+                let mut g = p.lock().unwrap();
+                if g.len() < 8192 {
+                    g.push(buf[..n.min(buf.len())].to_vec());
+                }
+            }
+        });
+        Self { packets, _loop: bg }
+    }
+
+    /// What was captured so far (after a moment for packets in flight).
+    pub fn packets(&self) -> Vec<Vec<u8>> {
+        std::thread::sleep(Duration::from_millis(100));
+        self.packets.lock().unwrap().clone()
     }
 }
 
