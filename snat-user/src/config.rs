@@ -422,6 +422,20 @@ pub fn expand_config_file(
     Ok(out)
 }
 
+impl Default for Timeouts {
+    /// The defaults of `snat run`: RFC 5382 and RFC 4787 minimums, Azure's release timers.
+    fn default() -> Self {
+        Self {
+            tcp_established: Duration::from_secs(2 * 3600 + 4 * 60),
+            tcp_transitory: Duration::from_secs(240),
+            tcp_fin: Duration::from_secs(240),
+            tcp_rst: Duration::from_secs(15),
+            udp: Duration::from_secs(300),
+            icmp: Duration::from_secs(60),
+        }
+    }
+}
+
 impl Timeouts {
     pub fn named(&self) -> [(&'static str, Duration); 6] {
         [
@@ -469,12 +483,11 @@ mod tests {
         .unwrap();
         assert_eq!(s.nat_ips, [UPLINK]);
         assert_eq!(s.port_range, PortRange::DEFAULT);
-        assert_eq!(s.timeouts.tcp_established, Duration::from_secs(7440));
-        assert_eq!(s.timeouts.tcp_transitory, Duration::from_secs(240));
-        assert_eq!(s.timeouts.tcp_fin, Duration::from_secs(240));
-        assert_eq!(s.timeouts.tcp_rst, Duration::from_secs(15));
-        assert_eq!(s.timeouts.udp, Duration::from_secs(300));
-        assert_eq!(s.timeouts.icmp, Duration::from_secs(60));
+        assert_eq!(s.timeouts, Timeouts::default(), "the flags' defaults");
+        assert_eq!(
+            Timeouts::default().tcp_established,
+            Duration::from_secs(7440)
+        );
         assert_eq!(s.max_mappings, 1_000_000);
         assert_eq!(s.exclude, ["10.1.0.0/16".parse().unwrap()]);
         assert!(s.warnings().is_empty(), "{:?}", s.warnings());

@@ -252,14 +252,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn timeouts() -> Timeouts {
-        Timeouts {
-            tcp_established: Duration::from_secs(7440),
-            tcp_transitory: Duration::from_secs(240),
-            tcp_fin: Duration::from_secs(240),
-            tcp_rst: Duration::from_secs(15),
-            udp: Duration::from_secs(300),
-            icmp: Duration::from_secs(60),
-        }
+        Timeouts::default()
     }
 
     fn mapping(

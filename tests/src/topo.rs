@@ -42,6 +42,29 @@ pub struct Topology {
     pub server: Netns,
 }
 
+/// Links the router to the server (`<prefix>-rs` ↔ `<prefix>-sr`): the server at [`SERVER`],
+/// routing through the router, which forwards.
+pub fn connect_server(prefix: &str, router: &Netns, server: &Netns) {
+    let (rs, sr) = (format!("{prefix}-rs"), format!("{prefix}-sr"));
+    veth(router, &rs, server, &sr);
+    router.ip(&[
+        "addr",
+        "add",
+        &format!("{ROUTER_SERVER_SIDE}/24"),
+        "dev",
+        &rs,
+    ]);
+    router.sysctl("net.ipv4.ip_forward=1");
+    server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", &sr]);
+    server.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &ROUTER_SERVER_SIDE.to_string(),
+    ]);
+}
+
 impl Topology {
     pub fn new(pods: usize) -> Self {
         let prefix = unique_prefix();
@@ -63,24 +86,7 @@ impl Topology {
             "dev",
             &router_uplink,
         ]);
-        let (rs, sr) = (format!("{prefix}-rs"), format!("{prefix}-sr"));
-        veth(&router, &rs, &server, &sr);
-        router.ip(&[
-            "addr",
-            "add",
-            &format!("{ROUTER_SERVER_SIDE}/24"),
-            "dev",
-            &rs,
-        ]);
-        router.sysctl("net.ipv4.ip_forward=1");
-        server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", &sr]);
-        server.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_SERVER_SIDE.to_string(),
-        ]);
+        connect_server(&prefix, &router, &server);
 
         let pods = (0..pods)
             .map(|i| {

@@ -12,7 +12,7 @@ use std::{
 use tests::{
     agent::{snat_bin, Agent},
     netns::{unique_prefix, veth, Netns},
-    topo::{ROUTER_SERVER_SIDE, SERVER},
+    topo::{connect_server, SERVER},
     traffic::{udp_ask, LeakWatch, TcpClient, TcpServer, UdpServer},
 };
 
@@ -30,24 +30,7 @@ fn three_nodes_share_one_nat_ip_on_their_own_slices() {
     let prefix = unique_prefix();
     let server = Netns::new(&format!("{prefix}-server"));
     let router = Netns::new(&format!("{prefix}-router"));
-    let (rs, sr) = (format!("{prefix}-rs"), format!("{prefix}-sr"));
-    veth(&router, &rs, &server, &sr);
-    router.ip(&[
-        "addr",
-        "add",
-        &format!("{ROUTER_SERVER_SIDE}/24"),
-        "dev",
-        &rs,
-    ]);
-    router.sysctl("net.ipv4.ip_forward=1");
-    server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", &sr]);
-    server.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        &ROUTER_SERVER_SIDE.to_string(),
-    ]);
+    connect_server(&prefix, &router, &server);
 
     // The plan: three nodes, one shared NAT IP, the default range split evenly.
     let plan = std::env::temp_dir().join(format!("{prefix}-plan.json"));
