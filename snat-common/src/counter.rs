@@ -55,6 +55,11 @@ pub enum Counter {
     AllocRandom,
     /// Random tries failed and the exhaustive scan of the range found the port.
     AllocScan,
+    /// Random tries were skipped or failed and the hot destination's free-port index found the
+    /// port.
+    AllocIndexed,
+    /// A destination became hot and its free-port index was built (one walk of the range).
+    IndexBuilt,
     /// Two CPUs mapped the same new flow at once; the loser adopted the winner's mapping.
     AllocRaceLost,
     /// A new TCP SYN reopened a closed mapping and kept its NAT port (binding persistence).
@@ -116,6 +121,8 @@ impl Counter {
         Counter::AllocPreserved,
         Counter::AllocRandom,
         Counter::AllocScan,
+        Counter::AllocIndexed,
+        Counter::IndexBuilt,
         Counter::AllocRaceLost,
         Counter::TcpReopened,
         Counter::AllocHostPortSkipped,
@@ -174,6 +181,8 @@ impl Counter {
             AllocPreserved => ("alloc", "port_preserved"),
             AllocRandom => ("alloc", "port_random"),
             AllocScan => ("alloc", "port_scan"),
+            AllocIndexed => ("alloc", "port_index"),
+            IndexBuilt => ("alloc", "index_built"),
             AllocRaceLost => ("alloc", "race_lost"),
             TcpReopened => ("alloc", "tcp_reopened"),
             AllocHostPortSkipped => ("alloc", "host_port_skipped"),

@@ -89,6 +89,12 @@ pub const MAP_FRAGS: &str = "SNAT_FRAGS";
 /// Fragmented datagrams tracked at once.
 pub const MAX_FRAGMENTED: u32 = 16_384;
 
+/// LRU hash destination (a reply [`FlowKey`] with NAT port 0) → free-port index of that hot
+/// destination (layout in [`pool::index`]); zero-filled from `SNAT_FREE_ZERO` when built.
+pub const MAP_FREE_PORTS: &str = "SNAT_FREE_PORTS";
+/// Hot destinations indexed at most (about 65 KiB each).
+pub const MAX_HOT_DESTINATIONS: u32 = 256;
+
 /// Array\[1\] of [`StateHeader`]: identifies pinned state (format version, sizes).
 pub const MAP_STATE: &str = "SNAT_STATE";
 

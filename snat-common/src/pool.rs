@@ -51,6 +51,97 @@ pub const fn walk(nat: &NatIp, start: u32, i: u32) -> u16 {
     port_at(nat, start.wrapping_rem(nat.range_len()) + i)
 }
 
+/// The free-port index of a hot destination (`SNAT_FREE_PORTS`, one per (NAT IP, remote
+/// ip:port, protocol) whose range is nearly full): one byte per port (non-zero = probably free)
+/// and one summary byte per block of [`index::BLOCK`] ports (non-zero = the block probably has a
+/// free byte). Indices are absolute port numbers, so a range change cannot shift them.
+///
+/// Bytes, not bits: a program writes one byte with a plain store, so two CPUs updating
+/// neighbouring ports never lose each other's update (eBPF v1 has no atomic bit operations).
+/// The index is a hint: the claim in `SNAT_REV` stays the only authority, a stale "free" byte
+/// costs one failed claim (and is cleared), and a stale "taken" byte hides a free port only from
+/// the index, never from the exhaustive walk behind it.
+pub mod index {
+    /// Ports per summary byte.
+    pub const BLOCK: u32 = 64;
+    /// Summary bytes read at once (one `u64`).
+    pub const BLOCKS_PER_WORD: u32 = 8;
+    /// Ports one summary word stands for.
+    pub const WORD_PORTS: u32 = BLOCK * BLOCKS_PER_WORD;
+    /// Per-port bytes (every port number).
+    pub const PORTS: usize = 1 << 16;
+    /// Summary bytes.
+    pub const BLOCKS: usize = PORTS / BLOCK as usize;
+    /// Summary words.
+    pub const WORDS: u32 = BLOCKS as u32 / BLOCKS_PER_WORD;
+
+    /// A destination is hot once 7/8 of the range is claimed towards it: from there, random
+    /// tries fail often enough that the index pays for itself.
+    #[inline(always)]
+    pub const fn is_hot(used: u64, range_len: u32) -> bool {
+        used * 8 >= range_len as u64 * 7
+    }
+
+    /// The summary words `(first, count)` that cover the ports `min..=max`.
+    #[inline(always)]
+    pub const fn words(min: u16, max: u16) -> (u32, u32) {
+        let first = min as u32 / WORD_PORTS;
+        (first, max as u32 / WORD_PORTS - first + 1)
+    }
+
+    /// `0x80` in every byte of `word` that is non-zero, 0 elsewhere. Branch-free, like the two
+    /// below: the verifier explores every branch of the search separately.
+    #[inline(always)]
+    pub const fn marked_bytes(word: u64) -> u64 {
+        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+        // Adding 0x7f to a byte's low 7 bits carries into its top bit iff they are non-zero,
+        // and never into the next byte.
+        ((word & LOW7).wrapping_add(LOW7) | word) & !LOW7
+    }
+
+    /// Index (0..8) of the lowest byte of `marked` (from [`marked_bytes`]) that is marked, in
+    /// memory order on a little-endian machine (eBPF and x86 alike); 0 when none is.
+    #[inline(always)]
+    pub const fn lowest_marked(marked: u64) -> u32 {
+        // The lowest mark is bit 8k + 7; shifted down it is 1 << 8k, and multiplying by the
+        // bytes 7, 6, …, 0 (low to high) moves byte 7 - k of them, which holds k, to the top.
+        let low = (marked & marked.wrapping_neg()) >> 7;
+        (low.wrapping_mul(0x0001_0203_0405_0607) >> 56) as u32 & 7
+    }
+
+    /// `1 << (8 * k + 7)` if `word` is non-zero, else 0: one mark per word, to find the first
+    /// non-zero of several words with [`lowest_marked`].
+    #[inline(always)]
+    pub const fn mark_if_nonzero(word: u64, k: u32) -> u64 {
+        ((word | word.wrapping_neg()) >> 63) << (8 * (k & 7) + 7)
+    }
+
+    /// Index (0..8) of the first non-zero byte of `word` in memory order, if any.
+    #[inline(always)]
+    pub const fn first_set_byte(word: u64) -> Option<u32> {
+        match marked_bytes(word) {
+            0 => None,
+            m => Some(lowest_marked(m)),
+        }
+    }
+
+    /// How many hot destinations the index map should hold for `max_mappings` mappings over a
+    /// range of `range_len` ports: every destination that can be hot at once, plus headroom,
+    /// at most `cap` (each entry takes about 65 KiB).
+    pub const fn capacity(max_mappings: u32, range_len: u32, cap: u32) -> u32 {
+        let hot_min = range_len as u64 * 7 / 8;
+        let n = match (max_mappings as u64).checked_div(hot_min) {
+            Some(q) => q + 8,
+            None => cap as u64,
+        };
+        if n > cap as u64 {
+            cap
+        } else {
+            n as u32
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -92,6 +183,72 @@ mod tests {
                 assert_eq!(found, [free]);
             }
         }
+    }
+
+    #[test]
+    fn index_words_cover_the_range() {
+        use index::{words, WORDS, WORD_PORTS};
+        for (min, max) in [
+            (32768u16, 65535u16),
+            (1, 65535),
+            (1000, 1009),
+            (511, 512),
+            (0, 0),
+        ] {
+            let (first, count) = words(min, max);
+            assert!(first * WORD_PORTS <= u32::from(min));
+            assert!((first + count) * WORD_PORTS > u32::from(max));
+            assert!(first + count <= WORDS, "{min}-{max}");
+        }
+        assert_eq!(words(32768, 65535), (64, 64));
+    }
+
+    #[test]
+    fn first_set_byte_in_memory_order() {
+        use index::first_set_byte;
+        assert_eq!(first_set_byte(0), None);
+        for i in 0..8u32 {
+            let mut bytes = [0u8; 8];
+            bytes[i as usize] = 1;
+            bytes[7] |= 0x80;
+            assert_eq!(first_set_byte(u64::from_le_bytes(bytes)), Some(i));
+        }
+        for x in [1u64, 0x80, 0xff, 0x7f00, 0x0100_0000_0000_0000, u64::MAX] {
+            let want = x.trailing_zeros() / 8;
+            assert_eq!(first_set_byte(x), Some(want), "{x:#x}");
+        }
+    }
+
+    #[test]
+    fn marks_find_the_first_nonzero_word() {
+        use index::{lowest_marked, mark_if_nonzero};
+        for first in 0..8u32 {
+            let words: [u64; 8] =
+                core::array::from_fn(|k| if k as u32 >= first { 1 << (k * 7) } else { 0 });
+            let marks = (0..8).fold(0, |m, k| m | mark_if_nonzero(words[k as usize], k));
+            assert_eq!(lowest_marked(marks), first);
+        }
+        assert_eq!(mark_if_nonzero(0, 3), 0);
+        assert_eq!(mark_if_nonzero(1 << 63, 0), 0x80);
+    }
+
+    #[test]
+    fn hot_at_seven_eighths() {
+        assert!(!index::is_hot(28671, 32768));
+        assert!(index::is_hot(28672, 32768));
+        assert!(index::is_hot(1, 1));
+        assert!(!index::is_hot(0, 1));
+    }
+
+    #[test]
+    fn index_capacity_grows_with_the_table_and_stops_at_the_cap() {
+        assert_eq!(
+            index::capacity(1_000_000, 32768, 256),
+            1_000_000 / 28672 + 8
+        );
+        assert_eq!(index::capacity(1_000_000, 1000, 256), 256);
+        assert_eq!(index::capacity(1000, 32768, 256), 8);
+        assert_eq!(index::capacity(1000, 0, 256), 256);
     }
 
     #[test]

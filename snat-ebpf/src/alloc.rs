@@ -5,7 +5,9 @@
 //! that insert atomic, so two CPUs can never both own (NAT ip:port, remote) even when they race
 //! for the same port. Ports are tried in the order [`snat_common::pool`] documents; the last stage
 //! walks the whole range with `bpf_loop`, so a new flow is refused for lack of ports only when
-//! every port of the range is taken towards its destination. When the NAT IP is one of the
+//! every port of the range is taken towards its destination. In front of the walk, a destination
+//! whose range is nearly full gets a free-port index (`crate::index`) that finds one of its last
+//! free ports in a few reads, so the cost of a new mapping does not grow with occupancy. When the NAT IP is one of the
 //! node's own addresses, a port a local socket uses towards the same remote (or listens on) is
 //! skipped too (`bpf_sk_lookup_*`), so replies to the node's own sockets are never taken.
 
@@ -15,17 +17,27 @@ use aya_ebpf::{
         bpf_get_prandom_u32,
         generated::{bpf_loop, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     },
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
 };
 use snat_common::{
     flow::proto,
     flow::Endpoint,
-    pool::{self, RANDOM_TRIES},
+    pool::{
+        self,
+        index::{
+            lowest_marked, mark_if_nonzero, marked_bytes, BLOCK, BLOCKS, BLOCKS_PER_WORD, PORTS,
+            WORDS,
+        },
+        RANDOM_TRIES,
+    },
     Config, Counter, FlowKey, Mapping, NatIp, Origin, UseKey, MAX_NAT_IPS,
 };
 
-use crate::maps::{
-    count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV,
+use crate::{
+    index::{self, FreePorts},
+    maps::{count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV},
 };
 
 /// Why a new flow got no mapping. (No payloads: LLVM merges the error paths and would read an
@@ -109,9 +121,11 @@ const fn zero_tuple() -> aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
     }
 }
 
+/// Claims `reply`'s NAT port for `origin`. `probe`: look the port up first, which is cheaper
+/// than a failed insert where most ports are taken (the walk) and a wasted lookup elsewhere.
 #[inline(always)]
-fn claim(skb: *mut __sk_buff, local: bool, reply: &FlowKey, origin: &Origin) -> Claim {
-    if SNAT_REV.get_ptr(reply).is_some() {
+fn claim(skb: *mut __sk_buff, local: bool, reply: &FlowKey, origin: &Origin, probe: bool) -> Claim {
+    if probe && SNAT_REV.get_ptr(reply).is_some() {
         return Claim::Taken;
     }
     if local && host_uses(skb, reply) {
@@ -125,68 +139,173 @@ fn claim(skb: *mut __sk_buff, local: bool, reply: &FlowKey, origin: &Origin) -> 
     }
 }
 
-/// State of the exhaustive walk, shared with the `bpf_loop` callback on the stack.
+/// State of a scan of the range (the index search, then the walk), shared with the `bpf_loop`
+/// callbacks: pointers on the stack (the verifier does not let a program store pointers in a
+/// map), the rest in the per-CPU `SNAT_SCAN` (the stack is nearly full at this depth; a TC
+/// program runs to completion on its CPU, so one slot per CPU suffices). Only the port and the
+/// result change during a loop (each step reads where it is from the loop's index): a counter
+/// kept in state would make the verifier follow every iteration separately.
 #[repr(C)]
-struct Walk {
+struct Scan {
     skb: *mut __sk_buff,
+    /// The destination's free-port index (search only).
+    index: *mut FreePorts,
+    state: *mut ScanState,
+}
+
+#[repr(C)]
+pub struct ScanState {
     reply: FlowKey,
     origin: Origin,
     nat: NatIp,
+    /// Random: the search's first summary word (`0..words`), the walk's first port.
     start: u32,
-    /// 0 while walking, 1 when a port was won (in `reply.dst_port`), 2 when a map is full.
+    /// 0 while scanning, 1 when a port was found (in `reply.dst_port`), 2 when a map is full.
     result: u32,
 }
 
+#[map]
+static SNAT_SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
+
 /// One step of the walk: try the `i`-th port; stop the loop (return 1) once decided.
 extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: `bpf_loop` passes back the pointer `walk_range` gave it, to a live `Walk` on the
-    // caller's stack, and runs the callback on the same CPU synchronously.
-    let w = unsafe { &mut *ctx.cast::<Walk>() };
-    w.reply.dst_port = pool::walk(&w.nat, w.start, i as u32).to_be_bytes();
-    match claim(w.skb, w.nat.flags & NatIp::LOCAL != 0, &w.reply, &w.origin) {
+    // SAFETY: `bpf_loop` passes back the pointer `walk_range` gave it, to a live `Scan` on the
+    // caller's stack, and runs the callback on the same CPU synchronously; `state` points to
+    // this CPU's `SNAT_SCAN` slot.
+    let scan = unsafe { &*ctx.cast::<Scan>() };
+    // SAFETY: as above.
+    let st = unsafe { &mut *scan.state };
+    st.reply.dst_port = pool::walk(&st.nat, st.start, i as u32).to_be_bytes();
+    match claim(
+        scan.skb,
+        st.nat.flags & NatIp::LOCAL != 0,
+        &st.reply,
+        &st.origin,
+        true,
+    ) {
         Claim::Won => {
-            w.result = 1;
+            st.result = 1;
             1
         }
         Claim::Taken => 0,
         Claim::Full => {
-            w.result = 2;
+            st.result = 2;
             1
         }
     }
 }
 
 #[inline(always)]
-fn walk_range(
-    skb: *mut __sk_buff,
-    reply: &FlowKey,
-    origin: &Origin,
-    nat: &NatIp,
-) -> Result<[u8; 2], AllocError> {
-    let mut w = Walk {
-        skb,
-        reply: *reply,
-        origin: *origin,
-        nat: *nat,
-        // SAFETY: helper without preconditions.
-        start: unsafe { bpf_get_prandom_u32() },
-        result: 0,
-    };
-    // SAFETY: `walk_step` has the callback signature `bpf_loop` expects and only touches `w`,
-    // which outlives the call.
+fn walk_range(scan: &mut Scan) -> Result<[u8; 2], AllocError> {
+    // SAFETY: as in `walk_step`.
+    let st = unsafe { &mut *scan.state };
+    st.result = 0;
+    // SAFETY: helper without preconditions.
+    st.start = unsafe { bpf_get_prandom_u32() };
+    // SAFETY: `walk_step` has the callback signature `bpf_loop` expects and only touches
+    // `scan` and what it points to, which outlive the call.
     unsafe {
         bpf_loop(
-            nat.range_len(),
+            st.nat.range_len(),
             walk_step as *mut core::ffi::c_void,
-            (&raw mut w).cast(),
+            core::ptr::from_mut(scan).cast(),
             0,
         );
     }
-    match w.result {
-        1 => Ok(w.reply.dst_port),
+    match st.result {
+        1 => Ok(st.reply.dst_port),
         2 => Err(AllocError::TableFull),
         _ => Err(AllocError::Exhausted),
     }
+}
+
+/// Reads the `u64` at byte `offset` of `bytes`.
+///
+/// # Safety
+/// `bytes` points into a live map value, 8-aligned, with at least `offset + 8` bytes.
+#[inline(always)]
+unsafe fn word_at(bytes: *const u8, offset: usize) -> u64 {
+    // SAFETY: per the caller's contract.
+    unsafe { core::ptr::read(bytes.add(offset).cast::<u64>()) }
+}
+
+/// Step `i` of the search: in the `i`-th summary word from the start, take the first block
+/// marked free that has a port marked free, and its first such port. A block found empty has
+/// its mark cleared; so has a port outside the range, and the search moves on to the next
+/// word. (The port is tried by the caller: a claim here would need a deeper stack than the
+/// program has left.)
+extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the pointer `search` gave it, to a live `Scan`, whose
+    // `state` points to this CPU's `SNAT_SCAN` slot.
+    let scan = unsafe { &*ctx.cast::<Scan>() };
+    // SAFETY: as above.
+    let s = unsafe { &mut *scan.state };
+    let (first, words) = pool::index::words(s.nat.port_min, s.nat.port_max);
+    let mut w = s.start + i as u32;
+    if w >= words {
+        w -= words;
+    }
+    let w = (first + w) as usize & (WORDS as usize - 1);
+    // SAFETY: `scan.index` points to a live, 8-aligned `FreePorts`; every offset below is
+    // masked into its array and a multiple of 8.
+    let ix = unsafe { &mut *scan.index };
+    // SAFETY: as above.
+    let mut blocks = marked_bytes(unsafe { word_at(ix.block.as_ptr(), w * 8) });
+    // The word's blocks in order; a block marked but found empty loses its mark.
+    for _ in 0..BLOCKS_PER_WORD {
+        if blocks == 0 {
+            return 0;
+        }
+        let j = lowest_marked(blocks);
+        blocks &= !(0x80 << (8 * j));
+        let block = (w * 8 + j as usize) & (BLOCKS - 1);
+        let base = block * BLOCK as usize;
+        let mut marks = 0;
+        for k in 0..(BLOCK / 8) {
+            // SAFETY: as above (`base + 8 * k + 8 <= PORTS`).
+            let word = unsafe { word_at(ix.port.as_ptr(), base + 8 * k as usize) };
+            marks |= mark_if_nonzero(word, k);
+        }
+        if marks != 0 {
+            let at = base + 8 * lowest_marked(marks) as usize;
+            // SAFETY: as above.
+            let byte = lowest_marked(marked_bytes(unsafe { word_at(ix.port.as_ptr(), at) }));
+            let port = (at + byte as usize) & (PORTS - 1);
+            let port16 = port as u16;
+            if port16 < s.nat.port_min || port16 > s.nat.port_max {
+                // Left from a wider range: never offered again.
+                ix.port[port] = 0;
+                return 0;
+            }
+            s.reply.dst_port = port16.to_be_bytes();
+            s.result = 1;
+            return 1;
+        }
+        ix.block[block] = 0;
+    }
+    0
+}
+
+/// A port of the range that `scan.index` marks free, if any.
+#[inline(always)]
+fn search(scan: &mut Scan) -> Option<[u8; 2]> {
+    // SAFETY: as in `search_step`.
+    let st = unsafe { &mut *scan.state };
+    let (_, words) = pool::index::words(st.nat.port_min, st.nat.port_max);
+    st.result = 0;
+    // SAFETY: helper without preconditions.
+    st.start = unsafe { bpf_get_prandom_u32() } % words.max(1);
+    // SAFETY: `search_step` has the callback signature `bpf_loop` expects and only touches
+    // `scan` and the index it points to, which outlive the call.
+    unsafe {
+        bpf_loop(
+            words,
+            search_step as *mut core::ffi::c_void,
+            core::ptr::from_mut(scan).cast(),
+            0,
+        );
+    }
+    (st.result == 1).then_some(st.reply.dst_port)
 }
 
 /// The live configuration and the NAT IP the internal address `src` is paired with in it.
@@ -230,16 +349,39 @@ fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError
     Ok(())
 }
 
-/// Claims a NAT port for the flow `fwd` and returns the reply key holding the claim.
+/// Claims a NAT port for the flow `fwd`, whose destination count is `dest`, and returns the
+/// reply key holding the claim; records the claim in the destination's free-port index.
 #[inline(always)]
 fn claim_port(
     skb: *mut __sk_buff,
     fwd: &FlowKey,
     origin: &Origin,
     nat: &NatIp,
+    dest: &UseKey,
+) -> Result<FlowKey, AllocError> {
+    let reply = fwd.reply(nat.addr, [0; 2]);
+    let mut hot = index::of(&reply);
+    let claimed = find_port(skb, fwd, origin, nat, dest, &mut hot)?;
+    if let Some(ix) = hot {
+        index::taken(ix, u16::from_be_bytes(claimed.dst_port));
+    }
+    Ok(claimed)
+}
+
+/// Claims a port in the order [`pool`] documents, the destination's free-port index `hot`
+/// (built here when the destination turns hot) standing in front of the walk.
+#[inline(always)]
+fn find_port(
+    skb: *mut __sk_buff,
+    fwd: &FlowKey,
+    origin: &Origin,
+    nat: &NatIp,
+    dest: &UseKey,
+    hot: &mut Option<*mut FreePorts>,
 ) -> Result<FlowKey, AllocError> {
     let local = nat.flags & NatIp::LOCAL != 0;
     let mut reply = fwd.reply(nat.addr, [0; 2]);
+    let len = nat.range_len();
 
     // The NAT port this internal endpoint had towards another destination, if still in range.
     let endpoint = Endpoint {
@@ -253,7 +395,7 @@ fn claim_port(
         let port = u16::from_be_bytes(last.port);
         if last.addr == nat.addr && pool::preserved(nat, port).is_some() {
             reply.dst_port = last.port;
-            match claim(skb, local, &reply, origin) {
+            match claim(skb, local, &reply, origin, false) {
                 Claim::Won => {
                     count(Counter::AllocSameEndpoint);
                     return Ok(reply);
@@ -266,7 +408,7 @@ fn claim_port(
 
     if let Some(port) = pool::preserved(nat, u16::from_be_bytes(fwd.src_port)) {
         reply.dst_port = port.to_be_bytes();
-        match claim(skb, local, &reply, origin) {
+        match claim(skb, local, &reply, origin, false) {
             Claim::Won => {
                 count(Counter::AllocPreserved);
                 return Ok(reply);
@@ -275,20 +417,59 @@ fn claim_port(
             Claim::Full => return Err(AllocError::TableFull),
         }
     }
-    for _ in 0..RANDOM_TRIES {
-        // SAFETY: helper without preconditions.
-        let r = unsafe { bpf_get_prandom_u32() };
-        reply.dst_port = pool::port_at(nat, r).to_be_bytes();
-        match claim(skb, local, &reply, origin) {
-            Claim::Won => {
-                count(Counter::AllocRandom);
-                return Ok(reply);
+    // Random ports keep the choice unpredictable (RFC 6056) while the range is not nearly full;
+    // past that, the index finds a port for less than the random tries would fail for.
+    let indexed_and_hot = hot.is_some() && pool::index::is_hot(use_of(dest), len);
+    if !indexed_and_hot {
+        for _ in 0..RANDOM_TRIES {
+            // SAFETY: helper without preconditions.
+            let r = unsafe { bpf_get_prandom_u32() };
+            reply.dst_port = pool::port_at(nat, r).to_be_bytes();
+            match claim(skb, local, &reply, origin, false) {
+                Claim::Won => {
+                    count(Counter::AllocRandom);
+                    return Ok(reply);
+                }
+                Claim::Taken => {}
+                Claim::Full => return Err(AllocError::TableFull),
             }
-            Claim::Taken => {}
-            Claim::Full => return Err(AllocError::TableFull),
+        }
+        if hot.is_none() && pool::index::is_hot(use_of(dest), len) {
+            *hot = index::build(&reply, nat.port_min, len);
         }
     }
-    reply.dst_port = walk_range(skb, &reply, origin, nat)?;
+    let state = SNAT_SCAN.get_ptr_mut(0).ok_or(AllocError::Exhausted)?;
+    // SAFETY: this CPU's slot, used by this program only until it returns.
+    unsafe {
+        *state = ScanState {
+            reply,
+            origin: *origin,
+            nat: *nat,
+            start: 0,
+            result: 0,
+        };
+    }
+    let mut scan = Scan {
+        skb,
+        index: core::ptr::null_mut(),
+        state,
+    };
+    if let Some(ix) = *hot {
+        scan.index = ix;
+        if let Some(port) = search(&mut scan) {
+            reply.dst_port = port;
+            match claim(skb, local, &reply, origin, false) {
+                Claim::Won => {
+                    count(Counter::AllocIndexed);
+                    return Ok(reply);
+                }
+                // A stale mark: clear it; the walk decides.
+                Claim::Taken => index::taken(ix, u16::from_be_bytes(port)),
+                Claim::Full => return Err(AllocError::TableFull),
+            }
+        }
+    }
+    reply.dst_port = walk_range(&mut scan)?;
     count(Counter::AllocScan);
     Ok(reply)
 }
@@ -312,7 +493,7 @@ pub fn create(
         _pad: 0,
         last_seen_ns: now,
     };
-    let reply = claim_port(ctx.skb.skb, fwd, &origin, &nat)?;
+    let reply = claim_port(ctx.skb.skb, fwd, &origin, &nat, &uses[1])?;
     let mapping = Mapping {
         nat_addr: nat.addr,
         nat_port: reply.dst_port,
@@ -342,6 +523,7 @@ pub fn create(
         Err(e) => {
             // Give the port back before anything can use it.
             let _ = SNAT_REV.remove(reply);
+            index::freed(&reply);
             if e == -EEXIST {
                 count(Counter::AllocRaceLost);
                 if let Some(winner) = SNAT_FWD.get_ptr(fwd) {

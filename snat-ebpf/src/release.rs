@@ -13,7 +13,10 @@ use snat_common::{
     ReleaseEntry, UseKey,
 };
 
-use crate::maps::{use_sub, SNAT_FWD, SNAT_REV};
+use crate::{
+    index,
+    maps::{use_sub, SNAT_FWD, SNAT_REV},
+};
 
 #[repr(C)]
 struct Batch {
@@ -76,6 +79,7 @@ fn release(e: &ReleaseEntry) -> u32 {
     }
     if owned.is_some() {
         let _ = SNAT_REV.remove(reply);
+        index::freed(&reply);
     }
     use_sub(&UseKey::of_mapping(&e.key, m.nat_addr));
     release_result::RELEASED

@@ -16,10 +16,11 @@ use aya::{
 };
 use log::{debug, info, warn};
 use snat_common::{
-    alloc_hist, flow::release_batch, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin,
-    PoolKey, ReleaseEntry, StateHeader, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS, MAP_REV,
-    MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
+    alloc_hist, flow::release_batch, pool, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp,
+    Origin, PoolKey, ReleaseEntry, StateHeader, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS,
+    MAP_REV, MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS,
+    PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
 };
 
 use crate::{
@@ -207,7 +208,15 @@ impl Engine {
             .map_max_entries(MAP_FWD, max)
             .map_max_entries(MAP_REV, max)
             .map_max_entries(MAP_USE, max.saturating_mul(2))
-            .map_max_entries(MAP_ENDPOINTS, (max / 2).max(1024));
+            .map_max_entries(MAP_ENDPOINTS, (max / 2).max(1024))
+            .map_max_entries(
+                MAP_FREE_PORTS,
+                pool::index::capacity(
+                    max,
+                    u32::from(settings.port_range.hi - settings.port_range.lo) + 1,
+                    MAX_HOT_DESTINATIONS,
+                ),
+            );
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }

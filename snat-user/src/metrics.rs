@@ -130,10 +130,10 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     out.push(created.0);
     let mut method = Family::new(
         "snat_port_allocations_total",
-        "How new mappings found their port: the pod's own (preserved), a random try, or the exhaustive walk of the range (scan).",
+        "How new mappings found their port: the internal endpoint's previous NAT port (same_endpoint), the pod's own (preserved), a random try, the free-port index of a nearly full destination (index), or the exhaustive walk of the range (scan).",
         COUNTER,
     );
-    for m in ["preserved", "random", "scan"] {
+    for m in ["same_endpoint", "preserved", "random", "index", "scan"] {
         method = method.counter(&[("method", m)], get(&format!("port_{m}")));
     }
     out.push(method.0);

@@ -2,11 +2,14 @@
 //! real controller code, not attached anywhere), every rewritten field and checksum checked with
 //! etherparse. Needs root.
 
-use std::net::Ipv4Addr;
+use std::{collections::HashMap, net::Ipv4Addr};
 
 use clap::Parser as _;
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
-use snat_common::Counter;
+use snat_common::{
+    flow::{proto, release_result},
+    Counter, FlowKey, Origin, ReleaseEntry,
+};
 use snat_user::{
     cli::{Cli, Command},
     config::Settings,
@@ -340,6 +343,102 @@ fn tcp_ports_are_reused_per_destination_and_exhaustion_is_exact() {
 }
 
 #[test]
+fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
+    // 128 ports (two index blocks): the destination turns hot at 112 claims (7/8).
+    let mut dp = Dp::new("--port-range 40000:40127 --on-exhaustion drop");
+    let mut tables = dp.engine.take_tables().unwrap();
+    let syn = |sport: u16| packets::tcp((POD, sport), (REMOTE, 80), SYN, b"");
+    let mut sport_of = HashMap::new(); // NAT port → pod's source port
+    for sport in 1..=128u16 {
+        let out = dp.egress_ok(&syn(sport));
+        let port = out.tcp().source_port;
+        assert_eq!(out.src(), NAT);
+        assert!((40000..=40127).contains(&port), "{port}");
+        assert!(
+            sport_of.insert(port, sport).is_none(),
+            "port {port} given twice"
+        );
+    }
+    assert_eq!(dp.egress(&syn(129)).0, SHOT, "all 128 ports are taken");
+    assert_eq!(dp.count(Counter::EgressDropExhaustedTcp), 1);
+    assert_eq!(dp.count(Counter::IndexBuilt), 1, "{:?}", dp.nonzero());
+    assert!(dp.count(Counter::AllocIndexed) >= 1);
+
+    // Release three mappings with the kernel's release program, as expiry does: one port in
+    // the first index block (40000-40063), two in the second.
+    let freed = [40010u16, 40070, 40100];
+    let mut entries: Vec<ReleaseEntry> = freed
+        .iter()
+        .map(|port| {
+            let sport = sport_of[port];
+            let key = FlowKey::new(
+                proto::TCP,
+                POD.octets(),
+                sport.to_be_bytes(),
+                REMOTE.octets(),
+                80u16.to_be_bytes(),
+            );
+            let m = tables.fwd.get(&key, 0).unwrap();
+            let o = tables
+                .rev
+                .get(&key.reply(m.nat_addr, m.nat_port), 0)
+                .unwrap();
+            ReleaseEntry {
+                key,
+                fwd_seen_ns: m.last_seen_ns,
+                rev_seen_ns: o.last_seen_ns,
+                result: 0,
+                _pad: 0,
+            }
+        })
+        .collect();
+    dp.engine.release(&mut entries).unwrap();
+    assert!(entries.iter().all(|e| e.result == release_result::RELEASED));
+
+    // A claim the index missed (written behind its back): the index offers the lowest freed
+    // port first, the claim fails, its mark is cleared and the walk finds another freed port.
+    // The first block is then marked but empty: the search must clear it and go on.
+    let stolen = FlowKey::new(
+        proto::TCP,
+        REMOTE.octets(),
+        80u16.to_be_bytes(),
+        NAT.octets(),
+        freed[0].to_be_bytes(),
+    );
+    let thief = Origin {
+        addr: [10, 1, 9, 9],
+        port: 7u16.to_be_bytes(),
+        ..Origin::default()
+    };
+    tables.rev.insert(stolen, thief, 0).unwrap();
+    let (indexed, scans) = (
+        dp.count(Counter::AllocIndexed),
+        dp.count(Counter::AllocScan),
+    );
+    let a = dp.egress_ok(&syn(200)).tcp().source_port;
+    assert_eq!(
+        dp.count(Counter::AllocScan),
+        scans + 1,
+        "the stale mark led to the walk"
+    );
+    // The last freed port is found by the index alone.
+    let b = dp.egress_ok(&syn(201)).tcp().source_port;
+    assert_eq!(dp.count(Counter::AllocIndexed), indexed + 1);
+    assert_eq!(dp.count(Counter::AllocScan), scans + 1);
+    let mut got = vec![a, b];
+    got.sort_unstable();
+    assert_eq!(got, freed[1..], "exactly the freed ports, each once");
+    assert_eq!(dp.egress(&syn(202)).0, SHOT);
+
+    // Another destination has its own ports: random, not indexed.
+    let random = dp.count(Counter::AllocRandom);
+    let other = dp.egress_ok(&packets::tcp((POD, 300), (REMOTE, 81), SYN, b""));
+    assert!((40000..=40127).contains(&other.tcp().source_port));
+    assert_eq!(dp.count(Counter::AllocRandom), random + 1);
+    assert_eq!(dp.count(Counter::IndexBuilt), 1);
+}
+
+#[test]
 fn a_new_syn_on_a_closed_mapping_keeps_its_nat_port() {
     // Binding persistence: the server's TIME_WAIT must see the same 4-tuple again.
     let dp = Dp::new("");
@@ -485,7 +584,7 @@ fn per_source_cap_and_fair_share_refuse_the_greedy_source_only() {
     // Fair share from 50 %, with the controller's hint that one source uses the destination:
     // its share is 10 / (1 + 1) = 5 ports once 5 are used; a newcomer still gets one.
     let mut fair = Dp::new("--port-range 40000:40009 --fair-share --fair-share-threshold 0.5");
-    let fwd = snat_common::FlowKey::new(
+    let fwd = FlowKey::new(
         6,
         greedy.octets(),
         [0, 1],
@@ -624,7 +723,7 @@ fn icmp_errors_neither_end_nor_refresh_a_mapping() {
     let mut dp = Dp::new("");
     let (_, out) = dp.egress(&packets::udp((POD, 40200), (REMOTE, 53), b"q"));
     let tables = dp.engine.take_tables().unwrap();
-    let key = snat_common::FlowKey::new(
+    let key = FlowKey::new(
         17,
         POD.octets(),
         40200u16.to_be_bytes(),

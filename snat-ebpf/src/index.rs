@@ -1,0 +1,133 @@
+//! Free-port indexes of hot destinations: which NAT ports are probably free towards one remote
+//! ip:port once its range is nearly full, so that a new mapping finds one of the last free ports
+//! in a few reads instead of walking the range. Layout and rules in [`snat_common::pool::index`];
+//! the search itself is in `alloc`, next to the walk it stands in front of.
+//!
+//! Every claim and release of a port towards an indexed destination updates its byte; all
+//! writes are plain byte stores, and every race leaves a hint that is wrong in a safe direction
+//! (see the module docs in `snat-common`).
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::generated::bpf_loop,
+    macros::map,
+    maps::{Array, LruHashMap},
+};
+use snat_common::{
+    pool::index::{BLOCK, BLOCKS, PORTS},
+    Counter, FlowKey, MAX_HOT_DESTINATIONS,
+};
+
+use crate::maps::{count, SNAT_REV};
+
+/// One hot destination's index.
+#[repr(C, align(8))]
+pub struct FreePorts {
+    /// Per port number: non-zero = probably free.
+    pub port: [u8; PORTS],
+    /// Per block of `BLOCK` ports: non-zero = probably has a free port.
+    pub block: [u8; BLOCKS],
+}
+
+/// Sized by the controller (`pool::index::capacity`).
+#[map]
+pub static SNAT_FREE_PORTS: LruHashMap<FlowKey, FreePorts> =
+    LruHashMap::with_max_entries(MAX_HOT_DESTINATIONS, 0);
+
+/// Never written: the zeroes a new index starts from (a program's stack cannot hold one).
+#[map]
+pub static SNAT_FREE_ZERO: Array<FreePorts> = Array::with_max_entries(1, 0);
+
+/// The destination key of a reply key: the NAT port zeroed.
+#[inline(always)]
+pub const fn destination(reply: &FlowKey) -> FlowKey {
+    FlowKey {
+        dst_port: [0; 2],
+        ..*reply
+    }
+}
+
+/// The index of `reply`'s destination, if it is hot.
+#[inline(always)]
+pub fn of(reply: &FlowKey) -> Option<*mut FreePorts> {
+    SNAT_FREE_PORTS.get_ptr_mut(destination(reply))
+}
+
+/// Records that `port` was claimed.
+#[inline(always)]
+pub fn taken(index: *mut FreePorts, port: u16) {
+    // SAFETY: `index` points to a live map value; the index is masked into the array.
+    unsafe { (*index).port[usize::from(port) & (PORTS - 1)] = 0 };
+}
+
+/// Records that `port` was released: its byte first, then its block's summary, so that a
+/// search that sees the summary finds the byte.
+#[inline(always)]
+pub fn freed(reply: &FlowKey) {
+    if let Some(index) = of(reply) {
+        let port = usize::from(u16::from_be_bytes(reply.dst_port));
+        // SAFETY: as in `taken`.
+        unsafe {
+            (*index).port[port & (PORTS - 1)] = 1;
+            (*index).block[(port / BLOCK as usize) & (BLOCKS - 1)] = 1;
+        }
+    }
+}
+
+/// State of the build, shared with the `bpf_loop` callback on the stack.
+#[repr(C)]
+struct Build {
+    index: *mut FreePorts,
+    reply: FlowKey,
+    port_min: u32,
+}
+
+/// Marks the `i`-th port of the range free if nothing claims it.
+extern "C" fn build_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the pointer `build` gave it, to a live `Build`.
+    let b = unsafe { &mut *ctx.cast::<Build>() };
+    let port = (b.port_min + i as u32) as usize & (PORTS - 1);
+    b.reply.dst_port = (port as u16).to_be_bytes();
+    if SNAT_REV.get_ptr(b.reply).is_none() {
+        // SAFETY: as in `taken`.
+        unsafe {
+            (*b.index).port[port] = 1;
+            (*b.index).block[(port / BLOCK as usize) & (BLOCKS - 1)] = 1;
+        }
+    }
+    0
+}
+
+/// Creates the index of `reply`'s destination for the ports `port_min..port_min + len` from the
+/// claims in `SNAT_REV` (one pass over the range), or returns the one another CPU created.
+#[inline(always)]
+pub fn build(reply: &FlowKey, port_min: u16, len: u32) -> Option<*mut FreePorts> {
+    let key = destination(reply);
+    let zero = SNAT_FREE_ZERO.get_ptr(0)?;
+    // SAFETY: `zero` points to a live map value of the right type and size.
+    let zero = unsafe { &*zero };
+    if SNAT_FREE_PORTS
+        .insert(key, zero, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        return SNAT_FREE_PORTS.get_ptr_mut(key);
+    }
+    let index = SNAT_FREE_PORTS.get_ptr_mut(key)?;
+    let mut b = Build {
+        index,
+        reply: *reply,
+        port_min: u32::from(port_min),
+    };
+    // SAFETY: `build_step` has the callback signature `bpf_loop` expects and only touches `b`,
+    // which outlives the call.
+    unsafe {
+        bpf_loop(
+            len,
+            build_step as *mut core::ffi::c_void,
+            (&raw mut b).cast(),
+            0,
+        );
+    }
+    count(Counter::IndexBuilt);
+    Some(index)
+}
