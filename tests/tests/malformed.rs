@@ -67,7 +67,8 @@ fn counters(agent: &Agent) -> BTreeMap<String, u64> {
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     after
         .iter()
-        .filter_map(|(k, v)| (*v != before[k]).then(|| (k.clone(), v - before[k])))
+        .filter(|&(k, v)| *v != before[k])
+        .map(|(k, v)| (k.clone(), v - before[k]))
         .collect()
 }
 
