@@ -1,10 +1,12 @@
-//! `cargo xtask`: snat's orchestration — toolchain setup, the release build, lints, tests, demo.
+//! `cargo xtask`: snat's orchestration — toolchain setup, the release build, lints, tests, demo,
+//! benchmarks.
 //!
 //! Orchestration only: everything here runs other programs (cargo, rustup, apt-get, the `snat`
 //! binary) from the workspace root, printing each step on stderr with an `xtask:` prefix, and stops
 //! at the first failure with an error that names the failing command. Commands that attach eBPF
 //! programs check for root before building anything.
 
+mod bench;
 mod cmd;
 mod demo;
 mod toolchain;
@@ -61,6 +63,20 @@ enum Task {
     Test(TestArgs),
     /// Build, then run the demo (as root)
     Demo,
+    /// Install the benchmark tools, build, then benchmark snat against no NAT and nftables (as root)
+    ///
+    /// Measures connection churn, many destinations, UDP packet rate, bulk TCP, the datapath's
+    /// cost per packet (BPF_PROG_TEST_RUN) and memory and expiry at scale, with every contender
+    /// interleaved in one run; writes target/bench/report.md and target/bench/churn.svg. Takes
+    /// about 15 minutes (`--quick`: about 2).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A short run (one round, smaller bursts): about 2 minutes
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args)]
@@ -92,6 +108,7 @@ fn main() -> ExitCode {
         Task::Lint => lint(),
         Task::Test(args) => test(&args),
         Task::Demo => demo(),
+        Task::Bench(args) => bench(args.quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -317,4 +334,17 @@ fn demo() -> anyhow::Result<()> {
     let bin = build()?;
     let root = root()?;
     demo::run(root, &target_dir(root), &bin)
+}
+
+/// `cargo xtask bench`: the benchmark tools, the build, then hand over to [`bench::run`].
+fn bench(quick: bool) -> anyhow::Result<()> {
+    cmd::require_root(
+        "cargo xtask bench",
+        "it attaches eBPF programs and builds network namespaces",
+        "sudo -E cargo xtask bench",
+    )?;
+    tools::ensure_bench()?;
+    let bin = build()?;
+    let root = root()?;
+    bench::run(root, &target_dir(root), &bin, quick)
 }

@@ -1,7 +1,9 @@
-//! The programs the integration tests run, and the Debian packages that provide them.
+//! The programs the integration tests and the benchmarks run, and the Debian packages that
+//! provide them.
 //!
-//! The test machines start bare, so `cargo xtask test` installs whatever is missing with apt
-//! (as root) before anything else. A test that needs a new program adds a row to [`TEST_TOOLS`].
+//! The test machines start bare, so `cargo xtask test` and `cargo xtask bench` install whatever is
+//! missing with apt (as root) before anything else. A test that needs a new program adds a row to
+//! [`TEST_TOOLS`], a benchmark to [`BENCH_TOOLS`].
 
 use anyhow::bail;
 
@@ -18,16 +20,47 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("python3", "python3"),
     // `promtool check metrics` validates snat's /metrics exposition.
     ("promtool", "prometheus"),
+    // STUN discovery through the NAT (endpoint-independent mapping).
+    ("stun", "stun-client"),
+    ("stund", "stun-server"),
+    // Hostile input: a SYN flood, and malformed packets crafted with scapy (for /usr/bin/python3).
+    ("hping3", "hping3"),
+    ("scapy", "python3-scapy"),
+    ("nstat", "iproute2"),
+];
+
+/// What `cargo xtask bench` runs besides the test harness: the nftables baseline, bulk TCP,
+/// flushing the node's conntrack table between nftables runs, offloads and SYN retransmission
+/// counters.
+pub const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("nft", "nftables"),
+    ("iperf3", "iperf3"),
+    ("conntrack", "conntrack"),
+    ("ethtool", "ethtool"),
+    ("nstat", "iproute2"),
+    ("ip", "iproute2"),
 ];
 
 /// Installs the packages of the [`TEST_TOOLS`] that are not on PATH; does nothing if all are.
 pub fn ensure() -> anyhow::Result<()> {
-    let absent = missing();
+    ensure_set("test tools", TEST_TOOLS, "sudo -E cargo xtask test")
+}
+
+/// Installs the packages of the [`BENCH_TOOLS`] that are not on PATH; does nothing if all are.
+pub fn ensure_bench() -> anyhow::Result<()> {
+    ensure_set("bench tools", BENCH_TOOLS, "sudo -E cargo xtask bench")
+}
+
+/// Installs the packages of `table` whose programs are not on PATH (`what` names the set in
+/// messages, `usage` is how to run the command as root).
+fn ensure_set(
+    what: &str,
+    table: &'static [(&'static str, &'static str)],
+    usage: &str,
+) -> anyhow::Result<()> {
+    let absent = missing(table);
     if absent.is_empty() {
-        say(format_args!(
-            "test tools: all present ({})",
-            names(TEST_TOOLS)
-        ));
+        say(format_args!("{what}: all present ({})", names(table)));
         return Ok(());
     }
     let mut packages: Vec<&str> = absent.iter().map(|&(_, package)| package).collect();
@@ -35,13 +68,13 @@ pub fn ensure() -> anyhow::Result<()> {
     packages.dedup();
     let packages_list = packages.join(" ");
     say(format_args!(
-        "test tools: missing {}; installing {packages_list} with apt-get",
+        "{what}: missing {}; installing {packages_list} with apt-get",
         names(&absent)
     ));
     if !cmd::is_root() {
         bail!(
-            "the test tools {} are missing and installing them ({packages_list}) needs root: run \
-             `sudo -E cargo xtask test`, or `apt-get install {packages_list}` first",
+            "the {what} {} are missing and installing them ({packages_list}) needs root: run \
+             `{usage}`, or `apt-get install {packages_list}` first",
             names(&absent)
         );
     }
@@ -52,7 +85,7 @@ pub fn ensure() -> anyhow::Result<()> {
             .args(&packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still = missing();
+    let still = missing(table);
     if !still.is_empty() {
         bail!(
             "after installing {packages_list}, {} still is not on PATH",
@@ -62,8 +95,8 @@ pub fn ensure() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn missing() -> Vec<(&'static str, &'static str)> {
-    TEST_TOOLS
+fn missing(table: &'static [(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    table
         .iter()
         .copied()
         .filter(|&(program, _)| cmd::find(program).is_none())

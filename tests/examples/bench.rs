@@ -1,0 +1,346 @@
+//! `cargo xtask bench`: snat against plain routing and nftables masquerade, on one machine, in one
+//! run, with a report.
+//!
+//! Builds one copy of the test harness's topology (two pods → node → router → server, all in
+//! fresh network namespaces) per contender and measures the same workloads under each,
+//! interleaved so drift hits them all alike (churn: round by round, the order rotating; packet
+//! rate and bulk: short windows alternating between contenders that are all set up at once):
+//!
+//! - `none`: plain routing (the router gets a route back to the pods);
+//! - `nft masquerade`, `nft masquerade to :32768-65535`, `… fully-random`: an nftables table of
+//!   our own in the node's namespace;
+//! - `snat`: the agent on the node's uplink with `--port-range 32768:65535`.
+//!
+//! Workloads: churn of short TCP connections to one destination and to many server ports, UDP
+//! packet rate (one flow, many flows), bulk TCP (iperf3); then, in this process, the datapath's
+//! cost per packet with `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 %
+//! occupancy) and scale (map memory, agent RSS and CPU, expiry sweep time with 10 k–1 M
+//! mappings). Writes `report.md`, `churn.svg` and `results.json` to `--out` (default
+//! `target/bench`). Nothing here asserts a time: numbers only go into the report.
+//!
+//! Network safety: only namespaces, veths and nftables tables this process creates, named with
+//! the harness's per-process prefix and deleted by exact name when done, also on failure and
+//! Ctrl-C (drop guards; SIGINT only sets a flag that every loop checks). Every load loop is
+//! bounded in count and time.
+
+#[path = "bench/churn.rs"]
+mod churn;
+#[path = "bench/datapath.rs"]
+mod datapath;
+#[path = "bench/lab.rs"]
+mod lab;
+#[path = "bench/report.rs"]
+mod report;
+#[path = "bench/scale.rs"]
+mod scale;
+#[path = "bench/traffic.rs"]
+mod traffic;
+
+use std::{
+    panic::AssertUnwindSafe,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use lab::{Contender, Lab};
+use report::{Machine, Results};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether Ctrl-C was pressed: every loop stops early, cleanly.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fails once Ctrl-C was pressed.
+pub fn check() -> anyhow::Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Progress on stderr.
+pub fn say(msg: impl std::fmt::Display) {
+    eprintln!("bench: {msg}");
+}
+
+/// How much to measure: `--quick` or the full run.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    pub bursts: usize,
+    pub burst_conns: u64,
+    pub burst_limit: Duration,
+    pub client_threads_per_pod: usize,
+    pub many_ports: u16,
+    /// Alternating windows per contender for packet rate and bulk.
+    pub rate_reps: usize,
+    pub udp_secs: f64,
+    pub bulk_secs: u32,
+    pub dp_established_samples: usize,
+    pub dp_new_samples: usize,
+    pub scale_sizes: &'static [u32],
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                rounds: 1,
+                bursts: 5,
+                burst_conns: 2000,
+                burst_limit: Duration::from_secs(4),
+                client_threads_per_pod: 4,
+                many_ports: 64,
+                rate_reps: 2,
+                udp_secs: 1.0,
+                bulk_secs: 1,
+                dp_established_samples: 5_000,
+                dp_new_samples: 1_000,
+                scale_sizes: &[10_000, 100_000, 1_000_000],
+            }
+        } else {
+            Self {
+                quick,
+                rounds: 4,
+                bursts: 5,
+                burst_conns: 8000,
+                burst_limit: Duration::from_secs(5),
+                client_threads_per_pod: 4,
+                many_ports: 64,
+                rate_reps: 8,
+                udp_secs: 1.0,
+                bulk_secs: 2,
+                dp_established_samples: 20_000,
+                dp_new_samples: 4_000,
+                scale_sizes: &[10_000, 100_000, 1_000_000],
+            }
+        }
+    }
+}
+
+struct Args {
+    quick: bool,
+    out: PathBuf,
+    only: Option<Vec<String>>,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        quick: false,
+        out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => args.quick = true,
+            "--out" => args.out = it.next().context("--out needs a directory")?.into(),
+            "--only" => {
+                let list = it
+                    .next()
+                    .context("--only needs a list: net,datapath,scale")?;
+                args.only = Some(list.split(',').map(str::to_owned).collect());
+            }
+            "-h" | "--help" => {
+                println!(
+                    "usage: bench [--quick] [--out DIR] [--only net,datapath,scale]\n\
+                     Run it with `cargo xtask bench [--quick]` (as root)."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(args)
+}
+
+fn main() {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let started = Instant::now();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run(&args)));
+    let secs = started.elapsed().as_secs_f64();
+    match result {
+        Ok(Ok(())) => {
+            println!(
+                "\nbench: done in {:.0} s; report in {}",
+                secs,
+                args.out.join("report.md").display()
+            );
+        }
+        Ok(Err(e)) => {
+            eprintln!(
+                "\nbench: stopped after {secs:.0} s: {e:#}; everything it created is removed"
+            );
+            std::process::exit(1);
+        }
+        Err(_) => {
+            eprintln!(
+                "\nbench: failed after {secs:.0} s (see above); everything it created is removed"
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn wants(only: Option<&Vec<String>>, part: &str) -> bool {
+    only.is_none_or(|l| l.iter().any(|p| p == part))
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark must run as root: `sudo -E cargo xtask bench`");
+    }
+    for tool in ["nft", "iperf3", "conntrack", "ethtool", "ip"] {
+        if which(tool).is_none() {
+            bail!("{tool} is not installed: run the benchmark with `cargo xtask bench`, which installs it");
+        }
+    }
+    let plan = Plan::new(args.quick);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut command = if args.quick {
+        "cargo xtask bench --quick".to_owned()
+    } else {
+        "cargo xtask bench".to_owned()
+    };
+    if let Some(only) = &args.only {
+        command.push_str(&format!(" (bench --only {})", only.join(",")));
+    }
+    let mut results = Results::new(Machine::describe(), command, plan);
+    let started = Instant::now();
+    let only = args.only.as_ref();
+
+    let outcome = (|| -> anyhow::Result<()> {
+        if wants(only, "net") {
+            network(&plan, &mut results)?;
+        }
+        check()?;
+        if wants(only, "datapath") {
+            say("datapath cost (BPF_PROG_TEST_RUN)");
+            match datapath::run_in_namespace(&plan) {
+                Ok(d) => results.datapath = Some(d),
+                Err(e) => results.note(format!("datapath cost: not measured: {e:#}")),
+            }
+        }
+        check()?;
+        if wants(only, "scale") {
+            say("scale (map memory, agent RSS, expiry)");
+            let lab = Lab::new()?;
+            match scale::run(&plan, &lab, &mut |row| results.scale.push(row)) {
+                Ok(()) => {}
+                Err(e) => results.note(format!("scale: stopped early: {e:#}")),
+            }
+        }
+        check()
+    })();
+    results.elapsed = started.elapsed();
+    if let Err(e) = &outcome {
+        results.note(format!(
+            "the run stopped early: {e:#}; the tables show what was measured"
+        ));
+    }
+    results.write(&args.out)?;
+    say(format_args!(
+        "wrote {} and {}",
+        args.out.join("report.md").display(),
+        args.out.join("churn.svg").display()
+    ));
+    outcome
+}
+
+/// The network workloads: a lab per contender; churn with every contender once per round (the
+/// order rotating between rounds), then packet rate and bulk in alternating windows.
+fn network(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
+    let mut labs = Vec::new();
+    for _ in Contender::ALL {
+        labs.push(Lab::new()?);
+    }
+    say(format_args!(
+        "{} labs ready (2 pods -> node -> router -> server each): {}",
+        labs.len(),
+        labs.iter()
+            .map(|l| l.topo.prefix.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let n = Contender::ALL.len();
+    for round in 0..plan.rounds {
+        for i in 0..n {
+            check()?;
+            let k = (i + round) % n;
+            let c = Contender::ALL[k];
+            say(format_args!(
+                "churn, round {}/{}: {}",
+                round + 1,
+                plan.rounds,
+                c.label()
+            ));
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                traffic::churn_run(plan, &mut labs[k], c, results)
+            }));
+            settle_failure(
+                run,
+                results,
+                &format!("churn round {} {}", round + 1, c.label()),
+            )?;
+        }
+    }
+    check()?;
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        traffic::rate_phase(plan, &mut labs, results)
+    }));
+    settle_failure(run, results, "packet rate and bulk")
+}
+
+/// Turns a failed (or panicked) part into a note and carries on, unless interrupted.
+fn settle_failure(
+    run: std::thread::Result<anyhow::Result<()>>,
+    results: &mut Results,
+    what: &str,
+) -> anyhow::Result<()> {
+    match run {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            check()?;
+            results.note(format!("{what}: {e:#}"));
+            Ok(())
+        }
+        Err(panic) => {
+            check()?;
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            results.note(format!("{what}: failed: {msg}"));
+            Ok(())
+        }
+    }
+}
+
+/// Finds `program` on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}

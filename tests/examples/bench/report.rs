@@ -1,0 +1,927 @@
+//! The figures of a run, and what is written from them: `report.md` (medians with min–max,
+//! ratios to `none` and to the best nftables form, the targets with "meets" or "short by"),
+//! `churn.svg` (the churn bursts per contender) and `results.json` (every sample).
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::{datapath::Datapath, lab::Contender, scale, Plan};
+
+/// The machine the run is on.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub cpus: usize,
+    pub model: String,
+    pub kernel: String,
+    pub mem_gib: f64,
+    pub os: String,
+    pub date: String,
+}
+
+impl Machine {
+    pub fn describe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1))
+            .unwrap_or("unknown")
+            .trim()
+            .to_owned();
+        let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        let os = std::fs::read_to_string("/etc/os-release")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_owned())
+            })
+            .unwrap_or_default();
+        let date = Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        Self {
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            model,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            mem_gib: mem_kib / 1024.0 / 1024.0,
+            os,
+            date,
+        }
+    }
+}
+
+/// Everything a run measured.
+pub struct Results {
+    pub machine: Machine,
+    pub command: String,
+    pub plan: Plan,
+    /// Network figures: metric → contender → one sample per round.
+    pub net: BTreeMap<String, BTreeMap<Contender, Vec<f64>>>,
+    pub notes: Vec<String>,
+    pub datapath: Option<Datapath>,
+    pub scale: Vec<scale::Row>,
+    pub elapsed: Duration,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        })
+}
+
+/// `12,345`.
+fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    let n = v.round() as i64;
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn fixed2(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+fn kpps(v: f64) -> String {
+    format!("{:.0} k", v / 1e3)
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / 1048576.0)
+}
+
+fn ns(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{} ns", thousands(v))
+    } else {
+        format!("{v:.0} ns")
+    }
+}
+
+/// "meets" or "short by …" for a figure that should be at least `target`.
+fn at_least(value: f64, target: f64, fmt: fn(f64) -> String) -> String {
+    if !value.is_finite() {
+        "not measured".into()
+    } else if value >= target {
+        "**meets**".into()
+    } else {
+        format!("**short by {}**", fmt(target - value))
+    }
+}
+
+/// "meets" or "short by …" for a figure that should be at most `target`.
+fn at_most(value: f64, target: f64, fmt: fn(f64) -> String) -> String {
+    if !value.is_finite() {
+        "not measured".into()
+    } else if value <= target {
+        "**meets**".into()
+    } else {
+        format!("**short by {}**", fmt(value - target))
+    }
+}
+
+fn times(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.2}×")
+    } else {
+        "–".into()
+    }
+}
+
+impl Results {
+    pub fn new(machine: Machine, command: String, plan: Plan) -> Self {
+        Self {
+            machine,
+            command,
+            plan,
+            net: BTreeMap::new(),
+            notes: Vec::new(),
+            datapath: None,
+            scale: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    pub fn push(&mut self, key: &str, c: Contender, v: f64) {
+        self.net
+            .entry(key.to_owned())
+            .or_default()
+            .entry(c)
+            .or_default()
+            .push(v);
+    }
+
+    pub fn note(&mut self, s: String) {
+        crate::say(format_args!("note: {s}"));
+        self.notes.push(s);
+    }
+
+    fn samples(&self, key: &str, c: Contender) -> Option<&[f64]> {
+        self.net
+            .get(key)?
+            .get(&c)
+            .map(Vec::as_slice)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn med(&self, key: &str, c: Contender) -> f64 {
+        self.samples(key, c).map_or(f64::NAN, median)
+    }
+
+    /// The best (highest) median among the nftables forms, and which form it is.
+    fn best_nft(&self, key: &str) -> Option<(f64, Contender)> {
+        Contender::NFT
+            .iter()
+            .map(|&c| (self.med(key, c), c))
+            .filter(|(m, _)| m.is_finite())
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+    }
+
+    /// `median (min–max)`, or the one value of a single round.
+    fn cell(&self, key: &str, c: Contender, fmt: fn(f64) -> String) -> String {
+        match self.samples(key, c) {
+            None => "–".into(),
+            Some(v) if v.len() == 1 => fmt(v[0]),
+            Some(v) => {
+                let (lo, hi) = min_max(v);
+                format!("{} ({}–{})", fmt(median(v)), fmt(lo), fmt(hi))
+            }
+        }
+    }
+
+    /// Sum over rounds (for counts such as failed connects).
+    fn total(&self, key: &str, c: Contender) -> String {
+        self.samples(key, c)
+            .map_or("–".into(), |v| thousands(v.iter().sum()))
+    }
+
+    fn ratios(&self, key: &str, c: Contender) -> (f64, f64) {
+        let m = self.med(key, c);
+        let none = self.med(key, Contender::None);
+        let nft = self.best_nft(key).map_or(f64::NAN, |b| b.0);
+        (m / none, m / nft)
+    }
+
+    /// The worst burst ratio snat/none of a churn workload: (ratio, burst).
+    fn worst_burst(&self, key: &str) -> (f64, usize) {
+        (1..=self.plan.bursts)
+            .map(|b| {
+                (
+                    self.ratios(&format!("{key}.burst{b}"), Contender::Snat).0,
+                    b,
+                )
+            })
+            .filter(|(r, _)| r.is_finite())
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .unwrap_or((f64::NAN, 0))
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let md = dir.join("report.md");
+        std::fs::write(&md, self.markdown())
+            .with_context(|| format!("writing {}", md.display()))?;
+        let svg = dir.join("churn.svg");
+        std::fs::write(&svg, self.churn_svg())
+            .with_context(|| format!("writing {}", svg.display()))?;
+        let js = dir.join("results.json");
+        std::fs::write(&js, serde_json::to_string_pretty(&self.json())?)
+            .with_context(|| format!("writing {}", js.display()))?;
+        Ok(())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let net: BTreeMap<&String, BTreeMap<&str, &Vec<f64>>> = self
+            .net
+            .iter()
+            .map(|(k, m)| (k, m.iter().map(|(c, v)| (c.label(), v)).collect()))
+            .collect();
+        let datapath = self.datapath.as_ref().map(|d| {
+            json!({
+                "timer_overhead_ns": d.timer_overhead,
+                "rows": d.rows.iter().map(|r| json!({
+                    "name": r.name, "occupancy": r.occupancy, "repeat": r.repeat,
+                    "samples": r.samples, "median_ns": r.median, "p10_ns": r.p10,
+                    "p90_ns": r.p90, "net_ns": r.net, "walk_share": r.scan_share,
+                    "refused": r.refused, "alloc_mean_ns": r.alloc_mean,
+                })).collect::<Vec<_>>(),
+            })
+        });
+        let scale: Vec<_> = self
+            .scale
+            .iter()
+            .map(|r| {
+                json!({
+                    "mappings": r.mappings, "tables_bytes": r.tables_bytes,
+                    "all_maps_bytes": r.all_maps_bytes, "maps_bytes": r.maps,
+                    "agent_rss_start_kib": r.rss_start_kib, "agent_rss_full_kib": r.rss_full_kib,
+                    "agent_hwm_kib": r.hwm_kib, "agent_idle_cpu_cores": r.idle_cpu,
+                    "status_secs": r.status_secs, "fill_secs": r.fill_secs,
+                    "sweep_secs": r.sweep_secs, "swept": r.swept,
+                })
+            })
+            .collect();
+        json!({
+            "date": self.machine.date,
+            "command": self.command,
+            "machine": {
+                "cpus": self.machine.cpus, "model": self.machine.model,
+                "kernel": self.machine.kernel, "memory_gib": self.machine.mem_gib,
+                "os": self.machine.os,
+            },
+            "rounds": self.plan.rounds,
+            "elapsed_secs": self.elapsed.as_secs_f64(),
+            "net": net,
+            "datapath": datapath,
+            "scale": scale,
+            "notes": self.notes,
+        })
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::new();
+        let p = &self.plan;
+        let m = &self.machine;
+        let _ = writeln!(s, "# snat benchmarks\n");
+        let _ = writeln!(
+            s,
+            "- **Date:** {}; **command:** `{}` (as root, from a checkout); took {:.1} min.",
+            m.date,
+            self.command,
+            self.elapsed.as_secs_f64() / 60.0
+        );
+        let _ = writeln!(
+            s,
+            "- **Machine:** {} CPUs (`nproc`), {}, {:.1} GiB memory, Linux {}, {}.",
+            m.cpus, m.model, m.mem_gib, m.kernel, m.os
+        );
+        let _ = writeln!(
+            s,
+            "- **Run:** each contender has its own copy of the topology. Churn: {} round(s), \
+             each running every contender's churn once, the order rotating by one each round. \
+             Packet rate and bulk: all contenders set up at once, {} short windows each, \
+             alternating between contenders (the order rotating), so the machine's drift hits \
+             all alike. Figures are medians over rounds or windows with (min–max){}. Ratios \
+             compare medians: **× none** to plain routing, **× best nft** to the best of the \
+             three nftables forms for that figure.",
+            p.rounds,
+            p.rate_reps,
+            if p.rounds == 1 {
+                "; with one churn round the churn figures are single samples"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "- Nothing here asserts a time; the numbers are what this machine did in this run.\n"
+        );
+
+        let _ = writeln!(s, "## Contenders\n");
+        let _ = writeln!(s, "| contender | what |\n|---|---|");
+        for c in Contender::ALL {
+            let _ = writeln!(s, "| {} | {} |", c.label(), c.describe());
+        }
+        s.push('\n');
+
+        self.targets(&mut s);
+        self.churn_tables(
+            &mut s,
+            "churn1",
+            "1. Churn to one destination",
+            &format!(
+            "{} bursts of {} connections each, back to back, from {} client threads ({} in each of \
+             the 2 pods) to the server's one ip:port; each connection: connect, read the greeting, \
+             one line each way, the server closes first (so the server holds TIME_WAIT). A burst \
+             stops after {} s. Connections per second per burst:",
+            p.bursts,
+            thousands(p.burst_conns as f64),
+            2 * p.client_threads_per_pod,
+            p.client_threads_per_pod,
+            p.burst_limit.as_secs()
+        ),
+        );
+        self.churn_tables(
+            &mut s,
+            "churnN",
+            "2. Churn to many destinations",
+            &format!(
+                "The same, the connections spread round robin over {} server ports:",
+                p.many_ports
+            ),
+        );
+        self.snat_alloc(&mut s);
+        self.udp_table(&mut s);
+        self.bulk_table(&mut s);
+        self.datapath_table(&mut s);
+        self.scale_table(&mut s);
+        self.method(&mut s);
+        if !self.notes.is_empty() {
+            let _ = writeln!(s, "## Notes from this run\n");
+            for n in &self.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    fn targets(&self, s: &mut String) {
+        let _ = writeln!(s, "## Targets\n");
+        let _ = writeln!(s, "| target | measured | verdict |\n|---|---|---|");
+        for (key, what) in [
+            (
+                "churn1",
+                "churn, one destination: ≥ 0.90× none on every burst",
+            ),
+            (
+                "churnN",
+                "churn, many destinations: ≥ 0.90× none on every burst",
+            ),
+        ] {
+            let (r, b) = self.worst_burst(key);
+            let measured = if r.is_finite() {
+                format!("worst burst {b}: {}", times(r))
+            } else {
+                "–".into()
+            };
+            let _ = writeln!(s, "| {what} | {measured} | {} |", at_least(r, 0.9, times));
+        }
+        for (key, what) in [
+            ("udp1.rx", "UDP packet rate, one flow: ≥ 0.95× none"),
+            ("udpN.rx", "UDP packet rate, many flows: ≥ 0.95× none"),
+            ("bulk.gbps", "bulk TCP throughput: ≥ 0.95× none"),
+        ] {
+            let r = self.ratios(key, Contender::Snat).0;
+            let _ = writeln!(
+                s,
+                "| {what} | {} | {} |",
+                times(r),
+                at_least(r, 0.95, times)
+            );
+        }
+        if let Some(d) = &self.datapath {
+            for r in &d.rows {
+                let target = if r.name.contains("established") {
+                    100.0
+                } else if r.occupancy.is_some() {
+                    300.0
+                } else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "| datapath, {}: ≤ {target:.0} ns | {} (p90 {}) | {} |",
+                    r.name,
+                    ns(r.net),
+                    ns((r.p90 - d.timer_overhead).max(0.0)),
+                    at_most(r.net, target, ns)
+                );
+            }
+        } else {
+            let _ = writeln!(
+                s,
+                "| datapath: ≤ 100 ns established, ≤ 300 ns new | not measured | – |"
+            );
+        }
+        match self.scale.iter().find(|r| r.mappings == 1_000_000) {
+            Some(r) => {
+                let _ = writeln!(
+                    s,
+                    "| 1 M mappings in ≤ 256 MiB (all the agent's maps, `--max-mappings 1000000`) | {} (SNAT_FWD + SNAT_REV: {}) | {} |",
+                    mib(r.all_maps_bytes as f64),
+                    mib(r.tables_bytes as f64),
+                    at_most(r.all_maps_bytes as f64, 256.0 * 1048576.0, mib)
+                );
+            }
+            None => {
+                let _ = writeln!(s, "| 1 M mappings in ≤ 256 MiB | not measured | – |");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nDatapath rows are the median ns per packet net of the kernel's clock reads (see \
+             section 5); the verdict is on the median.\n"
+        );
+    }
+
+    fn churn_tables(&self, s: &mut String, key: &str, title: &str, intro: &str) {
+        let p = &self.plan;
+        let _ = writeln!(s, "## {title}\n\n{intro}\n");
+        let mut head = "| contender |".to_owned();
+        let mut rule = "|---|".to_owned();
+        for b in 1..=p.bursts {
+            let _ = write!(head, " burst {b} |");
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(
+            s,
+            "{head} failed | stalled | not started | SYN retransmits |\n{rule}---:|---:|---:|---:|"
+        );
+        for c in Contender::ALL {
+            let mut line = format!("| {} |", c.label());
+            for b in 1..=p.bursts {
+                let _ = write!(
+                    line,
+                    " {} |",
+                    self.cell(&format!("{key}.burst{b}"), c, thousands)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "{line} {} | {} | {} | {} |",
+                self.total(&format!("{key}.failed"), c),
+                self.total(&format!("{key}.stalled"), c),
+                self.total(&format!("{key}.unfinished"), c),
+                self.total(&format!("{key}.synretrans"), c)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nFailed, stalled (took > 200 ms: a SYN or the request was retransmitted), not started \
+             (left when the burst's time ran out) and SYN retransmissions are totals over all \
+             bursts and rounds.\n\nRatios of the medians, **× none / × best nft**:\n"
+        );
+        let _ = writeln!(s, "{head}\n{rule}");
+        for c in Contender::ALL {
+            let mut line = format!("| {} |", c.label());
+            for b in 1..=p.bursts {
+                let (n, f) = self.ratios(&format!("{key}.burst{b}"), c);
+                let _ = write!(line, " {} / {} |", times(n), times(f));
+            }
+            let _ = writeln!(s, "{line}");
+        }
+        s.push('\n');
+    }
+
+    fn snat_alloc(&self, s: &mut String) {
+        let c = Contender::Snat;
+        if self.samples("snat.alloc_mean_ns", c).is_none() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "snat's own figures after both churn workloads of a run (`snat stats`): mean \
+             allocation time {}; ports the internal endpoint had before {}, kept from the pod {}, \
+             random {}, found by a hot destination's index {}, found by the walk {}; SYNs that \
+             reopened a closed mapping on its port {}.\n",
+            self.cell("snat.alloc_mean_ns", c, ns),
+            self.cell("snat.port_same_endpoint", c, thousands),
+            self.cell("snat.port_preserved", c, thousands),
+            self.cell("snat.port_random", c, thousands),
+            self.cell("snat.port_index", c, thousands),
+            self.cell("snat.port_scan", c, thousands),
+            self.cell("snat.tcp_reopened", c, thousands),
+        );
+    }
+
+    fn udp_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "## 3. UDP packet rate\n\n64-byte frames (22-byte payloads) sent with `sendmmsg` \
+             (32 a call) as fast as pod 0 can for {} s after a 0.3 s warm-up, counted where they \
+             arrive (`recvmmsg`, polling, on the server); {} windows per contender. One flow: one \
+             socket. Many flows: {} sockets (source ports) in turn. The sender is pinned to one \
+             CPU and the receiver to the other: the sender's CPU runs the whole path (veths, \
+             routing, the NAT) in its softirq, so the rate measures the path. Packets per second \
+             received:\n",
+            self.plan.udp_secs, self.plan.rate_reps, 256
+        );
+        let _ = writeln!(
+            s,
+            "| contender | one flow | × none | × best nft | added per packet | many flows | × none | × best nft | added per packet |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let mut worst_loss: f64 = 0.0;
+        for c in Contender::ALL {
+            let mut line = format!("| {} |", c.label());
+            for key in ["udp1", "udpN"] {
+                let rx = format!("{key}.rx");
+                let (n, f) = self.ratios(&rx, c);
+                let (m, none) = (self.med(&rx, c), self.med(&rx, Contender::None));
+                let added = if c == Contender::None {
+                    "–".to_owned()
+                } else {
+                    ns((1.0 / m - 1.0 / none) * 1e9)
+                };
+                let _ = write!(
+                    line,
+                    " {} | {} | {} | {added} |",
+                    self.cell(&rx, c, kpps),
+                    times(n),
+                    times(f)
+                );
+                let tx = self.med(&format!("{key}.tx"), c);
+                if tx > 0.0 {
+                    worst_loss = worst_loss.max(1.0 - m / tx);
+                }
+            }
+            let _ = writeln!(s, "{line}");
+        }
+        let _ = writeln!(
+            s,
+            "\n**added per packet**: the time a packet takes on this path beyond plain routing, \
+             from the medians (1/rate − 1/rate of none). Datagrams lost between sender and \
+             receiver: at most {:.1} % of those sent (median of any contender).\n",
+            worst_loss.max(0.0) * 100.0
+        );
+    }
+
+    fn bulk_table(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "## 4. Bulk TCP\n\n`iperf3 -c <server> -t {}` from pod 0, one stream, checksum \
+             offload, TSO, GSO and GRO on every veth of the path; {} windows per contender, \
+             alternating. Gbit/s received:\n",
+            self.plan.bulk_secs, self.plan.rate_reps
+        );
+        let _ = writeln!(
+            s,
+            "| contender | Gbit/s | × none | × best nft | retransmits |\n|---|---:|---:|---:|---:|"
+        );
+        for c in Contender::ALL {
+            let (n, f) = self.ratios("bulk.gbps", c);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                c.label(),
+                self.cell("bulk.gbps", c, fixed2),
+                times(n),
+                times(f),
+                self.total("bulk.retrans", c)
+            );
+        }
+        s.push('\n');
+    }
+
+    fn datapath_table(&self, s: &mut String) {
+        let _ = writeln!(s, "## 5. Datapath cost (BPF_PROG_TEST_RUN)\n");
+        let Some(d) = &self.datapath else {
+            let _ = writeln!(s, "Not measured in this run.\n");
+            return;
+        };
+        let p = &self.plan;
+        let _ = writeln!(
+            s,
+            "The loaded programs (configured by snat's own code, port range 32768:65535, \
+             nothing attached) run on crafted 64-byte frames. The kernel's `repeat` reruns a \
+             program on the same buffer, which the first run already translated, so translating \
+             paths are timed one run per call ({} calls for established flows, {} new mappings \
+             per occupancy) with the kernel's own per-run time, and the cost of the clock reads \
+             around a single run ({} — pass-through at `repeat` = 1 minus at 1,000,000) is \
+             subtracted in the **net** column. New mappings: a SYN with a fresh key whose source \
+             port lies outside the range (so the pod's port cannot be kept), the destination's \
+             32,768 ports claimed to the given share beforehand by real mappings (SYNs from other \
+             pods through the same program, so from 7/8 on the destination is hot and has its \
+             free-port index); each mapping is released right after, so occupancy stays \
+             constant. **walks**: share of new mappings that needed the walk of the whole range \
+             after the pod's port, 8 random tries (skipped while the destination is hot) and the \
+             index. **allocation \
+             alone**: the mean the datapath's own allocation timer (`SNAT_ALLOC_NS`, two \
+             `bpf_ktime_get_ns` around claiming the port and publishing the mapping) recorded for \
+             the same SYNs.\n",
+            thousands(p.dp_established_samples as f64),
+            thousands(p.dp_new_samples as f64),
+            ns(d.timer_overhead)
+        );
+        let _ = writeln!(
+            s,
+            "| path | repeat | median (raw) | net | p10 – p90 (raw) | walks | allocation alone (mean) |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for r in &d.rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} – {} | {} | {} |",
+                r.name,
+                thousands(f64::from(r.repeat)),
+                ns(r.median),
+                ns(r.net),
+                ns(r.p10),
+                ns(r.p90),
+                r.scan_share
+                    .map_or("–".into(), |w| format!("{:.1} %", w * 100.0)),
+                r.alloc_mean.map_or("–".into(), ns)
+            );
+            if r.refused > 0 {
+                let _ = writeln!(
+                    s,
+                    "|   ({} of the SYNs got no mapping) | | | | | | |",
+                    r.refused
+                );
+            }
+        }
+        s.push('\n');
+    }
+
+    fn scale_table(&self, s: &mut String) {
+        let _ = writeln!(s, "## 6. Scale\n");
+        if self.scale.is_empty() {
+            let _ = writeln!(s, "Not measured in this run.\n");
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "The agent runs with `--max-mappings N`; its tables are then filled with N synthetic \
+             established TCP mappings (both halves, written through the maps' ids). Map memory is \
+             the kernel's `memlock` of each map fd in `/proc/<agent>/fdinfo` (the tables are \
+             preallocated: it does not change when they fill). Idle CPU: the agent's user + system \
+             time over 3 s while the N mappings sit idle (its expiry pass walks them every \
+             `--gc-interval`, 1 s). Expiry sweep: in this process, an engine holding N mappings \
+             and one `Sweeper::sweep` with timeouts that make all of them expired, releasing \
+             through the kernel's release program as the agent does.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| mappings | SNAT_FWD + SNAT_REV | all maps | agent RSS at start → with N | idle CPU | `snat status` | fill | expiry sweep |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for r in &self.scale {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} → {:.1} MiB | {:.2} cores | {:.2} s | {:.1} s | {:.2} s ({} released) |",
+                thousands(f64::from(r.mappings)),
+                mib(r.tables_bytes as f64),
+                mib(r.all_maps_bytes as f64),
+                r.rss_start_kib as f64 / 1024.0,
+                r.rss_full_kib as f64 / 1024.0,
+                r.idle_cpu,
+                r.status_secs,
+                r.fill_secs,
+                r.sweep_secs,
+                thousands(r.swept as f64)
+            );
+        }
+        if let Some(r) = self.scale.last() {
+            let maps: Vec<String> = r
+                .maps
+                .iter()
+                .filter(|(_, &b)| b >= 1 << 20)
+                .map(|(k, &b)| format!("{k} {}", mib(b as f64)))
+                .collect();
+            let _ = writeln!(
+                s,
+                "\nMaps of 1 MiB or more at {} mappings: {}.\n",
+                thousands(f64::from(r.mappings)),
+                maps.join(", ")
+            );
+        }
+    }
+
+    fn method(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "## How it is measured\n\n\
+             - Topology (the test harness's, one copy per contender): pods 10.1.0.2 and \
+             10.1.1.2 → node (NAT IP 198.51.100.1 on its uplink) → router → server \
+             203.0.113.10, veth pairs in network namespaces of the bench's own; the router has \
+             no route to the pods except under `none`. Before each churn run the server \
+             namespace is replaced by a fresh one (so no run meets an earlier run's TIME_WAIT \
+             sockets), the node's conntrack table is flushed when an nftables contender is torn \
+             down, and snat's agent is started fresh for each of its churn runs. A first \
+             connection from each pod checks the server sees the source the contender should \
+             give (the pod's address under `none`, the NAT IP otherwise); UDP receivers check \
+             every datagram's source likewise.\n\
+             - Churn clients are the harness's `TcpClient::connect` + `request`; the server is \
+             an epoll loop per CPU speaking the same protocol as the harness's \
+             `Mode::CloseFirst` server (a thread per connection would be the bottleneck). Each \
+             pod's `ip_local_port_range` is {}: a pod reuses its source ports every thousand \
+             connections, as a pod churning at this rate for minutes would (the harness's churn \
+             test does the same); the ports lie inside the NAT range, so port-preserving \
+             contenders keep them when they can.\n\
+             - Everything shares the machine's {} CPUs: clients, server, routing and the NAT all \
+             compete, so absolute rates are this machine's, and only ratios within one run \
+             compare contenders.\n",
+            crate::lab::POD_PORTS.replace(' ', "–"),
+            self.machine.cpus
+        );
+    }
+
+    /// Two panels (one destination, many ports): connections per second per burst, one line
+    /// per contender, medians with min–max whiskers.
+    fn churn_svg(&self) -> String {
+        const W: f64 = 1000.0;
+        const H: f64 = 470.0;
+        const COLORS: [&str; 5] = ["#444444", "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c"];
+        let bursts = self.plan.bursts;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>"
+        );
+        let panels = [
+            ("churn1", "Churn to one destination".to_owned()),
+            (
+                "churnN",
+                format!("Churn to {} server ports", self.plan.many_ports),
+            ),
+        ];
+        for (pi, (key, title)) in panels.iter().enumerate() {
+            let x0 = 70.0 + pi as f64 * (W / 2.0);
+            let (pw, top, ph) = (W / 2.0 - 100.0, 50.0, H - 150.0);
+            let mut ymax: f64 = 0.0;
+            for c in Contender::ALL {
+                for b in 1..=bursts {
+                    if let Some(v) = self.samples(&format!("{key}.burst{b}"), c) {
+                        ymax = ymax.max(min_max(v).1);
+                    }
+                }
+            }
+            let step = nice_step(ymax.max(1.0) / 5.0);
+            let ytop = (ymax / step).ceil().max(1.0) * step;
+            let y = |v: f64| top + ph - v / ytop * ph;
+            let x = |b: usize| x0 + (b as f64 - 0.5) / bursts as f64 * pw;
+            let _ = writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"28\" font-size=\"15\" font-weight=\"bold\" text-anchor=\"middle\">{title}</text>",
+                x0 + pw / 2.0
+            );
+            let mut tick = 0.0;
+            while tick <= ytop + step / 2.0 {
+                let _ = writeln!(
+                    s,
+                    "<line x1=\"{x0:.1}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#e0e0e0\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+                    x0 + pw,
+                    x0 - 6.0,
+                    y(tick) + 4.0,
+                    thousands(tick),
+                    yy = y(tick)
+                );
+                tick += step;
+            }
+            let _ = writeln!(
+                s,
+                "<line x1=\"{x0:.1}\" y1=\"{top:.1}\" x2=\"{x0:.1}\" y2=\"{:.1}\" stroke=\"black\"/><line x1=\"{x0:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
+                top + ph,
+                top + ph,
+                x0 + pw,
+                top + ph
+            );
+            for b in 1..=bursts {
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">burst {b}</text>",
+                    x(b),
+                    top + ph + 18.0
+                );
+            }
+            let _ = writeln!(
+                s,
+                "<text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"middle\">connections / s</text>",
+                x0 - 52.0,
+                top + ph / 2.0
+            );
+            for (ci, c) in Contender::ALL.iter().enumerate() {
+                let color = COLORS[ci];
+                let dx = (ci as f64 - 2.0) * 5.0;
+                let mut points = Vec::new();
+                for b in 1..=bursts {
+                    let Some(v) = self.samples(&format!("{key}.burst{b}"), *c) else {
+                        continue;
+                    };
+                    let (lo, hi) = min_max(v);
+                    let (px, pm) = (x(b) + dx, y(median(v)));
+                    if v.len() > 1 {
+                        let _ = writeln!(
+                            s,
+                            "<line x1=\"{px:.1}\" y1=\"{:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"{color}\" stroke-width=\"1.5\"/>",
+                            y(lo),
+                            y(hi)
+                        );
+                    }
+                    let _ = writeln!(
+                        s,
+                        "<circle cx=\"{px:.1}\" cy=\"{pm:.1}\" r=\"3.5\" fill=\"{color}\"/>"
+                    );
+                    points.push(format!("{px:.1},{pm:.1}"));
+                }
+                if points.len() > 1 {
+                    let _ = writeln!(
+                        s,
+                        "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{}/>",
+                        points.join(" "),
+                        if *c == Contender::None {
+                            " stroke-dasharray=\"6 4\""
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+        // Legend.
+        let ly = H - 50.0;
+        for (ci, c) in Contender::ALL.iter().enumerate() {
+            let lx = 70.0 + ci as f64 * 185.0;
+            let _ = writeln!(
+                s,
+                "<line x1=\"{lx:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+                lx + 24.0,
+                COLORS[ci],
+                lx + 30.0,
+                ly + 4.0,
+                c.label()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"70\" y=\"{:.1}\" fill=\"#555\">Median over {} round(s); whiskers: min–max. {} · {} · {}</text>\n</svg>",
+            H - 20.0,
+            self.plan.rounds,
+            self.machine.date,
+            self.command,
+            format_args!("{} CPUs, Linux {}", self.machine.cpus, self.machine.kernel)
+        );
+        s
+    }
+}
+
+/// A round step (1, 2, 2.5 or 5 × 10^k) at least `raw`.
+fn nice_step(raw: f64) -> f64 {
+    let mag = 10f64.powf(raw.log10().floor());
+    for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
+        if m * mag >= raw {
+            return m * mag;
+        }
+    }
+    10.0 * mag
+}

@@ -1,0 +1,294 @@
+//! Scale: what 10 k, 100 k and 1 M mappings cost.
+//!
+//! - The agent (`snat run --max-mappings N` on the lab's uplink): the kernel memory of its maps
+//!   (`memlock:` of each map fd in `/proc/<agent>/fdinfo`), its RSS before and after its tables
+//!   are filled with N synthetic established TCP mappings (written from here, through the maps'
+//!   ids), the CPU it spends while they sit idle (its expiry pass walks them every second), and
+//!   how long `snat status` takes with them.
+//! - Expiry: in this process, an engine with N mappings and
+//!   [`snat_user::expiry::Sweeper::sweep`] with timeouts that make every one expired, releasing
+//!   through the kernel's release program as the agent does: the time to sweep them all.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use snat_common::{flow::proto, tcp::SEEN_SYN, FlowKey, Mapping, Origin};
+use snat_user::{
+    config::Timeouts,
+    expiry::{now_ns, Sweeper},
+};
+use tests::{agent::Agent, topo::POD_CIDR};
+
+use crate::{
+    datapath::{load_engine, NAT, REMOTE},
+    lab::{in_netns, Lab, PORT_RANGE},
+    say, Plan,
+};
+
+/// What N mappings cost.
+#[derive(Clone, Debug, Default)]
+pub struct Row {
+    pub mappings: u32,
+    /// Kernel memory of SNAT_FWD + SNAT_REV, and of all the agent's maps (bytes).
+    pub tables_bytes: u64,
+    pub all_maps_bytes: u64,
+    pub maps: BTreeMap<String, u64>,
+    /// Agent RSS (KiB): after start, and with N mappings after a `snat status`.
+    pub rss_start_kib: u64,
+    pub rss_full_kib: u64,
+    pub hwm_kib: u64,
+    /// CPU the agent used while holding N idle mappings (cores, i.e. CPU seconds per second).
+    pub idle_cpu: f64,
+    pub status_secs: f64,
+    pub fill_secs: f64,
+    /// In-process expiry: the time one sweep took to release all N, and how many it released.
+    pub sweep_secs: f64,
+    pub swept: u64,
+}
+
+/// Synthetic mapping `i`: an established TCP flow, unique forward and reverse keys (32,768 NAT
+/// ports per remote port, remote ports 443, 444, …).
+pub fn synthetic(i: u32, now: u64) -> (FlowKey, Mapping, FlowKey, Origin) {
+    let (j, p) = (i / 32768, i % 32768);
+    let src = [10, 2 + j as u8, (p >> 8) as u8, p as u8];
+    let key = FlowKey::new(
+        proto::TCP,
+        src,
+        40000u16.to_be_bytes(),
+        REMOTE.octets(),
+        (443 + j as u16).to_be_bytes(),
+    );
+    let m = Mapping {
+        nat_addr: NAT.octets(),
+        nat_port: ((32768 + p) as u16).to_be_bytes(),
+        tcp_seen: SEEN_SYN,
+        created_ns: now,
+        last_seen_ns: now,
+        ..Mapping::default()
+    };
+    let reply = key.reply(m.nat_addr, m.nat_port);
+    let o = Origin {
+        addr: src,
+        port: key.src_port,
+        tcp_seen: SEEN_SYN,
+        last_seen_ns: now,
+        ..Origin::default()
+    };
+    (key, m, reply, o)
+}
+
+fn fill(
+    fwd: &mut HashMap<MapData, FlowKey, Mapping>,
+    rev: &mut HashMap<MapData, FlowKey, Origin>,
+    n: u32,
+) -> anyhow::Result<f64> {
+    let now = now_ns();
+    let started = Instant::now();
+    for i in 0..n {
+        if i % 65536 == 0 {
+            crate::check()?;
+        }
+        let (key, m, reply, o) = synthetic(i, now);
+        rev.insert(reply, o, 0)
+            .with_context(|| format!("inserting reverse half {i} of {n}"))?;
+        fwd.insert(key, m, 0)
+            .with_context(|| format!("inserting forward half {i} of {n}"))?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// A `/proc/<pid>/status` field in KiB.
+fn status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of a process, in seconds.
+fn cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// The pid of the `snat run` on `iface` (the agent replaces `ip netns exec` in place).
+fn agent_pid(iface: &str) -> anyhow::Result<String> {
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_snat = args.first().is_some_and(|a| a.ends_with(b"snat"));
+        let on_iface = args
+            .windows(2)
+            .any(|w| w[0] == b"--iface" && w[1] == iface.as_bytes());
+        if is_snat && args.get(1) == Some(&&b"run"[..]) && on_iface {
+            return Ok(name);
+        }
+    }
+    bail!("no `snat run --iface {iface}` process found")
+}
+
+/// The eBPF maps a process holds: name → (id, memlock bytes).
+fn process_maps(pid: &str) -> anyhow::Result<BTreeMap<String, (u32, u64)>> {
+    let mut maps = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            let name = MapInfo::from_id(id as u32)
+                .ok()
+                .and_then(|i| i.name_as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("map {id}"));
+            maps.insert(name, (id as u32, memlock));
+        }
+    }
+    Ok(maps)
+}
+
+fn open_hash<V: aya::Pod>(id: u32) -> anyhow::Result<HashMap<MapData, FlowKey, V>> {
+    let data = MapData::from_id(id).with_context(|| format!("opening map {id}"))?;
+    Ok(HashMap::try_from(Map::HashMap(data))?)
+}
+
+/// The agent's side of row `n`.
+fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
+    let max = n.to_string();
+    let agent = Agent::start(
+        &lab.topo.node,
+        &lab.topo.uplink,
+        &[
+            "--internal",
+            POD_CIDR,
+            "--port-range",
+            PORT_RANGE,
+            "--max-mappings",
+            &max,
+        ],
+    );
+    let pid = agent_pid(&lab.topo.uplink)?;
+    let maps = process_maps(&pid)?;
+    let id = |name: &str| {
+        maps.get(name)
+            .map(|&(id, _)| id)
+            .ok_or_else(|| anyhow!("the agent holds no map {name}: {:?}", maps.keys()))
+    };
+    row.tables_bytes = ["SNAT_FWD", "SNAT_REV"]
+        .iter()
+        .filter_map(|m| maps.get(*m).map(|&(_, b)| b))
+        .sum();
+    row.all_maps_bytes = maps.values().map(|&(_, b)| b).sum();
+    row.maps = maps.iter().map(|(k, &(_, b))| (k.clone(), b)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    row.rss_start_kib = status_kib(&pid, "VmRSS");
+
+    let mut fwd = open_hash::<Mapping>(id("SNAT_FWD")?)?;
+    let mut rev = open_hash::<Origin>(id("SNAT_REV")?)?;
+    row.fill_secs = fill(&mut fwd, &mut rev, n)?;
+    drop((fwd, rev));
+
+    // Let it sweep (nothing is due: established mappings idle 2h4m), then watch its CPU.
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, t0) = (cpu_secs(&pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    row.idle_cpu = (cpu_secs(&pid) - c0) / t0.elapsed().as_secs_f64();
+    crate::check()?;
+    let started = Instant::now();
+    let status = agent.json("status", &[]);
+    row.status_secs = started.elapsed().as_secs_f64();
+    let tcp = status["mappings"]["tcp"].as_u64().unwrap_or(0);
+    if tcp != u64::from(n) {
+        bail!("the agent reports {tcp} TCP mappings, {n} were written");
+    }
+    row.rss_full_kib = status_kib(&pid, "VmRSS");
+    row.hwm_kib = status_kib(&pid, "VmHWM");
+    drop(agent);
+    Ok(())
+}
+
+/// The in-process sweep of row `n` (run in a namespace of our own).
+fn sweep_side(n: u32) -> anyhow::Result<(f64, u64)> {
+    let mut engine = load_engine(n)?;
+    let mut tables = engine.take_tables()?;
+    fill(&mut tables.fwd, &mut tables.rev, n)?;
+    let s = Duration::from_secs(1);
+    let timeouts = Timeouts {
+        tcp_established: s,
+        tcp_transitory: s,
+        tcp_fin: s,
+        tcp_rst: s,
+        udp: s,
+        icmp: s,
+    };
+    let later = now_ns() + 3_600_000_000_000;
+    let mut sweeper = Sweeper::default();
+    let started = Instant::now();
+    let released = sweeper.sweep(&mut tables, &|e| engine.release(e), &timeouts, later)?;
+    let secs = started.elapsed().as_secs_f64();
+    if tables.fwd.keys().next().is_some() {
+        bail!("mappings left after the sweep");
+    }
+    Ok((secs, released as u64))
+}
+
+pub fn run(plan: &Plan, lab: &Lab, push: &mut dyn FnMut(Row)) -> anyhow::Result<()> {
+    let ns = tests::netns::Netns::new(&format!("{}-sc", lab.topo.prefix));
+    for &n in plan.scale_sizes {
+        crate::check()?;
+        let mut row = Row {
+            mappings: n,
+            ..Row::default()
+        };
+        agent_side(lab, n, &mut row).with_context(|| format!("agent with {n} mappings"))?;
+        crate::check()?;
+        let (secs, swept) = in_netns(&ns, move || sweep_side(n))
+            .with_context(|| format!("sweeping {n} mappings"))?;
+        row.sweep_secs = secs;
+        row.swept = swept;
+        say(format_args!(
+            "  {n} mappings: tables {:.1} MiB (all maps {:.1} MiB), agent RSS {} -> {} KiB, idle CPU {:.2} cores, status {:.2} s, sweep {:.2} s ({} released)",
+            row.tables_bytes as f64 / 1048576.0,
+            row.all_maps_bytes as f64 / 1048576.0,
+            row.rss_start_kib,
+            row.rss_full_kib,
+            row.idle_cpu,
+            row.status_secs,
+            row.sweep_secs,
+            row.swept
+        ));
+        push(row);
+    }
+    Ok(())
+}

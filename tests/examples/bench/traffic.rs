@@ -1,0 +1,469 @@
+//! The network workloads. Each contender has a lab (topology) of its own.
+//!
+//! - Churn ([`churn_run`], one contender at a time, on a fresh server namespace): to one
+//!   destination (`churn1`) and to many server ports (`churnN`), bursts of short TCP connections
+//!   back to back; rate per burst, failed and stalled connects, SYN retransmissions.
+//! - Packet rate and bulk ([`rate_phase`], every contender set up at once, short windows
+//!   alternating between them): UDP with small (64-byte frame) datagrams, one flow and many
+//!   flows, from our own sender (`sendmmsg`) in pod 0 to our own receiver (`recvmmsg`, polling)
+//!   on the server, counting what arrives; bulk TCP with iperf3, offloads on.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use tests::{netns::Netns, topo::SERVER, traffic::TcpClient};
+
+use crate::{
+    churn::{self, ChurnServer},
+    lab::{ns_command, pin_to_cpu, run_bounded, ChildGuard, Contender, Lab},
+    report::Results,
+    say, Plan,
+};
+
+/// The churn server's ports: one for the check, one for churn to one destination, then many.
+const CHECK_PORT: u16 = 7070;
+const ONE_PORT: u16 = 8080;
+const MANY_BASE: u16 = 8100;
+const UDP_BASE: u16 = 9000;
+const IPERF_PORT: u16 = 5201;
+/// UDP payload: 14 + 20 + 8 + 22 = a 64-byte frame.
+const UDP_PAYLOAD: usize = 22;
+/// Sockets (source ports) in the many-flows UDP workload.
+const UDP_FLOWS: usize = 256;
+const UDP_BATCH: usize = 32;
+
+/// Checks that the server sees each pod of `lab` as contender `c` should show it.
+fn check_sources(lab: &Lab, c: Contender) -> anyhow::Result<()> {
+    let server = ChurnServer::start(&lab.topo.server, SERVER, &[CHECK_PORT], 1)?;
+    for (pod, addr) in lab.pods().into_iter().zip(lab.pod_addrs()) {
+        let seen = pod.run(|| {
+            TcpClient::connect(
+                SocketAddrV4::new(SERVER, CHECK_PORT),
+                Duration::from_secs(3),
+            )
+            .and_then(|c| {
+                let seen = c.seen_as;
+                c.request().map(|()| seen)
+            })
+        });
+        let seen = seen.with_context(|| format!("{}: a first connection failed", c.label()))?;
+        if *seen.ip() != c.seen_source(addr) {
+            bail!(
+                "{}: the server saw pod {addr} as {seen}, expected {}",
+                c.label(),
+                c.seen_source(addr)
+            );
+        }
+    }
+    drop(server);
+    Ok(())
+}
+
+/// One churn run of contender `c` in its lab: a fresh server, the contender set up, both churn
+/// workloads (bursts back to back), the contender torn down.
+pub fn churn_run(
+    plan: &Plan,
+    lab: &mut Lab,
+    c: Contender,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    lab.fresh_server()?;
+    crate::check()?;
+    let active = lab.activate(c)?;
+    let lab: &Lab = lab;
+    check_sources(lab, c)?;
+    let many: Vec<u16> = (0..plan.many_ports).map(|i| MANY_BASE + i).collect();
+    let mut ports = vec![ONE_PORT];
+    ports.extend(&many);
+    let server = ChurnServer::start(&lab.topo.server, SERVER, &ports, 2)?;
+
+    for (key, ports) in [("churn1", vec![ONE_PORT]), ("churnN", many.clone())] {
+        crate::check()?;
+        let retrans_before: u64 = lab.pods().iter().map(|p| churn::syn_retrans(p)).sum();
+        let (mut failed, mut stalled, mut unfinished) = (0, 0, 0);
+        let mut rates = Vec::new();
+        for b in 1..=plan.bursts {
+            crate::check()?;
+            let r = churn::burst(
+                &lab.pods(),
+                plan.client_threads_per_pod,
+                SERVER,
+                &ports,
+                plan.burst_conns,
+                plan.burst_limit,
+            );
+            rates.push(r.rate());
+            results.push(&format!("{key}.burst{b}"), c, r.rate());
+            failed += r.failed;
+            stalled += r.stalled;
+            unfinished += r.unfinished;
+        }
+        let retrans: u64 = lab
+            .pods()
+            .iter()
+            .map(|p| churn::syn_retrans(p))
+            .sum::<u64>()
+            - retrans_before;
+        results.push(&format!("{key}.failed"), c, failed as f64);
+        results.push(&format!("{key}.stalled"), c, stalled as f64);
+        results.push(&format!("{key}.unfinished"), c, unfinished as f64);
+        results.push(&format!("{key}.synretrans"), c, retrans as f64);
+        say(format_args!(
+            "  {key}: {} conn/s per burst; failed {failed}, stalled {stalled}, not started {unfinished}, SYN retransmits {retrans}",
+            rates
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        settle();
+    }
+    if let Some(agent) = &active.agent {
+        let s = agent.stats();
+        let count = s["allocation"]["count"].as_f64().unwrap_or(0.0);
+        if count > 0.0 {
+            let mean = s["allocation"]["sum_ns"].as_f64().unwrap_or(0.0) / count;
+            results.push("snat.alloc_mean_ns", c, mean);
+        }
+        for k in [
+            "port_same_endpoint",
+            "port_preserved",
+            "port_random",
+            "port_index",
+            "port_scan",
+            "tcp_reopened",
+        ] {
+            if let Some(v) = s["counters"]["alloc"][k].as_f64() {
+                results.push(&format!("snat.{k}"), c, v);
+            }
+        }
+    }
+    drop(server);
+    drop(active);
+    Ok(())
+}
+
+/// Packet rate and bulk: every contender set up at once, each in its own lab, and short
+/// measurement windows alternating between them (the order rotating every repetition), so
+/// that the machine's drift, which is larger than the differences measured, hits all alike.
+pub fn rate_phase(plan: &Plan, labs: &mut [Lab], results: &mut Results) -> anyhow::Result<()> {
+    for lab in labs.iter_mut() {
+        crate::check()?;
+        lab.fresh_server()?;
+    }
+    let labs: &[Lab] = labs;
+    let mut actives = Vec::new();
+    let mut iperf = Vec::new();
+    for (lab, c) in labs.iter().zip(Contender::ALL) {
+        crate::check()?;
+        actives.push(lab.activate(c)?);
+        check_sources(lab, c)?;
+        iperf.push(iperf_server(lab)?);
+    }
+    let n = Contender::ALL.len();
+    for rep in 0..plan.rate_reps {
+        say(format_args!(
+            "packet rate and bulk: repetition {}/{}",
+            rep + 1,
+            plan.rate_reps
+        ));
+        for (key, many) in [("udp1", false), ("udpN", true)] {
+            let mut line = Vec::new();
+            for i in 0..n {
+                crate::check()?;
+                let k = (i + rep) % n;
+                let c = Contender::ALL[k];
+                let (rx, tx, source_ok) = udp_rate(&labs[k], c, many, plan.udp_secs)?;
+                if !source_ok {
+                    bail!(
+                        "{}: UDP arrived with an unexpected source address",
+                        c.label()
+                    );
+                }
+                results.push(&format!("{key}.rx"), c, rx);
+                results.push(&format!("{key}.tx"), c, tx);
+                line.push(format!("{} {:.0}", c.label(), rx / 1e3));
+            }
+            say(format_args!("  {key} kpps: {}", line.join(", ")));
+        }
+        let mut line = Vec::new();
+        for i in 0..n {
+            crate::check()?;
+            let k = (i + rep) % n;
+            let c = Contender::ALL[k];
+            let (gbps, retrans) = bulk(&labs[k], plan.bulk_secs)?;
+            results.push("bulk.gbps", c, gbps);
+            results.push("bulk.retrans", c, retrans);
+            line.push(format!("{} {gbps:.2}", c.label()));
+        }
+        say(format_args!("  bulk Gbit/s: {}", line.join(", ")));
+    }
+    drop(iperf);
+    drop(actives);
+    Ok(())
+}
+
+/// A short pause between workloads, so one's leftovers (softirq backlog, timers) do not spill
+/// into the next.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn set_int_opt(fd: i32, level: i32, opt: i32, value: i32) {
+    // SAFETY: setting an int option on our own socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&raw const value).cast(),
+            size_of::<i32>() as u32,
+        )
+    };
+}
+
+/// A loop on a thread inside a namespace, stopped by a flag.
+struct Looper {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Looper {
+    fn new() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Looper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Received and sent packets per second, and whether every datagram's source was as expected.
+fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<(f64, f64, bool)> {
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let bad_source = Arc::new(AtomicU32::new(0));
+    let pods: Vec<(&Netns, Ipv4Addr)> = vec![(lab.pods()[0], lab.pod_addrs()[0])];
+    let expected: Vec<u32> = pods
+        .iter()
+        .map(|(_, a)| u32::from(c.seen_source(*a)))
+        .collect();
+
+    let mut receivers = Looper::new();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    for i in 0..pods.len() {
+        let (stop, received, bad, ready) = (
+            receivers.stop.clone(),
+            received.clone(),
+            bad_source.clone(),
+            ready_tx.clone(),
+        );
+        let expected = expected.clone();
+        receivers.threads.push(lab.topo.server.spawn(move || {
+            pin_to_cpu(i + 1);
+            let sock = UdpSocket::bind(SocketAddrV4::new(SERVER, UDP_BASE + i as u16))
+                .expect("binding the UDP receiver");
+            let fd = sock.as_raw_fd();
+            set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+            sock.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            let _ = ready.send(());
+            let mut bufs = vec![[0u8; 64]; 64];
+            let mut iovs: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            // SAFETY: all-zero sockaddr_in are valid; the kernel fills them in.
+            let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; 64];
+            // SAFETY: all-zero mmsghdr are valid; the pointers are set below.
+            let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; 64];
+            for (j, m) in msgs.iter_mut().enumerate() {
+                m.msg_hdr.msg_iov = &raw mut iovs[j];
+                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_name = (&raw mut names[j]).cast();
+            }
+            while !stop.load(Ordering::Relaxed) {
+                for (j, m) in msgs.iter_mut().enumerate() {
+                    m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+                    m.msg_hdr.msg_name = (&raw mut names[j]).cast();
+                }
+                // SAFETY: the headers point at live buffers of the stated sizes.
+                let n = unsafe {
+                    libc::recvmmsg(
+                        fd,
+                        msgs.as_mut_ptr(),
+                        msgs.len() as u32,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                    )
+                };
+                if n > 0 {
+                    received.fetch_add(n as u64, Ordering::Relaxed);
+                    let src = u32::from_be(names[n as usize - 1].sin_addr.s_addr);
+                    if !expected.contains(&src) {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for _ in 0..pods.len() {
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("UDP receiver did not start")?;
+    }
+
+    let mut senders = Looper::new();
+    for (i, (pod, _)) in pods.iter().enumerate() {
+        let (stop, sent) = (senders.stop.clone(), sent.clone());
+        let flows = if many { UDP_FLOWS } else { 1 };
+        senders.threads.push(pod.spawn(move || {
+            pin_to_cpu(i);
+            let to = SocketAddrV4::new(SERVER, UDP_BASE + i as u16);
+            let socks: Vec<UdpSocket> = (0..flows)
+                .map(|_| {
+                    let s = UdpSocket::bind("0.0.0.0:0").expect("binding a UDP sender");
+                    s.connect(to).expect("connecting a UDP sender");
+                    s
+                })
+                .collect();
+            let mut payload = [0u8; UDP_PAYLOAD];
+            let mut iov = libc::iovec {
+                iov_base: payload.as_mut_ptr().cast(),
+                iov_len: payload.len(),
+            };
+            // SAFETY: all-zero mmsghdr are valid; the pointers are set below.
+            let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; UDP_BATCH];
+            for m in &mut msgs {
+                m.msg_hdr.msg_iov = &raw mut iov;
+                m.msg_hdr.msg_iovlen = 1;
+            }
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let fd = socks[k % socks.len()].as_raw_fd();
+                k += 1;
+                // SAFETY: the headers point at a live payload; the socket is connected.
+                let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, 0) };
+                if n > 0 {
+                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // Warm up, then count over the window.
+    let limit = Instant::now() + Duration::from_secs_f64(secs + 10.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let (rx0, tx0, t0) = (
+        received.load(Ordering::Relaxed),
+        sent.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    while t0.elapsed().as_secs_f64() < secs && !crate::interrupted() && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (rx1, tx1, dt) = (
+        received.load(Ordering::Relaxed),
+        sent.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+    );
+    senders.stop();
+    std::thread::sleep(Duration::from_millis(50));
+    receivers.stop();
+    crate::check()?;
+    Ok((
+        (rx1 - rx0) as f64 / dt,
+        (tx1 - tx0) as f64 / dt,
+        bad_source.load(Ordering::Relaxed) == 0 && rx1 > 0,
+    ))
+}
+
+/// An iperf3 server in the lab's server namespace, listening before this returns.
+fn iperf_server(lab: &Lab) -> anyhow::Result<ChildGuard> {
+    let port = IPERF_PORT.to_string();
+    let server = ChildGuard::spawn(ns_command(
+        &lab.topo.server,
+        &["iperf3", "-s", "-p", &port, "-B", &SERVER.to_string()],
+    ))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        crate::check()?;
+        let out = run_bounded(
+            ns_command(
+                &lab.topo.server,
+                &["ss", "-Hltn", &format!("sport = :{port}")],
+            ),
+            None,
+            Duration::from_secs(10),
+        )?;
+        if !out.stdout.is_empty() {
+            return Ok(server);
+        }
+        if Instant::now() > deadline {
+            bail!("iperf3 -s did not listen within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Bulk TCP from pod 0 to the lab's iperf3 server (one stream, offloads on): Gbit/s received
+/// and the sender's retransmissions.
+fn bulk(lab: &Lab, secs: u32) -> anyhow::Result<(f64, f64)> {
+    let port = IPERF_PORT.to_string();
+    let out = run_bounded(
+        ns_command(
+            lab.pods()[0],
+            &[
+                "iperf3",
+                "-c",
+                &SERVER.to_string(),
+                "-p",
+                &port,
+                "-t",
+                &secs.to_string(),
+                "-J",
+            ],
+        ),
+        None,
+        Duration::from_secs(u64::from(secs) + 20),
+    )?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 printed no JSON: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = json["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received.bits_per_second")?;
+    let retrans = json["end"]["sum_sent"]["retransmits"]
+        .as_f64()
+        .unwrap_or(0.0);
+    Ok((bps / 1e9, retrans))
+}
