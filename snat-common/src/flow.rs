@@ -306,6 +306,23 @@ pub struct ReleaseEntry {
 }
 const _: () = assert!(size_of::<ReleaseEntry>() == 40);
 
+impl ReleaseEntry {
+    /// The entry that releases the mapping `key` → `m` (reverse half `o`) if both halves are
+    /// still as the controller sees them now.
+    pub const fn new(key: FlowKey, m: &Mapping, o: Option<&Origin>) -> Self {
+        Self {
+            key,
+            fwd_seen_ns: m.last_seen_ns,
+            rev_seen_ns: match o {
+                Some(o) => o.last_seen_ns,
+                None => 0,
+            },
+            result: release_result::PENDING,
+            _pad: 0,
+        }
+    }
+}
+
 /// Outcomes of a [`ReleaseEntry`].
 pub mod release_result {
     /// Not processed (the program did not reach it).

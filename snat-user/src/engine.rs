@@ -49,6 +49,15 @@ pub struct Tables {
     pub usage: HashMap<MapData, UseKey, u64>,
 }
 
+impl Tables {
+    /// The entry that releases the mapping of the forward key `key` as it is now.
+    pub fn release_entry(&self, key: FlowKey) -> anyhow::Result<ReleaseEntry> {
+        let m = self.fwd.get(&key, 0).context("no mapping for the key")?;
+        let o = self.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
+        Ok(ReleaseEntry::new(key, &m, o.as_ref()))
+    }
+}
+
 /// What the datapath counts: packets by result, refused flows by pool, allocation times.
 pub struct Counters {
     packets: PerCpuArray<MapData, u64>,

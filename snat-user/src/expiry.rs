@@ -129,12 +129,7 @@ impl Sweeper {
             let (key, m) = item?;
             let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
             if let Some(reason) = expiry(&key, &m, o.as_ref(), now_ns, t) {
-                let entry = ReleaseEntry {
-                    key,
-                    fwd_seen_ns: m.last_seen_ns,
-                    rev_seen_ns: o.map_or(0, |o| o.last_seen_ns),
-                    ..ReleaseEntry::default()
-                };
+                let entry = ReleaseEntry::new(key, &m, o.as_ref());
                 doomed.push((entry, reason));
             }
         }

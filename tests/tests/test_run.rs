@@ -378,18 +378,7 @@ fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
                 REMOTE.octets(),
                 80u16.to_be_bytes(),
             );
-            let m = tables.fwd.get(&key, 0).unwrap();
-            let o = tables
-                .rev
-                .get(&key.reply(m.nat_addr, m.nat_port), 0)
-                .unwrap();
-            ReleaseEntry {
-                key,
-                fwd_seen_ns: m.last_seen_ns,
-                rev_seen_ns: o.last_seen_ns,
-                result: 0,
-                _pad: 0,
-            }
+            tables.release_entry(key).unwrap()
         })
         .collect();
     dp.engine.release(&mut entries).unwrap();

@@ -68,13 +68,13 @@ enum Task {
     /// Measures connection churn, many destinations, UDP packet rate, bulk TCP, the datapath's
     /// cost per packet (BPF_PROG_TEST_RUN) and memory and expiry at scale, with every contender
     /// interleaved in one run; writes target/bench/report.md and target/bench/churn.svg. Takes
-    /// about 15 minutes (`--quick`: about 2).
+    /// about 10 minutes on two cores (`--quick`: about 2).
     Bench(BenchArgs),
 }
 
 #[derive(Args)]
 struct BenchArgs {
-    /// A short run (one round, smaller bursts): about 2 minutes
+    /// A short run (one churn round, smaller bursts, two windows per contender): about 2 minutes
     #[arg(long)]
     quick: bool,
 }

@@ -25,7 +25,7 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use clap::Parser as _;
 use snat_common::{
     flow::{proto, release_result},
-    Counter, FlowKey, ReleaseEntry, PROG_EGRESS, PROG_INGRESS,
+    Counter, FlowKey, PROG_EGRESS, PROG_INGRESS,
 };
 use snat_user::{
     cli::{Cli, Command},
@@ -278,17 +278,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
                 REMOTE.octets(),
                 80u16.to_be_bytes(),
             );
-            let m = tables.fwd.get(&key, 0).context("the new mapping")?;
-            let o = tables
-                .rev
-                .get(&key.reply(m.nat_addr, m.nat_port), 0)
-                .context("the new mapping's claim")?;
-            let mut entry = [ReleaseEntry {
-                key,
-                fwd_seen_ns: m.last_seen_ns,
-                rev_seen_ns: o.last_seen_ns,
-                ..ReleaseEntry::default()
-            }];
+            let mut entry = [tables.release_entry(key).context("the new mapping")?];
             engine.release(&mut entry)?;
             if entry[0].result != release_result::RELEASED {
                 bail!("releasing a benchmark mapping returned {}", entry[0].result);

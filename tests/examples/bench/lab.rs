@@ -15,8 +15,8 @@ use std::{
 use anyhow::{bail, Context as _};
 use tests::{
     agent::Agent,
-    netns::{veth, Netns},
-    topo::{Topology, NAT_IP, POD_CIDR, ROUTER_SERVER_SIDE, SERVER},
+    netns::Netns,
+    topo::{self, Topology, NAT_IP, POD_CIDR},
 };
 
 /// Each pod's `ip_local_port_range`.
@@ -169,22 +169,7 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(20));
         }
         let (router, server) = (&self.topo.router, &self.topo.server);
-        veth(router, &rs, server, &sr);
-        router.ip(&[
-            "addr",
-            "add",
-            &format!("{ROUTER_SERVER_SIDE}/24"),
-            "dev",
-            &rs,
-        ]);
-        server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", &sr]);
-        server.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_SERVER_SIDE.to_string(),
-        ]);
+        topo::connect_server(&prefix, router, server);
         for (ns, dev) in [(router, &rs), (server, &sr)] {
             ns.exec(&[
                 "ethtool", "-K", dev, "tx", "on", "rx", "on", "tso", "on", "gso", "on", "gro", "on",

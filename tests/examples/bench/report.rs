@@ -483,7 +483,8 @@ impl Results {
         let _ = writeln!(
             s,
             "\nDatapath rows are the median ns per packet net of the kernel's clock reads (see \
-             section 5); the verdict is on the median.\n"
+             section 5); the verdict is on the median.\n\n\
+             ![Connections per second per burst and contender, median with min–max](churn.svg)\n"
         );
     }
 
