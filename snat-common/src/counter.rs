@@ -53,10 +53,11 @@ pub enum Counter {
     AllocPreserved,
     /// The new mapping took a random port on the first tries.
     AllocRandom,
-    /// Random tries failed and the exhaustive scan of the range found the port.
+    /// The exhaustive walk of the range found the port: the random tries failed or were skipped,
+    /// and the destination had no free-port index or its index had no free port marked.
     AllocScan,
-    /// Random tries were skipped or failed and the hot destination's free-port index found the
-    /// port.
+    /// The destination's free-port index (built when it turned hot, searched while it exists)
+    /// found the port.
     AllocIndexed,
     /// A destination became hot and its free-port index was built (one walk of the range).
     IndexBuilt,

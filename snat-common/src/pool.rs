@@ -3,15 +3,18 @@
 //! - **Paired pooling** (RFC 4787 REQ-2): an internal address always maps to the same NAT IP of the
 //!   live set, chosen by a fixed hash of the address, so a pod keeps one public address for all its
 //!   flows while the set is unchanged.
-//! - **Port order**: first the pod's own source port (or echo identifier) when it lies inside the
-//!   range (port preservation: the pod's kernel already randomised it, RFC 6056), then
-//!   [`RANDOM_TRIES`] random ports, then every port of the range once, walking up from a random
-//!   start. The walk is what makes allocation exhaustive: it never reports exhaustion while a port
-//!   of the range is free for the destination.
+//! - **Port order**: first the NAT port the internal endpoint already has towards another
+//!   destination (endpoint-independent mapping, RFC 4787 REQ-1), then the pod's own source port
+//!   (or echo identifier) when it lies inside the range (port preservation: the pod's kernel
+//!   already randomised it, RFC 6056), then [`RANDOM_TRIES`] random ports, then the destination's
+//!   free-port index if it has one ([`index`]; the random tries are skipped while the destination
+//!   is [hot](index::is_hot) and indexed), then every port of the range once, walking up from a
+//!   random start. The walk is what makes allocation exhaustive: it never reports exhaustion while
+//!   a port of the range is free for the destination, whatever the index says.
 
 use crate::NatIp;
 
-/// Random ports tried before the exhaustive walk of the range.
+/// Random ports tried after the preferred ones, unless the destination is hot and indexed.
 pub const RANDOM_TRIES: u32 = 8;
 
 /// Index of the NAT IP (among `count`, which must be > 0) that `internal` is paired with.
@@ -60,7 +63,10 @@ pub const fn walk(nat: &NatIp, start: u32, i: u32) -> u16 {
 /// neighbouring ports never lose each other's update (eBPF v1 has no atomic bit operations).
 /// The index is a hint: the claim in `SNAT_REV` stays the only authority, a stale "free" byte
 /// costs one failed claim (and is cleared), and a stale "taken" byte hides a free port only from
-/// the index, never from the exhaustive walk behind it.
+/// the index, never from the exhaustive walk behind it. Races only ever leave hints of these two
+/// kinds: stores from different CPUs are not ordered, and a search that clears a block it found
+/// empty can overwrite a release marking the same block at that moment (the port then stays
+/// hidden from the index until another port of its block is released).
 pub mod index {
     /// Ports per summary byte.
     pub const BLOCK: u32 = 64;
@@ -74,6 +80,8 @@ pub mod index {
     pub const BLOCKS: usize = PORTS / BLOCK as usize;
     /// Summary words.
     pub const WORDS: u32 = BLOCKS as u32 / BLOCKS_PER_WORD;
+    /// Size of one index (`SNAT_FREE_PORTS` value): the port bytes, then the summary bytes.
+    pub const LEN: usize = PORTS + BLOCKS;
 
     /// A destination is hot once 7/8 of the range is claimed towards it: from there, random
     /// tries fail often enough that the index pays for itself.
@@ -229,6 +237,17 @@ mod tests {
             assert_eq!(lowest_marked(marks), first);
         }
         assert_eq!(mark_if_nonzero(0, 3), 0);
+        // Every non-zero byte is marked, not only the lowest: the search takes them in turn,
+        // clearing each mark it has tried.
+        let mut marked = index::marked_bytes(0x0001_0000_8000_0100);
+        assert_eq!(marked, 0x0080_0000_8000_8000);
+        let mut order = Vec::new();
+        while marked != 0 {
+            let j = lowest_marked(marked);
+            order.push(j);
+            marked &= !(0x80 << (8 * j));
+        }
+        assert_eq!(order, [1, 3, 6]);
         assert_eq!(mark_if_nonzero(1 << 63, 0), 0x80);
     }
 

@@ -7,9 +7,10 @@
 //! walks the whole range with `bpf_loop`, so a new flow is refused for lack of ports only when
 //! every port of the range is taken towards its destination. In front of the walk, a destination
 //! whose range is nearly full gets a free-port index (`crate::index`) that finds one of its last
-//! free ports in a few reads, so the cost of a new mapping does not grow with occupancy. When the NAT IP is one of the
-//! node's own addresses, a port a local socket uses towards the same remote (or listens on) is
-//! skipped too (`bpf_sk_lookup_*`), so replies to the node's own sockets are never taken.
+//! free ports in a few reads, so the cost of a new mapping does not grow with occupancy. When
+//! the NAT IP is one of the node's own addresses, a port a local socket uses towards the same
+//! remote (or listens on) is skipped too (`bpf_sk_lookup_*`), so replies to the node's own
+//! sockets are never taken.
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
@@ -158,7 +159,8 @@ pub struct ScanState {
     reply: FlowKey,
     origin: Origin,
     nat: NatIp,
-    /// Random: the search's first summary word (`0..words`), the walk's first port.
+    /// Random: the search's first summary word (`0..words`); the walk's starting offset into
+    /// the range (any `u32`, reduced modulo its length).
     start: u32,
     /// 0 while scanning, 1 when a port was found (in `reply.dst_port`), 2 when a map is full.
     result: u32,
@@ -231,9 +233,9 @@ unsafe fn word_at(bytes: *const u8, offset: usize) -> u64 {
 
 /// Step `i` of the search: in the `i`-th summary word from the start, take the first block
 /// marked free that has a port marked free, and its first such port. A block found empty has
-/// its mark cleared; so has a port outside the range, and the search moves on to the next
-/// word. (The port is tried by the caller: a claim here would need a deeper stack than the
-/// program has left.)
+/// its mark cleared; so has a port outside the range (left from a wider range), and the search
+/// moves on to the next word. (The port is tried by the caller: a claim here would need a
+/// deeper stack than the program has left.)
 extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `bpf_loop` passes back the pointer `search` gave it, to a live `Scan`, whose
     // `state` points to this CPU's `SNAT_SCAN` slot.
@@ -273,7 +275,8 @@ extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
             let port = (at + byte as usize) & (PORTS - 1);
             let port16 = port as u16;
             if port16 < s.nat.port_min || port16 > s.nat.port_max {
-                // Left from a wider range: never offered again.
+                // Left from a wider range: never offered again. (Moving on to the word's next
+                // block here instead makes the verifier's walk of this loop too long.)
                 ix.port[port] = 0;
                 return 0;
             }

@@ -60,8 +60,9 @@ pub fn taken(index: *mut FreePorts, port: u16) {
     unsafe { (*index).port[usize::from(port) & (PORTS - 1)] = 0 };
 }
 
-/// Records that `port` was released: its byte first, then its block's summary, so that a
-/// search that sees the summary finds the byte.
+/// Records that `port` was released: its byte, and its block's summary. (The two stores are
+/// not ordered for other CPUs; a search that reads them half done sees the port as taken, which
+/// only hides it from the index until the walk or the next release finds it.)
 #[inline(always)]
 pub fn freed(reply: &FlowKey) {
     if let Some(index) = of(reply) {

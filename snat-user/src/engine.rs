@@ -128,21 +128,29 @@ fn sum_slot(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::map
     Ok(map.get(&index, 0)?.iter().sum())
 }
 
-/// The live NAT IP set and port range (`SNAT_CONFIG`, `SNAT_NAT_IPS`).
+/// The live NAT IP set and port range (`SNAT_CONFIG`, `SNAT_NAT_IPS`), and the free-port
+/// indexes that depend on the range (`SNAT_FREE_PORTS`).
 pub struct NatPool {
     config: Array<MapData, Config>,
     nat_ips: Array<MapData, NatIp>,
+    free_ports: HashMap<MapData, FlowKey, [u8; pool::index::LEN]>,
 }
 
 impl NatPool {
     /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
     /// `Config::active` so the datapath never sees half of the change. Mappings made before
     /// keep their ports until they end. NAT IPs that are this namespace's own addresses are
-    /// flagged so the datapath skips ports the node's sockets use.
+    /// flagged so the datapath skips ports the node's sockets use. A new range drops the
+    /// free-port indexes, which the datapath rebuilds for the new range where it needs one.
     pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
         let local = crate::netdev::local_ipv4().context("listing this namespace's addresses")?;
         let mut cfg = self.config.get(&0, 0)?;
         let next = (cfg.active ^ 1) & 1;
+        let live = cfg.active & 1;
+        let new_range = cfg.nat_ip_count[live as usize] > 0 && {
+            let old = self.nat_ips.get(&(live * snat_common::MAX_NAT_IPS), 0)?;
+            (old.port_min, old.port_max) != (range.lo, range.hi)
+        };
         for (i, ip) in ips.iter().enumerate() {
             let entry = NatIp {
                 addr: ip.octets(),
@@ -158,6 +166,35 @@ impl NatPool {
         self.config.set(0, cfg, 0)?;
         cfg.active = next;
         self.config.set(0, cfg, 0)?;
+        if new_range {
+            self.clear_indexes()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every free-port index, once the new range is live: an index built for the old
+    /// range would miss the new range's other ports for as long as its destination stays hot.
+    /// (Until then the old indexes only give safe hints: an out-of-range port is cleared when
+    /// found, a missing one is found by the walk.)
+    fn clear_indexes(&mut self) -> anyhow::Result<()> {
+        let keys = self
+            .free_ports
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("listing the free-port indexes")?;
+        for key in &keys {
+            match self.free_ports.remove(key) {
+                Ok(()) => {}
+                // Evicted meanwhile by the datapath (an LRU map).
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context("deleting a free-port index"),
+            }
+        }
+        debug!(
+            "dropped {} free-port indexes for the new port range",
+            keys.len()
+        );
         Ok(())
     }
 
@@ -251,9 +288,17 @@ impl Engine {
             ebpf.take_map(MAP_NAT_IPS)
                 .ok_or_else(|| anyhow!("map {MAP_NAT_IPS} missing"))?,
         )?;
+        let free_ports = HashMap::try_from(
+            ebpf.take_map(MAP_FREE_PORTS)
+                .ok_or_else(|| anyhow!("map {MAP_FREE_PORTS} missing"))?,
+        )?;
         let mut engine = Self {
             ebpf,
-            pool: Some(NatPool { config, nat_ips }),
+            pool: Some(NatPool {
+                config,
+                nat_ips,
+                free_ports,
+            }),
             iface: settings.iface.name.clone(),
             mode: None,
             links: Vec::new(),

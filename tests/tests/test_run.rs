@@ -11,6 +11,7 @@ use snat_common::{
     Counter, FlowKey, Origin, ReleaseEntry,
 };
 use snat_user::{
+    cidr::PortRange,
     cli::{Cli, Command},
     config::Settings,
     engine::{Counters, Engine},
@@ -425,6 +426,29 @@ fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
     assert!((40000..=40127).contains(&other.tcp().source_port));
     assert_eq!(dp.count(Counter::AllocRandom), random + 1);
     assert_eq!(dp.count(Counter::IndexBuilt), 1);
+
+    // A wider range (`snat set`): the destination is still hot (128 of 136), and the old index
+    // knows nothing of the 8 new ports. The controller drops it, so the new ports come from
+    // random tries or a rebuilt index: never from the walk the stale index would send every
+    // new flow to.
+    let mut pool = dp.engine.take_pool().unwrap();
+    pool.set(
+        &[NAT],
+        PortRange {
+            lo: 40000,
+            hi: 40135,
+        },
+    )
+    .unwrap();
+    let scans = dp.count(Counter::AllocScan);
+    let mut new_ports: Vec<u16> = (0..8)
+        .map(|i| dp.egress_ok(&syn(400 + i)).tcp().source_port)
+        .collect();
+    new_ports.sort_unstable();
+    assert_eq!(new_ports, (40128..=40135).collect::<Vec<_>>());
+    assert_eq!(dp.count(Counter::AllocScan), scans, "{:?}", dp.nonzero());
+    assert!(dp.count(Counter::IndexBuilt) <= 2);
+    assert_eq!(dp.egress(&syn(500)).0, SHOT);
 }
 
 #[test]
