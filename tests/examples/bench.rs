@@ -19,9 +19,10 @@
 //! `target/bench`). Nothing here asserts a time: numbers only go into the report.
 //!
 //! Network safety: only namespaces, veths and nftables tables this process creates, named with
-//! the harness's per-process prefix and deleted by exact name when done, also on failure and
-//! Ctrl-C (drop guards; SIGINT only sets a flag that every loop checks). Every load loop is
-//! bounded in count and time.
+//! the harness's per-process prefix and deleted by exact name when done, also on failure, on a
+//! panic in any part (caught: the part becomes a note in the report, the others still run) and on
+//! Ctrl-C, SIGTERM or SIGHUP (drop guards; the signals only set a flag that every loop checks).
+//! Every load loop is bounded in count and time.
 
 #[path = "bench/churn.rs"]
 mod churn;
@@ -33,6 +34,8 @@ mod lab;
 mod report;
 #[path = "bench/scale.rs"]
 mod scale;
+#[path = "bench/tools.rs"]
+mod tools;
 #[path = "bench/traffic.rs"]
 mod traffic;
 
@@ -49,16 +52,20 @@ use report::{Machine, Results};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_sigint(_: libc::c_int) {
+extern "C" fn on_stop_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// Whether Ctrl-C was pressed: every loop stops early, cleanly.
+/// The signals that stop the run cleanly (the drop guards remove what it made): Ctrl-C, `kill`,
+/// and the terminal going away.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Whether a stop signal (Ctrl-C, SIGTERM, SIGHUP) arrived: every loop stops early, cleanly.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
-/// Fails once Ctrl-C was pressed.
+/// Fails once a stop signal arrived.
 pub fn check() -> anyhow::Result<()> {
     if interrupted() {
         bail!("interrupted");
@@ -165,8 +172,10 @@ fn parse_args() -> anyhow::Result<Args> {
 }
 
 fn main() {
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    for sig in STOP_SIGNALS {
+        // SAFETY: installing a handler that only stores to an atomic.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -209,9 +218,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark must run as root: `sudo -E cargo xtask bench`");
     }
-    for tool in ["nft", "iperf3", "conntrack", "ethtool", "ip"] {
+    for &(tool, package) in tools::BENCH_TOOLS {
         if which(tool).is_none() {
-            bail!("{tool} is not installed: run the benchmark with `cargo xtask bench`, which installs it");
+            bail!("{tool} is not installed (package {package}): run the benchmark with `cargo xtask bench`, which installs it");
         }
     }
     let plan = Plan::new(args.quick);
@@ -230,25 +239,31 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let only = args.only.as_ref();
 
     let outcome = (|| -> anyhow::Result<()> {
+        // Every part: a failure or a panic (a namespace, the labs, the engine, the agent) becomes
+        // a note, and what was measured so far still goes into the report.
         if wants(only, "net") {
-            network(&plan, &mut results)?;
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| network(&plan, &mut results)));
+            settle_failure(run, &mut results, "network workloads: stopped early")?;
         }
         check()?;
         if wants(only, "datapath") {
             say("datapath cost (BPF_PROG_TEST_RUN)");
-            match datapath::run_in_namespace(&plan) {
-                Ok(d) => results.datapath = Some(d),
-                Err(e) => results.note(format!("datapath cost: not measured: {e:#}")),
-            }
+            let mut measured = None;
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                measured = Some(datapath::run_in_namespace(&plan)?);
+                Ok(())
+            }));
+            settle_failure(run, &mut results, "datapath cost: not measured")?;
+            results.datapath = measured;
         }
         check()?;
         if wants(only, "scale") {
             say("scale (map memory, agent RSS, expiry)");
-            let lab = Lab::new()?;
-            match scale::run(&plan, &lab, &mut |row| results.scale.push(row)) {
-                Ok(()) => {}
-                Err(e) => results.note(format!("scale: stopped early: {e:#}")),
-            }
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let lab = Lab::new()?;
+                scale::run(&plan, &lab, &mut |row| results.scale.push(row))
+            }));
+            settle_failure(run, &mut results, "scale: stopped early")?;
         }
         check()
     })();
@@ -260,9 +275,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
     }
     results.write(&args.out)?;
     say(format_args!(
-        "wrote {} and {}",
+        "wrote {}, {} and {}",
         args.out.join("report.md").display(),
-        args.out.join("churn.svg").display()
+        args.out.join("churn.svg").display(),
+        args.out.join("results.json").display()
     ));
     outcome
 }
@@ -311,7 +327,9 @@ fn network(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
     settle_failure(run, results, "packet rate and bulk")
 }
 
-/// Turns a failed (or panicked) part into a note and carries on, unless interrupted.
+/// Turns a failed (or panicked) part into a note and carries on, unless interrupted. Whatever the
+/// part created is gone by then: its drop guards ran while the error returned or the panic
+/// unwound.
 fn settle_failure(
     run: std::thread::Result<anyhow::Result<()>>,
     results: &mut Results,

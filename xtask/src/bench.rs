@@ -4,7 +4,8 @@
 //!
 //! Like the demo, the benchmark replaces xtask (exec) rather than running as its child: Ctrl-C
 //! then reaches the benchmark, which stops, removes every namespace and nftables table it made,
-//! and exits. It writes `target/bench/report.md` and `target/bench/churn.svg`.
+//! and exits (so does SIGTERM or SIGHUP). It writes `target/bench/report.md`,
+//! `target/bench/churn.svg` and `target/bench/results.json` (every sample).
 
 use std::{os::unix::process::CommandExt as _, path::Path};
 

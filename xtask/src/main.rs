@@ -67,8 +67,9 @@ enum Task {
     ///
     /// Measures connection churn, many destinations, UDP packet rate, bulk TCP, the datapath's
     /// cost per packet (BPF_PROG_TEST_RUN) and memory and expiry at scale, with every contender
-    /// interleaved in one run; writes target/bench/report.md and target/bench/churn.svg. Takes
-    /// about 10 minutes on two cores (`--quick`: about 2).
+    /// interleaved in one run; writes target/bench/report.md, target/bench/churn.svg and
+    /// target/bench/results.json (every sample). Takes about 10 minutes on two cores (`--quick`:
+    /// about 2).
     Bench(BenchArgs),
 }
 

@@ -3,7 +3,8 @@
 //!
 //! The test machines start bare, so `cargo xtask test` and `cargo xtask bench` install whatever is
 //! missing with apt (as root) before anything else. A test that needs a new program adds a row to
-//! [`TEST_TOOLS`], a benchmark to [`BENCH_TOOLS`].
+//! [`TEST_TOOLS`], a benchmark to [`BENCH_TOOLS`], which lives with the benchmark
+//! (`tests/examples/bench/tools.rs`) so that the benchmark checks the same list before it starts.
 
 use anyhow::bail;
 
@@ -17,6 +18,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("tc", "iproute2"),
     ("ip", "iproute2"),
+    // The harness sets sysctls in its namespaces with `ip netns exec <ns> sysctl -qw`.
+    ("sysctl", "procps"),
     ("python3", "python3"),
     // `promtool check metrics` validates snat's /metrics exposition.
     ("promtool", "prometheus"),
@@ -29,17 +32,11 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("nstat", "iproute2"),
 ];
 
-/// What `cargo xtask bench` runs besides the test harness: the nftables baseline, bulk TCP,
-/// flushing the node's conntrack table between nftables runs, offloads and SYN retransmission
-/// counters.
-pub const BENCH_TOOLS: &[(&str, &str)] = &[
-    ("nft", "nftables"),
-    ("iperf3", "iperf3"),
-    ("conntrack", "conntrack"),
-    ("ethtool", "ethtool"),
-    ("nstat", "iproute2"),
-    ("ip", "iproute2"),
-];
+#[path = "../../tests/examples/bench/tools.rs"]
+mod bench_tools;
+
+/// What `cargo xtask bench` runs besides the test harness.
+pub use bench_tools::BENCH_TOOLS;
 
 /// Installs the packages of the [`TEST_TOOLS`] that are not on PATH; does nothing if all are.
 pub fn ensure() -> anyhow::Result<()> {

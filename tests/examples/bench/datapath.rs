@@ -25,7 +25,7 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use clap::Parser as _;
 use snat_common::{
     flow::{proto, release_result},
-    Counter, FlowKey, PROG_EGRESS, PROG_INGRESS,
+    Counter, FlowKey, DEFAULT_MAX_MAPPINGS, PROG_EGRESS, PROG_INGRESS,
 };
 use snat_user::{
     cli::{Cli, Command},
@@ -70,6 +70,8 @@ pub struct Row {
 
 #[derive(Clone, Debug)]
 pub struct Datapath {
+    /// The tables' size (`--max-mappings`): snat's default, as in production.
+    pub max_mappings: u32,
     /// Cost of the kernel's clock reads around one timed run (ns), subtracted in `Row::net`.
     pub timer_overhead: f64,
     pub rows: Vec<Row>,
@@ -156,8 +158,10 @@ fn counter(engine_counters: &snat_user::engine::Counters, c: Counter) -> anyhow:
 }
 
 /// Measures everything; runs on the calling thread (which should be in a namespace of ours).
+/// The tables are sized as `snat run` sizes them by default (`--max-mappings`, a million).
 pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
-    let mut engine = load_engine(1 << 17)?;
+    let max_mappings = DEFAULT_MAX_MAPPINGS;
+    let mut engine = load_engine(max_mappings)?;
     let counters = engine.take_counters()?;
     let tables = engine.take_tables()?;
     let mut out = vec![0u8; 2048];
@@ -307,6 +311,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
         ));
     }
     Ok(Datapath {
+        max_mappings,
         timer_overhead: overhead,
         rows,
     })

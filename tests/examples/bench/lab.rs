@@ -65,18 +65,20 @@ impl Contender {
         }
     }
 
-    /// What it is exactly.
-    pub const fn describe(self) -> &'static str {
+    /// What it is exactly: for the nftables forms, the whole rule as it is loaded (with
+    /// `<uplink>` for the node's uplink, whose name has the lab's prefix).
+    pub fn describe(self) -> String {
         match self {
-            Contender::None => "plain routing: the router has a route back to 10.1.0.0/16 via the node",
-            Contender::NftMasq => "nftables on the node: `meta l4proto { tcp, udp } masquerade`",
-            Contender::NftRange => {
-                "nftables on the node: `meta l4proto { tcp, udp } masquerade to :32768-65535`"
+            Contender::None => {
+                format!("plain routing: the router has a route back to {POD_CIDR} via the node")
             }
-            Contender::NftRandom => {
-                "nftables on the node: `meta l4proto { tcp, udp } masquerade to :32768-65535 fully-random`"
-            }
-            Contender::Snat => "snat agent on the node's uplink: `snat run --internal 10.1.0.0/16 --port-range 32768:65535` (other flags default)",
+            Contender::NftMasq | Contender::NftRange | Contender::NftRandom => format!(
+                "nftables on the node: `{}`",
+                self.nft_rule("<uplink>").unwrap_or_default()
+            ),
+            Contender::Snat => format!(
+                "snat agent on the node's uplink: `snat run --internal {POD_CIDR} --port-range {PORT_RANGE}` (other flags default)"
+            ),
         }
     }
 

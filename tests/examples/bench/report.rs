@@ -1,5 +1,6 @@
 //! The figures of a run, and what is written from them: `report.md` (medians with min–max,
-//! ratios to `none` and to the best nftables form, the targets with "meets" or "short by"),
+//! ratios to `none` and to the best nftables form, the targets with "meets", "short by" or
+//! "over by"),
 //! `churn.svg` (the churn bursts per contender) and `results.json` (every sample).
 
 use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command, time::Duration};
@@ -7,7 +8,13 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command, 
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::{datapath::Datapath, lab::Contender, scale, Plan};
+use crate::{
+    datapath::Datapath,
+    lab::Contender,
+    scale,
+    traffic::{UDP_BATCH, UDP_FLOWS},
+    Plan,
+};
 
 /// The machine the run is on.
 #[derive(Clone, Debug)]
@@ -141,25 +148,37 @@ fn ns(v: f64) -> String {
     }
 }
 
-/// "meets" or "short by …" for a figure that should be at least `target`.
-fn at_least(value: f64, target: f64, fmt: fn(f64) -> String) -> String {
+/// "meets" or "short by …" for a figure that should be at least `target` (`gap` formats the
+/// shortfall: it must show a non-zero gap as non-zero).
+fn at_least(value: f64, target: f64, gap: fn(f64) -> String) -> String {
     if !value.is_finite() {
         "not measured".into()
     } else if value >= target {
         "**meets**".into()
     } else {
-        format!("**short by {}**", fmt(target - value))
+        format!("**short by {}**", gap(target - value))
     }
 }
 
-/// "meets" or "short by …" for a figure that should be at most `target`.
-fn at_most(value: f64, target: f64, fmt: fn(f64) -> String) -> String {
+/// "meets" or "over by …" for a figure that should be at most `target` (`gap` formats the excess:
+/// it must show a non-zero gap as non-zero).
+fn at_most(value: f64, target: f64, gap: fn(f64) -> String) -> String {
     if !value.is_finite() {
         "not measured".into()
     } else if value <= target {
         "**meets**".into()
     } else {
-        format!("**short by {}**", fmt(value - target))
+        format!("**over by {}**", gap(value - target))
+    }
+}
+
+/// Decimals to print `v` with: at least `min`, more (up to 9) if `v` is positive but would round
+/// to zero with `min`.
+fn decimals(v: f64, min: usize) -> usize {
+    if v > 0.0 && v < 1.0 {
+        min.max((-v.log10()).ceil() as usize).min(9)
+    } else {
+        min
     }
 }
 
@@ -169,6 +188,36 @@ fn times(v: f64) -> String {
     } else {
         "–".into()
     }
+}
+
+/// A ratio in the targets table: three decimals, so that a figure just under a target does not
+/// print as the target itself.
+fn times3(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}×")
+    } else {
+        "–".into()
+    }
+}
+
+/// A ratio's shortfall: at least three decimals, more if needed to be non-zero.
+fn times_gap(v: f64) -> String {
+    format!("{v:.*}×", decimals(v, 3))
+}
+
+/// A time's excess: whole ns, or decimals below 10 ns so that it is never "0 ns".
+fn ns_gap(v: f64) -> String {
+    if v >= 10.0 {
+        ns(v)
+    } else {
+        format!("{v:.*} ns", decimals(v, 1))
+    }
+}
+
+/// A memory excess in MiB: at least one decimal, more if needed to be non-zero.
+fn mib_gap(bytes: f64) -> String {
+    let m = bytes / 1048576.0;
+    format!("{m:.*} MiB", decimals(m, 1))
 }
 
 impl Results {
@@ -280,6 +329,7 @@ impl Results {
             .collect();
         let datapath = self.datapath.as_ref().map(|d| {
             json!({
+                "max_mappings": d.max_mappings,
                 "timer_overhead_ns": d.timer_overhead,
                 "rows": d.rows.iter().map(|r| json!({
                     "name": r.name, "occupancy": r.occupancy, "repeat": r.repeat,
@@ -364,7 +414,11 @@ impl Results {
         for c in Contender::ALL {
             let _ = writeln!(s, "| {} | {} |", c.label(), c.describe());
         }
-        s.push('\n');
+        let _ = writeln!(
+            s,
+            "\n`<uplink>` is the node's interface towards the router; the nftables rule sits in \
+             a table of the bench's own, in a `type nat hook postrouting priority srcnat` chain.\n"
+        );
 
         self.targets(&mut s);
         self.churn_tables(
@@ -423,11 +477,15 @@ impl Results {
         ] {
             let (r, b) = self.worst_burst(key);
             let measured = if r.is_finite() {
-                format!("worst burst {b}: {}", times(r))
+                format!("worst burst {b}: {}", times3(r))
             } else {
                 "–".into()
             };
-            let _ = writeln!(s, "| {what} | {measured} | {} |", at_least(r, 0.9, times));
+            let _ = writeln!(
+                s,
+                "| {what} | {measured} | {} |",
+                at_least(r, 0.9, times_gap)
+            );
         }
         for (key, what) in [
             ("udp1.rx", "UDP packet rate, one flow: ≥ 0.95× none"),
@@ -438,8 +496,8 @@ impl Results {
             let _ = writeln!(
                 s,
                 "| {what} | {} | {} |",
-                times(r),
-                at_least(r, 0.95, times)
+                times3(r),
+                at_least(r, 0.95, times_gap)
             );
         }
         if let Some(d) = &self.datapath {
@@ -457,7 +515,7 @@ impl Results {
                     r.name,
                     ns(r.net),
                     ns((r.p90 - d.timer_overhead).max(0.0)),
-                    at_most(r.net, target, ns)
+                    at_most(r.net, target, ns_gap)
                 );
             }
         } else {
@@ -473,7 +531,7 @@ impl Results {
                     "| 1 M mappings in ≤ 256 MiB (all the agent's maps, `--max-mappings 1000000`) | {} (SNAT_FWD + SNAT_REV: {}) | {} |",
                     mib(r.all_maps_bytes as f64),
                     mib(r.tables_bytes as f64),
-                    at_most(r.all_maps_bytes as f64, 256.0 * 1048576.0, mib)
+                    at_most(r.all_maps_bytes as f64, 256.0 * 1048576.0, mib_gap)
                 );
             }
             None => {
@@ -562,13 +620,13 @@ impl Results {
         let _ = writeln!(
             s,
             "## 3. UDP packet rate\n\n64-byte frames (22-byte payloads) sent with `sendmmsg` \
-             (32 a call) as fast as pod 0 can for {} s after a 0.3 s warm-up, counted where they \
+             ({} a call) as fast as pod 0 can for {} s after a 0.3 s warm-up, counted where they \
              arrive (`recvmmsg`, polling, on the server); {} windows per contender. One flow: one \
              socket. Many flows: {} sockets (source ports) in turn. The sender is pinned to one \
              CPU and the receiver to the other: the sender's CPU runs the whole path (veths, \
              routing, the NAT) in its softirq, so the rate measures the path. Packets per second \
              received:\n",
-            self.plan.udp_secs, self.plan.rate_reps, 256
+            UDP_BATCH, self.plan.udp_secs, self.plan.rate_reps, UDP_FLOWS
         );
         let _ = writeln!(
             s,
@@ -619,7 +677,7 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            "| contender | Gbit/s | × none | × best nft | retransmits |\n|---|---:|---:|---:|---:|"
+            "| contender | Gbit/s | × none | × best nft | retransmits (total) |\n|---|---:|---:|---:|---:|"
         );
         for c in Contender::ALL {
             let (n, f) = self.ratios("bulk.gbps", c);
@@ -633,7 +691,12 @@ impl Results {
                 self.total("bulk.retrans", c)
             );
         }
-        s.push('\n');
+        let _ = writeln!(
+            s,
+            "\n**retransmits (total)**: the sender's TCP retransmissions (iperf3's \
+             `sum_sent.retransmits`) summed over all {} windows of a contender.\n",
+            self.plan.rate_reps
+        );
     }
 
     fn datapath_table(&self, s: &mut String) {
@@ -646,7 +709,8 @@ impl Results {
         let _ = writeln!(
             s,
             "The loaded programs (configured by snat's own code, port range 32768:65535, \
-             nothing attached) run on crafted 64-byte frames. The kernel's `repeat` reruns a \
+             `--max-mappings {}`: SNAT_FWD and SNAT_REV sized for {} mappings, snat's default, as \
+             in production; nothing attached) run on crafted 64-byte frames. The kernel's `repeat` reruns a \
              program on the same buffer, which the first run already translated, so translating \
              paths are timed one run per call ({} calls for established flows, {} new mappings \
              per occupancy) with the kernel's own per-run time, and the cost of the clock reads \
@@ -662,6 +726,8 @@ impl Results {
              alone**: the mean the datapath's own allocation timer (`SNAT_ALLOC_NS`, two \
              `bpf_ktime_get_ns` around claiming the port and publishing the mapping) recorded for \
              the same SYNs.\n",
+            d.max_mappings,
+            thousands(f64::from(d.max_mappings)),
             thousands(p.dp_established_samples as f64),
             thousands(p.dp_new_samples as f64),
             ns(d.timer_overhead)
@@ -763,8 +829,9 @@ impl Results {
              give (the pod's address under `none`, the NAT IP otherwise); UDP receivers check \
              every datagram's source likewise.\n\
              - Churn clients are the harness's `TcpClient::connect` + `request`; the server is \
-             an epoll loop per CPU speaking the same protocol as the harness's \
-             `Mode::CloseFirst` server (a thread per connection would be the bottleneck). Each \
+             two epoll loops (threads, each with its own `SO_REUSEPORT` listener) speaking the \
+             same protocol as the harness's `Mode::CloseFirst` server (a thread per connection \
+             would be the bottleneck). Each \
              pod's `ip_local_port_range` is {}: a pod reuses its source ports every thousand \
              connections, as a pod churning at this rate for minutes would (the harness's churn \
              test does the same); the ports lie inside the NAT range, so port-preserving \

@@ -12,7 +12,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc, Arc,
     },
     thread::JoinHandle,
@@ -38,8 +38,9 @@ const IPERF_PORT: u16 = 5201;
 /// UDP payload: 14 + 20 + 8 + 22 = a 64-byte frame.
 const UDP_PAYLOAD: usize = 22;
 /// Sockets (source ports) in the many-flows UDP workload.
-const UDP_FLOWS: usize = 256;
-const UDP_BATCH: usize = 32;
+pub const UDP_FLOWS: usize = 256;
+/// Datagrams per `sendmmsg` call.
+pub const UDP_BATCH: usize = 32;
 
 /// Checks that the server sees each pod of `lab` as contender `c` should show it.
 fn check_sources(lab: &Lab, c: Contender) -> anyhow::Result<()> {
@@ -182,16 +183,25 @@ pub fn rate_phase(plan: &Plan, labs: &mut [Lab], results: &mut Results) -> anyho
                 crate::check()?;
                 let k = (i + rep) % n;
                 let c = Contender::ALL[k];
-                let (rx, tx, source_ok) = udp_rate(&labs[k], c, many, plan.udp_secs)?;
-                if !source_ok {
+                let u = udp_rate(&labs[k], c, many, plan.udp_secs)?;
+                if u.received == 0 {
                     bail!(
-                        "{}: UDP arrived with an unexpected source address",
-                        c.label()
+                        "{}: UDP ({key}): nothing received ({} datagrams sent)",
+                        c.label(),
+                        u.sent
                     );
                 }
-                results.push(&format!("{key}.rx"), c, rx);
-                results.push(&format!("{key}.tx"), c, tx);
-                line.push(format!("{} {:.0}", c.label(), rx / 1e3));
+                if u.bad_source > 0 {
+                    bail!(
+                        "{}: UDP ({key}): {} of {} datagrams arrived with an unexpected source address",
+                        c.label(),
+                        u.bad_source,
+                        u.received
+                    );
+                }
+                results.push(&format!("{key}.rx"), c, u.rx_rate);
+                results.push(&format!("{key}.tx"), c, u.tx_rate);
+                line.push(format!("{} {:.0}", c.label(), u.rx_rate / 1e3));
             }
             say(format_args!("  {key} kpps: {}", line.join(", ")));
         }
@@ -259,11 +269,24 @@ impl Drop for Looper {
     }
 }
 
-/// Received and sent packets per second, and whether every datagram's source was as expected.
-fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<(f64, f64, bool)> {
+/// What one UDP window measured.
+struct UdpWindow {
+    /// Datagrams received and sent per second over the window.
+    rx_rate: f64,
+    tx_rate: f64,
+    /// Datagrams received and sent in all (warm-up included).
+    received: u64,
+    sent: u64,
+    /// Datagrams received whose source was not the one the contender should show.
+    bad_source: u64,
+}
+
+/// Received and sent packets per second, and how many datagrams arrived from an unexpected
+/// source (every datagram's source is checked).
+fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<UdpWindow> {
     let received = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
-    let bad_source = Arc::new(AtomicU32::new(0));
+    let bad_source = Arc::new(AtomicU64::new(0));
     let pods: Vec<(&Netns, Ipv4Addr)> = vec![(lab.pods()[0], lab.pod_addrs()[0])];
     let expected: Vec<u32> = pods
         .iter()
@@ -286,8 +309,6 @@ fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<(f
                 .expect("binding the UDP receiver");
             let fd = sock.as_raw_fd();
             set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
-            sock.set_read_timeout(Some(Duration::from_millis(20)))
-                .expect("timeout");
             let _ = ready.send(());
             let mut bufs = vec![[0u8; 64]; 64];
             let mut iovs: Vec<libc::iovec> = bufs
@@ -306,6 +327,8 @@ fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<(f
                 m.msg_hdr.msg_iovlen = 1;
                 m.msg_hdr.msg_name = (&raw mut names[j]).cast();
             }
+            // Polls (MSG_DONTWAIT, no read timeout): the receiver never sleeps, so it keeps up
+            // with the sender, and it sees the stop flag on every pass.
             while !stop.load(Ordering::Relaxed) {
                 for (j, m) in msgs.iter_mut().enumerate() {
                     m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
@@ -322,10 +345,14 @@ fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<(f
                     )
                 };
                 if n > 0 {
+                    let n = n as usize;
                     received.fetch_add(n as u64, Ordering::Relaxed);
-                    let src = u32::from_be(names[n as usize - 1].sin_addr.s_addr);
-                    if !expected.contains(&src) {
-                        bad.fetch_add(1, Ordering::Relaxed);
+                    let wrong = names[..n]
+                        .iter()
+                        .filter(|a| !expected.contains(&u32::from_be(a.sin_addr.s_addr)))
+                        .count();
+                    if wrong > 0 {
+                        bad.fetch_add(wrong as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -394,11 +421,13 @@ fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<(f
     std::thread::sleep(Duration::from_millis(50));
     receivers.stop();
     crate::check()?;
-    Ok((
-        (rx1 - rx0) as f64 / dt,
-        (tx1 - tx0) as f64 / dt,
-        bad_source.load(Ordering::Relaxed) == 0 && rx1 > 0,
-    ))
+    Ok(UdpWindow {
+        rx_rate: (rx1 - rx0) as f64 / dt,
+        tx_rate: (tx1 - tx0) as f64 / dt,
+        received: received.load(Ordering::Relaxed),
+        sent: sent.load(Ordering::Relaxed),
+        bad_source: bad_source.load(Ordering::Relaxed),
+    })
 }
 
 /// An iperf3 server in the lab's server namespace, listening before this returns.
