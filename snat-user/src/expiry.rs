@@ -17,7 +17,7 @@ use snat_common::{
     FlowKey, Mapping, Origin, ReleaseEntry, UseKey,
 };
 
-use crate::{config::Timeouts, engine::Tables};
+use crate::{batch, config::Timeouts, engine::Tables};
 
 /// Why a mapping ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -125,14 +125,13 @@ impl Sweeper {
         now_ns: u64,
     ) -> anyhow::Result<usize> {
         let mut doomed = Vec::new();
-        for item in tables.fwd.iter() {
-            let (key, m) = item?;
+        batch::for_each(&tables.fwd, |key, m| {
             let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
             if let Some(reason) = expiry(&key, &m, o.as_ref(), now_ns, t) {
                 let entry = ReleaseEntry::new(key, &m, o.as_ref());
                 doomed.push((entry, reason));
             }
-        }
+        })?;
         let mut entries: Vec<ReleaseEntry> = doomed.iter().map(|(e, _)| *e).collect();
         release(&mut entries)?;
         let mut released = 0;
@@ -157,12 +156,11 @@ impl Sweeper {
     /// datapath bumps in between loses that bump; caps are then one looser until it settles).
     fn sweep_uses(&mut self, tables: &mut Tables) -> anyhow::Result<()> {
         let mut zero = HashSet::new();
-        for item in tables.usage.iter() {
-            let (key, n) = item?;
+        batch::for_each(&tables.usage, |key, n| {
             if key.kind != use_kind::DESTINATION_SOURCES && use_count(n) == 0 {
                 zero.insert(key);
             }
-        }
+        })?;
         for key in zero.intersection(&self.zero_uses) {
             let _ = tables.usage.remove(key);
         }
@@ -174,14 +172,13 @@ impl Sweeper {
     /// two deletes).
     fn sweep_orphan_claims(&mut self, tables: &mut Tables, now_ns: u64) -> anyhow::Result<usize> {
         let mut doomed = Vec::new();
-        for item in tables.rev.iter() {
-            let (reply, o) = item?;
+        batch::for_each(&tables.rev, |reply, o| {
             if now_ns.saturating_sub(o.last_seen_ns) > ORPHAN_GRACE_NS
                 && tables.fwd.get(&reply.forward(&o), 0).is_err()
             {
                 doomed.push(reply);
             }
-        }
+        })?;
         let n = doomed.len();
         for reply in doomed {
             let _ = tables.rev.remove(&reply);

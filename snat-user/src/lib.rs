@@ -3,6 +3,7 @@
 //! binary (`main.rs`) wires them together; the integration tests drive them directly.
 
 pub mod agent;
+pub mod batch;
 pub mod cidr;
 pub mod cli;
 pub mod config;

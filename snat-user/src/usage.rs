@@ -15,7 +15,7 @@ use snat_common::{
     UseKey,
 };
 
-use crate::{config::Settings, engine::Tables, expiry::proto_name};
+use crate::{batch, config::Settings, engine::Tables, expiry::proto_name};
 
 /// Warning levels, in percent of what a destination or source may use.
 pub const LEVELS: [u32; 2] = [80, 95];
@@ -106,8 +106,9 @@ pub fn refresh(
     let mut dests: HashMap<UseKey, (u64, u64)> = HashMap::new(); // destination → (mappings, sources)
     let mut hints: Vec<UseKey> = Vec::new();
     let mut seen = Vec::new();
-    for item in tables.usage.iter() {
-        let (key, raw) = item?;
+    let mut counts = Vec::new();
+    batch::for_each(&tables.usage, |key, raw| counts.push((key, raw)))?;
+    for (key, raw) in counts {
         let n = use_count(raw);
         match key.kind {
             use_kind::DESTINATION => dests.entry(key).or_default().0 = n,

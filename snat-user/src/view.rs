@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use snat_common::{flow::proto, tcp::Phase, FlowKey, Mapping, Origin};
 
 use crate::{
+    batch,
     cidr::Ipv4Cidr,
     config::Timeouts,
     engine::Tables,
@@ -213,14 +214,11 @@ impl TableView {
         rows: Option<ParsedFilter>,
     ) -> anyhow::Result<Self> {
         let mut b = ViewBuilder::new(timeouts, now_ns, rows);
-        for item in tables.fwd.iter() {
-            let (key, m) = item?;
+        batch::for_each(&tables.fwd, |key, m| {
             let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
             b.add(&key, &m, o.as_ref());
-        }
-        for reply in tables.rev.keys() {
-            b.add_claim(&reply?);
-        }
+        })?;
+        batch::for_each(&tables.rev, |reply, _| b.add_claim(&reply))?;
         Ok(b.finish())
     }
 

@@ -34,7 +34,11 @@ struct Dp {
 
 impl Dp {
     fn new(extra: &str) -> Self {
-        let line = format!("snat run --iface test0 --internal 10.1.0.0/16 --nat-ip {NAT} --max-mappings 4096 {extra}");
+        Self::with_max(4096, extra)
+    }
+
+    fn with_max(max_mappings: u32, extra: &str) -> Self {
+        let line = format!("snat run --iface test0 --internal 10.1.0.0/16 --nat-ip {NAT} --max-mappings {max_mappings} {extra}");
         let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
             .unwrap()
             .command
@@ -764,4 +768,52 @@ fn icmp_errors_neither_end_nor_refresh_a_mapping() {
         rev_before.last_seen_ns,
         "not refreshed"
     );
+}
+
+#[test]
+fn batch_reads_return_every_entry_once() {
+    // More entries than one batch call returns (4096), so the walk resumes from the kernel's
+    // cursor several times; checked against aya's one-entry-at-a-time iteration.
+    let mut dp = Dp::with_max(20_000, "");
+    let mut tables = dp.engine.take_tables().unwrap();
+    let n = 10_000u32;
+    for i in 0..n {
+        let key = FlowKey::new(
+            proto::UDP,
+            [10, 1, (i >> 8) as u8, i as u8],
+            1234u16.to_be_bytes(),
+            REMOTE.octets(),
+            53u16.to_be_bytes(),
+        );
+        let m = snat_common::Mapping {
+            nat_addr: NAT.octets(),
+            nat_port: (32768 + i as u16).to_be_bytes(),
+            created_ns: u64::from(i),
+            ..snat_common::Mapping::default()
+        };
+        tables.fwd.insert(key, m, 0).unwrap();
+    }
+    let mut batched = Vec::new();
+    snat_user::batch::for_each(&tables.fwd, |k, m| {
+        batched.push((k, m.created_ns, m.nat_port))
+    })
+    .unwrap();
+    let mut iterated: Vec<_> = tables
+        .fwd
+        .iter()
+        .map(|item| {
+            let (k, m) = item.unwrap();
+            (k, m.created_ns, m.nat_port)
+        })
+        .collect();
+    assert_eq!(batched.len(), n as usize);
+    batched.sort_unstable_by_key(|e| e.1);
+    iterated.sort_unstable_by_key(|e| e.1);
+    assert_eq!(batched, iterated);
+    // Keys alone, and an empty map.
+    assert_eq!(
+        snat_user::batch::keys(&tables.fwd).unwrap().len(),
+        n as usize
+    );
+    assert!(snat_user::batch::keys(&tables.rev).unwrap().is_empty());
 }
