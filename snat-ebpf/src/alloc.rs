@@ -520,7 +520,13 @@ pub fn create(
                 proto: fwd.proto,
                 _pad: 0,
             };
-            let _ = SNAT_ENDPOINTS.insert(endpoint, nat_end, 0);
+            // Most new flows of a busy endpoint reuse the NAT port it already has: then the
+            // hint is already right, and a lookup is far cheaper than rewriting an LRU entry.
+            // SAFETY: pointer from a successful lookup, read at once.
+            let known = SNAT_ENDPOINTS.get_ptr(endpoint).map(|p| unsafe { *p });
+            if known != Some(nat_end) {
+                let _ = SNAT_ENDPOINTS.insert(endpoint, nat_end, 0);
+            }
             Ok(mapping)
         }
         Err(e) => {
