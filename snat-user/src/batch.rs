@@ -3,9 +3,10 @@
 //! iterators do. The expiry pass walks every mapping every `--gc-interval`, so at a million
 //! mappings that is the difference between most of a core and a small fraction of one.
 //!
-//! Kernels without batch operations on hash maps (before 5.6) get aya's iteration instead, with
-//! the same results. Like any walk of a live hash map, a batch walk may miss entries inserted
-//! into buckets it has passed; it never returns one twice.
+//! Kernels without batch operations on hash maps (before 5.6) get aya's iteration instead. Like
+//! any walk of a live hash map, a batch walk may miss entries inserted into buckets it has
+//! passed; unlike `get_next_key`, which starts over when the entry it stands on is deleted, it
+//! never returns an entry twice.
 
 use std::{
     io,

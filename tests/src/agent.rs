@@ -25,7 +25,8 @@ pub fn snat_bin() -> PathBuf {
     p
 }
 
-/// A running `snat run`, stopped with SIGINT (then SIGKILL) when dropped.
+/// A running `snat run`, stopped with SIGINT (then SIGKILL) when dropped. Its output goes to
+/// `<tmp>/<namespace>-snat.log`.
 pub struct Agent {
     child: Option<Child>,
     ns: String,
@@ -201,7 +202,13 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// Stops the agent; removes its log and stats file unless a panic (a failing test) is
+    /// unwinding, when they are kept in the temporary directory for a look.
     fn drop(&mut self) {
         self.interrupt();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+            let _ = std::fs::remove_file(&self.stats_file);
+        }
     }
 }
