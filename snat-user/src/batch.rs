@@ -42,7 +42,8 @@ const MAX_BATCH: usize = 1 << 20;
 /// The kernel's `ENOTSUPP` (not in libc): the map type has no batch operations.
 const ENOTSUPP: i32 = 524;
 
-/// Calls `f` with every entry of `map`, in batches when the kernel can.
+/// Calls `f` with every entry of `map`, in batches when the kernel can. Meant for maps with small
+/// values: a batch buffers thousands of them.
 pub fn for_each<K: Pod, V: Pod>(
     map: &HashMap<MapData, K, V>,
     mut f: impl FnMut(K, V),
