@@ -6,15 +6,13 @@
 //! at the first failure with an error that names the failing command. Commands that attach eBPF
 //! programs check for root before building anything.
 
-mod bench;
 mod cmd;
-mod demo;
 mod toolchain;
 mod tools;
 
 use std::{
     env,
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -325,7 +323,8 @@ impl Stages {
     }
 }
 
-/// `cargo xtask demo`: build, then hand over to [`demo::run`].
+/// `cargo xtask demo`: build, then hand over to the demo (the `demo` example), which removes
+/// its namespaces before it exits.
 fn demo() -> anyhow::Result<()> {
     cmd::require_root(
         "cargo xtask demo",
@@ -333,11 +332,13 @@ fn demo() -> anyhow::Result<()> {
         "sudo -E cargo xtask demo",
     )?;
     let bin = build()?;
-    let root = root()?;
-    demo::run(root, &target_dir(root), &bin)
+    exec_example("demo", &bin, &[])
 }
 
-/// `cargo xtask bench`: the benchmark tools, the build, then hand over to [`bench::run`].
+/// `cargo xtask bench`: the benchmark tools, the build, then hand over to the benchmark (the
+/// `bench` example, which links snat's library for the in-process datapath and scale
+/// measurements). It writes `target/bench/report.md`, `target/bench/churn.svg` and
+/// `target/bench/results.json` (every sample).
 fn bench(quick: bool) -> anyhow::Result<()> {
     cmd::require_root(
         "cargo xtask bench",
@@ -346,6 +347,32 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     )?;
     tools::ensure_bench()?;
     let bin = build()?;
+    let out = target_dir(root()?).join("bench");
+    let mut args: Vec<&OsStr> = vec!["--out".as_ref(), out.as_os_str()];
+    if quick {
+        args.push("--quick".as_ref());
+    }
+    exec_example("bench", &bin, &args)
+}
+
+/// Builds example `name` of the `tests` crate (so it shares the test harness's namespaces, agent
+/// and traffic code) and replaces xtask with it, `SNAT_BIN` pointing at `snat`. Exec, not a
+/// child: Ctrl-C (or SIGTERM, SIGHUP) then reaches the example, which removes every namespace
+/// and nftables table it made and exits. Returns only if the example could not start.
+fn exec_example(name: &str, snat: &Path, args: &[&OsStr]) -> anyhow::Result<()> {
     let root = root()?;
-    bench::run(root, &target_dir(root), &bin, quick)
+    cmd::run(cmd::cargo().current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "tests",
+        "--example",
+        name,
+    ]))?;
+    let example = target_dir(root).join("release/examples").join(name);
+    let mut command = cmd::new(&example);
+    command.env("SNAT_BIN", snat).args(args);
+    say(format_args!("$ {}", cmd::display(&command)));
+    let err = command.exec();
+    Err(err).with_context(|| format!("starting {}", example.display()))
 }
