@@ -5,6 +5,8 @@
 
 use std::net::Ipv4Addr;
 
+use snat_common::FlowKey;
+
 use etherparse::{
     Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders,
     TcpHeader, TransportHeader, UdpHeader,
@@ -12,6 +14,18 @@ use etherparse::{
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+/// The forward key (`SNAT_FWD`) the datapath gives a flow of `proto` from `src` to `dst` (frames
+/// from [`tcp`] or [`udp`]; for an echo, `src.1` is its identifier): the remote port only for TCP.
+pub fn flow_key(proto: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> FlowKey {
+    FlowKey::new(
+        proto,
+        src.0.octets(),
+        src.1.to_be_bytes(),
+        dst.0.octets(),
+        FlowKey::remote_port_for(proto, dst.1.to_be_bytes()),
+    )
+}
 
 /// TCP header flags for [`tcp`].
 #[derive(Clone, Copy, Default)]

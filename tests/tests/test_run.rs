@@ -376,13 +376,7 @@ fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
         .iter()
         .map(|port| {
             let sport = sport_of[port];
-            let key = FlowKey::new(
-                proto::TCP,
-                POD.octets(),
-                sport.to_be_bytes(),
-                REMOTE.octets(),
-                80u16.to_be_bytes(),
-            );
+            let key = packets::flow_key(proto::TCP, (POD, sport), (REMOTE, 80));
             tables.release_entry(key).unwrap()
         })
         .collect();
@@ -601,13 +595,7 @@ fn per_source_cap_and_fair_share_refuse_the_greedy_source_only() {
     // Fair share from 50 %, with the controller's hint that one source uses the destination:
     // its share is 10 / (1 + 1) = 5 ports once 5 are used; a newcomer still gets one.
     let mut fair = Dp::new("--port-range 40000:40009 --fair-share --fair-share-threshold 0.5");
-    let fwd = FlowKey::new(
-        6,
-        greedy.octets(),
-        [0, 1],
-        REMOTE.octets(),
-        80u16.to_be_bytes(),
-    );
+    let fwd = packets::flow_key(proto::TCP, (greedy, 1), (REMOTE, 80));
     let [_, dest, _] = snat_common::UseKey::of_mapping(&fwd, NAT.octets());
     let mut tables = fair.engine.take_tables().unwrap();
     tables
@@ -740,13 +728,7 @@ fn icmp_errors_neither_end_nor_refresh_a_mapping() {
     let mut dp = Dp::new("");
     let (_, out) = dp.egress(&packets::udp((POD, 40200), (REMOTE, 53), b"q"));
     let tables = dp.engine.take_tables().unwrap();
-    let key = FlowKey::new(
-        17,
-        POD.octets(),
-        40200u16.to_be_bytes(),
-        REMOTE.octets(),
-        [0, 0],
-    );
+    let key = packets::flow_key(proto::UDP, (POD, 40200), (REMOTE, 53));
     let before = tables.fwd.get(&key, 0).unwrap();
     let rev_key = key.reply(before.nat_addr, before.nat_port);
     let rev_before = tables.rev.get(&rev_key, 0).unwrap();

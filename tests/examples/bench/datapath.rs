@@ -25,7 +25,7 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use clap::Parser as _;
 use snat_common::{
     flow::{proto, release_result},
-    Counter, FlowKey, DEFAULT_MAX_MAPPINGS, PROG_EGRESS, PROG_INGRESS,
+    Counter, DEFAULT_MAX_MAPPINGS, PROG_EGRESS, PROG_INGRESS,
 };
 use snat_user::{
     cli::{Cli, Command},
@@ -275,13 +275,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
                 continue;
             }
             ns.push(d);
-            let key = FlowKey::new(
-                proto::TCP,
-                POD.octets(),
-                sport.to_be_bytes(),
-                REMOTE.octets(),
-                80u16.to_be_bytes(),
-            );
+            let key = packets::flow_key(proto::TCP, (POD, sport), (REMOTE, 80));
             let mut entry = [tables.release_entry(key).context("the new mapping")?];
             engine.release(&mut entry)?;
             if entry[0].result != release_result::RELEASED {
