@@ -78,12 +78,7 @@ impl AgentState {
         if let Some(r) = lock(&self.reservation).as_ref() {
             warnings.extend(r.update(range)?);
         }
-        let ips = next
-            .nat_ips
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let ips = comma_list(&next.nat_ips);
         let message = match &next.slice {
             Some(slice) => format!("now on {slice}: NAT IPs {ips}, port range {range}"),
             None => format!("port range is now {range} (NAT IPs {ips})"),
@@ -182,7 +177,6 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(slice) = &settings.slice {
         info!("running on {slice}");
     }
-    let list = |v: &[String]| v.join(",");
     info!(
         "snat running on {} ({}): NAT IPs {}, ports {}, internal {}, metrics http://{}/metrics",
         settings.iface.name,
@@ -190,21 +184,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
             AttachMode::Tcx => "tcx",
             AttachMode::Clsact { .. } => "clsact",
         },
-        list(
-            &settings
-                .nat_ips
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        ),
+        comma_list(&settings.nat_ips),
         settings.port_range,
-        list(
-            &settings
-                .internal
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        ),
+        comma_list(&settings.internal),
         settings.metrics_addr,
     );
 
@@ -309,4 +291,13 @@ pub fn cleanup(iface: &str, pin_dir: &std::path::Path) -> anyhow::Result<()> {
     }
     info!("removed the state pinned in {}", pins.dir.display());
     Ok(())
+}
+
+/// `items` as `a,b,c`, the way flags take lists.
+fn comma_list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
