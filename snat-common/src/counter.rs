@@ -32,6 +32,20 @@ pub enum Counter {
     EgressDropRewrite,
     EgressDropSourceCap,
     EgressDropFairShare,
+    /// A pod's ICMP error quoting a flow that is not its own (the quoted destination is not the
+    /// error's source).
+    EgressDropIcmpErrorForeign,
+    /// An ICMP error from the node (any non-internal source) about a reply it had received for a
+    /// pod: the quote was translated to the NAT endpoint.
+    EgressTranslatedNodeIcmpError,
+    /// An ICMP error from the node quoting an internal address snat has no mapping for: dropped,
+    /// so no internal address leaves inside a quote.
+    EgressDropNodeIcmpErrorNoMapping,
+    /// The packet's mapping was being released at that instant (it had been idle for its whole
+    /// timeout): dropped, as if it had come a moment later.
+    EgressDropReleased,
+    /// The allocation program could not be reached (not loaded into `SNAT_PROGRAMS`).
+    EgressDropNoAllocator,
     // Ingress results: exactly one per packet seen on ingress.
     IngressTranslatedTcp,
     IngressTranslatedUdp,
@@ -42,6 +56,13 @@ pub enum Counter {
     IngressPassNoMapping,
     IngressPassUnparsed,
     IngressDropRewrite,
+    /// A TCP RST from the remote outside the pod's window: translated and passed to the pod
+    /// (whose stack answers with a challenge ACK), the mapping's state unchanged.
+    IngressRstOutOfWindow,
+    /// A TCP FIN from the remote outside the pod's window (see `IngressRstOutOfWindow`).
+    IngressFinOutOfWindow,
+    /// The reply's mapping was being released at that instant: dropped.
+    IngressDropReleased,
     // Allocation events, counted besides the packet's result.
     CreatedTcp,
     CreatedUdp,
@@ -65,8 +86,15 @@ pub enum Counter {
     AllocRaceLost,
     /// A new TCP SYN reopened a closed mapping and kept its NAT port (binding persistence).
     TcpReopened,
-    /// A candidate port was skipped because a local socket uses it (NAT IP is the node's own).
+    /// A candidate port was skipped because a local socket uses it (NAT IP is the node's own), or
+    /// an echo identifier because the node's own pings use it.
     AllocHostPortSkipped,
+    /// A new flow was refused without a search: its destination was found full moments ago and no
+    /// port of it has been released since.
+    RefusedKnownFull,
+    /// A lookup returned a map element the kernel had just recycled for another flow (its identity
+    /// did not match the key looked up); it was treated as absent.
+    RecycledEntry,
     // Answers to refused flows (besides the packet's drop result).
     /// A TCP RST was sent back to the pod.
     RejectRst,
@@ -106,6 +134,11 @@ impl Counter {
         Counter::EgressDropRewrite,
         Counter::EgressDropSourceCap,
         Counter::EgressDropFairShare,
+        Counter::EgressDropIcmpErrorForeign,
+        Counter::EgressTranslatedNodeIcmpError,
+        Counter::EgressDropNodeIcmpErrorNoMapping,
+        Counter::EgressDropReleased,
+        Counter::EgressDropNoAllocator,
         Counter::IngressTranslatedTcp,
         Counter::IngressTranslatedUdp,
         Counter::IngressTranslatedIcmp,
@@ -115,6 +148,9 @@ impl Counter {
         Counter::IngressPassNoMapping,
         Counter::IngressPassUnparsed,
         Counter::IngressDropRewrite,
+        Counter::IngressRstOutOfWindow,
+        Counter::IngressFinOutOfWindow,
+        Counter::IngressDropReleased,
         Counter::CreatedTcp,
         Counter::CreatedUdp,
         Counter::CreatedIcmp,
@@ -127,6 +163,8 @@ impl Counter {
         Counter::AllocRaceLost,
         Counter::TcpReopened,
         Counter::AllocHostPortSkipped,
+        Counter::RefusedKnownFull,
+        Counter::RecycledEntry,
         Counter::RejectRst,
         Counter::RejectIcmp,
         Counter::RejectRateLimited,
@@ -166,6 +204,11 @@ impl Counter {
             EgressDropRewrite => ("egress", "drop_rewrite_failed"),
             EgressDropSourceCap => ("egress", "drop_source_cap"),
             EgressDropFairShare => ("egress", "drop_fair_share"),
+            EgressDropIcmpErrorForeign => ("egress", "drop_icmp_error_foreign"),
+            EgressTranslatedNodeIcmpError => ("egress", "translated_node_icmp_error"),
+            EgressDropNodeIcmpErrorNoMapping => ("egress", "drop_node_icmp_error_no_mapping"),
+            EgressDropReleased => ("egress", "drop_released"),
+            EgressDropNoAllocator => ("egress", "drop_no_allocator"),
             IngressTranslatedTcp => ("ingress", "translated_tcp"),
             IngressTranslatedUdp => ("ingress", "translated_udp"),
             IngressTranslatedIcmp => ("ingress", "translated_icmp"),
@@ -175,6 +218,9 @@ impl Counter {
             IngressPassNoMapping => ("ingress", "pass_no_mapping"),
             IngressPassUnparsed => ("ingress", "pass_unparsed"),
             IngressDropRewrite => ("ingress", "drop_rewrite_failed"),
+            IngressRstOutOfWindow => ("ingress", "rst_out_of_window"),
+            IngressFinOutOfWindow => ("ingress", "fin_out_of_window"),
+            IngressDropReleased => ("ingress", "drop_released"),
             CreatedTcp => ("alloc", "created_tcp"),
             CreatedUdp => ("alloc", "created_udp"),
             CreatedIcmp => ("alloc", "created_icmp"),
@@ -187,6 +233,8 @@ impl Counter {
             AllocRaceLost => ("alloc", "race_lost"),
             TcpReopened => ("alloc", "tcp_reopened"),
             AllocHostPortSkipped => ("alloc", "host_port_skipped"),
+            RefusedKnownFull => ("alloc", "refused_known_full"),
+            RecycledEntry => ("alloc", "recycled_entry"),
             RejectRst => ("reject", "rst_sent"),
             RejectIcmp => ("reject", "icmp_sent"),
             RejectRateLimited => ("reject", "rate_limited"),

@@ -35,7 +35,9 @@ pub mod proto {
 /// | TCP   | port                   | port                   | remote ip:port           |
 /// | UDP   | port                   | 0 (any port of the IP) | remote ip                |
 /// | ICMP  | echo identifier        | 0                      | remote ip                |
-#[repr(C)]
+///
+/// Aligned to 8 bytes, so the datapath compares keys as two words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
     pub src_addr: [u8; 4],
@@ -65,6 +67,12 @@ impl FlowKey {
             proto,
             _pad: [0; 3],
         }
+    }
+
+    /// The key as two words (for comparing keys without a byte-by-byte loop).
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        bytemuck::cast(*self)
     }
 
     /// The remote port as it belongs in a key of `proto`: TCP keeps it, UDP and ICMP use 0.
@@ -113,23 +121,88 @@ impl FlowKey {
 }
 
 /// The forward half of a mapping: where the pod's packets are translated to, and what the pod
-/// side of the connection has done. Written by egress only.
+/// side of the connection has done. Written by egress only (the release program only reads it and
+/// raises [`Mapping::release`]).
+///
+/// TCP state is kept per connection *epoch*: a new SYN on a closed mapping (binding persistence)
+/// starts epoch `epoch + 1`, and every flag is recorded as the epoch it was seen in (0: never), one
+/// aligned 16-bit store each, so concurrent writers never lose each other's update and a reopen
+/// never has to clear the other direction's flags (see [`crate::tcp`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Mapping {
+    /// The forward key this value belongs to. The kernel recycles a deleted element for the next
+    /// insert at once, so a reader compares this with the key it looked up (after copying the
+    /// value out) and treats a mismatch as "no mapping".
+    pub key: FlowKey,
     pub nat_addr: [u8; 4],
     pub nat_port: [u8; 2],
-    /// [`crate::tcp`] flags the internal side has sent (TCP only).
-    pub tcp_seen: u8,
+    /// TCP connection epoch on this mapping: 1 for the first connection, bumped by a reopen.
+    pub epoch: u16,
+    /// Epoch in which the pod sent a SYN, FIN, RST, and an ACK (TCP only; 0: never).
+    pub syn: u16,
+    pub fin: u16,
+    pub rst: u16,
+    pub acked: u16,
+    /// The acknowledgement number and window of the pod's latest segment with ACK (network order,
+    /// the window unscaled): the next sequence number the pod expects, and how far beyond it.
+    pub ack: [u8; 4],
+    pub window: [u8; 2],
+    /// The window scale the pod announced in its SYN (0 without the option).
+    pub wscale: u8,
     pub _pad: u8,
+    /// The pod's initial sequence number + 1: what a RST answering its SYN acknowledges.
+    pub isn_next: [u8; 4],
+    /// Raised by the release program while it decides whether to remove this mapping; see
+    /// [`Mapping::touched`].
+    pub release: u32,
+    /// Bumped (atomically) by a packet that refreshes `last_seen_ns`, before it reads `release`:
+    /// with the release program's increment of `release` before it re-reads `last_seen_ns`, one of
+    /// the two always sees the other (the datapath then drops the packet of a mapping being
+    /// released, or the release keeps the mapping).
+    pub touched: u32,
+    pub _pad2: u32,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds when the mapping was made.
     pub created_ns: u64,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last outbound packet.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Mapping>() == 24);
+const _: () = assert!(size_of::<Mapping>() == 72);
+// The datapath reads these fields as whole words (`mapping` in snat-ebpf): keep them aligned.
+const _: () = assert!(
+    core::mem::offset_of!(Mapping, nat_addr) % 4 == 0
+        && core::mem::offset_of!(Mapping, nat_port) % 2 == 0
+        && core::mem::offset_of!(Mapping, ack) % 4 == 0
+        && core::mem::offset_of!(Mapping, window) % 2 == 0
+        && core::mem::offset_of!(Mapping, isn_next) % 4 == 0
+);
 
 impl Mapping {
+    /// A new mapping of `key` to `nat_addr:nat_port`, made at `now` (TCP state empty, epoch 1).
+    #[inline(always)]
+    pub const fn new(key: FlowKey, nat_addr: [u8; 4], nat_port: [u8; 2], now: u64) -> Self {
+        Self {
+            key,
+            nat_addr,
+            nat_port,
+            epoch: 1,
+            syn: 0,
+            fin: 0,
+            rst: 0,
+            acked: 0,
+            ack: [0; 4],
+            window: [0; 2],
+            wscale: 0,
+            _pad: 0,
+            isn_next: [0; 4],
+            release: 0,
+            touched: 0,
+            _pad2: 0,
+            created_ns: now,
+            last_seen_ns: now,
+        }
+    }
+
     pub fn nat_addr(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.nat_addr)
     }
@@ -137,30 +210,99 @@ impl Mapping {
     pub const fn nat_port(&self) -> u16 {
         u16::from_be_bytes(self.nat_port)
     }
+
+    /// The `crate::tcp::SEEN_*` flags the pod sent in the current epoch.
+    #[inline(always)]
+    pub const fn tcp_seen(&self) -> u8 {
+        crate::tcp::seen_in(self.epoch, self.syn, self.fin, self.rst)
+    }
+
+    /// Records `bits` (`crate::tcp::SEEN_*`) as sent by the pod in the current epoch (for the
+    /// controller's tests and synthetic tables; the datapath stores each field itself).
+    pub const fn record(&mut self, bits: u8) {
+        let e = self.epoch;
+        if bits & crate::tcp::SEEN_SYN != 0 {
+            self.syn = e;
+        }
+        if bits & crate::tcp::SEEN_FIN != 0 {
+            self.fin = e;
+        }
+        if bits & crate::tcp::SEEN_RST != 0 {
+            self.rst = e;
+        }
+    }
 }
 
 /// The reverse half of a mapping: the internal endpoint replies go back to, and what the remote
-/// side has done. Written by ingress only (after egress created it).
+/// side has done. Its TCP flags are written by ingress only, stamped with the epoch of the forward
+/// half they belong to (see [`Mapping`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Origin {
+    /// The reverse key this value belongs to (see [`Mapping::key`]).
+    pub key: FlowKey,
     pub addr: [u8; 4],
     pub port: [u8; 2],
-    /// [`crate::tcp`] flags the remote side has sent (TCP only).
-    pub tcp_seen: u8,
-    pub _pad: u8,
+    /// Epoch (of the forward half) in which the remote sent a SYN, FIN, RST (0: never).
+    pub syn: u16,
+    pub fin: u16,
+    pub rst: u16,
+    /// See [`Mapping::release`] and [`Mapping::touched`].
+    pub release: u32,
+    pub touched: u32,
+    pub _pad: u32,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last inbound packet (or of creation).
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Origin>() == 16);
+const _: () = assert!(size_of::<Origin>() == 48);
+const _: () = assert!(
+    core::mem::offset_of!(Origin, addr) % 4 == 0 && core::mem::offset_of!(Origin, port) % 2 == 0
+);
 
 impl Origin {
+    /// The reverse half of a new mapping whose reply key is `key`, for the internal endpoint
+    /// `addr:port`.
+    #[inline(always)]
+    pub const fn new(key: FlowKey, addr: [u8; 4], port: [u8; 2], now: u64) -> Self {
+        Self {
+            key,
+            addr,
+            port,
+            syn: 0,
+            fin: 0,
+            rst: 0,
+            release: 0,
+            touched: 0,
+            _pad: 0,
+            last_seen_ns: now,
+        }
+    }
+
     pub fn addr(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.addr)
     }
 
     pub const fn port(&self) -> u16 {
         u16::from_be_bytes(self.port)
+    }
+
+    /// The `crate::tcp::SEEN_*` flags the remote sent in epoch `epoch` (the forward half's).
+    #[inline(always)]
+    pub const fn tcp_seen(&self, epoch: u16) -> u8 {
+        crate::tcp::seen_in(epoch, self.syn, self.fin, self.rst)
+    }
+
+    /// Records `bits` as sent by the remote in epoch `epoch` (see [`Mapping::record`]).
+    pub const fn record(&mut self, epoch: u16, bits: u8) {
+        if bits & crate::tcp::SEEN_SYN != 0 {
+            self.syn = epoch;
+        }
+        if bits & crate::tcp::SEEN_FIN != 0 {
+            self.fin = epoch;
+        }
+        if bits & crate::tcp::SEEN_RST != 0 {
+            self.rst = epoch;
+        }
     }
 }
 
@@ -423,7 +565,9 @@ pub struct Config {
     pub fair_share_permille: u32,
     /// Refused flows answered (RST / ICMP) per second and CPU at most; the rest are dropped.
     pub reject_per_sec: u32,
-    pub _pad: u32,
+    /// Bumped by the controller whenever it changes the NAT IPs or the port range: a
+    /// destination found full under another generation is searched again (`SNAT_FULL`).
+    pub generation: u32,
 }
 const _: () = assert!(size_of::<Config>() == 32);
 

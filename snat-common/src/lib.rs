@@ -30,6 +30,14 @@ pub const PROG_INGRESS: &str = "snat_ingress";
 /// the kernel, atomically with respect to the datapath.
 pub const PROG_RELEASE: &str = "snat_release";
 
+/// Name of the program egress tail-calls for a packet whose flow has no mapping yet: the
+/// allocation (slow) path, with a stack frame of its own.
+pub const PROG_CREATE: &str = "snat_create";
+/// Program array of the programs egress tail-calls; the controller fills it when it loads them.
+pub const MAP_PROGRAMS: &str = "SNAT_PROGRAMS";
+/// Slot of [`PROG_CREATE`] in [`MAP_PROGRAMS`].
+pub const SLOT_CREATE: u32 = 0;
+
 /// Array\[1\] of [`Config`]: which NAT IP set is live.
 pub const MAP_CONFIG: &str = "SNAT_CONFIG";
 /// Array\[2 × [`MAX_NAT_IPS`]\] of [`NatIp`]: two sets, flipped by [`Config::active`].
@@ -95,6 +103,45 @@ pub const MAP_FREE_PORTS: &str = "SNAT_FREE_PORTS";
 /// Hot destinations indexed at most (about 65 KiB each).
 pub const MAX_HOT_DESTINATIONS: u32 = 256;
 
+/// LRU hash destination (a reply [`FlowKey`] with NAT port 0) → [`FullMark`]: when a search found
+/// no free port towards it: new flows to it are refused without searching again until a port of
+/// it is released (which deletes the mark), the controller changes the pool
+/// ([`Config::generation`]) or [`FULL_RECHECK_NS`] has passed (ports the node's own sockets held
+/// may have been freed without snat seeing it).
+pub const MAP_FULL: &str = "SNAT_FULL";
+/// A destination found full (`SNAT_FULL`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FullMark {
+    /// `CLOCK_MONOTONIC_COARSE` ns of the search that found no port.
+    pub since_ns: u64,
+    /// [`Config::generation`] then.
+    pub generation: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FullMark>() == 16);
+
+/// Destinations remembered as full at once (a forgotten one only costs one more search).
+pub const MAX_FULL_DESTINATIONS: u32 = 4096;
+/// How long a full destination is refused without a search, at most.
+pub const FULL_RECHECK_NS: u64 = 1_000_000_000;
+
+/// LRU hash (ICMP, remote, 0, node address, identifier) — the reply key of the node's own echo
+/// requests — → `CLOCK_MONOTONIC_COARSE` ns of the latest: identifiers the node's ping sockets use
+/// towards a remote, which pods are not given on that NAT IP ([`HOST_ECHO_HOLD_NS`]).
+pub const MAP_HOST_ECHO: &str = "SNAT_HOST_ECHO";
+/// Node echo flows remembered at once.
+pub const MAX_HOST_ECHOES: u32 = 4096;
+/// An identifier the node pinged with is kept from pods this long after its last echo request.
+pub const HOST_ECHO_HOLD_NS: u64 = 60_000_000_000;
+
+/// Per-CPU array\[1\] of `u64`: packets the stop guard (`snat_guard`) dropped. Pinned by a stopping
+/// agent with the guard, read and removed by the next one.
+pub const MAP_GUARD_DROPS: &str = "SNAT_GUARD_DROPS";
+/// Name of the stop guard: the egress program a stopped agent leaves on the uplink, which drops
+/// (and counts) every packet from an internal CIDR to a destination that is not excluded.
+pub const PROG_GUARD: &str = "snat_guard";
+
 /// Array\[1\] of [`StateHeader`]: identifies pinned state (format version, sizes).
 pub const MAP_STATE: &str = "SNAT_STATE";
 
@@ -105,7 +152,7 @@ pub const PINNED_MAPS: [&str; 4] = [MAP_FWD, MAP_REV, MAP_USE, MAP_STATE];
 pub const STATE_MAGIC: u32 = 0x534e_4154;
 /// Version of the pinned state's layout and meaning. Bump it whenever a pinned map's key or value
 /// changes in size or meaning: a new agent then refuses old state instead of misreading it.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// What the agent records about the state it pinned.
 #[repr(C)]

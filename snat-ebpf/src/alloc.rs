@@ -1,5 +1,6 @@
-//! Creating a mapping for a new flow: pick the NAT IP paired with the pod, apply the per-source
-//! cap and the fair share, claim a NAT port, then publish the forward entry and count it.
+//! Creating a mapping for a new flow: with the NAT IP paired with the pod (picked once per flow by
+//! the caller, [`nat_ip_for`]), skip a destination known to be full, apply the per-source cap and
+//! the fair share, claim a NAT port, then publish the forward entry and count it.
 //!
 //! The claim is `SNAT_REV.insert(reply_key, origin, BPF_NOEXIST)`: the kernel's hash map makes
 //! that insert atomic, so two CPUs can never both own (NAT ip:port, remote) even when they race
@@ -9,8 +10,16 @@
 //! whose range is nearly full gets a free-port index (`crate::index`) that finds one of its last
 //! free ports in a few reads, so the cost of a new mapping does not grow with occupancy. When
 //! the NAT IP is one of the node's own addresses, a port a local socket uses towards the same
-//! remote (or listens on) is skipped too (`bpf_sk_lookup_*`), so replies to the node's own
-//! sockets are never taken.
+//! remote (or listens on) is skipped too (`bpf_sk_lookup_*`, with the remote port the flow really
+//! has, so connected UDP sockets are seen), and so is an echo identifier the node's own pings use
+//! (`SNAT_HOST_ECHO`), so replies to the node's own sockets are never taken.
+//!
+//! Refusal is O(1): a search that finds no free port marks the destination full (`SNAT_FULL`);
+//! new flows to it are refused without searching until a port of it is released ([`port_freed`]
+//! deletes the mark) or `FULL_RECHECK_NS` has passed. Caps and fair share read counts that other
+//! CPUs may be adding to at the same moment: with C CPUs creating mappings for one source at
+//! once, it can end up to C − 1 over its cap (the BPF ISA v1 has no atomic fetch-and-add to make
+//! the check and the count one step).
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
@@ -18,13 +27,10 @@ use aya_ebpf::{
         bpf_get_prandom_u32,
         generated::{bpf_loop, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     },
-    macros::map,
-    maps::PerCpuArray,
     programs::TcContext,
 };
 use snat_common::{
-    flow::proto,
-    flow::Endpoint,
+    flow::{proto, Endpoint},
     pool::{
         self,
         index::{
@@ -33,12 +39,17 @@ use snat_common::{
         },
         RANDOM_TRIES,
     },
-    Config, Counter, FlowKey, Mapping, NatIp, Origin, UseKey, MAX_NAT_IPS,
+    Config, Counter, FlowKey, FullMark, Mapping, NatIp, Origin, UseKey, FULL_RECHECK_NS,
+    HOST_ECHO_HOLD_NS, MAX_NAT_IPS,
 };
 
 use crate::{
     index::{self, FreePorts},
-    maps::{count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FWD, SNAT_NAT_IPS, SNAT_REV},
+    mapping,
+    maps::{
+        count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FULL, SNAT_FWD, SNAT_HOST_ECHO,
+        SNAT_NAT_IPS, SNAT_REV, SNAT_SCAN,
+    },
 };
 
 /// Why a new flow got no mapping. (No payloads: LLVM merges the error paths and would read an
@@ -57,19 +68,62 @@ pub enum AllocError {
     FairShare,
 }
 
+impl AllocError {
+    /// The egress result of a packet whose new flow of protocol `p` was refused for this reason.
+    #[inline(always)]
+    pub const fn counter(self, p: u8) -> Counter {
+        match self {
+            AllocError::NoNatIp => Counter::EgressDropNoNatIp,
+            AllocError::TableFull => Counter::EgressDropTableFull,
+            AllocError::SourceCap => Counter::EgressDropSourceCap,
+            AllocError::FairShare => Counter::EgressDropFairShare,
+            AllocError::Exhausted => match p {
+                proto::TCP => Counter::EgressDropExhaustedTcp,
+                proto::UDP => Counter::EgressDropExhaustedUdp,
+                _ => Counter::EgressDropExhaustedIcmp,
+            },
+        }
+    }
+
+    /// Whether the refusal is for lack of a port (counted per pool), not a policy or table limit.
+    #[inline(always)]
+    pub const fn no_port(self) -> bool {
+        matches!(self, AllocError::Exhausted)
+    }
+}
+
 const EEXIST: i32 = 17;
 
-/// Outcome of trying one port.
-enum Claim {
-    Won,
-    Taken,
-    Full,
+/// What the pod's SYN tells about its side of a new TCP connection.
+#[derive(Clone, Copy, Default)]
+pub struct Syn {
+    /// The flow starts with a SYN (TCP only).
+    pub syn: bool,
+    /// Its sequence number + 1, and the window scale it announced.
+    pub isn_next: [u8; 4],
+    pub wscale: u8,
+}
+
+/// What [`create`] made.
+pub enum Created {
+    /// A new mapping with this NAT address and port.
+    New([u8; 4], [u8; 2]),
+    /// Another CPU created the flow's mapping a moment earlier: its NAT address and port.
+    Adopted([u8; 4], [u8; 2]),
 }
 
 /// Whether a local socket uses `reply`'s NAT port: a TCP socket connected to the same remote
-/// endpoint or listening on the port, or a UDP socket bound to it.
+/// endpoint or listening on the port, a UDP socket bound to it (connected to the flow's real
+/// remote port `rport`, or not connected), or a ping socket of the node with that identifier
+/// towards the same remote.
 #[inline(always)]
-fn host_uses(skb: *mut __sk_buff, reply: &FlowKey) -> bool {
+fn host_uses(skb: *mut __sk_buff, reply: &FlowKey, rport: [u8; 2], now: u64) -> bool {
+    if reply.proto == proto::ICMP {
+        return SNAT_HOST_ECHO
+            .get_ptr(reply)
+            // SAFETY: pointer from a successful lookup, read at once.
+            .is_some_and(|t| now.wrapping_sub(unsafe { *t }) < HOST_ECHO_HOLD_NS);
+    }
     let mut tuple: bpf_sock_tuple = bpf_sock_tuple {
         __bindgen_anon_1: zero_tuple(),
     };
@@ -78,7 +132,7 @@ fn host_uses(skb: *mut __sk_buff, reply: &FlowKey) -> bool {
         let t = &mut tuple.__bindgen_anon_1.ipv4;
         t.saddr = u32::from_ne_bytes(reply.src_addr);
         t.daddr = u32::from_ne_bytes(reply.dst_addr);
-        t.sport = u16::from_ne_bytes(reply.src_port);
+        t.sport = u16::from_ne_bytes(rport);
         t.dport = u16::from_ne_bytes(reply.dst_port);
     }
     let size = size_of::<u32>() as u32 * 3;
@@ -122,30 +176,41 @@ const fn zero_tuple() -> aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
     }
 }
 
-/// Claims `reply`'s NAT port for `origin`. `probe`: look the port up first, which is cheaper
-/// than a failed insert where most ports are taken (the walk) and a wasted lookup elsewhere.
-#[inline(always)]
-fn claim(skb: *mut __sk_buff, local: bool, reply: &FlowKey, origin: &Origin, probe: bool) -> Claim {
-    if probe && SNAT_REV.get_ptr(reply).is_some() {
-        return Claim::Taken;
-    }
-    if local && host_uses(skb, reply) {
-        count(Counter::AllocHostPortSkipped);
-        return Claim::Taken;
-    }
-    match SNAT_REV.insert(reply, origin, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Claim::Won,
-        Err(e) if e == -EEXIST => Claim::Taken,
-        Err(_) => Claim::Full,
-    }
+/// The state of one allocation, in this CPU's `SNAT_SCAN` slot (the stack is nearly full at this
+/// depth): the candidate reply key and the reverse half that claims it, the NAT IP, and the search
+/// and walk positions. Only the port and the result change during a `bpf_loop` (each step reads
+/// where it is from the loop's index): a counter kept here would make the verifier follow every
+/// iteration separately.
+#[repr(C)]
+pub struct ScanState {
+    /// The live configuration and the NAT IP the flow is paired with ([`nat_ip_for`]).
+    pub cfg: Config,
+    pub nat: NatIp,
+    /// The counts the new mapping adds to (source, destination, pair).
+    uses: [UseKey; 3],
+    /// The destination key (`index::destination` of the reply key).
+    dest: FlowKey,
+    /// The candidate: the reply key with the port being tried.
+    reply: FlowKey,
+    /// The reverse half to insert (its key is set to `reply` at each try).
+    origin: Origin,
+    /// The forward half, once the port is won.
+    mapping: Mapping,
+    /// The flow's real remote port (UDP keys carry 0), for the host socket lookup.
+    rport: [u8; 2],
+    _pad: [u8; 2],
+    /// Random: the search's first summary word (`0..words`); the walk's starting offset into
+    /// the range (any `u32`, reduced modulo its length).
+    start: u32,
+    /// Random: where in a summary word and a block the search starts looking (RFC 6056).
+    rotate: u32,
+    /// 0 while scanning, 1 when a port was found (in `reply.dst_port`), 2 when a map is full.
+    result: u32,
+    now: u64,
 }
 
-/// State of a scan of the range (the index search, then the walk), shared with the `bpf_loop`
-/// callbacks: pointers on the stack (the verifier does not let a program store pointers in a
-/// map), the rest in the per-CPU `SNAT_SCAN` (the stack is nearly full at this depth; a TC
-/// program runs to completion on its CPU, so one slot per CPU suffices). Only the port and the
-/// result change during a loop (each step reads where it is from the loop's index): a counter
-/// kept in state would make the verifier follow every iteration separately.
+/// Pointers the `bpf_loop` callbacks need, on the stack (the verifier does not let a program
+/// store pointers in a map).
 #[repr(C)]
 struct Scan {
     skb: *mut __sk_buff,
@@ -154,20 +219,43 @@ struct Scan {
     state: *mut ScanState,
 }
 
-#[repr(C)]
-pub struct ScanState {
-    reply: FlowKey,
-    origin: Origin,
-    nat: NatIp,
-    /// Random: the search's first summary word (`0..words`); the walk's starting offset into
-    /// the range (any `u32`, reduced modulo its length).
-    start: u32,
-    /// 0 while scanning, 1 when a port was found (in `reply.dst_port`), 2 when a map is full.
-    result: u32,
+/// Tries to claim the candidate port in `st.reply`: `Ok(true)` when won, `Ok(false)` when taken
+/// (by a mapping or a local socket), `Err(TableFull)` when the table is full. `probe`: look the
+/// port up first, which is cheaper than a failed insert where most ports are taken (the walk) and
+/// a wasted lookup elsewhere.
+#[inline(always)]
+fn try_claim(skb: *mut __sk_buff, st: &mut ScanState, probe: bool) -> Result<bool, AllocError> {
+    if probe && SNAT_REV.get_ptr(st.reply).is_some() {
+        return Ok(false);
+    }
+    if st.nat.flags & NatIp::LOCAL != 0 && host_uses(skb, &st.reply, st.rport, st.now) {
+        count(Counter::AllocHostPortSkipped);
+        return Ok(false);
+    }
+    st.origin.key = st.reply;
+    match SNAT_REV.insert(st.reply, st.origin, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(true),
+        Err(e) if e == -EEXIST => Ok(false),
+        Err(_) => Err(AllocError::TableFull),
+    }
 }
 
-#[map]
-static SNAT_SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
+/// Tries `port`; on a win counts `how` and returns `Ok(true)`. Its own stack frame: inlined at
+/// each stage of [`find_port`], its socket lookup would cost the caller's frame each time.
+#[inline(never)]
+fn try_port(
+    skb: *mut __sk_buff,
+    st: &mut ScanState,
+    port: [u8; 2],
+    how: Counter,
+) -> Result<bool, AllocError> {
+    st.reply.dst_port = port;
+    let won = try_claim(skb, st, false)?;
+    if won {
+        count(how);
+    }
+    Ok(won)
+}
 
 /// One step of the walk: try the `i`-th port; stop the loop (return 1) once decided.
 extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
@@ -178,19 +266,13 @@ extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: as above.
     let st = unsafe { &mut *scan.state };
     st.reply.dst_port = pool::walk(&st.nat, st.start, i as u32).to_be_bytes();
-    match claim(
-        scan.skb,
-        st.nat.flags & NatIp::LOCAL != 0,
-        &st.reply,
-        &st.origin,
-        true,
-    ) {
-        Claim::Won => {
+    match try_claim(scan.skb, st, true) {
+        Ok(true) => {
             st.result = 1;
             1
         }
-        Claim::Taken => 0,
-        Claim::Full => {
+        Ok(false) => 0,
+        Err(_) => {
             st.result = 2;
             1
         }
@@ -198,7 +280,7 @@ extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 #[inline(always)]
-fn walk_range(scan: &mut Scan) -> Result<[u8; 2], AllocError> {
+fn walk_range(scan: &mut Scan) -> Result<(), AllocError> {
     // SAFETY: as in `walk_step`.
     let st = unsafe { &mut *scan.state };
     st.result = 0;
@@ -215,7 +297,7 @@ fn walk_range(scan: &mut Scan) -> Result<[u8; 2], AllocError> {
         );
     }
     match st.result {
-        1 => Ok(st.reply.dst_port),
+        1 => Ok(()),
         2 => Err(AllocError::TableFull),
         _ => Err(AllocError::Exhausted),
     }
@@ -231,11 +313,20 @@ unsafe fn word_at(bytes: *const u8, offset: usize) -> u64 {
     unsafe { core::ptr::read(bytes.add(offset).cast::<u64>()) }
 }
 
-/// Step `i` of the search: in the `i`-th summary word from the start, take the first block
-/// marked free that has a port marked free, and its first such port. A block found empty has
-/// its mark cleared; so has a port outside the range (left from a wider range), and the search
-/// moves on to the next word. (The port is tried by the caller: a claim here would need a
-/// deeper stack than the program has left.)
+/// The marked byte of `marked` (from [`marked_bytes`]) to take, starting the look at byte
+/// `from` (0..8) and wrapping: the lowest marked byte of the word rotated by `from`. A random
+/// `from` keeps the choice within a block unpredictable (RFC 6056).
+#[inline(always)]
+fn pick_marked(marked: u64, from: u32) -> u32 {
+    let from = from & 7;
+    (lowest_marked(marked.rotate_right(8 * from)) + from) & 7
+}
+
+/// Step `i` of the search: in the `i`-th summary word from the start, take a block marked free
+/// that has a port marked free, and such a port, each picked from a random place onwards. A block
+/// found empty has its mark cleared; so has a port outside the range (left from a wider range),
+/// and the search moves on to the next word. (The port is tried by the caller: a claim here would
+/// need a deeper stack than the program has left.)
 extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `bpf_loop` passes back the pointer `search` gave it, to a live `Scan`, whose
     // `state` points to this CPU's `SNAT_SCAN` slot.
@@ -253,12 +344,12 @@ extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let ix = unsafe { &mut *scan.index };
     // SAFETY: as above.
     let mut blocks = marked_bytes(unsafe { word_at(ix.block.as_ptr(), w * 8) });
-    // The word's blocks in order; a block marked but found empty loses its mark.
+    // The word's blocks from a random one on; a block marked but found empty loses its mark.
     for _ in 0..BLOCKS_PER_WORD {
         if blocks == 0 {
             return 0;
         }
-        let j = lowest_marked(blocks);
+        let j = pick_marked(blocks, s.rotate);
         blocks &= !(0x80 << (8 * j));
         let block = (w * 8 + j as usize) & (BLOCKS - 1);
         let base = block * BLOCK as usize;
@@ -269,10 +360,10 @@ extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
             marks |= mark_if_nonzero(word, k);
         }
         if marks != 0 {
-            let at = base + 8 * lowest_marked(marks) as usize;
+            let at = base + 8 * pick_marked(marks, s.rotate >> 3) as usize;
             // SAFETY: as above.
-            let byte = lowest_marked(marked_bytes(unsafe { word_at(ix.port.as_ptr(), at) }));
-            let port = (at + byte as usize) & (PORTS - 1);
+            let bytes = marked_bytes(unsafe { word_at(ix.port.as_ptr(), at) });
+            let port = (at + pick_marked(bytes, s.rotate >> 6) as usize) & (PORTS - 1);
             let port16 = port as u16;
             if port16 < s.nat.port_min || port16 > s.nat.port_max {
                 // Left from a wider range: never offered again. (Moving on to the word's next
@@ -298,6 +389,8 @@ fn search(scan: &mut Scan) -> Option<[u8; 2]> {
     st.result = 0;
     // SAFETY: helper without preconditions.
     st.start = unsafe { bpf_get_prandom_u32() } % words.max(1);
+    // SAFETY: as above.
+    st.rotate = unsafe { bpf_get_prandom_u32() };
     // SAFETY: `search_step` has the callback signature `bpf_loop` expects and only touches
     // `scan` and the index it points to, which outlive the call.
     unsafe {
@@ -352,39 +445,35 @@ fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError
     Ok(())
 }
 
-/// Claims a NAT port for the flow `fwd`, whose destination count is `dest`, and returns the
-/// reply key holding the claim; records the claim in the destination's free-port index.
+/// Whether `dest` (a destination key, see `index::destination`) was found full under this
+/// pool generation less than `FULL_RECHECK_NS` before `now`.
 #[inline(always)]
-fn claim_port(
-    skb: *mut __sk_buff,
-    fwd: &FlowKey,
-    origin: &Origin,
-    nat: &NatIp,
-    dest: &UseKey,
-) -> Result<FlowKey, AllocError> {
-    let reply = fwd.reply(nat.addr, [0; 2]);
-    let mut hot = index::of(&reply);
-    let claimed = find_port(skb, fwd, origin, nat, dest, &mut hot)?;
-    if let Some(ix) = hot {
-        index::taken(ix, u16::from_be_bytes(claimed.dst_port));
-    }
-    Ok(claimed)
+fn known_full(dest: &FlowKey, cfg: &Config, now: u64) -> bool {
+    SNAT_FULL
+        .get_ptr(dest)
+        // SAFETY: pointer from a successful lookup, copied out at once.
+        .map(|p| unsafe { *p })
+        .is_some_and(|f| {
+            f.generation == cfg.generation && now.wrapping_sub(f.since_ns) < FULL_RECHECK_NS
+        })
 }
 
-/// Claims a port in the order [`pool`] documents, the destination's free-port index `hot`
-/// (built here when the destination turns hot) standing in front of the walk.
+/// Records that the port of `reply` is free again: its destination's free-port index, and the
+/// end of its "full" mark. Every path that removes a claim calls it.
 #[inline(always)]
-fn find_port(
-    skb: *mut __sk_buff,
-    fwd: &FlowKey,
-    origin: &Origin,
-    nat: &NatIp,
-    dest: &UseKey,
-    hot: &mut Option<*mut FreePorts>,
-) -> Result<FlowKey, AllocError> {
-    let local = nat.flags & NatIp::LOCAL != 0;
-    let mut reply = fwd.reply(nat.addr, [0; 2]);
-    let len = nat.range_len();
+pub fn port_freed(reply: &FlowKey) {
+    let dest = index::destination(reply);
+    index::freed(&dest, reply);
+    let _ = SNAT_FULL.remove(dest);
+}
+
+/// Claims a port in the order [`pool`] documents for the flow `fwd`, whose destination count is
+/// `dest`: the winning reply key ends up in `st.reply`. The destination's free-port index (built
+/// here when the destination turns hot) stands in front of the walk and learns the claim.
+#[inline(always)]
+fn find_port(skb: *mut __sk_buff, st: &mut ScanState, fwd: &FlowKey) -> Result<(), AllocError> {
+    let mut hot = index::of(&st.dest);
+    let len = st.nat.range_len();
 
     // The NAT port this internal endpoint had towards another destination, if still in range.
     let endpoint = Endpoint {
@@ -396,151 +485,161 @@ fn find_port(
     // SAFETY: pointer from a successful lookup, copied out at once.
     if let Some(last) = SNAT_ENDPOINTS.get_ptr(endpoint).map(|p| unsafe { *p }) {
         let port = u16::from_be_bytes(last.port);
-        if last.addr == nat.addr && pool::preserved(nat, port).is_some() {
-            reply.dst_port = last.port;
-            match claim(skb, local, &reply, origin, false) {
-                Claim::Won => {
-                    count(Counter::AllocSameEndpoint);
-                    return Ok(reply);
-                }
-                Claim::Taken => {}
-                Claim::Full => return Err(AllocError::TableFull),
-            }
+        if last.addr == st.nat.addr
+            && pool::preserved(&st.nat, port).is_some()
+            && try_port(skb, st, last.port, Counter::AllocSameEndpoint)?
+        {
+            return index_claimed(hot, st);
         }
     }
-
-    if let Some(port) = pool::preserved(nat, u16::from_be_bytes(fwd.src_port)) {
-        reply.dst_port = port.to_be_bytes();
-        match claim(skb, local, &reply, origin, false) {
-            Claim::Won => {
-                count(Counter::AllocPreserved);
-                return Ok(reply);
-            }
-            Claim::Taken => {}
-            Claim::Full => return Err(AllocError::TableFull),
+    if let Some(port) = pool::preserved(&st.nat, u16::from_be_bytes(fwd.src_port)) {
+        if try_port(skb, st, port.to_be_bytes(), Counter::AllocPreserved)? {
+            return index_claimed(hot, st);
         }
     }
     // Random ports keep the choice unpredictable (RFC 6056) while the range is not nearly full;
     // past that, the index finds a port for less than the random tries would fail for.
-    let indexed_and_hot = hot.is_some() && pool::index::is_hot(use_of(dest), len);
+    let indexed_and_hot = hot.is_some() && pool::index::is_hot(use_of(&st.uses[1]), len);
     if !indexed_and_hot {
         for _ in 0..RANDOM_TRIES {
             // SAFETY: helper without preconditions.
             let r = unsafe { bpf_get_prandom_u32() };
-            reply.dst_port = pool::port_at(nat, r).to_be_bytes();
-            match claim(skb, local, &reply, origin, false) {
-                Claim::Won => {
-                    count(Counter::AllocRandom);
-                    return Ok(reply);
-                }
-                Claim::Taken => {}
-                Claim::Full => return Err(AllocError::TableFull),
+            let port = pool::port_at(&st.nat, r).to_be_bytes();
+            if try_port(skb, st, port, Counter::AllocRandom)? {
+                return index_claimed(hot, st);
             }
         }
-        if hot.is_none() && pool::index::is_hot(use_of(dest), len) {
-            *hot = index::build(&reply, nat.port_min, len);
+        if hot.is_none() && pool::index::is_hot(use_of(&st.uses[1]), len) {
+            hot = index::build(&st.dest, st.nat.port_min, len);
         }
-    }
-    let state = SNAT_SCAN.get_ptr_mut(0).ok_or(AllocError::Exhausted)?;
-    // SAFETY: this CPU's slot, used by this program only until it returns.
-    unsafe {
-        *state = ScanState {
-            reply,
-            origin: *origin,
-            nat: *nat,
-            start: 0,
-            result: 0,
-        };
     }
     let mut scan = Scan {
         skb,
         index: core::ptr::null_mut(),
-        state,
+        state: st,
     };
-    if let Some(ix) = *hot {
+    if let Some(ix) = hot {
         scan.index = ix;
         if let Some(port) = search(&mut scan) {
-            reply.dst_port = port;
-            match claim(skb, local, &reply, origin, false) {
-                Claim::Won => {
-                    count(Counter::AllocIndexed);
-                    return Ok(reply);
-                }
-                // A stale mark: clear it; the walk decides.
-                Claim::Taken => index::taken(ix, u16::from_be_bytes(port)),
-                Claim::Full => return Err(AllocError::TableFull),
+            // SAFETY: `scan.state` is `st`, borrowed again once the loop is done.
+            let st = unsafe { &mut *scan.state };
+            if try_port(skb, st, port, Counter::AllocIndexed)? {
+                return index_claimed(hot, st);
             }
+            // A stale mark: clear it; the walk decides.
+            index::taken(ix, u16::from_be_bytes(port));
         }
     }
-    reply.dst_port = walk_range(&mut scan)?;
+    walk_range(&mut scan)?;
     count(Counter::AllocScan);
-    Ok(reply)
+    // SAFETY: as above.
+    index_claimed(hot, unsafe { &*scan.state })
 }
 
-/// Creates the mapping for the new flow `fwd` (a forward key) at time `now`, or adopts the one
-/// another CPU created for the same flow a moment earlier.
+/// Records the claim of `st.reply` in the destination's index, if it has one.
+#[inline(always)]
+fn index_claimed(hot: Option<*mut FreePorts>, st: &ScanState) -> Result<(), AllocError> {
+    if let Some(ix) = hot {
+        index::taken(ix, u16::from_be_bytes(st.reply.dst_port));
+    }
+    Ok(())
+}
+
+/// This CPU's allocation state: after [`create`], the configuration and NAT IP it used.
+#[inline(always)]
+pub fn state() -> Option<&'static mut ScanState> {
+    // SAFETY: this CPU's slot, used by this program only until it returns.
+    SNAT_SCAN.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Creates the mapping for the new flow `fwd` (a forward key; `rport` is its real remote port)
+/// at time `now`, or adopts the one another CPU created for the same flow a moment earlier. The
+/// NAT IP (paired with the pod, picked once per flow) and the configuration stay in [`state`]
+/// for the caller to answer a refusal with. Everything lives in this CPU's `SNAT_SCAN` slot,
+/// not on the stack, which the port search's callbacks need.
 #[inline(always)]
 pub fn create(
     ctx: &TcContext,
     fwd: &FlowKey,
-    tcp_seen: u8,
+    rport: [u8; 2],
+    syn: &Syn,
     now: u64,
-) -> Result<Mapping, AllocError> {
-    let (cfg, nat) = nat_ip_for(fwd.src_addr)?;
-    let uses = UseKey::of_mapping(fwd, nat.addr);
-    admit(&cfg, &nat, &uses)?;
-    let origin = Origin {
-        addr: fwd.src_addr,
-        port: fwd.src_port,
-        tcp_seen: 0,
-        _pad: 0,
-        last_seen_ns: now,
-    };
-    let reply = claim_port(ctx.skb.skb, fwd, &origin, &nat, &uses[1])?;
-    let mapping = Mapping {
-        nat_addr: nat.addr,
-        nat_port: reply.dst_port,
-        tcp_seen,
-        _pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
-    };
-    match SNAT_FWD.insert(fwd, mapping, u64::from(BPF_NOEXIST)) {
+) -> Result<Created, AllocError> {
+    let st = state().ok_or(AllocError::NoNatIp)?;
+    (st.cfg, st.nat) = nat_ip_for(fwd.src_addr)?;
+    st.reply = fwd.reply(st.nat.addr, [0; 2]);
+    st.dest = index::destination(&st.reply);
+    if known_full(&st.dest, &st.cfg, now) {
+        count(Counter::RefusedKnownFull);
+        return Err(AllocError::Exhausted);
+    }
+    st.uses = UseKey::of_mapping(fwd, st.nat.addr);
+    admit(&st.cfg, &st.nat, &st.uses)?;
+    st.origin = Origin::new(st.reply, fwd.src_addr, fwd.src_port, now);
+    st.rport = rport;
+    st.now = now;
+    match find_port(ctx.skb.skb, st, fwd) {
+        Ok(()) => {}
+        Err(AllocError::Exhausted) => {
+            let mark = FullMark {
+                since_ns: now,
+                generation: st.cfg.generation,
+                _pad: 0,
+            };
+            let _ = SNAT_FULL.insert(st.dest, mark, 0);
+            return Err(AllocError::Exhausted);
+        }
+        Err(e) => return Err(e),
+    }
+    let (addr, port) = (st.nat.addr, st.reply.dst_port);
+    st.mapping = Mapping::new(*fwd, addr, port, now);
+    if syn.syn {
+        st.mapping.syn = st.mapping.epoch;
+        st.mapping.isn_next = syn.isn_next;
+        st.mapping.wscale = syn.wscale;
+    }
+    match SNAT_FWD.insert(fwd, st.mapping, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
-            use_add(&uses);
-            let endpoint = Endpoint {
-                addr: fwd.src_addr,
-                port: fwd.src_port,
-                proto: fwd.proto,
-                _pad: 0,
-            };
-            let nat_end = Endpoint {
-                addr: nat.addr,
-                port: reply.dst_port,
-                proto: fwd.proto,
-                _pad: 0,
-            };
-            // Most new flows of a busy endpoint reuse the NAT port it already has: then the
-            // hint is already right, and a lookup is far cheaper than rewriting an LRU entry.
-            // SAFETY: pointer from a successful lookup, read at once.
-            let known = SNAT_ENDPOINTS.get_ptr(endpoint).map(|p| unsafe { *p });
-            if known != Some(nat_end) {
-                let _ = SNAT_ENDPOINTS.insert(endpoint, nat_end, 0);
-            }
-            Ok(mapping)
+            use_add(&st.uses);
+            remember_endpoint(fwd, addr, port);
+            Ok(Created::New(addr, port))
         }
         Err(e) => {
             // Give the port back before anything can use it.
-            let _ = SNAT_REV.remove(reply);
-            index::freed(&reply);
+            let _ = SNAT_REV.remove(st.reply);
+            port_freed(&st.reply);
             if e == -EEXIST {
                 count(Counter::AllocRaceLost);
-                if let Some(winner) = SNAT_FWD.get_ptr(fwd) {
-                    // SAFETY: pointer from a successful lookup; copied out at once.
-                    return Ok(unsafe { *winner });
+                if let Some((_, winner)) = mapping::forward(fwd) {
+                    return Ok(Created::Adopted(winner.nat_addr, winner.nat_port));
                 }
             }
             Err(AllocError::TableFull)
         }
+    }
+}
+
+/// Remembers that the internal endpoint of `fwd` got `nat_addr:port`, so its next flow tries it
+/// first (endpoint-independent mapping).
+#[inline(always)]
+fn remember_endpoint(fwd: &FlowKey, nat_addr: [u8; 4], port: [u8; 2]) {
+    let endpoint = Endpoint {
+        addr: fwd.src_addr,
+        port: fwd.src_port,
+        proto: fwd.proto,
+        _pad: 0,
+    };
+    let nat_end = Endpoint {
+        addr: nat_addr,
+        port,
+        proto: fwd.proto,
+        _pad: 0,
+    };
+    // Most new flows of a busy endpoint reuse the NAT port it already has: then the hint is
+    // already right, and a lookup is far cheaper than rewriting an LRU entry.
+    // SAFETY: pointer from a successful lookup, read at once.
+    let known = SNAT_ENDPOINTS.get_ptr(endpoint).map(|p| unsafe { *p });
+    if known != Some(nat_end) {
+        let _ = SNAT_ENDPOINTS.insert(endpoint, nat_end, 0);
     }
 }

@@ -3,33 +3,45 @@
 //! Every IPv4 packet whose source is internal and whose destination is not excluded leaves
 //! translated or not at all: anything that cannot be translated (malformed, fragment, unsupported
 //! protocol or ICMP type, no port left, table full, a helper failing) is dropped and counted.
+//!
+//! The node's own packets pass untouched, with two exceptions that keep pod addresses in: an ICMP
+//! error the node sends about a reply it was forwarding to a pod (fragmentation needed, host
+//! unreachable, time exceeded) has its quote translated back to the NAT endpoint, or is dropped
+//! when no mapping explains it; and the node's own echo requests are remembered so that pods are
+//! not given the identifiers its ping sockets use.
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
-    programs::TcContext,
-};
-use aya_log_ebpf::{debug, warn};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::TcContext};
 use snat_common::{
     flow::proto,
     tcp::{self, header},
-    Counter, FlowKey, Mapping,
+    Counter, FlowKey, Mapping, SLOT_CREATE,
 };
 
 use crate::{
-    alloc::{self, AllocError},
+    alloc::{self, Syn},
+    create::Pending,
     icmp::{self, kind, Inner},
+    mapping::{self, Forward},
     maps::{
-        count, count_refusal, fragments_of, remember_fragments, time_allocation, SNAT_EXCLUDE,
-        SNAT_FWD, SNAT_INTERNAL, SNAT_REV,
+        count, fragments_of, remember_fragments, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL,
+        SNAT_PENDING, SNAT_PROGRAMS,
     },
-    packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, ETH_P_IP_BE},
-    reject,
+    packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, Tcp, ETH_P_IP_BE},
     verdict::{Stop, Verdict},
 };
 
-/// Mappings record a packet's time only when it moved on by this much, to spare the cache line.
-pub const REFRESH_NS: u64 = 100_000_000;
+/// A NAT endpoint: address and port (or echo identifier).
+pub type Nat = ([u8; 4], [u8; 2]);
+
+#[inline(always)]
+fn internal(addr: [u8; 4]) -> bool {
+    SNAT_INTERNAL.get(Key::new(32, addr)).is_some()
+}
+
+#[inline(always)]
+fn excluded(addr: [u8; 4]) -> bool {
+    SNAT_EXCLUDE.get(Key::new(32, addr)).is_some()
+}
 
 pub fn run(ctx: &TcContext) -> Verdict {
     if ctx.skb.protocol() != ETH_P_IP_BE {
@@ -37,10 +49,10 @@ pub fn run(ctx: &TcContext) -> Verdict {
     }
     // Without a readable header there is no telling whose packet it is: it must not leave.
     let ip = Ipv4::read(ctx).map_err(|_| Counter::EgressDropMalformed)?;
-    if SNAT_INTERNAL.get(Key::new(32, ip.src)).is_none() {
-        return Ok(Counter::EgressPassNotInternal);
+    if !internal(ip.src) {
+        return from_node(ctx, &ip);
     }
-    if SNAT_EXCLUDE.get(Key::new(32, ip.dst)).is_some() {
+    if excluded(ip.dst) {
         return Ok(Counter::EgressPassExcluded);
     }
     if !ip.valid(ctx) {
@@ -50,7 +62,8 @@ pub fn run(ctx: &TcContext) -> Verdict {
         return later_fragment(ctx, &ip);
     }
     match ip.proto {
-        proto::TCP | proto::UDP => transport(ctx, &ip),
+        proto::TCP => tcp(ctx, &ip),
+        proto::UDP => udp(ctx, &ip),
         proto::ICMP => icmp(ctx, &ip),
         _ => Err(Counter::EgressDropUnsupportedProto.into()),
     }
@@ -62,171 +75,235 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// A packet of the node itself (its source is not internal): passed, but an ICMP error quoting
+/// a pod is translated or dropped, and echo requests are remembered (see the module docs).
 #[inline(always)]
-fn exhausted(p: u8) -> Counter {
-    match p {
-        proto::TCP => Counter::EgressDropExhaustedTcp,
-        proto::UDP => Counter::EgressDropExhaustedUdp,
-        _ => Counter::EgressDropExhaustedIcmp,
+fn from_node(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+    if ip.proto != proto::ICMP || ip.is_later_fragment() || !ip.valid(ctx) {
+        return Ok(Counter::EgressPassNotInternal);
+    }
+    let Ok(head) = read::<[u8; 8]>(ctx, ip.l4()) else {
+        return Ok(Counter::EgressPassNotInternal);
+    };
+    match head[0] {
+        kind::ECHO_REQUEST => {
+            // The reply key a pod's echo flow with this identifier would have.
+            let reply = FlowKey::new(proto::ICMP, ip.dst, [0; 2], ip.src, [head[4], head[5]]);
+            let _ = SNAT_HOST_ECHO.insert(reply, now(), 0);
+            Ok(Counter::EgressPassNotInternal)
+        }
+        t if icmp::is_error(t) && !excluded(ip.dst) => node_icmp_error(ctx, ip),
+        _ => Ok(Counter::EgressPassNotInternal),
     }
 }
 
-/// The mapping of `key`, existing (refreshed) or new. A new flow that gets no port is counted
-/// once per flow and, with `--on-exhaustion reject`, answered at once (see `reject`).
+/// An ICMP error the node sends towards the internet. If it quotes a packet to a pod (a reply
+/// snat translated on ingress), the quote is put back to the NAT endpoint the remote knows, so
+/// the remote can match it (path MTU discovery) and no pod address leaves; without a mapping to
+/// do that with, it is dropped.
+#[inline(always)]
+fn node_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+    let Some(inner) = Inner::parse(ctx, ip) else {
+        // A quote too short to translate must still not carry an internal address.
+        return match icmp::quoted_addrs(ctx, ip) {
+            Some((src, dst)) if internal(src) || internal(dst) => {
+                Err(Counter::EgressDropNodeIcmpErrorNoMapping.into())
+            }
+            _ => Ok(Counter::EgressPassNotInternal),
+        };
+    };
+    if internal(inner.src) {
+        // A pod's own packet quoted towards the internet: nothing snat sent looks like that.
+        return Err(Counter::EgressDropNodeIcmpErrorNoMapping.into());
+    }
+    if !internal(inner.dst) {
+        return Ok(Counter::EgressPassNotInternal);
+    }
+    // The quoted packet runs remote → pod: the pod's endpoint is the forward key's source.
+    let key = FlowKey::new(
+        inner.proto,
+        inner.dst,
+        inner.dport,
+        inner.src,
+        FlowKey::remote_port_for(inner.proto, inner.sport),
+    );
+    let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropNodeIcmpErrorNoMapping)?;
+    inner
+        .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))
+        .map_err(|_| Counter::EgressDropRewrite)?;
+    Ok(Counter::EgressTranslatedNodeIcmpError)
+}
+
+/// What egress needs of a TCP segment to track its mapping.
+struct Segment {
+    tcp: Tcp,
+    /// Offset of the TCP header (for the SYN's options).
+    l4: usize,
+}
+
+impl Segment {
+    /// A SYN alone: the only segment that opens (or reopens) a mapping.
+    #[inline(always)]
+    fn pure_syn(&self) -> bool {
+        self.tcp.flags & (header::SYN | header::ACK | header::RST | header::FIN) == header::SYN
+    }
+}
+
+/// The NAT endpoint of `key`'s existing mapping (refreshed); a flow without one goes on to
+/// `snat_create` (see [`pend`]; `rport` is its real remote port).
 #[inline(always)]
 fn mapping(
     ctx: &TcContext,
     ip: &Ipv4,
     key: &FlowKey,
-    tcp_bits: u8,
-    pure_syn: bool,
-) -> Result<Mapping, Stop> {
-    let now = now();
-    if let Some(p) = SNAT_FWD.get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup (see the concurrency note in `maps`).
-        let m = unsafe { &mut *p };
-        if pure_syn && key.proto == proto::TCP {
-            reopen_if_closed(key, m, now);
-        } else if m.tcp_seen | tcp_bits != m.tcp_seen {
-            m.tcp_seen |= tcp_bits;
+    rport: [u8; 2],
+    seg: Option<&Segment>,
+) -> Result<Nat, Stop> {
+    if let Some((p, m)) = mapping::forward(key) {
+        if let Some(seg) = seg {
+            track(ctx, key, p, &m, seg);
         }
-        if now.wrapping_sub(m.last_seen_ns) > REFRESH_NS {
-            m.last_seen_ns = now;
-        }
-        return Ok(*m);
+        mapping::refresh_forward(p, &m, now()).map_err(|()| Counter::EgressDropReleased)?;
+        return Ok((m.nat_addr, m.nat_port));
     }
-    if key.proto == proto::TCP && !pure_syn {
+    let syn = match seg {
+        None => Syn::default(),
+        Some(seg) if seg.pure_syn() => Syn {
+            syn: true,
+            isn_next: seg.tcp.seq.wrapping_add(1).to_be_bytes(),
+            wscale: seg.tcp.window_scale(ctx, seg.l4),
+        },
         // Only a SYN opens a TCP mapping: a stray segment must not take a port.
-        return Err(Counter::EgressDropTcpNotSyn.into());
-    }
-    // SAFETY: helper without preconditions.
-    let started = unsafe { bpf_ktime_get_ns() };
-    let created = alloc::create(ctx, key, tcp_bits, now);
-    // SAFETY: as above.
-    time_allocation(unsafe { bpf_ktime_get_ns() }.wrapping_sub(started));
-    let refused = match created {
-        Ok(m) => {
-            // Few arguments: each one costs stack, and the programs are near the 512-byte limit.
-            debug!(
-                ctx,
-                "new mapping {:i}:{} via port {}",
-                key.src_addr,
-                key.src_port(),
-                m.nat_port()
-            );
-            count(match key.proto {
-                proto::TCP => Counter::CreatedTcp,
-                proto::UDP => Counter::CreatedUdp,
-                _ => Counter::CreatedIcmp,
-            });
-            return Ok(m);
-        }
-        Err(AllocError::NoNatIp) => return Err(Counter::EgressDropNoNatIp.into()),
-        Err(AllocError::TableFull) => {
-            warn!(
-                ctx,
-                "mapping table full: proto {} {:i}:{}",
-                key.proto,
-                key.src_addr,
-                key.src_port()
-            );
-            return Err(Counter::EgressDropTableFull.into());
-        }
-        Err(AllocError::Exhausted) => exhausted(key.proto),
-        Err(AllocError::SourceCap) => Counter::EgressDropSourceCap,
-        Err(AllocError::FairShare) => Counter::EgressDropFairShare,
+        Some(_) => return Err(Counter::EgressDropTcpNotSyn.into()),
     };
-    let Ok((cfg, nat)) = alloc::nat_ip_for(key.src_addr) else {
-        return Err(refused.into());
-    };
-    let no_port = matches!(
-        refused,
-        Counter::EgressDropExhaustedTcp
-            | Counter::EgressDropExhaustedUdp
-            | Counter::EgressDropExhaustedIcmp
-    );
-    count_refusal(key, nat.addr, now, no_port);
-    warn!(
+    pend(
         ctx,
-        "refused new flow from {:i}:{} (counter {})",
-        key.src_addr,
-        key.src_port(),
-        refused.index()
-    );
-    Err(Stop {
-        counter: refused,
-        action: reject::answer(ctx, ip, &cfg, now).unwrap_or(aya_ebpf::bindings::TC_ACT_SHOT),
-    })
+        &Pending {
+            ip: *ip,
+            key: *key,
+            rport,
+            syn,
+        },
+    )
 }
 
-/// A new SYN on a mapping whose connection ended (FIN or RST seen) or got an answer starts a new
-/// connection on the same 4-tuple: keep the NAT port (so the server's TIME_WAIT sees the same
-/// 4-tuple with a higher sequence number and accepts it) and restart the state of both halves.
+/// Hands a packet whose flow has no mapping to `snat_create` (a tail call: it does not come
+/// back). Returns only if the call failed.
 #[inline(always)]
-fn reopen_if_closed(key: &FlowKey, m: &mut Mapping, now: u64) {
-    let reply = key.reply(m.nat_addr, m.nat_port);
-    let Some(o) = SNAT_REV.get_ptr_mut(reply) else {
+fn pend(ctx: &TcContext, pending: &Pending) -> Result<Nat, Stop> {
+    let slot = SNAT_PENDING
+        .get_ptr_mut(0)
+        .ok_or(Counter::EgressDropNoAllocator)?;
+    // SAFETY: this CPU's slot; `snat_create` reads it on this CPU right after the tail call.
+    unsafe { *slot = *pending };
+    // SAFETY: a tail call from the program's own frame (never from a subprogram); on success
+    // control goes to `snat_create` and never returns here.
+    unsafe { SNAT_PROGRAMS.tail_call(ctx, SLOT_CREATE) };
+    Err(Counter::EgressDropNoAllocator.into())
+}
+
+/// Records what the pod's segment tells about its side of the connection, in the current epoch:
+/// its FIN and RST, its acknowledgement and window (which a remote FIN or RST is checked
+/// against), and a new SYN on a closed or answered mapping, which starts a new epoch (binding
+/// persistence: the NAT port is kept, so the server's TIME_WAIT sees the same 4-tuple with a
+/// higher sequence number and accepts it). Only egress writes these fields.
+#[inline(always)]
+fn track(ctx: &TcContext, key: &FlowKey, p: *mut Mapping, m: &Forward, seg: &Segment) {
+    let t = &seg.tcp;
+    let epoch = m.epoch;
+    if seg.pure_syn() {
+        let reply = key.reply(m.nat_addr, m.nat_port);
+        let outside = mapping::reverse(&reply).map_or(0, |(_, o)| o.tcp_seen(epoch));
+        if tcp::reopens(m.tcp_seen(), outside) {
+            let next = tcp::next_epoch(epoch);
+            let wscale = t.window_scale(ctx, seg.l4);
+            // SAFETY: `p` points to this flow's live mapping (see `mapping`); the new epoch is
+            // written last, so a reader that sees it sees the SYN's fields too.
+            unsafe {
+                (*p).isn_next = t.seq.wrapping_add(1).to_be_bytes();
+                (*p).wscale = wscale;
+                (*p).syn = next;
+                (*p).epoch = next;
+            }
+            count(Counter::TcpReopened);
+        }
         return;
-    };
-    // SAFETY: pointer from a successful lookup.
-    let o = unsafe { &mut *o };
-    let ended = (m.tcp_seen | o.tcp_seen) & (tcp::SEEN_FIN | tcp::SEEN_RST) != 0;
-    if ended || o.tcp_seen & tcp::SEEN_SYN != 0 {
-        o.tcp_seen = 0;
-        o.last_seen_ns = now;
-        m.tcp_seen = tcp::SEEN_SYN;
-        count(Counter::TcpReopened);
+    }
+    // SAFETY: as above; each store is one aligned field, skipped when it would not change.
+    unsafe {
+        if t.flags & header::FIN != 0 && m.fin != epoch {
+            (*p).fin = epoch;
+        }
+        if t.flags & header::RST != 0 && m.rst != epoch {
+            (*p).rst = epoch;
+        }
+        if t.flags & header::ACK != 0 {
+            let ack = t.ack.to_be_bytes();
+            if m.ack != ack {
+                (*p).ack = ack;
+            }
+            if m.window != t.window {
+                (*p).window = t.window;
+            }
+            if m.acked != epoch {
+                (*p).acked = epoch;
+            }
+        }
     }
 }
 
-fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+#[inline(always)]
+fn tcp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+    let l4 = ip.l4();
+    let avail = ip.l4_len(ctx);
+    let t = Tcp::read(ctx, l4).map_err(|_| Counter::EgressDropMalformed)?;
+    if avail < 20 || t.doff < 20 || t.doff > avail {
+        return Err(Counter::EgressDropMalformed.into());
+    }
+    let key = FlowKey::new(proto::TCP, ip.src, t.sport, ip.dst, t.dport);
+    let seg = Segment { tcp: t, l4 };
+    let nat = mapping(ctx, ip, &key, t.dport, Some(&seg))?;
+    translate(ctx, ip, proto::TCP, (ip.src, t.sport), nat)?;
+    Ok(Counter::EgressTranslatedTcp)
+}
+
+#[inline(always)]
+fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let l4 = ip.l4();
     let avail = ip.l4_len(ctx);
     let head: [u8; 8] = read(ctx, l4).map_err(|_| Counter::EgressDropMalformed)?;
-    let (sport, dport) = ([head[0], head[1]], [head[2], head[3]]);
-    let (mut bits, mut pure_syn) = (0, false);
-    let translated = if ip.proto == proto::TCP {
-        let off_flags: [u8; 2] = read(ctx, l4 + 12).map_err(|_| Counter::EgressDropMalformed)?;
-        let doff = usize::from(off_flags[0] >> 4) * 4;
-        if avail < 20 || doff < 20 || doff > avail {
-            return Err(Counter::EgressDropMalformed.into());
-        }
-        let flags = off_flags[1];
-        bits = tcp::seen_bits(flags);
-        pure_syn = flags & (header::SYN | header::ACK | header::RST | header::FIN) == header::SYN;
-        Counter::EgressTranslatedTcp
-    } else {
-        let udp_len = usize::from(u16::from_be_bytes([head[4], head[5]]));
-        // A first fragment carries only part of the datagram its length counts.
-        if avail < 8 || udp_len < 8 || (udp_len > avail && !ip.is_fragment()) {
-            return Err(Counter::EgressDropMalformed.into());
-        }
-        Counter::EgressTranslatedUdp
-    };
-    let key = FlowKey::new(
-        ip.proto,
-        ip.src,
-        sport,
-        ip.dst,
-        FlowKey::remote_port_for(ip.proto, dport),
-    );
-    let m = mapping(ctx, ip, &key, bits, pure_syn)?;
-    rewrite_endpoint(
-        ctx,
-        l4,
-        ip.proto,
-        Side::Src,
-        0,
-        (ip.src, sport),
-        (m.nat_addr, m.nat_port),
-    )
-    .map_err(|_| Counter::EgressDropRewrite)?;
-    if ip.is_fragment() {
-        remember_fragments(&ip.frag_key(), m.nat_addr, m.last_seen_ns);
+    let udp_len = usize::from(u16::from_be_bytes([head[4], head[5]]));
+    // A first fragment carries only part of the datagram its length counts.
+    if avail < 8 || udp_len < 8 || (udp_len > avail && !ip.is_fragment()) {
+        return Err(Counter::EgressDropMalformed.into());
     }
-    Ok(translated)
+    let (sport, dport) = ([head[0], head[1]], [head[2], head[3]]);
+    let key = FlowKey::new(proto::UDP, ip.src, sport, ip.dst, [0; 2]);
+    let nat = mapping(ctx, ip, &key, dport, None)?;
+    translate(ctx, ip, proto::UDP, (ip.src, sport), nat)?;
+    Ok(Counter::EgressTranslatedUdp)
 }
 
+/// Rewrites the source of a TCP or UDP packet (or of an echo request) from `old` to `nat`, and
+/// remembers a first fragment's translation for the fragments after it.
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    p: u8,
+    old: ([u8; 4], [u8; 2]),
+    nat: Nat,
+) -> Result<(), Stop> {
+    let port_off = if p == proto::ICMP { 4 } else { 0 };
+    rewrite_endpoint(ctx, ip.l4(), p, Side::Src, port_off, old, nat)
+        .map_err(|_| Counter::EgressDropRewrite)?;
+    if ip.is_fragment() {
+        remember_fragments(&ip.frag_key(), nat.0, now());
+    }
+    Ok(())
+}
+
+#[inline(always)]
 fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let l4 = ip.l4();
     if ip.l4_len(ctx) < 8 {
@@ -237,20 +314,8 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         kind::ECHO_REQUEST => {
             let id = [head[4], head[5]];
             let key = FlowKey::new(proto::ICMP, ip.src, id, ip.dst, [0; 2]);
-            let m = mapping(ctx, ip, &key, 0, false)?;
-            rewrite_endpoint(
-                ctx,
-                l4,
-                proto::ICMP,
-                Side::Src,
-                4,
-                (ip.src, id),
-                (m.nat_addr, m.nat_port),
-            )
-            .map_err(|_| Counter::EgressDropRewrite)?;
-            if ip.is_fragment() {
-                remember_fragments(&ip.frag_key(), m.nat_addr, m.last_seen_ns);
-            }
+            let nat = mapping(ctx, ip, &key, [0; 2], None)?;
+            translate(ctx, ip, proto::ICMP, (ip.src, id), nat)?;
             Ok(Counter::EgressTranslatedIcmp)
         }
         t if icmp::is_error(t) => icmp_error(ctx, ip),
@@ -259,9 +324,15 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 }
 
 /// A pod reports an error about a packet it received through the NAT: the quoted packet runs
-/// remote → pod, so its destination is the internal endpoint to put back to the NAT one.
+/// remote → pod, so its destination is the internal endpoint to put back to the NAT one. It
+/// must be the pod's own: an error quoting another endpoint's flow would let one pod disturb
+/// another's connections from that pod's NAT endpoint.
+#[inline(always)]
 fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let inner = Inner::parse(ctx, ip).ok_or(Counter::EgressDropIcmpErrorNoMapping)?;
+    if inner.dst != ip.src {
+        return Err(Counter::EgressDropIcmpErrorForeign.into());
+    }
     let key = FlowKey::new(
         inner.proto,
         inner.dst,
@@ -269,11 +340,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         inner.src,
         FlowKey::remote_port_for(inner.proto, inner.sport),
     );
-    let m = SNAT_FWD
-        .get_ptr(key)
-        // SAFETY: pointer from a successful lookup, copied out at once.
-        .map(|p| unsafe { *p })
-        .ok_or(Counter::EgressDropIcmpErrorNoMapping)?;
+    let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropIcmpErrorNoMapping)?;
     inner
         .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))
         .and_then(|()| rewrite_addr(ctx, Side::Src, ip.src, m.nat_addr))
@@ -284,6 +351,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 /// A fragment after the first carries no ports: its source becomes the NAT IP its first
 /// fragment got, or, when it overtook the first fragment, the NAT IP the pod is paired with,
 /// which is where the first fragment's mapping will be (RFC 4787 REQ-14: out-of-order fragments).
+#[inline(always)]
 fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     if !matches!(ip.proto, proto::TCP | proto::UDP | proto::ICMP) {
         return Err(Counter::EgressDropUnsupportedProto.into());

@@ -29,6 +29,17 @@ pub const fn is_error(t: u8) -> bool {
     )
 }
 
+/// The source and destination addresses of the IPv4 header an ICMP error quotes, when at least
+/// that much of it is there (even if too little of the datagram follows for [`Inner::parse`]).
+#[inline(always)]
+pub fn quoted_addrs(ctx: &TcContext, outer: &Ipv4) -> Option<([u8; 4], [u8; 4])> {
+    if outer.l4_len(ctx) < 8 + 20 {
+        return None;
+    }
+    let a: [u8; 8] = read(ctx, outer.l4() + 8 + 12).ok()?;
+    Some(([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]))
+}
+
 /// The datagram an ICMP error quotes, as far as snat needs it.
 #[derive(Clone, Copy)]
 pub struct Inner {

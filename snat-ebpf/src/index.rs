@@ -7,18 +7,13 @@
 //! writes are plain byte stores, and every race leaves a hint that is wrong in a safe direction
 //! (see the module docs in `snat-common`).
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::generated::bpf_loop,
-    macros::map,
-    maps::{Array, LruHashMap},
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_loop};
 use snat_common::{
     pool::index::{BLOCK, BLOCKS, PORTS},
-    Counter, FlowKey, MAX_HOT_DESTINATIONS,
+    Counter, FlowKey,
 };
 
-use crate::maps::{count, SNAT_REV};
+use crate::maps::{count, SNAT_FREE_PORTS, SNAT_FREE_ZERO, SNAT_REV};
 
 /// One hot destination's index.
 #[repr(C, align(8))]
@@ -29,15 +24,6 @@ pub struct FreePorts {
     pub block: [u8; BLOCKS],
 }
 
-/// Sized by the controller (`pool::index::capacity`).
-#[map]
-pub static SNAT_FREE_PORTS: LruHashMap<FlowKey, FreePorts> =
-    LruHashMap::with_max_entries(MAX_HOT_DESTINATIONS, 0);
-
-/// Never written: the zeroes a new index starts from (a program's stack cannot hold one).
-#[map]
-pub static SNAT_FREE_ZERO: Array<FreePorts> = Array::with_max_entries(1, 0);
-
 /// The destination key of a reply key: the NAT port zeroed.
 #[inline(always)]
 pub const fn destination(reply: &FlowKey) -> FlowKey {
@@ -47,10 +33,10 @@ pub const fn destination(reply: &FlowKey) -> FlowKey {
     }
 }
 
-/// The index of `reply`'s destination, if it is hot.
+/// The index of the destination `dest` (see [`destination`]), if it is hot.
 #[inline(always)]
-pub fn of(reply: &FlowKey) -> Option<*mut FreePorts> {
-    SNAT_FREE_PORTS.get_ptr_mut(destination(reply))
+pub fn of(dest: &FlowKey) -> Option<*mut FreePorts> {
+    SNAT_FREE_PORTS.get_ptr_mut(dest)
 }
 
 /// Records that `port` was claimed.
@@ -60,12 +46,13 @@ pub fn taken(index: *mut FreePorts, port: u16) {
     unsafe { (*index).port[usize::from(port) & (PORTS - 1)] = 0 };
 }
 
-/// Records that `port` was released: its byte, and its block's summary. (The two stores are
-/// not ordered for other CPUs; a search that reads them half done sees the port as taken, which
-/// only hides it from the index until the walk or the next release finds it.)
+/// Records that the port of `reply` (towards `dest`) was released: its byte, and its block's
+/// summary. (The two stores are not ordered for other CPUs; a search that reads them half done
+/// sees the port as taken, which only hides it from the index until the walk or the next release
+/// finds it.)
 #[inline(always)]
-pub fn freed(reply: &FlowKey) {
-    if let Some(index) = of(reply) {
+pub fn freed(dest: &FlowKey, reply: &FlowKey) {
+    if let Some(index) = of(dest) {
         let port = usize::from(u16::from_be_bytes(reply.dst_port));
         // SAFETY: as in `taken`.
         unsafe {
@@ -99,11 +86,11 @@ extern "C" fn build_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// Creates the index of `reply`'s destination for the ports `port_min..port_min + len` from the
+/// Creates the index of the destination `key` for the ports `port_min..port_min + len` from the
 /// claims in `SNAT_REV` (one pass over the range), or returns the one another CPU created.
 #[inline(always)]
-pub fn build(reply: &FlowKey, port_min: u16, len: u32) -> Option<*mut FreePorts> {
-    let key = destination(reply);
+pub fn build(key: &FlowKey, port_min: u16, len: u32) -> Option<*mut FreePorts> {
+    let key = *key;
     let zero = SNAT_FREE_ZERO.get_ptr(0)?;
     // SAFETY: `zero` points to a live map value of the right type and size.
     let zero = unsafe { &*zero };
@@ -116,7 +103,7 @@ pub fn build(reply: &FlowKey, port_min: u16, len: u32) -> Option<*mut FreePorts>
     let index = SNAT_FREE_PORTS.get_ptr_mut(key)?;
     let mut b = Build {
         index,
-        reply: *reply,
+        reply: key,
         port_min: u32::from(port_min),
     };
     // SAFETY: `build_step` has the callback signature `bpf_loop` expects and only touches `b`,

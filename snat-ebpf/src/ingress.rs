@@ -1,14 +1,23 @@
 //! Ingress on the uplink: translate replies to a NAT ip:port back to the internal endpoint before
 //! the stack routes them. Packets without a mapping pass untouched (they may be the node's own).
+//!
+//! A TCP FIN or RST from the remote ends its connection's phase only when it lies in the window
+//! the pod last advertised (`snat_common::tcp::check_remote`); one outside it is still
+//! translated, for the pod's own stack to judge (a challenge ACK, RFC 5961), and counted
+//! (`rst_out_of_window`, `fin_out_of_window`), but changes nothing in the mapping.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
-use snat_common::{flow::proto, tcp, Counter, FlowKey, Origin};
+use snat_common::{
+    flow::proto,
+    tcp::{self, check_remote, header, PodSide, Remote},
+    Counter, FlowKey, Origin,
+};
 
 use crate::{
-    egress::REFRESH_NS,
     icmp::{self, kind, Inner},
-    maps::{fragments_of, remember_fragments, SNAT_REV},
-    packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, ETH_P_IP_BE},
+    mapping::{self, Reverse},
+    maps::{fragments_of, remember_fragments},
+    packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, Tcp, ETH_P_IP_BE},
     verdict::Verdict,
 };
 
@@ -26,100 +35,141 @@ pub fn run(ctx: &TcContext) -> Verdict {
         return later_fragment(ctx, &ip);
     }
     match ip.proto {
-        proto::TCP | proto::UDP => transport(ctx, &ip),
+        proto::TCP => tcp(ctx, &ip),
+        proto::UDP => udp(ctx, &ip),
         proto::ICMP => icmp(ctx, &ip),
         _ => Ok(Counter::IngressPassNoMapping),
     }
 }
 
-/// The origin of the reply key `key`, refreshed with the remote side's TCP flags.
 #[inline(always)]
-fn origin(key: &FlowKey, tcp_bits: u8) -> Option<Origin> {
-    let p = SNAT_REV.get_ptr_mut(key)?;
-    // SAFETY: pointer from a successful lookup (see the concurrency note in `maps`).
-    let o = unsafe { &mut *p };
-    if o.tcp_seen | tcp_bits != o.tcp_seen {
-        o.tcp_seen |= tcp_bits;
-    }
+fn now() -> u64 {
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if now.wrapping_sub(o.last_seen_ns) > REFRESH_NS {
-        o.last_seen_ns = now;
-    }
-    Some(*o)
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-fn transport(ctx: &TcContext, ip: &Ipv4) -> Verdict {
-    let l4 = ip.l4();
-    let min = if ip.proto == proto::TCP { 20 } else { 8 };
-    if ip.l4_len(ctx) < min {
-        return Ok(Counter::IngressPassUnparsed);
-    }
-    let Ok(head) = read::<[u8; 4]>(ctx, l4) else {
-        return Ok(Counter::IngressPassUnparsed);
-    };
-    let (sport, dport) = ([head[0], head[1]], [head[2], head[3]]);
-    let (bits, translated) = if ip.proto == proto::TCP {
-        // Two bytes (data offset and flags): one-byte reads at a variable offset compile to a
-        // bounds check the verifier cannot use.
-        let Ok(off_flags) = read::<[u8; 2]>(ctx, l4 + 12) else {
-            return Ok(Counter::IngressPassUnparsed);
-        };
-        (tcp::seen_bits(off_flags[1]), Counter::IngressTranslatedTcp)
-    } else {
-        (0, Counter::IngressTranslatedUdp)
-    };
-    let key = FlowKey::new(
-        ip.proto,
-        ip.src,
-        FlowKey::remote_port_for(ip.proto, sport),
-        ip.dst,
-        dport,
-    );
-    let Some(o) = origin(&key, bits) else {
-        return Ok(Counter::IngressPassNoMapping);
-    };
+/// Delivers the reply `key` (whose destination endpoint is `nat`, at `port_off` in its L4
+/// header) to the internal endpoint of its reverse half `o` (pointer `p`): refreshes the half,
+/// rewrites the packet, and remembers a first fragment's translation for the fragments after it.
+#[inline(always)]
+fn deliver(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    p: *mut Origin,
+    o: &Reverse,
+    port_off: usize,
+    nat: ([u8; 4], [u8; 2]),
+) -> Result<(), Counter> {
+    let now = now();
+    mapping::refresh_reverse(p, o, now).map_err(|()| Counter::IngressDropReleased)?;
     rewrite_endpoint(
         ctx,
-        l4,
+        ip.l4(),
         ip.proto,
         Side::Dst,
-        2,
-        (ip.dst, dport),
+        port_off,
+        nat,
         (o.addr, o.port),
     )
     .map_err(|_| Counter::IngressDropRewrite)?;
     if ip.is_fragment() {
-        remember_fragments(&ip.frag_key(), o.addr, o.last_seen_ns);
+        remember_fragments(&ip.frag_key(), o.addr, now);
     }
-    Ok(translated)
+    Ok(())
 }
 
-fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
-    let l4 = ip.l4();
+#[inline(always)]
+fn tcp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+    if ip.l4_len(ctx) < 20 {
+        return Ok(Counter::IngressPassUnparsed);
+    }
+    let Ok(t) = Tcp::read(ctx, ip.l4()) else {
+        return Ok(Counter::IngressPassUnparsed);
+    };
+    let key = FlowKey::new(proto::TCP, ip.src, t.sport, ip.dst, t.dport);
+    let Some((p, o)) = mapping::reverse(&key) else {
+        return Ok(Counter::IngressPassNoMapping);
+    };
+    let result = if t.flags & (header::SYN | header::FIN | header::RST) != 0 {
+        remote_flags(&key, p, &o, &t)
+    } else {
+        Counter::IngressTranslatedTcp
+    };
+    deliver(ctx, ip, p, &o, 2, (ip.dst, t.dport))?;
+    Ok(result)
+}
+
+/// Records the remote's SYN, FIN or RST in the reverse half `p` (copy `o`) of the reply `key`,
+/// stamped with the forward half's epoch, if the pod's side accepts it there; returns the
+/// packet's result.
+#[inline(always)]
+fn remote_flags(key: &FlowKey, p: *mut Origin, o: &Reverse, t: &Tcp) -> Counter {
+    let fwd = FlowKey::new(key.proto, o.addr, o.port, key.src_addr, key.src_port);
+    let Some((_, m)) = mapping::forward(&fwd) else {
+        return Counter::IngressTranslatedTcp;
+    };
+    let pod = PodSide {
+        acked: m.acked == m.epoch,
+        ack: u32::from_be_bytes(m.ack),
+        window: u16::from_be_bytes(m.window),
+        wscale: m.wscale,
+        isn_next: u32::from_be_bytes(m.isn_next),
+    };
+    let (bits, result) = match check_remote(&pod, t.flags, t.seq, t.ack) {
+        Remote::Record(bits) => (bits, Counter::IngressTranslatedTcp),
+        Remote::RstOutOfWindow(bits) => (bits, Counter::IngressRstOutOfWindow),
+        Remote::FinOutOfWindow(bits) => (bits, Counter::IngressFinOutOfWindow),
+    };
+    let epoch = m.epoch;
+    // SAFETY: `p` points to this reply's live reverse half (see `mapping`); only ingress writes
+    // these fields, one aligned store each, skipped when it would not change.
+    unsafe {
+        if bits & tcp::SEEN_SYN != 0 && o.syn != epoch {
+            (*p).syn = epoch;
+        }
+        if bits & tcp::SEEN_FIN != 0 && o.fin != epoch {
+            (*p).fin = epoch;
+        }
+        if bits & tcp::SEEN_RST != 0 && o.rst != epoch {
+            (*p).rst = epoch;
+        }
+    }
+    result
+}
+
+#[inline(always)]
+fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     if ip.l4_len(ctx) < 8 {
         return Ok(Counter::IngressPassUnparsed);
     }
-    let Ok(head) = read::<[u8; 8]>(ctx, l4) else {
+    let Ok(head) = read::<[u8; 4]>(ctx, ip.l4()) else {
+        return Ok(Counter::IngressPassUnparsed);
+    };
+    let dport = [head[2], head[3]];
+    let key = FlowKey::new(proto::UDP, ip.src, [0; 2], ip.dst, dport);
+    let Some((p, o)) = mapping::reverse(&key) else {
+        return Ok(Counter::IngressPassNoMapping);
+    };
+    deliver(ctx, ip, p, &o, 2, (ip.dst, dport))?;
+    Ok(Counter::IngressTranslatedUdp)
+}
+
+#[inline(always)]
+fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+    if ip.l4_len(ctx) < 8 {
+        return Ok(Counter::IngressPassUnparsed);
+    }
+    let Ok(head) = read::<[u8; 8]>(ctx, ip.l4()) else {
         return Ok(Counter::IngressPassUnparsed);
     };
     match head[0] {
         kind::ECHO_REPLY => {
             let id = [head[4], head[5]];
             let key = FlowKey::new(proto::ICMP, ip.src, [0; 2], ip.dst, id);
-            let Some(o) = origin(&key, 0) else {
+            let Some((p, o)) = mapping::reverse(&key) else {
                 return Ok(Counter::IngressPassNoMapping);
             };
-            rewrite_endpoint(
-                ctx,
-                l4,
-                proto::ICMP,
-                Side::Dst,
-                4,
-                (ip.dst, id),
-                (o.addr, o.port),
-            )
-            .map_err(|_| Counter::IngressDropRewrite)?;
+            deliver(ctx, ip, p, &o, 4, (ip.dst, id))?;
             Ok(Counter::IngressTranslatedIcmp)
         }
         t if icmp::is_error(t) => icmp_error(ctx, ip),
@@ -130,6 +180,7 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 /// An error about a packet the NAT sent: the quoted packet runs NAT endpoint → remote, and is
 /// put back to the internal endpoint; the outer destination (the NAT IP) too. Errors do not
 /// refresh the mapping (RFC 5508).
+#[inline(always)]
 fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let Some(inner) = Inner::parse(ctx, ip) else {
         return Ok(Counter::IngressPassUnparsed);
@@ -144,10 +195,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         inner.src,
         inner.sport,
     );
-    let Some(o) = SNAT_REV.get_ptr(key).map(|p| {
-        // SAFETY: pointer from a successful lookup, copied out at once.
-        unsafe { *p }
-    }) else {
+    let Some((_, o)) = mapping::reverse(&key) else {
         return Ok(Counter::IngressPassNoMapping);
     };
     inner
@@ -160,10 +208,9 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 /// A later fragment of a reply: its destination becomes the internal address its first
 /// fragment went to. One that overtook its first fragment cannot be placed (it names no port)
 /// and is left to the node, which drops what it cannot reassemble.
+#[inline(always)]
 fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Verdict {
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(addr) = fragments_of(&ip.frag_key(), now) else {
+    let Some(addr) = fragments_of(&ip.frag_key(), now()) else {
         return Ok(Counter::IngressPassUnparsed);
     };
     rewrite_addr(ctx, Side::Dst, ip.dst, addr).map_err(|_| Counter::IngressDropRewrite)?;

@@ -1,8 +1,10 @@
-//! snat's kernel side: two TC programs on the node's uplink.
+//! snat's kernel side: TC programs on the node's uplink.
 //!
-//! - `snat_egress` translates the source of packets from internal CIDRs to a NAT ip:port,
-//!   creating mappings as new flows appear;
-//! - `snat_ingress` translates replies back to the internal endpoint.
+//! - `snat_egress` translates the source of packets from internal CIDRs to a NAT ip:port;
+//! - `snat_create`, tail-called by egress for a flow without a mapping, creates it;
+//! - `snat_ingress` translates replies back to the internal endpoint;
+//! - `snat_release` removes expired mappings for the controller (run, never attached);
+//! - `snat_guard` is left on egress by a stopped agent: it drops what egress would translate.
 //!
 //! See `docs/packet-flow.md` for the path of a packet through both and the maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -18,13 +20,19 @@
 #[cfg(target_arch = "bpf")]
 mod alloc;
 #[cfg(target_arch = "bpf")]
+mod create;
+#[cfg(target_arch = "bpf")]
 mod egress;
+#[cfg(target_arch = "bpf")]
+mod guard;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod index;
 #[cfg(target_arch = "bpf")]
 mod ingress;
+#[cfg(target_arch = "bpf")]
+mod mapping;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
@@ -40,7 +48,7 @@ mod verdict;
 mod programs {
     use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 
-    use crate::{egress, ingress, maps::count, release, verdict::Verdict};
+    use crate::{create, egress, guard, ingress, maps::count, release, verdict::Verdict};
 
     /// Counts the verdict and turns it into a TC action: passed and translated packets go on to
     /// the next program or the stack (`TC_ACT_UNSPEC`, TCX "next"); the others are shot or, when
@@ -73,6 +81,15 @@ mod programs {
         clippy::needless_pass_by_value,
         reason = "#[classifier] hands the context over by value"
     )]
+    pub fn snat_create(ctx: TcContext) -> i32 {
+        action(create::run(&ctx))
+    }
+
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
     pub fn snat_ingress(ctx: TcContext) -> i32 {
         action(ingress::run(&ctx))
     }
@@ -84,6 +101,15 @@ mod programs {
     )]
     pub fn snat_release(ctx: TcContext) -> i32 {
         release::run(&ctx)
+    }
+
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_guard(ctx: TcContext) -> i32 {
+        guard::run(&ctx)
     }
 
     #[panic_handler]

@@ -1,25 +1,28 @@
-//! The maps both programs share. Sizes here are defaults; the controller sets the real ones at
-//! load time (`SNAT_FWD`/`SNAT_REV` from `--max-mappings`).
+//! Every map of the datapath is declared here, and only here (one rule: a map is a `static` in
+//! this module, named as in `snat_common`). Sizes are defaults; the controller sets the real ones
+//! at load time (`SNAT_FWD`/`SNAT_REV` from `--max-mappings`).
 //!
-//! Concurrency: `SNAT_FWD` and `SNAT_REV` are preallocated hash maps, so an entry deleted by the
-//! controller while a program holds a pointer to it may be reused by another insert. Programs copy
-//! a value out right after lookup, and only write back small monotonic fields (`last_seen_ns`,
-//! `tcp_seen`) whose worst case under such a race is a mapping refreshed once too often. The
-//! controller only deletes mappings idle for at least their timeout, which keeps that window empty
-//! in practice.
+//! Concurrency: `SNAT_FWD` and `SNAT_REV` are preallocated hash maps, so the kernel hands an
+//! element deleted on one CPU to the next insert at once, even while another CPU still holds a
+//! pointer to it. How the programs read and refresh them safely is in `mapping`.
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{
+        lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+    },
 };
 use snat_common::{
     alloc_hist,
     flow::{use_count, Endpoint, FragKey, FragValue, FRAG_TIMEOUT_NS},
-    Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp, Origin, PoolKey, RejectWindow,
-    StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_NAT_IPS,
-    REFUSAL_WINDOW_NS, REFUSED_FLOWS, REFUSING_SOURCES,
+    Config, Counter, FlowKey, FullMark, Ipv4Octets, Mapping, NatIp, Origin, PoolKey, RejectWindow,
+    StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_FULL_DESTINATIONS,
+    MAX_HOST_ECHOES, MAX_HOT_DESTINATIONS, MAX_NAT_IPS, REFUSAL_WINDOW_NS, REFUSED_FLOWS,
+    REFUSING_SOURCES,
 };
+
+use crate::{alloc::ScanState, create::Pending, index::FreePorts};
 
 #[map]
 pub static SNAT_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -111,6 +114,40 @@ pub static SNAT_SRC_REFUSED: LruHashMap<Ipv4Octets, u64> =
 #[map]
 pub static SNAT_REJECT_RATE: PerCpuArray<RejectWindow> = PerCpuArray::with_max_entries(1, 0);
 
+/// This CPU's state of the port search in `alloc` (the stack is nearly full at that depth; a TC
+/// program runs to completion on its CPU, so one slot per CPU suffices).
+#[map]
+pub static SNAT_SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Sized by the controller (`pool::index::capacity`).
+#[map]
+pub static SNAT_FREE_PORTS: LruHashMap<FlowKey, FreePorts> =
+    LruHashMap::with_max_entries(MAX_HOT_DESTINATIONS, 0);
+
+/// Never written: the zeroes a new index starts from (a program's stack cannot hold one).
+#[map]
+pub static SNAT_FREE_ZERO: Array<FreePorts> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static SNAT_FULL: LruHashMap<FlowKey, FullMark> =
+    LruHashMap::with_max_entries(MAX_FULL_DESTINATIONS, 0);
+
+#[map]
+pub static SNAT_HOST_ECHO: LruHashMap<FlowKey, u64> =
+    LruHashMap::with_max_entries(MAX_HOST_ECHOES, 0);
+
+#[map]
+pub static SNAT_GUARD_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Filled by the controller: slot `SLOT_CREATE` holds `snat_create`.
+#[map]
+pub static SNAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The packet egress hands to `snat_create` with its tail call (on the same CPU, which a TC
+/// program does not leave before the tail call runs).
+#[map]
+pub static SNAT_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
 /// Adds `delta` (wrapping: `u64::MAX` subtracts one) to `*p` atomically.
 #[inline(always)]
 pub fn atomic_add(p: *mut u64, delta: u64) {
@@ -118,6 +155,18 @@ pub fn atomic_add(p: *mut u64, delta: u64) {
     // safe against concurrent adds from other CPUs.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, delta,
+        );
+    }
+}
+
+/// Adds `delta` (wrapping) to the 32-bit `*p` atomically. On x86-64 the JIT emits a `lock`ed
+/// add, which also orders every load after it behind every store before it (see `mapping`).
+#[inline(always)]
+pub fn atomic_add32(p: *mut u32, delta: u32) {
+    // SAFETY: as in `atomic_add`.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::Relaxed }>(
             p, delta,
         );
     }

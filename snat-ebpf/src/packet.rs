@@ -7,7 +7,8 @@
 //! `skb->csum` (CHECKSUM_COMPLETE) and pending offload (CHECKSUM_PARTIAL) right.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::bpf_loop,
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
@@ -122,6 +123,113 @@ impl Ipv4 {
             (ctx.len() as usize).saturating_sub(self.l4())
         } else {
             usize::from(self.tot_len).saturating_sub(self.ihl)
+        }
+    }
+}
+
+/// What snat needs of a TCP header, read once (the first 16 bytes).
+#[derive(Clone, Copy)]
+pub struct Tcp {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: u32,
+    pub ack: u32,
+    /// Header length in bytes (from the data offset).
+    pub doff: usize,
+    /// Header flag bits (`snat_common::tcp::header`).
+    pub flags: u8,
+    /// The window field, unscaled.
+    pub window: [u8; 2],
+}
+
+impl Tcp {
+    #[inline(always)]
+    pub fn read(ctx: &TcContext, l4: usize) -> Result<Self, i64> {
+        let h: [u8; 16] = read(ctx, l4)?;
+        Ok(Self {
+            sport: [h[0], h[1]],
+            dport: [h[2], h[3]],
+            seq: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+            ack: u32::from_be_bytes([h[8], h[9], h[10], h[11]]),
+            doff: usize::from(h[12] >> 4) * 4,
+            flags: h[13],
+            window: [h[14], h[15]],
+        })
+    }
+
+    /// The window scale announced in the options of this SYN (RFC 7323 §2), 0 without one.
+    /// Walks at most the 40 option bytes, in a `bpf_loop` so the verifier checks one step.
+    #[inline(always)]
+    pub fn window_scale(&self, ctx: &TcContext, l4: usize) -> u8 {
+        if self.doff <= 20 {
+            return 0;
+        }
+        let mut walk = Options {
+            skb: ctx.skb.skb,
+            off: (l4 + 20) as u32,
+            end: (l4 + self.doff) as u32,
+            wscale: 0,
+        };
+        // SAFETY: `option_step` has the callback signature `bpf_loop` expects and only touches
+        // `walk`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                40,
+                option_step as *mut core::ffi::c_void,
+                (&raw mut walk).cast(),
+                0,
+            );
+        }
+        walk.wscale
+    }
+}
+
+/// State of a walk over TCP options, shared with the `bpf_loop` callback.
+#[repr(C)]
+struct Options {
+    skb: *mut __sk_buff,
+    /// Frame offsets of the next option and of the end of the header.
+    off: u32,
+    end: u32,
+    wscale: u8,
+}
+
+/// TCP option kinds the walk knows.
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_WSCALE: u8 = 3;
+
+/// One option: stop (return 1) at the end, at a malformed option or once the window scale is
+/// found; otherwise step over it.
+extern "C" fn option_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `bpf_loop` passes back the pointer `window_scale` gave it, to a live `Options`.
+    let o = unsafe { &mut *ctx.cast::<Options>() };
+    if o.off >= o.end {
+        return 1;
+    }
+    let skb = TcContext::new(o.skb);
+    // Two bytes (kind, length); a NOP in the header's last byte has no second byte: then stop.
+    let Ok([kind, len]) = skb.load::<[u8; 2]>(o.off as usize) else {
+        return 1;
+    };
+    match kind {
+        OPT_END => 1,
+        OPT_NOP => {
+            o.off += 1;
+            0
+        }
+        OPT_WSCALE => {
+            if len == 3 && o.off + 3 <= o.end {
+                if let Ok([_, shift]) = skb.load::<[u8; 2]>(o.off as usize + 1) {
+                    o.wscale = if shift > 14 { 14 } else { shift };
+                }
+            }
+            1
+        }
+        _ if len < 2 => 1,
+        _ => {
+            o.off += u32::from(len);
+            0
         }
     }
 }

@@ -4,8 +4,10 @@
 //! (layout in `snat_common::flow::release_batch`) and reads each entry's result back.
 //!
 //! A mapping is removed only if neither half was refreshed since the controller looked (its
-//! `last_seen_ns` stamps are unchanged); forward half first, then the port claim if it still
-//! belongs to this mapping, then its use counts.
+//! `last_seen_ns` stamps are unchanged), checked again after the release is announced in both
+//! halves so that no packet refreshes it unseen between the check and the delete (`mapping`);
+//! forward half first, then the port claim if it still belongs to this mapping, then its use
+//! counts.
 
 use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, programs::TcContext};
 use snat_common::{
@@ -14,8 +16,9 @@ use snat_common::{
 };
 
 use crate::{
-    index,
-    maps::{use_sub, SNAT_FWD, SNAT_REV},
+    alloc::port_freed,
+    mapping,
+    maps::{atomic_add32, use_sub, SNAT_FWD, SNAT_REV},
 };
 
 #[repr(C)]
@@ -59,19 +62,40 @@ extern "C" fn release_one(i: u64, data: *mut core::ffi::c_void) -> i64 {
 
 #[inline(always)]
 fn release(e: &ReleaseEntry) -> u32 {
-    let Some(m) = SNAT_FWD.get_ptr(e.key) else {
+    let Some((fp, m)) = mapping::forward(&e.key) else {
         return release_result::GONE;
     };
-    // SAFETY: pointer from a successful lookup, copied out at once.
-    let m = unsafe { *m };
     if m.last_seen_ns != e.fwd_seen_ns {
         return release_result::REFRESHED;
     }
     let reply = e.key.reply(m.nat_addr, m.nat_port);
-    // SAFETY: as above.
-    let rev = SNAT_REV.get_ptr(reply).map(|p| unsafe { *p });
-    let owned = rev.filter(|o| o.addr == e.key.src_addr && o.port == e.key.src_port);
-    if owned.is_some_and(|o| o.last_seen_ns != e.rev_seen_ns) {
+    let owned = mapping::reverse(&reply)
+        .filter(|(_, o)| o.addr == e.key.src_addr && o.port == e.key.src_port);
+    if owned.is_some_and(|(_, o)| o.last_seen_ns != e.rev_seen_ns) {
+        return release_result::REFRESHED;
+    }
+    // Announce the release, then look again: a packet that refreshed either half meanwhile is
+    // seen here, or sees the announcement and drops itself (see `mapping`).
+    let rp = owned.map(|(rp, _)| rp);
+    // SAFETY: `fp` and `rp` point to this mapping's live halves (checked above).
+    let refreshed = unsafe {
+        atomic_add32(&raw mut (*fp).release, 1);
+        if let Some(rp) = rp {
+            atomic_add32(&raw mut (*rp).release, 1);
+        }
+        core::ptr::read_volatile(&raw const (*fp).last_seen_ns) != e.fwd_seen_ns
+            || rp.is_some_and(|rp| {
+                core::ptr::read_volatile(&raw const (*rp).last_seen_ns) != e.rev_seen_ns
+            })
+    };
+    if refreshed {
+        // SAFETY: as above; the announcement is withdrawn.
+        unsafe {
+            atomic_add32(&raw mut (*fp).release, u32::MAX);
+            if let Some(rp) = rp {
+                atomic_add32(&raw mut (*rp).release, u32::MAX);
+            }
+        }
         return release_result::REFRESHED;
     }
     if SNAT_FWD.remove(e.key).is_err() {
@@ -79,7 +103,7 @@ fn release(e: &ReleaseEntry) -> u32 {
     }
     if owned.is_some() {
         let _ = SNAT_REV.remove(reply);
-        index::freed(&reply);
+        port_freed(&reply);
     }
     use_sub(&UseKey::of_mapping(&e.key, m.nat_addr));
     release_result::RELEASED

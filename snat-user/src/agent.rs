@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     cidr::PortRange,
-    cli::{EbpfLog, RunArgs},
+    cli::{EbpfLog, OnStop, RunArgs},
     config::{check_nat_ips, check_reserved, Settings},
     control,
     engine::{AttachMode, Counters, Engine, NatPool, Tables},
@@ -39,6 +39,8 @@ pub struct AgentState {
     /// `ip_local_reserved_ports` as found, restored when dropped.
     reservation: Mutex<Option<HostReservation>>,
     pub counters: Counters,
+    /// Packets the stop guard of the previous agent dropped while no agent ran.
+    pub guard_dropped: Option<u64>,
     pub tables: Mutex<Tables>,
     pub sweeper: Mutex<Sweeper>,
     pub saturation: Mutex<Saturation>,
@@ -163,9 +165,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         (None, found.unwrap_or_default())
     };
     engine.write_state(pins::header(settings.max_mappings, &reserved_before))?;
+    let mode = engine.attach(settings.attach)?;
+    // A stop guard the previous agent left was replaced by the attach: what did it drop?
+    let guard_dropped = pins.take_guard_drops();
     let state = Arc::new(AgentState {
         pool: Mutex::new(engine.take_pool()?),
         counters: engine.take_counters()?,
+        guard_dropped,
         tables: Mutex::new(engine.take_tables()?),
         sweeper: Mutex::new(Sweeper::default()),
         saturation: Mutex::new(Saturation::default()),
@@ -173,7 +179,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         reservation: Mutex::new(reservation),
         engine: Mutex::new(engine),
     });
-    let mode = lock(&state.engine).attach(settings.attach)?;
+    if let Some(n) = state.guard_dropped {
+        info!("took over from the stop guard, which had dropped {n} packets from internal sources while no agent ran");
+    }
     if let Some(slice) = &settings.slice {
         info!("running on {slice}");
     }
@@ -221,19 +229,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     gc.thread().unpark();
     let _ = gc.join();
-    if settings.keep_state {
-        lock(&state.engine).keep_state();
-        if let Some(r) = lock(&state.reservation).as_mut() {
-            r.keep();
-        }
-        info!(
-            "--keep-state: programs stay attached and state stays pinned in {}",
-            pins.dir.display()
-        );
-    } else {
-        lock(&state.engine).detach();
-        pins.remove_all();
-    }
+    stop_datapath(&state, &settings, &pins);
     lock(&state.reservation).take();
     let summary = Report::build(&state, None)?;
     if let Some(path) = &args.stats_file {
@@ -242,6 +238,54 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     info!("final figures:\n{}", report::render_stats(&summary));
     served
+}
+
+/// What a stop leaves on the uplink: everything (`--keep-state`), the stop guard and nothing else
+/// (`--on-stop closed`), or nothing (`--on-stop open`). If the guard cannot be put in place, the
+/// programs stay attached as with `--keep-state`: the uplink must not open by accident.
+fn stop_datapath(state: &AgentState, settings: &Settings, pins: &Pins) {
+    let mut engine = lock(&state.engine);
+    let keep = if settings.keep_state {
+        info!(
+            "--keep-state: programs stay attached and state stays pinned in {}",
+            pins.dir.display()
+        );
+        true
+    } else if settings.on_stop == OnStop::Closed {
+        match engine.leave_guard(pins) {
+            Ok(()) => {
+                pins.remove_all_but(&[
+                    pins.link(snat_common::PROG_EGRESS),
+                    pins.map(snat_common::MAP_GUARD_DROPS),
+                ]);
+                info!(
+                    "--on-stop closed: a guard on {} drops traffic from {} to the internet until the next agent starts (or `snat cleanup --iface {}`)",
+                    settings.iface.name,
+                    comma_list(&settings.internal),
+                    settings.iface.name
+                );
+                false
+            }
+            Err(e) => {
+                error!(
+                    "could not leave the stop guard ({e:#}): the programs stay attached and translating, with their state in {}; remove them with `snat cleanup --iface {}`",
+                    pins.dir.display(),
+                    settings.iface.name
+                );
+                true
+            }
+        }
+    } else {
+        engine.detach();
+        pins.remove_all();
+        false
+    };
+    if keep {
+        engine.keep_state();
+        if let Some(r) = lock(&state.reservation).as_mut() {
+            r.keep();
+        }
+    }
 }
 
 /// Releases idle mappings every `--gc-interval` until `stop`.
@@ -279,7 +323,13 @@ pub fn cleanup(iface: &str, pin_dir: &std::path::Path) -> anyhow::Result<()> {
     }
     // Read what can be read; state of another format is removed all the same.
     let header = pins.existing().ok().flatten();
+    if let Some(n) = pins.take_guard_drops() {
+        info!(
+            "removing the stop guard on {iface}; it had dropped {n} packets from internal sources"
+        );
+    }
     pins.remove_all();
+    crate::engine::remove_guard_filter(iface);
     if let Some(h) = header {
         let before = pins::reserved_before(&h);
         if let Err(e) = std::fs::write(

@@ -340,6 +340,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub keep_state: bool,
 
+    /// What a plain stop (SIGINT/SIGTERM without --keep-state) leaves on the uplink. `closed`: a
+    /// guard that drops (and counts) every packet from the internal CIDRs to a destination that
+    /// is not excluded, so no pod address leaves untranslated, until the next agent takes over
+    /// (atomically) or `snat cleanup` removes it. `open`: nothing; the node routes pod traffic as
+    /// it would without snat, so pods' own addresses leave unless something else masquerades them.
+    #[arg(long, value_name = "WHAT", default_value = "closed")]
+    pub on_stop: OnStop,
+
     /// Write the final report as JSON to this file on exit (for scripts and tests).
     #[arg(long, value_name = "FILE")]
     pub stats_file: Option<PathBuf>,
@@ -354,6 +362,12 @@ pub struct RunArgs {
 pub enum OnExhaustion {
     Reject,
     Drop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnStop {
+    Closed,
+    Open,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

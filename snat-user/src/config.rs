@@ -15,7 +15,7 @@ use snat_common::MAX_NAT_IPS;
 
 use crate::{
     cidr::{Ipv4Cidr, PortRange},
-    cli::{AttachChoice, EbpfLog, OnExhaustion, RunArgs},
+    cli::{AttachChoice, EbpfLog, OnExhaustion, OnStop, RunArgs},
     duration::Human,
     netdev::Interface,
     plan::Plan,
@@ -56,6 +56,8 @@ pub struct Settings {
     pub reserved_ports: PortList,
     pub pin_dir: std::path::PathBuf,
     pub keep_state: bool,
+    /// What a plain stop leaves on the uplink (`--on-stop`).
+    pub on_stop: OnStop,
 }
 
 /// Who gets a port when ports run short, and what refused flows learn.
@@ -204,6 +206,7 @@ impl Settings {
             reserved_ports: args.reserved_ports.clone(),
             pin_dir: args.pin_dir.clone(),
             keep_state: args.keep_state,
+            on_stop: args.on_stop,
         })
     }
 

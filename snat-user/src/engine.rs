@@ -5,7 +5,9 @@ use std::{io, net::Ipv4Addr, process::Command};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, ProgramArray,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -18,9 +20,10 @@ use log::{debug, info, warn};
 use snat_common::{
     alloc_hist, flow::release_batch, pool, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp,
     Origin, PoolKey, ReleaseEntry, StateHeader, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD, MAP_INTERNAL, MAP_NAT_IPS,
-    MAP_REV, MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS,
-    PROG_EGRESS, PROG_INGRESS, PROG_RELEASE,
+    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD, MAP_GUARD_DROPS,
+    MAP_INTERNAL, MAP_NAT_IPS, MAP_PROGRAMS, MAP_REV, MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE,
+    MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE, PROG_EGRESS, PROG_GUARD, PROG_INGRESS,
+    PROG_RELEASE, SLOT_CREATE,
 };
 
 use crate::{
@@ -138,10 +141,11 @@ pub struct NatPool {
 
 impl NatPool {
     /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
-    /// `Config::active` so the datapath never sees half of the change. Mappings made before
-    /// keep their ports until they end. NAT IPs that are this namespace's own addresses are
-    /// flagged so the datapath skips ports the node's sockets use. A new range drops the
-    /// free-port indexes, which the datapath rebuilds for the new range where it needs one.
+    /// `Config::active` (and bumps `Config::generation`, which retires every "destination full"
+    /// mark) so the datapath never sees half of the change. Mappings made before keep their ports
+    /// until they end. NAT IPs that are this namespace's own addresses are flagged so the
+    /// datapath skips ports the node's sockets use. A new range drops the free-port indexes,
+    /// which the datapath rebuilds for the new range where it needs one.
     pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
         let local = crate::netdev::local_ipv4().context("listing this namespace's addresses")?;
         let mut cfg = self.config.get(&0, 0)?;
@@ -165,6 +169,7 @@ impl NatPool {
         cfg.nat_ip_count[next as usize] = ips.len() as u32;
         self.config.set(0, cfg, 0)?;
         cfg.active = next;
+        cfg.generation = cfg.generation.wrapping_add(1);
         self.config.set(0, cfg, 0)?;
         if new_range {
             self.clear_indexes()?;
@@ -215,6 +220,8 @@ pub struct Engine {
     ebpf: Ebpf,
     /// Where links are pinned (TCX), if state is pinned.
     pins: Option<Pins>,
+    /// Where this agent's program array is pinned (with `pins`).
+    programs_pin: Option<std::path::PathBuf>,
     /// Leave everything attached and pinned when dropped (`--keep-state`).
     keep: bool,
     pool: Option<NatPool>,
@@ -272,7 +279,13 @@ impl Engine {
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (are you root?)")?;
-        for name in [PROG_INGRESS, PROG_EGRESS, PROG_RELEASE] {
+        for name in [
+            PROG_CREATE,
+            PROG_INGRESS,
+            PROG_EGRESS,
+            PROG_RELEASE,
+            PROG_GUARD,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
@@ -280,6 +293,34 @@ impl Engine {
             prog.load()
                 .with_context(|| format!("loading program {name} into the kernel"))?;
         }
+        // Egress hands flows without a mapping to the allocation program by a tail call.
+        let create: &SchedClassifier = ebpf
+            .program(PROG_CREATE)
+            .ok_or_else(|| anyhow!("program {PROG_CREATE} missing"))?
+            .try_into()?;
+        let create_fd = create.fd()?.try_clone()?;
+        let mut programs: ProgramArray<_> = ProgramArray::try_from(
+            ebpf.map_mut(MAP_PROGRAMS)
+                .ok_or_else(|| anyhow!("map {MAP_PROGRAMS} missing"))?,
+        )?;
+        programs
+            .set(SLOT_CREATE, &create_fd, 0)
+            .context("installing the allocation program for egress")?;
+        // A program array is emptied when its last user reference goes: pinned, it keeps the
+        // allocation program reachable while the programs outlive this process. Each agent pins
+        // its own (older ones are removed once this one is attached, see `attach`), so an egress
+        // program never tail-calls an allocation program of another build.
+        let programs_pin = match pins {
+            Some(pins) => {
+                let path = pins.programs(&unique_suffix());
+                ebpf.map_mut(MAP_PROGRAMS)
+                    .ok_or_else(|| anyhow!("map {MAP_PROGRAMS} missing"))?
+                    .pin(&path)
+                    .with_context(|| format!("pinning {MAP_PROGRAMS} at {}", path.display()))?;
+                Some(path)
+            }
+            None => None,
+        };
         let config = Array::try_from(
             ebpf.take_map(MAP_CONFIG)
                 .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
@@ -303,6 +344,7 @@ impl Engine {
             mode: None,
             links: Vec::new(),
             pins: pins.cloned(),
+            programs_pin,
             keep: false,
         };
         engine.configure(settings)?;
@@ -346,6 +388,7 @@ impl Engine {
             match self.attach_all(true) {
                 Ok(()) => {
                     self.mode = Some(AttachMode::Tcx);
+                    self.attached();
                     return Ok(AttachMode::Tcx);
                 }
                 Err(e) if choice == AttachChoice::Auto => {
@@ -370,7 +413,17 @@ impl Engine {
         // Recorded before attaching, so a failure below still removes the qdisc we added.
         self.mode = Some(mode);
         self.attach_all(false)?;
+        self.attached();
         Ok(mode)
+    }
+
+    /// Once this agent's programs run on the uplink: what a previous agent left for the time
+    /// without one (a stop guard filter, its pinned program array) goes.
+    fn attached(&self) {
+        remove_guard_filter(&self.iface);
+        if let (Some(pins), Some(ours)) = (&self.pins, &self.programs_pin) {
+            pins.remove_other_programs(ours);
+        }
     }
 
     fn attach_all(&mut self, tcx: bool) -> anyhow::Result<()> {
@@ -446,6 +499,57 @@ impl Engine {
                 .ok_or_else(|| anyhow!("map {MAP_STATE} missing"))?,
         )?;
         state.set(0, header, 0)?;
+        Ok(())
+    }
+
+    /// Stops translating but keeps the uplink closed: the stop guard (`snat_guard`) takes the
+    /// egress program's place — atomically, in the pinned TCX link, or as a cls_bpf filter added
+    /// before the egress filter goes — and stays when this process exits; ingress is detached.
+    /// Its drop counter is pinned in `pins` so the next agent can report it. The next agent (or
+    /// `snat cleanup`) removes the guard.
+    pub fn leave_guard(&mut self, pins: &Pins) -> anyhow::Result<()> {
+        let counter = self
+            .ebpf
+            .map_mut(MAP_GUARD_DROPS)
+            .ok_or_else(|| anyhow!("map {MAP_GUARD_DROPS} missing"))?;
+        let path = pins.map(MAP_GUARD_DROPS);
+        let _ = std::fs::remove_file(&path);
+        counter
+            .pin(&path)
+            .with_context(|| format!("pinning the guard's counter at {}", path.display()))?;
+        let iface = self.iface.clone();
+        let guard: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_GUARD)
+            .ok_or_else(|| anyhow!("program {PROG_GUARD} missing"))?
+            .try_into()?;
+        match self.mode {
+            Some(AttachMode::Tcx) => {
+                let link = pins.link(PROG_EGRESS);
+                let pinned = PinnedLink::from_pin(&link)
+                    .with_context(|| format!("opening {}", link.display()))?;
+                guard
+                    .attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)
+                    .context("swapping the stop guard into the egress link")?;
+                // The link stays pinned (with the guard in it); only its entry here goes.
+                self.links.retain(|(name, _)| *name != PROG_EGRESS);
+            }
+            Some(AttachMode::Clsact { .. }) => {
+                let id = guard
+                    .attach_with_options(
+                        &iface,
+                        TcAttachType::Egress,
+                        TcAttachOptions::Netlink(tc::NlOptions::default()),
+                    )
+                    .with_context(|| format!("attaching the stop guard to {iface} egress"))?;
+                // A cls_bpf filter outlives this process unless its link is dropped here.
+                std::mem::forget(guard.take_link(id)?);
+                // The qdisc holds the guard now: it stays.
+                self.mode = Some(AttachMode::Clsact { added_qdisc: false });
+            }
+            None => {}
+        }
+        self.detach();
         Ok(())
     }
 
@@ -587,6 +691,26 @@ impl Drop for Engine {
         }
         self.detach();
         info!("detached from {}", self.iface);
+    }
+}
+
+/// A suffix no other agent's pins have: the time in nanoseconds and the process id (which alone
+/// repeats across containers).
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}_{}", std::process::id())
+}
+
+/// Removes a stop guard a previous agent left on `iface` as a cls_bpf filter (`--attach
+/// clsact`): done once this agent's egress program runs before it, or by `snat cleanup`. (In a
+/// TCX link the guard goes with the link's pin, or is replaced by the next agent's swap.)
+pub fn remove_guard_filter(iface: &str) {
+    match tc::qdisc_detach_program(iface, TcAttachType::Egress, PROG_GUARD) {
+        Ok(()) => info!("removed the stop guard filter from {iface}"),
+        Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!("looking for a stop guard filter on {iface}: {e}"),
     }
 }
 

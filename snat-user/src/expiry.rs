@@ -56,7 +56,7 @@ pub const fn proto_name(p: u8) -> &'static str {
 /// Idle timeout and the reason to give when it passes, for a mapping in its current state.
 pub fn timeout_of(key: &FlowKey, m: &Mapping, o: &Origin, t: &Timeouts) -> (Duration, Reason) {
     match key.proto {
-        proto::TCP => match Phase::of(m.tcp_seen, o.tcp_seen) {
+        proto::TCP => match Phase::of_halves(m, o) {
             Phase::Reset => (t.tcp_rst, Reason::Rst),
             Phase::Closing => (t.tcp_fin, Reason::Fin),
             Phase::Established => (t.tcp_established, Reason::Idle),
@@ -211,20 +211,15 @@ mod tests {
         last_out: u64,
     ) -> (FlowKey, Mapping, Origin) {
         let key = FlowKey::new(p, [10, 0, 0, 2], [0x9c, 0x40], [203, 0, 113, 5], [0, 80]);
-        let m = Mapping {
-            nat_addr: [198, 51, 100, 1],
-            nat_port: [0x80, 0],
-            tcp_seen: inside,
-            last_seen_ns: last_in,
-            ..Default::default()
-        };
-        let o = Origin {
-            addr: key.src_addr,
-            port: key.src_port,
-            tcp_seen: outside,
-            last_seen_ns: last_out,
-            ..Default::default()
-        };
+        let mut m = Mapping::new(key, [198, 51, 100, 1], [0x80, 0], last_in);
+        m.record(inside);
+        let mut o = Origin::new(
+            key.reply(m.nat_addr, m.nat_port),
+            key.src_addr,
+            key.src_port,
+            last_out,
+        );
+        o.record(m.epoch, outside);
         (key, m, o)
     }
 

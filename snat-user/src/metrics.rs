@@ -232,6 +232,17 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     }
     out.push(dests.0);
 
+    if let Some(n) = r.guard_dropped {
+        out.push(
+            Family::new(
+                "snat_stop_guard_dropped_packets",
+                "Packets from internal sources the previous agent's stop guard dropped while no agent ran (--on-stop closed).",
+                GAUGE,
+            )
+            .gauge(&[], n as f64)
+            .0,
+        );
+    }
     let mut h = Histogram::default();
     h.set_sample_count(r.allocation.count);
     h.set_sample_sum(r.allocation.sum_ns as f64 / 1e9);

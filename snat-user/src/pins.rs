@@ -4,7 +4,8 @@
 //! While the links are pinned, the programs stay attached and keep translating when the agent
 //! dies (SIGKILL, crash, upgrade); a new agent reuses the pinned maps and swaps its programs
 //! into the pinned links atomically, so established connections never notice. A plain stop
-//! removes every pin (the programs detach); `--keep-state` leaves them.
+//! removes every pin but, with `--on-stop closed`, the egress link (now running the stop guard)
+//! and the guard's counter; `--keep-state` leaves them all.
 //!
 //! `SNAT_STATE` records the format of what is pinned. An agent refuses state of another format,
 //! or tables whose key or value sizes differ from its own, instead of misreading them.
@@ -15,12 +16,15 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _};
-use aya::maps::{Array, Map, MapData, MapInfo};
+use aya::maps::{Array, Map, MapData, MapInfo, PerCpuArray};
 use log::warn;
 use snat_common::{
-    FlowKey, Mapping, Origin, StateHeader, UseKey, MAP_FWD, MAP_REV, MAP_STATE, MAP_USE,
-    STATE_MAGIC, STATE_VERSION,
+    FlowKey, Mapping, Origin, StateHeader, UseKey, MAP_FWD, MAP_GUARD_DROPS, MAP_REV, MAP_STATE,
+    MAP_USE, STATE_MAGIC, STATE_VERSION,
 };
+
+/// File name prefix of the pinned program arrays (`Pins::programs`).
+const PROGRAMS_PREFIX: &str = "snat_programs_";
 
 /// `statfs` magic of a BPF file system.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -92,6 +96,29 @@ impl Pins {
         self.dir.join(name.to_ascii_lowercase())
     }
 
+    /// Where an agent pins its program array (`suffix` tells agents apart).
+    pub fn programs(&self, suffix: &str) -> PathBuf {
+        self.dir.join(format!("{PROGRAMS_PREFIX}{suffix}"))
+    }
+
+    /// Removes every program array pinned here but `ours`: an older agent's programs are
+    /// detached by now.
+    pub fn remove_other_programs(&self, ours: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            let theirs = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(PROGRAMS_PREFIX));
+            if theirs && path != ours {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    warn!("removing {}: {e}", path.display());
+                }
+            }
+        }
+    }
+
     /// Where the link of program `name` is pinned.
     pub fn link(&self, name: &str) -> PathBuf {
         self.dir.join(format!("link_{name}"))
@@ -142,13 +169,41 @@ impl Pins {
         Ok(Some(header))
     }
 
+    /// What the stop guard a previous agent left dropped while no agent ran (its pinned counter,
+    /// summed over CPUs), removing the pin; `None` when there was no guard.
+    pub fn take_guard_drops(&self) -> Option<u64> {
+        let path = self.map(MAP_GUARD_DROPS);
+        let data = MapData::from_pin(&path).ok()?;
+        let drops = PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(data))
+            .and_then(|a| a.get(&0, 0))
+            .map(|per_cpu| per_cpu.iter().sum())
+            .map_err(|e| {
+                warn!(
+                    "reading the stop guard's counter at {}: {e}",
+                    path.display()
+                )
+            })
+            .ok();
+        let _ = std::fs::remove_file(&path);
+        drops
+    }
+
     /// Removes every pin of this interface (links first, so the programs detach), then the
     /// directory.
     pub fn remove_all(&self) {
+        self.remove_all_but(&[]);
+    }
+
+    /// Removes every pin of this interface but those in `keep` (links first, so their programs
+    /// detach), then the directory if it is empty.
+    pub fn remove_all_but(&self, keep: &[PathBuf]) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| !keep.contains(p))
+            .collect();
         paths.sort_by_key(|p| {
             !p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
@@ -158,8 +213,10 @@ impl Pins {
                 warn!("removing pin {}: {e}", p.display());
             }
         }
-        if let Err(e) = std::fs::remove_dir(&self.dir) {
-            warn!("removing {}: {e}", self.dir.display());
+        if keep.is_empty() {
+            if let Err(e) = std::fs::remove_dir(&self.dir) {
+                warn!("removing {}: {e}", self.dir.display());
+            }
         }
     }
 }

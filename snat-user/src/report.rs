@@ -40,6 +40,10 @@ pub struct Report {
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
     pub expired: BTreeMap<String, BTreeMap<String, u64>>,
     pub allocation: Allocation,
+    /// Packets from internal sources the previous agent's stop guard dropped while no agent ran
+    /// (`--on-stop closed`); absent when this agent did not take over from a guard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_dropped: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conns: Vec<Conn>,
 }
@@ -283,6 +287,7 @@ impl Report {
                 sum_ns: hist.sum_ns,
                 count: hist.count,
             },
+            guard_dropped: state.guard_dropped,
             conns: view.conns,
         })
     }
@@ -321,6 +326,12 @@ pub fn render_status(r: &Report) -> String {
     );
     if let Some(slice) = &r.slice {
         let _ = writeln!(out, "plan slice: {slice}");
+    }
+    if let Some(n) = r.guard_dropped {
+        let _ = writeln!(
+            out,
+            "stop guard: dropped {n} packets from internal sources before this agent took over"
+        );
     }
     let p = &r.policy;
     let _ = writeln!(

@@ -182,7 +182,7 @@ impl<'a> ViewBuilder<'a> {
         let (timeout, _) = timeout_of(key, m, &o, self.timeouts);
         let idle = Duration::from_nanos(self.now_ns.saturating_sub(last_seen(m, &o)));
         let state = if key.proto == proto::TCP {
-            Phase::of(m.tcp_seen, o.tcp_seen).name()
+            Phase::of_halves(m, &o).name()
         } else {
             "active"
         };
@@ -268,21 +268,16 @@ mod tests {
             dst,
             FlowKey::remote_port_for(p, dport.to_be_bytes()),
         );
-        let m = Mapping {
-            nat_addr: [198, 51, 100, 1],
-            nat_port: nat_port.to_be_bytes(),
-            tcp_seen: SEEN_SYN,
-            created_ns: 10 * S,
-            last_seen_ns: 100 * S,
-            ..Default::default()
-        };
-        let o = Origin {
-            addr: src,
-            port: sport.to_be_bytes(),
-            tcp_seen: SEEN_SYN,
-            last_seen_ns: 90 * S,
-            ..Default::default()
-        };
+        let mut m = Mapping::new(key, [198, 51, 100, 1], nat_port.to_be_bytes(), 10 * S);
+        m.last_seen_ns = 100 * S;
+        m.record(SEEN_SYN);
+        let mut o = Origin::new(
+            key.reply(m.nat_addr, m.nat_port),
+            src,
+            sport.to_be_bytes(),
+            90 * S,
+        );
+        o.record(m.epoch, SEEN_SYN);
         (key, m, o)
     }
 
@@ -353,8 +348,8 @@ mod tests {
             80,
             40001,
         );
-        m2.tcp_seen |= SEEN_FIN;
-        o2.tcp_seen |= SEEN_FIN;
+        m2.record(SEEN_FIN);
+        o2.record(m2.epoch, SEEN_FIN);
         b.add(&k2, &m2, Some(&o2));
         let (k3, m3, o3) = mapping(
             proto::TCP,

@@ -331,8 +331,8 @@ impl IcmpWatch {
 }
 
 /// Watches every IPv4 packet on an interface (an `AF_PACKET` socket in its namespace) and counts
-/// those whose source lies in 10.0.0.0/8, the internal space of the tests: a translated world
-/// must show none.
+/// those that carry an address of 10.0.0.0/8, the internal space of the tests, as their source or
+/// inside the packet an ICMP error quotes: a translated world must show none.
 pub struct LeakWatch {
     /// Packets seen, packets with an internal source, and the first few such sources.
     counts: Arc<Mutex<(u64, u64, Vec<Ipv4Addr>)>>,
@@ -379,15 +379,21 @@ impl LeakWatch {
                 }
                 let mut g = c.lock().unwrap();
                 g.0 += 1;
-                if buf[12] == 10 {
+                if let Some(addr) = internal_address(&buf) {
                     g.1 += 1;
                     if g.2.len() < 10 {
-                        g.2.push(Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]));
+                        g.2.push(addr);
                     }
                 }
             }
         });
         Self { counts, bg }
+    }
+
+    /// Packets seen so far, and how many of them carried an internal address.
+    pub fn counts(&self) -> (u64, u64) {
+        let g = self.counts.lock().unwrap();
+        (g.0, g.1)
     }
 
     /// Stops watching and asserts packets were seen and none had an internal source.
@@ -401,6 +407,28 @@ impl LeakWatch {
             "{leaked} of {total} packets left with an internal source, e.g. {examples:?}"
         );
     }
+}
+
+/// The internal (10.0.0.0/8) address an IPv4 packet (the first bytes of it) carries as its
+/// source, or as the source or destination of the packet an ICMP error quotes, if any.
+fn internal_address(ip: &[u8]) -> Option<Ipv4Addr> {
+    let addr = |at: usize| {
+        ip.get(at..at + 4)
+            .map(|a| Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    };
+    let internal = |a: Ipv4Addr| (a.octets()[0] == 10).then_some(a);
+    if let Some(a) = addr(12).and_then(internal) {
+        return Some(a);
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let icmp_error = ip[9] == 1 && matches!(ip.get(ihl), Some(3 | 11 | 12));
+    if !icmp_error {
+        return None;
+    }
+    let quote = ihl + 8;
+    addr(quote + 12)
+        .and_then(internal)
+        .or_else(|| addr(quote + 16).and_then(internal))
 }
 
 /// Records the IPv4 packets seen on an interface (their first 512 bytes, at most 8,192 packets).

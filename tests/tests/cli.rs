@@ -192,12 +192,19 @@ fn a_second_agent_on_the_same_interface_is_refused() {
 }
 
 #[test]
-fn a_stop_detaches_everything() {
+fn an_open_stop_detaches_everything() {
     let topo = Topology::new(1);
     let agent = Agent::start(
         &topo.node,
         &topo.uplink,
-        &["--internal", POD_CIDR, "--max-mappings", "4096"],
+        &[
+            "--internal",
+            POD_CIDR,
+            "--max-mappings",
+            "4096",
+            "--on-stop",
+            "open",
+        ],
     );
     assert!(snat_programs() >= 2);
     let (status, stats) = agent.stop();
@@ -278,6 +285,8 @@ fn clsact_mode_translates_and_removes_its_qdisc() {
             "4096",
             "--attach",
             "clsact",
+            "--on-stop",
+            "open",
         ],
     );
     let qdiscs = topo

@@ -69,7 +69,9 @@ fn a_killed_agent_restarts_without_losing_flows() {
     });
     assert_eq!(*during.ip(), NAT_IP);
 
-    let second = agent(&topo, &bpffs, &[]);
+    // Stopped with `--on-stop open` below, so that everything goes (the default leaves the
+    // stop guard, which `stop.rs` tests).
+    let second = agent(&topo, &bpffs, &["--on-stop", "open"]);
     assert!(
         second.log().contains("taking over the state pinned"),
         "{}",

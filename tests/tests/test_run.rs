@@ -393,11 +393,7 @@ fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
         NAT.octets(),
         freed[0].to_be_bytes(),
     );
-    let thief = Origin {
-        addr: [10, 1, 9, 9],
-        port: 7u16.to_be_bytes(),
-        ..Origin::default()
-    };
+    let thief = Origin::new(stolen, [10, 1, 9, 9], 7u16.to_be_bytes(), 0);
     tables.rev.insert(stolen, thief, 0).unwrap();
     let (indexed, scans) = (
         dp.count(Counter::AllocIndexed),
@@ -767,12 +763,12 @@ fn batch_reads_return_every_entry_once() {
             REMOTE.octets(),
             53u16.to_be_bytes(),
         );
-        let m = snat_common::Mapping {
-            nat_addr: NAT.octets(),
-            nat_port: (32768 + i as u16).to_be_bytes(),
-            created_ns: u64::from(i),
-            ..snat_common::Mapping::default()
-        };
+        let m = snat_common::Mapping::new(
+            key,
+            NAT.octets(),
+            (32768 + i as u16).to_be_bytes(),
+            u64::from(i),
+        );
         tables.fwd.insert(key, m, 0).unwrap();
     }
     let mut batched = Vec::new();

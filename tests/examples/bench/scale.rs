@@ -62,22 +62,11 @@ pub fn synthetic(i: u32, now: u64) -> (FlowKey, Mapping, FlowKey, Origin) {
         REMOTE.octets(),
         (443 + j as u16).to_be_bytes(),
     );
-    let m = Mapping {
-        nat_addr: NAT.octets(),
-        nat_port: ((32768 + p) as u16).to_be_bytes(),
-        tcp_seen: SEEN_SYN,
-        created_ns: now,
-        last_seen_ns: now,
-        ..Mapping::default()
-    };
+    let mut m = Mapping::new(key, NAT.octets(), ((32768 + p) as u16).to_be_bytes(), now);
+    m.record(SEEN_SYN);
     let reply = key.reply(m.nat_addr, m.nat_port);
-    let o = Origin {
-        addr: src,
-        port: key.src_port,
-        tcp_seen: SEEN_SYN,
-        last_seen_ns: now,
-        ..Origin::default()
-    };
+    let mut o = Origin::new(reply, src, key.src_port, now);
+    o.record(m.epoch, SEEN_SYN);
     (key, m, reply, o)
 }
 

@@ -1,0 +1,208 @@
+//! Reading and refreshing the two halves of a mapping, safely against the kernel recycling map
+//! elements and against the release program.
+//!
+//! Invariants:
+//! - **Copy, then check identity.** `SNAT_FWD` and `SNAT_REV` are preallocated hash maps: an
+//!   element deleted on one CPU goes to the next insert at once, even while another CPU still
+//!   holds a pointer from its lookup. So the fields a program needs are copied out right after
+//!   the lookup ([`Forward`], [`Reverse`]), and used only if the key stored inside the value
+//!   (`Mapping::key`, `Origin::key`), read after them, is the key looked up; otherwise the
+//!   element now belongs to another flow and the lookup counts as a miss
+//!   (`alloc.recycled_entry`). The kernel fills a recycled element's value from its start, where
+//!   that key is, so a key still ours when read last means the fields read before it were ours
+//!   too (stores and loads stay in order on x86-64). Later writes through the pointer are small stores of this flow's
+//!   own stamps; an element recycled in the few instructions between the check and such a store
+//!   gets at most a timestamp or an epoch stamp the new owner's phase computation ignores unless
+//!   its epoch happens to be equal.
+//! - **No release races a refresh.** A packet that refreshes a half stores its time, then bumps
+//!   `touched` atomically, then reads `release`; the release program bumps `release` atomically,
+//!   then re-reads the time stamps. The atomic adds are `lock`ed instructions on x86-64, so each
+//!   side's load is ordered after its own store: at least one of them sees the other. The packet
+//!   of a mapping being released is dropped (`drop_released`), exactly as if it had come a moment
+//!   later; a release that sees a refresh keeps the mapping. (On architectures whose JIT emits
+//!   relaxed atomics for BPF_XADD — arm64 — this ordering is not guaranteed.)
+
+use snat_common::{Counter, FlowKey, Mapping, Origin};
+
+use crate::maps::{atomic_add32, count, SNAT_FWD, SNAT_REV};
+
+/// Mappings record a packet's time only when it moved on by this much, to spare the cache line.
+/// Idle timeouts are at least a second, so a mapping refreshed less than this long ago is never
+/// being released.
+pub const REFRESH_NS: u64 = 100_000_000;
+
+/// What the datapath reads of a forward half, copied out of the map once.
+#[derive(Clone, Copy)]
+pub struct Forward {
+    pub nat_addr: [u8; 4],
+    pub nat_port: [u8; 2],
+    pub epoch: u16,
+    pub syn: u16,
+    pub fin: u16,
+    pub rst: u16,
+    pub acked: u16,
+    pub ack: [u8; 4],
+    pub window: [u8; 2],
+    pub wscale: u8,
+    pub isn_next: [u8; 4],
+    pub last_seen_ns: u64,
+}
+
+impl Forward {
+    /// The `SEEN_*` flags the pod sent in the current epoch.
+    #[inline(always)]
+    pub const fn tcp_seen(&self) -> u8 {
+        snat_common::tcp::seen_in(self.epoch, self.syn, self.fin, self.rst)
+    }
+}
+
+/// What the datapath reads of a reverse half, copied out of the map once.
+#[derive(Clone, Copy)]
+pub struct Reverse {
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    pub syn: u16,
+    pub fin: u16,
+    pub rst: u16,
+    pub last_seen_ns: u64,
+}
+
+impl Reverse {
+    /// The `SEEN_*` flags the remote sent in `epoch`.
+    #[inline(always)]
+    pub const fn tcp_seen(&self, epoch: u16) -> u8 {
+        snat_common::tcp::seen_in(epoch, self.syn, self.fin, self.rst)
+    }
+}
+
+/// Reads field `$f` of the map value at `$p` exactly once; a byte-array field `as` the integer
+/// type of its size (one load instead of one per byte: the fields are aligned in the value).
+macro_rules! field {
+    ($p:expr, $f:ident) => {
+        // SAFETY: `$p` points to a live (possibly recycled) value of `SNAT_FWD` or `SNAT_REV`
+        // (callers' contract); a volatile read makes the copy happen here, once.
+        unsafe { core::ptr::read_volatile(&raw const (*$p).$f) }
+    };
+    ($p:expr, $f:ident as $t:ty) => {
+        <$t>::to_ne_bytes(
+            // SAFETY: as above; the field is a byte array of `$t`'s size, aligned to it (see
+            // the `const` offsets in `snat_common::flow`).
+            unsafe { core::ptr::read_volatile((&raw const (*$p).$f).cast::<$t>()) },
+        )
+    };
+}
+
+/// Whether the value at `p`, whose stored key reads as `stored`, still belongs to `key`, read
+/// after its other fields were copied: the kernel writes a recycled element's value from its
+/// start (where the key is) onwards, so if the key read last is still `key`, the fields read
+/// before it were this flow's.
+#[inline(always)]
+fn owned_by(stored: [u64; 2], key: &FlowKey) -> bool {
+    if stored == key.words() {
+        true
+    } else {
+        count(Counter::RecycledEntry);
+        false
+    }
+}
+
+/// The stored key of the value at `$p`, as two words, read once.
+macro_rules! stored_key {
+    ($p:expr) => {
+        // SAFETY: as in `field!`; the key is the value's first 16 bytes, 8-aligned.
+        unsafe { core::ptr::read_volatile((&raw const (*$p).key).cast::<[u64; 2]>()) }
+    };
+}
+
+/// The forward half of `key`: a pointer for the refreshing stores, and the checked copy.
+#[inline(always)]
+pub fn forward(key: &FlowKey) -> Option<(*mut Mapping, Forward)> {
+    let p = SNAT_FWD.get_ptr_mut(key)?;
+    let m = Forward {
+        nat_addr: field!(p, nat_addr as u32),
+        nat_port: field!(p, nat_port as u16),
+        epoch: field!(p, epoch),
+        syn: field!(p, syn),
+        fin: field!(p, fin),
+        rst: field!(p, rst),
+        acked: field!(p, acked),
+        ack: field!(p, ack as u32),
+        window: field!(p, window as u16),
+        wscale: field!(p, wscale),
+        isn_next: field!(p, isn_next as u32),
+        last_seen_ns: field!(p, last_seen_ns),
+    };
+    owned_by(stored_key!(p), key).then_some((p, m))
+}
+
+/// The reverse half of `key` (see [`forward`]).
+#[inline(always)]
+pub fn reverse(key: &FlowKey) -> Option<(*mut Origin, Reverse)> {
+    let p = SNAT_REV.get_ptr_mut(key)?;
+    let o = Reverse {
+        addr: field!(p, addr as u32),
+        port: field!(p, port as u16),
+        syn: field!(p, syn),
+        fin: field!(p, fin),
+        rst: field!(p, rst),
+        last_seen_ns: field!(p, last_seen_ns),
+    };
+    owned_by(stored_key!(p), key).then_some((p, o))
+}
+
+/// Records a packet at `now` in a half whose copy says it was last seen at `seen`, whose stamp is
+/// at `stamp` and whose handshake fields are `touched` and `release`. `Err` when the release
+/// program is removing the mapping at this moment (see the module docs).
+///
+/// # Safety
+/// The three pointers point into one live value of `SNAT_FWD` or `SNAT_REV`.
+#[inline(always)]
+unsafe fn refresh(
+    seen: u64,
+    now: u64,
+    stamp: *mut u64,
+    touched: *mut u32,
+    release: *const u32,
+) -> Result<(), ()> {
+    if now.wrapping_sub(seen) <= REFRESH_NS {
+        return Ok(());
+    }
+    // SAFETY: per the caller's contract.
+    unsafe { core::ptr::write_volatile(stamp, now) };
+    atomic_add32(touched, 1);
+    // SAFETY: as above; read after the locked add, which orders it after the store.
+    if unsafe { core::ptr::read_volatile(release) } != 0 {
+        return Err(());
+    }
+    Ok(())
+}
+
+/// Refreshes the forward half `p` (copy `m`) at `now`; `Err` while it is being released.
+#[inline(always)]
+pub fn refresh_forward(p: *mut Mapping, m: &Forward, now: u64) -> Result<(), ()> {
+    // SAFETY: `p` comes from `forward`; the fields are of that one value.
+    unsafe {
+        refresh(
+            m.last_seen_ns,
+            now,
+            &raw mut (*p).last_seen_ns,
+            &raw mut (*p).touched,
+            &raw const (*p).release,
+        )
+    }
+}
+
+/// Refreshes the reverse half `p` (copy `o`) at `now`; `Err` while it is being released.
+#[inline(always)]
+pub fn refresh_reverse(p: *mut Origin, o: &Reverse, now: u64) -> Result<(), ()> {
+    // SAFETY: `p` comes from `reverse`; the fields are of that one value.
+    unsafe {
+        refresh(
+            o.last_seen_ns,
+            now,
+            &raw mut (*p).last_seen_ns,
+            &raw mut (*p).touched,
+            &raw const (*p).release,
+        )
+    }
+}
