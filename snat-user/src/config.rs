@@ -14,6 +14,7 @@ use std::{
 use snat_common::MAX_NAT_IPS;
 
 use crate::{
+    access::{Group, GroupError},
     cidr::{Ipv4Cidr, PortRange},
     cli::{AttachChoice, EbpfLog, OnExhaustion, RunArgs},
     duration::Human,
@@ -56,6 +57,8 @@ pub struct Settings {
     pub reserved_ports: PortList,
     pub pin_dir: std::path::PathBuf,
     pub keep_state: bool,
+    /// Members may read through the control socket (`--control-group`).
+    pub control_group: Option<Group>,
 }
 
 /// Who gets a port when ports run short, and what refused flows learn.
@@ -104,6 +107,8 @@ pub enum ConfigError {
     FairShareThreshold(String),
     #[error("--reject-rate 0: use at least 1 (or --on-exhaustion drop to send no answers)")]
     RejectRate,
+    #[error(transparent)]
+    ControlGroup(#[from] GroupError),
 }
 
 impl Settings {
@@ -180,6 +185,11 @@ impl Settings {
                 0
             },
         };
+        let control_group = args
+            .control_group
+            .as_deref()
+            .map(Group::resolve)
+            .transpose()?;
         let mut exclude = args.exclude.clone();
         for c in &args.internal {
             if !exclude.contains(c) {
@@ -204,6 +214,7 @@ impl Settings {
             reserved_ports: args.reserved_ports.clone(),
             pin_dir: args.pin_dir.clone(),
             keep_state: args.keep_state,
+            control_group,
         })
     }
 

@@ -40,6 +40,9 @@ pub struct Report {
     pub counters: BTreeMap<String, BTreeMap<String, u64>>,
     pub expired: BTreeMap<String, BTreeMap<String, u64>>,
     pub allocation: Allocation,
+    /// Control requests refused for the client's lack of rights, per request name.
+    #[serde(default)]
+    pub control_refused: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conns: Vec<Conn>,
 }
@@ -283,6 +286,7 @@ impl Report {
                 sum_ns: hist.sum_ns,
                 count: hist.count,
             },
+            control_refused: state.refusals.snapshot(&crate::control::Request::NAMES),
             conns: view.conns,
         })
     }
