@@ -16,6 +16,7 @@ use log::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
+    access::Refusals,
     cidr::PortRange,
     cli::{EbpfLog, OnStop, RunArgs},
     config::{check_nat_ips, check_reserved, Settings},
@@ -44,6 +45,8 @@ pub struct AgentState {
     pub tables: Mutex<Tables>,
     pub sweeper: Mutex<Sweeper>,
     pub saturation: Mutex<Saturation>,
+    /// Refused control requests, and the control socket's rate-limited log.
+    pub refusals: Refusals,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +178,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         tables: Mutex::new(engine.take_tables()?),
         sweeper: Mutex::new(Sweeper::default()),
         saturation: Mutex::new(Saturation::default()),
+        refusals: Refusals::default(),
         settings: RwLock::new(settings.clone()),
         reservation: Mutex::new(reservation),
         engine: Mutex::new(engine),

@@ -49,6 +49,22 @@ pub enum Command {
     Plan(PlanArgs),
 }
 
+impl Command {
+    /// The subcommand's name, as typed.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "run",
+            Command::Status(_) => "status",
+            Command::Stats(_) => "stats",
+            Command::Conns(_) => "conns",
+            Command::Top(_) => "top",
+            Command::Set(_) => "set",
+            Command::Cleanup(_) => "cleanup",
+            Command::Plan(_) => "plan",
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
     /// The interface the state belongs to.
@@ -319,6 +335,12 @@ pub struct RunArgs {
     /// Kernel-side log level. `off` compiles logging out of the loaded programs.
     #[arg(long, value_name = "LEVEL", default_value = "off")]
     pub ebpf_log: EbpfLog,
+
+    /// Members of this group (a name or a numeric gid) may read through the control socket
+    /// (`status`, `stats`, `conns`, `top`); changes (`set`) and, without this flag, reads too
+    /// are for root and CAP_NET_ADMIN only.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
 
     /// Serve Prometheus metrics on this address (path /metrics), in the agent's namespace.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469")]

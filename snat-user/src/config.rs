@@ -14,6 +14,7 @@ use std::{
 use snat_common::MAX_NAT_IPS;
 
 use crate::{
+    access::{Group, GroupError},
     cidr::{Ipv4Cidr, PortRange},
     cli::{AttachChoice, EbpfLog, OnExhaustion, OnStop, RunArgs},
     duration::Human,
@@ -58,6 +59,8 @@ pub struct Settings {
     pub keep_state: bool,
     /// What a plain stop leaves on the uplink (`--on-stop`).
     pub on_stop: OnStop,
+    /// Members may read through the control socket (`--control-group`).
+    pub control_group: Option<Group>,
 }
 
 /// Who gets a port when ports run short, and what refused flows learn.
@@ -106,6 +109,8 @@ pub enum ConfigError {
     FairShareThreshold(String),
     #[error("--reject-rate 0: use at least 1 (or --on-exhaustion drop to send no answers)")]
     RejectRate,
+    #[error(transparent)]
+    ControlGroup(#[from] GroupError),
 }
 
 impl Settings {
@@ -182,6 +187,11 @@ impl Settings {
                 0
             },
         };
+        let control_group = args
+            .control_group
+            .as_deref()
+            .map(Group::resolve)
+            .transpose()?;
         let mut exclude = args.exclude.clone();
         for c in &args.internal {
             if !exclude.contains(c) {
@@ -207,6 +217,7 @@ impl Settings {
             pin_dir: args.pin_dir.clone(),
             keep_state: args.keep_state,
             on_stop: args.on_stop,
+            control_group,
         })
     }
 

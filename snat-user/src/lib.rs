@@ -2,6 +2,7 @@
 //! expiry of idle mappings, the control socket and the figures the agent reports. The `snat`
 //! binary (`main.rs`) wires them together; the integration tests drive them directly.
 
+pub mod access;
 pub mod agent;
 pub mod batch;
 pub mod cidr;

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter))
         .init();
+    let name = cli.command.name();
     let result = match cli.command {
         Command::Run(args) => agent::run(&args),
         Command::Status(args) => show(&args, report::render_status),
@@ -53,12 +54,22 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.chain().find_map(|c| c.downcast_ref::<control::Denied>()) {
+            // The agent refused this user: sysexits' EX_NOPERM, so scripts can tell.
+            Some(denied) => {
+                eprintln!("snat {name}: {denied}");
+                ExitCode::from(EX_NOPERM)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
+
+/// Exit status of a command the agent refused for the user's lack of rights.
+const EX_NOPERM: u8 = 77;
 
 fn print(r: &Report, json: bool, render: fn(&Report) -> String) -> anyhow::Result<()> {
     if json {

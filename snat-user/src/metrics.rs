@@ -268,6 +268,15 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     );
     f.0.mut_metric().push(m);
     out.push(f.0);
+    let mut refused = Family::new(
+        "snat_control_refused_total",
+        "Control-socket requests refused for the client's lack of rights, by request (stats and top send status).",
+        COUNTER,
+    );
+    for (command, n) in &r.control_refused {
+        refused = refused.counter(&[("command", command)], *n);
+    }
+    out.push(refused.0);
     out
 }
 
@@ -400,6 +409,7 @@ mod tests {
                 sum_ns: 600,
                 count: 3,
             },
+            control_refused: BTreeMap::from([("set".to_owned(), 2), ("status".to_owned(), 0)]),
             ..Report::default()
         };
         let text = encode(&r).unwrap();
@@ -416,6 +426,8 @@ mod tests {
             "snat_destination_saturation{nat_ip=\"198.51.100.1\",destination=\"203.0.113.10:443\",proto=\"tcp\"} 0.03",
             "snat_allocation_duration_seconds_bucket{le=\"0.000000255\"} 3",
             "snat_allocation_duration_seconds_count 3",
+            "snat_control_refused_total{command=\"set\"} 2",
+            "snat_control_refused_total{command=\"status\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -44,6 +44,9 @@ pub struct Report {
     /// (`--on-stop closed`); absent when this agent did not take over from a guard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard_dropped: Option<u64>,
+    /// Control requests refused for the client's lack of rights, per request name.
+    #[serde(default)]
+    pub control_refused: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conns: Vec<Conn>,
 }
@@ -288,6 +291,7 @@ impl Report {
                 count: hist.count,
             },
             guard_dropped: state.guard_dropped,
+            control_refused: state.refusals.snapshot(&crate::control::Request::NAMES),
             conns: view.conns,
         })
     }

@@ -8,7 +8,10 @@ use std::{
 
 use serde_json::Value;
 
-use crate::netns::Netns;
+use crate::{
+    netns::Netns,
+    user::{output_within, runnable_by_anyone},
+};
 
 /// The `snat` binary under test: `$SNAT_BIN` (set by `cargo xtask test`), else the workspace's
 /// release build.
@@ -130,6 +133,26 @@ impl Agent {
             .expect("spawning snat");
         (
             out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs `snat <args…>` against this agent as another user: `ip netns exec NS <user…> snat
+    /// <args…>`, where `user` is a `setpriv` command line from [`crate::user`] (e.g.
+    /// [`crate::user::nobody`]). Returns (exit code, stdout, stderr); a run longer than 60 s
+    /// fails the test.
+    pub fn cli_as(&self, user: &[String], args: &[&str]) -> (Option<i32>, String, String) {
+        let out = output_within(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns])
+                .args(user)
+                .arg(runnable_by_anyone(&snat_bin()))
+                .args(args),
+            Duration::from_secs(60),
+        );
+        (
+            out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )

@@ -11,6 +11,7 @@ pub mod netns;
 pub mod packets;
 pub mod topo;
 pub mod traffic;
+pub mod user;
 
 /// The value of the sample `name{labels}` in Prometheus text `metrics` (labels in the order the
 /// exposition prints them, e.g. `snat_mappings{proto="tcp"}`).

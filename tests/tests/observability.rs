@@ -383,3 +383,71 @@ fn set_plan_moves_a_running_node_to_its_new_slice() {
     );
     let _ = (std::fs::remove_file(a), std::fs::remove_file(b));
 }
+
+#[test]
+fn a_set_the_agent_refuses_changes_nothing() {
+    // These pass the client's own checks; only the agent knows its reserved ports and internal
+    // CIDRs, so its refusal path (and its messages) are what is tested here.
+    let topo = Topology::new(1);
+    let agent = agent(&topo, &["--port-range", "40000:40099"]);
+    let up = topo.uplink.as_str();
+    let unchanged = |agent: &Agent| {
+        let s = agent.json("status", &[]);
+        assert_eq!(s["port_range"], "40000:40099", "{s}");
+        assert_eq!(s["nat_ips"], serde_json::json!([NAT_IP.to_string()]), "{s}");
+        assert!(s.get("slice").is_none(), "{s}");
+    };
+
+    // A range over the reserved NodePorts (the default --reserved-ports 30000-32767).
+    let (ok, _, err) = agent.cli(&["set", "--iface", up, "port-range", "29000:31000"]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("the agent refused the change")
+            && err.contains("29000:31000 overlaps --reserved-ports 30000-32767"),
+        "{err}"
+    );
+    unchanged(&agent);
+
+    // A plan whose NAT IP is a pod address.
+    let plan = std::env::temp_dir().join(format!("{}-internal-plan.json", topo.prefix));
+    let out = Command::new(tests::agent::snat_bin())
+        .args([
+            "plan",
+            "--nodes",
+            "2",
+            "--nat-ip",
+            "10.1.9.9",
+            "--ports-per-node",
+            "1000",
+        ])
+        .args(["--port-range", "40000:49999", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&plan, out.stdout).unwrap();
+    let (ok, _, err) = agent.cli(&[
+        "set",
+        "--iface",
+        up,
+        "plan",
+        plan.to_str().unwrap(),
+        "--node-index",
+        "1",
+    ]);
+    let _ = std::fs::remove_file(&plan);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("--nat-ip 10.1.9.9 is inside the internal CIDR 10.1.0.0/16"),
+        "{err}"
+    );
+    unchanged(&agent);
+
+    // The agent still takes a good change afterwards.
+    let (ok, _, err) = agent.cli(&["set", "--iface", up, "port-range", "40000:40049"]);
+    assert!(ok, "{err}");
+    assert_eq!(agent.json("status", &[])["port_range"], "40000:40049");
+}
