@@ -17,5 +17,6 @@ pub mod pins;
 pub mod plan;
 pub mod ports;
 pub mod report;
+pub mod scrape;
 pub mod usage;
 pub mod view;
