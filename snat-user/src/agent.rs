@@ -4,7 +4,7 @@
 //! ports).
 
 use std::{
-    net::{Ipv4Addr, TcpListener},
+    net::Ipv4Addr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard,
@@ -18,16 +18,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     access::Refusals,
     cidr::PortRange,
-    cli::{EbpfLog, OnStop, RunArgs},
+    cli::{EbpfLog, MetricsAddr, OnStop, RunArgs},
     config::{check_nat_ips, check_reserved, Settings},
     control,
     engine::{AttachMode, Counters, Engine, NatPool, Tables},
     expiry::{self, Sweeper},
-    metrics,
     netdev::{self, Interface},
     pins::{self, Pins},
     ports::HostReservation,
     report::{self, Report},
+    scrape,
     usage::{self, Saturation},
 };
 
@@ -121,20 +121,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         warn!("{w}");
     }
     let control_listener = control::bind(&settings.iface.name)?;
-    let metrics_listener = TcpListener::bind(settings.metrics_addr).map_err(|e| {
-        let addr = settings.metrics_addr;
-        match e.kind() {
-            std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
-                "--metrics-addr {addr} is in use: pass a free address (e.g. --metrics-addr {}:{}) or stop what holds it",
-                addr.ip(),
-                addr.port().wrapping_add(1)
-            ),
-            std::io::ErrorKind::AddrNotAvailable => anyhow::anyhow!(
-                "--metrics-addr {addr}: no interface in this network namespace has that address (is `lo` up?); pass one it has"
-            ),
-            _ => anyhow::anyhow!("--metrics-addr {addr}: {e}"),
-        }
-    })?;
+    if let Some(w) = scrape::exposure_warning(settings.metrics_addr, settings.top_sources) {
+        warn!("{w}");
+    }
+    let metrics_listener = scrape::bind(settings.metrics_addr)?;
 
     // State a previous agent pinned is checked before anything changes.
     let (pins, pin_warnings) = Pins::prepare(&settings.pin_dir, &settings.iface.name)?;
@@ -190,7 +180,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         info!("running on {slice}");
     }
     info!(
-        "snat running on {} ({}): NAT IPs {}, ports {}, internal {}, metrics http://{}/metrics",
+        "snat running on {} ({}): NAT IPs {}, ports {}, internal {}, metrics {}",
         settings.iface.name,
         match mode {
             AttachMode::Tcx => "tcx",
@@ -199,7 +189,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         comma_list(&settings.nat_ips),
         settings.port_range,
         comma_list(&settings.internal),
-        settings.metrics_addr,
+        match settings.metrics_addr {
+            MetricsAddr::On(addr) => format!("http://{addr}/metrics"),
+            MetricsAddr::Off => "off".into(),
+        },
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -213,9 +206,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let served = runtime.block_on(async {
-        metrics_listener.set_nonblocking(true)?;
-        let metrics_listener = tokio::net::TcpListener::from_std(metrics_listener)?;
-        tokio::spawn(metrics::serve(metrics_listener, state.clone()));
+        if let Some(listener) = metrics_listener {
+            let scrapes = scrape::Scrapes::of_agent(args.metrics_min_interval, state.clone());
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tokio::spawn(scrape::serve(listener, scrapes));
+        }
         if let Some(logger) = logger {
             tokio::spawn(read_kernel_log(logger));
         }

@@ -1,8 +1,10 @@
 //! The `snat` command line.
 
 use std::{
+    fmt,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    str::FromStr,
     time::Duration,
 };
 
@@ -342,12 +344,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
 
-    /// Serve Prometheus metrics on this address (path /metrics), in the agent's namespace.
+    /// Serve Prometheus metrics on this address (path /metrics), in the agent's namespace, or
+    /// `off`. Any process that can reach it can read it; a non-loopback address is warned about.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9469")]
-    pub metrics_addr: SocketAddr,
+    pub metrics_addr: MetricsAddr,
+
+    /// Scrapes within this time of the last report build get that build's text: 100 parallel
+    /// scrapes cost one walk of the tables. 0s to 60s; 0s builds for every scrape, one at a time.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = metrics_min_interval)]
+    pub metrics_min_interval: Duration,
 
     /// How many internal sources and destinations the metrics and `status` name (the busiest
-    /// ones), so label cardinality stays bounded.
+    /// ones), so label cardinality stays bounded. 0 names none: /metrics then carries no pod or
+    /// destination address.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub top_sources: usize,
 
@@ -378,6 +387,56 @@ pub struct RunArgs {
     /// `internal = ["…"]`); flags given on the command line win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// Where `snat run` serves /metrics: `ip:port`, or `off` for nowhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    On(SocketAddr),
+}
+
+/// A `--metrics-addr` that is neither an address nor `off`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid --metrics-addr {0:?}: write ip:port (e.g. 127.0.0.1:9469 or [::1]:9469), or off to serve no metrics")]
+pub struct MetricsAddrError(String);
+
+impl FromStr for MetricsAddr {
+    type Err = MetricsAddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse()
+            .map(Self::On)
+            .map_err(|_| MetricsAddrError(s.to_owned()))
+    }
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::On(addr) => addr.fmt(f),
+        }
+    }
+}
+
+/// Longest `--metrics-min-interval`: a scrape is never older than this plus one build.
+pub const MAX_METRICS_MIN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Reads `--metrics-min-interval`: a duration from 0s to [`MAX_METRICS_MIN_INTERVAL`].
+fn metrics_min_interval(s: &str) -> Result<Duration, String> {
+    let d = duration::parse(s).map_err(|e| e.to_string())?;
+    if d > MAX_METRICS_MIN_INTERVAL {
+        return Err(format!(
+            "{s} is longer than {}: scrapes would get figures that old; use 0s to {} (e.g. 1s)",
+            duration::Human(MAX_METRICS_MIN_INTERVAL),
+            duration::Human(MAX_METRICS_MIN_INTERVAL)
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

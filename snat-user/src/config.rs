@@ -4,19 +4,14 @@
 //! distinct NAT IPs none of which is internal, timeouts of at least one second, a table size
 //! the kernel accepts); every error names the offending value and the fix.
 
-use std::{
-    ffi::OsString,
-    net::{Ipv4Addr, SocketAddr},
-    path::Path,
-    time::Duration,
-};
+use std::{ffi::OsString, net::Ipv4Addr, path::Path, time::Duration};
 
 use snat_common::MAX_NAT_IPS;
 
 use crate::{
     access::{Group, GroupError},
     cidr::{Ipv4Cidr, PortRange},
-    cli::{AttachChoice, EbpfLog, OnExhaustion, OnStop, RunArgs},
+    cli::{AttachChoice, EbpfLog, MetricsAddr, OnExhaustion, OnStop, RunArgs},
     duration::Human,
     netdev::Interface,
     plan::Plan,
@@ -51,7 +46,7 @@ pub struct Settings {
     pub gc_interval: Duration,
     pub ebpf_log: EbpfLog,
     pub attach: AttachChoice,
-    pub metrics_addr: SocketAddr,
+    pub metrics_addr: MetricsAddr,
     pub top_sources: usize,
     pub policy: Policy,
     pub reserved_ports: PortList,
@@ -95,7 +90,7 @@ pub enum ConfigError {
     GcInterval(String),
     #[error("--max-mappings {0} is out of range: use 1 to {MAX_MAPPINGS_LIMIT}")]
     MaxMappings(u32),
-    #[error("--top-sources {0} is out of range: use 1 to 1000 (each is a metrics label)")]
+    #[error("--top-sources {0} is out of range: use 0 to 1000 (each is a metrics label)")]
     TopSources(usize),
     #[error("{0}")]
     Plan(String),
@@ -166,7 +161,7 @@ impl Settings {
         if args.max_mappings == 0 || args.max_mappings > MAX_MAPPINGS_LIMIT {
             return Err(ConfigError::MaxMappings(args.max_mappings));
         }
-        if args.top_sources == 0 || args.top_sources > 1000 {
+        if args.top_sources > 1000 {
             return Err(ConfigError::TopSources(args.top_sources));
         }
         check_reserved(port_range, &args.reserved_ports)?;

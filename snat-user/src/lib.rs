@@ -18,5 +18,6 @@ pub mod pins;
 pub mod plan;
 pub mod ports;
 pub mod report;
+pub mod scrape;
 pub mod usage;
 pub mod view;

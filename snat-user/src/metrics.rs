@@ -1,18 +1,15 @@
-//! Prometheus exposition of a [`Report`], and the `/metrics` endpoint.
+//! Prometheus exposition of a [`Report`], and of how the `/metrics` endpoint built it.
 //!
-//! Every scrape reads the maps (through [`Report::build`]), so values are exact at scrape time.
 //! Families are built directly with the `prometheus` crate's data model and text encoder; label
-//! sets are bounded by the NAT IPs, the counter enum and `--top-sources`.
-
-use std::{sync::Arc, time::Duration};
+//! sets are bounded by the NAT IPs, the counter enum and `--top-sources` (0: no address labels at
+//! all). The endpoint itself, which decides when a report is built, is [`crate::scrape`].
 
 use prometheus::{
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
     Encoder as _, TextEncoder,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{agent::AgentState, report::Report};
+use crate::report::Report;
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
     pairs
@@ -280,11 +277,45 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     out
 }
 
+/// How the text of one scrape was built (see [`crate::scrape`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BuildStats {
+    /// Report builds the endpoint started, this one included.
+    pub builds: u64,
+    /// How long this one's [`Report::build`] (the walk of the tables) took.
+    pub seconds: f64,
+}
+
+/// The endpoint's own families: what scrapes cost the node.
+pub fn build_families(b: &BuildStats) -> Vec<MetricFamily> {
+    vec![
+        Family::new(
+            "snat_metrics_report_builds_total",
+            "Reports built for /metrics (walks of the tables); scrapes within --metrics-min-interval of one, or during one, share it.",
+            MetricType::COUNTER,
+        )
+        .counter(&[], b.builds)
+        .0,
+        Family::new(
+            "snat_metrics_report_build_seconds",
+            "How long gathering the report of this scrape took (the walk of the tables).",
+            MetricType::GAUGE,
+        )
+        .gauge(&[], b.seconds)
+        .0,
+    ]
+}
+
 /// The report in the Prometheus text format.
 pub fn encode(r: &Report) -> anyhow::Result<String> {
+    encode_families(families(r))
+}
+
+/// `families` in the Prometheus text format.
+pub fn encode_families(families: Vec<MetricFamily>) -> anyhow::Result<String> {
     let mut buf = Vec::new();
     // The encoder refuses a family without samples (e.g. no mapping has expired yet).
-    let families: Vec<MetricFamily> = families(r)
+    let families: Vec<MetricFamily> = families
         .into_iter()
         .filter(|f| !f.get_metric().is_empty())
         .collect();
@@ -295,71 +326,6 @@ pub fn encode(r: &Report) -> anyhow::Result<String> {
         &format!("# TYPE {UNTYPED_GAUGE} untyped\n"),
         1,
     ))
-}
-
-/// Serves `GET /metrics` until the task is dropped. A minimal HTTP/1.1 responder: one request
-/// per connection, bounded in size and time.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AgentState>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 8192];
-            let mut len = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while len < buf.len() {
-                    let n = conn.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let request = String::from_utf8_lossy(&buf[..len]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, kind, body) = if request.starts_with("GET ")
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
-                let s = state.clone();
-                match tokio::task::spawn_blocking(move || {
-                    Report::build(&s, None).and_then(|r| encode(&r))
-                })
-                .await
-                {
-                    Ok(Ok(text)) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
-                    Ok(Err(e)) => (
-                        "500 Internal Server Error",
-                        "text/plain",
-                        format!("{e:#}\n"),
-                    ),
-                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
-                }
-            } else {
-                (
-                    "404 Not Found",
-                    "text/plain",
-                    "snat serves Prometheus metrics at /metrics\n".into(),
-                )
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
-    }
 }
 
 #[cfg(test)]
@@ -435,5 +401,28 @@ mod tests {
             !text.contains("snat_mappings_expired_total"),
             "empty families are left out"
         );
+    }
+
+    #[test]
+    fn encodes_how_the_scrape_was_built_with_the_report() {
+        let stats = BuildStats {
+            builds: 7,
+            seconds: 0.25,
+        };
+        let mut all = families(&Report::default());
+        all.extend(build_families(&stats));
+        let text = encode_families(all).unwrap();
+        for line in [
+            "# TYPE snat_metrics_report_builds_total counter",
+            "snat_metrics_report_builds_total 7",
+            "# TYPE snat_metrics_report_build_seconds gauge",
+            "snat_metrics_report_build_seconds 0.25",
+            "snat_allocation_duration_seconds_count 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
     }
 }

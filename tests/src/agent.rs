@@ -168,21 +168,19 @@ impl Agent {
             .unwrap_or_else(|e| panic!("snat {full:?} printed no JSON ({e}): {out}"))
     }
 
-    /// The agent's /metrics as Prometheus text (scraped inside its namespace).
+    /// The agent's /metrics as Prometheus text (scraped inside its namespace, at the default
+    /// address).
     pub fn scrape(&self, ns: &Netns) -> String {
-        use std::io::{Read as _, Write as _};
         ns.run(|| {
-            let mut s =
-                std::net::TcpStream::connect("127.0.0.1:9469").expect("connecting to /metrics");
-            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: snat\r\n\r\n")
-                .unwrap();
-            let mut text = String::new();
-            s.read_to_string(&mut text).unwrap();
-            let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-            assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
-            body.to_owned()
+            let r = crate::http::get(crate::http::METRICS, "/metrics");
+            assert_eq!(r.status, 200, "{}\n{}", r.status_line, r.text());
+            r.text()
         })
+    }
+
+    /// The agent's process id (`ip netns exec` execs snat in place).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("the agent runs")
     }
 
     /// Active mappings of `proto` ("tcp", "udp", "icmp").

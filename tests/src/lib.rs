@@ -7,8 +7,10 @@
 //! route or program ever touches the root namespace.
 
 pub mod agent;
+pub mod http;
 pub mod netns;
 pub mod packets;
+pub mod tables;
 pub mod topo;
 pub mod traffic;
 pub mod user;

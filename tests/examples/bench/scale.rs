@@ -14,17 +14,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context as _};
-use aya::maps::{HashMap, Map, MapData, MapInfo};
-use snat_common::{flow::proto, tcp::SEEN_SYN, FlowKey, Mapping, Origin};
+use anyhow::{bail, Context as _};
 use snat_user::{
     config::Timeouts,
     expiry::{now_ns, Sweeper},
 };
-use tests::{agent::Agent, topo::POD_CIDR};
+use tests::{
+    agent::Agent,
+    tables::{self, AgentTables},
+    topo::POD_CIDR,
+};
 
 use crate::{
-    datapath::{load_engine, NAT, REMOTE},
+    datapath::load_engine,
     lab::{in_netns, Lab, PORT_RANGE},
     say, Plan,
 };
@@ -48,46 +50,6 @@ pub struct Row {
     /// In-process expiry: the time one sweep took to release all N, and how many it released.
     pub sweep_secs: f64,
     pub swept: u64,
-}
-
-/// Synthetic mapping `i`: an established TCP flow, unique forward and reverse keys (32,768 NAT
-/// ports per remote port, remote ports 443, 444, …).
-pub fn synthetic(i: u32, now: u64) -> (FlowKey, Mapping, FlowKey, Origin) {
-    let (j, p) = (i / 32768, i % 32768);
-    let src = [10, 2 + j as u8, (p >> 8) as u8, p as u8];
-    let key = FlowKey::new(
-        proto::TCP,
-        src,
-        40000u16.to_be_bytes(),
-        REMOTE.octets(),
-        (443 + j as u16).to_be_bytes(),
-    );
-    let mut m = Mapping::new(key, NAT.octets(), ((32768 + p) as u16).to_be_bytes(), now);
-    m.record(SEEN_SYN);
-    let reply = key.reply(m.nat_addr, m.nat_port);
-    let mut o = Origin::new(reply, src, key.src_port, now);
-    o.record(m.epoch, SEEN_SYN);
-    (key, m, reply, o)
-}
-
-fn fill(
-    fwd: &mut HashMap<MapData, FlowKey, Mapping>,
-    rev: &mut HashMap<MapData, FlowKey, Origin>,
-    n: u32,
-) -> anyhow::Result<f64> {
-    let now = now_ns();
-    let started = Instant::now();
-    for i in 0..n {
-        if i % 65536 == 0 {
-            crate::check()?;
-        }
-        let (key, m, reply, o) = synthetic(i, now);
-        rev.insert(reply, o, 0)
-            .with_context(|| format!("inserting reverse half {i} of {n}"))?;
-        fwd.insert(key, m, 0)
-            .with_context(|| format!("inserting forward half {i} of {n}"))?;
-    }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 /// A `/proc/<pid>/status` field in KiB.
@@ -123,55 +85,6 @@ fn cpu_secs(pid: &str) -> f64 {
     ticks as f64 / hz as f64
 }
 
-/// The pid of the `snat run` on `iface` (the agent replaces `ip netns exec` in place).
-fn agent_pid(iface: &str) -> anyhow::Result<String> {
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let is_snat = args.first().is_some_and(|a| a.ends_with(b"snat"));
-        let on_iface = args
-            .windows(2)
-            .any(|w| w[0] == b"--iface" && w[1] == iface.as_bytes());
-        if is_snat && args.get(1) == Some(&&b"run"[..]) && on_iface {
-            return Ok(name);
-        }
-    }
-    bail!("no `snat run --iface {iface}` process found")
-}
-
-/// The eBPF maps a process holds: name → (id, memlock bytes).
-fn process_maps(pid: &str) -> anyhow::Result<BTreeMap<String, (u32, u64)>> {
-    let mut maps = BTreeMap::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
-        let Ok(text) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        let field = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
-        };
-        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
-            let name = MapInfo::from_id(id as u32)
-                .ok()
-                .and_then(|i| i.name_as_str().map(str::to_owned))
-                .unwrap_or_else(|| format!("map {id}"));
-            maps.insert(name, (id as u32, memlock));
-        }
-    }
-    Ok(maps)
-}
-
-fn open_hash<V: aya::Pod>(id: u32) -> anyhow::Result<HashMap<MapData, FlowKey, V>> {
-    let data = MapData::from_id(id).with_context(|| format!("opening map {id}"))?;
-    Ok(HashMap::try_from(Map::HashMap(data))?)
-}
-
 /// The agent's side of row `n`.
 fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
     let max = n.to_string();
@@ -187,13 +100,8 @@ fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
             &max,
         ],
     );
-    let pid = agent_pid(&lab.topo.uplink)?;
-    let maps = process_maps(&pid)?;
-    let id = |name: &str| {
-        maps.get(name)
-            .map(|&(id, _)| id)
-            .ok_or_else(|| anyhow!("the agent holds no map {name}: {:?}", maps.keys()))
-    };
+    let pid = agent.pid().to_string();
+    let maps = tables::process_maps(agent.pid())?;
     row.tables_bytes = ["SNAT_FWD", "SNAT_REV"]
         .iter()
         .filter_map(|m| maps.get(*m).map(|&(_, b)| b))
@@ -203,10 +111,9 @@ fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     row.rss_start_kib = status_kib(&pid, "VmRSS");
 
-    let mut fwd = open_hash::<Mapping>(id("SNAT_FWD")?)?;
-    let mut rev = open_hash::<Origin>(id("SNAT_REV")?)?;
-    row.fill_secs = fill(&mut fwd, &mut rev, n)?;
-    drop((fwd, rev));
+    let mut agent_tables = AgentTables::of_process(agent.pid())?;
+    row.fill_secs = agent_tables.fill(n, now_ns(), &mut crate::check)?;
+    drop(agent_tables);
 
     // Let it sweep (nothing is due: established mappings idle 2h4m), then watch its CPU.
     std::thread::sleep(Duration::from_secs(2));
@@ -231,7 +138,13 @@ fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
 fn sweep_side(n: u32) -> anyhow::Result<(f64, u64)> {
     let mut engine = load_engine(n)?;
     let mut tables = engine.take_tables()?;
-    fill(&mut tables.fwd, &mut tables.rev, n)?;
+    tables::fill(
+        &mut tables.fwd,
+        &mut tables.rev,
+        n,
+        now_ns(),
+        &mut crate::check,
+    )?;
     let s = Duration::from_secs(1);
     let timeouts = Timeouts {
         tcp_established: s,
