@@ -169,7 +169,7 @@ fn stop_guard_closes_and_hands_over(attach: &str) {
     let status = second.json("status", &[]);
     let dropped = status["guard_dropped"].as_u64().expect("guard_dropped");
     // At least the 50 datagrams, the SYN (and its retransmissions) and the pings.
-    assert!(dropped >= 50 + 2 + 1, "the guard counted {dropped}");
+    assert!(dropped > 50 + 2, "the guard counted {dropped}");
     assert!(
         second.log().contains("took over from the stop guard"),
         "{}",
