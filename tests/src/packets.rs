@@ -9,7 +9,7 @@ use snat_common::FlowKey;
 
 use etherparse::{
     Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, NetHeaders, PacketBuilder, PacketHeaders,
-    TcpHeader, TransportHeader, UdpHeader,
+    TcpHeader, TcpOptionElement, TransportHeader, UdpHeader,
 };
 
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
@@ -241,4 +241,48 @@ pub fn assert_quoted_udp_checksum(ip: &Ipv4Header, l4: &[u8]) -> UdpHeader {
         );
     }
     u
+}
+
+/// The TCP fields [`tcp_with`] sets beyond the endpoints.
+#[derive(Clone, Copy, Default)]
+pub struct Seg {
+    pub flags: Flags,
+    pub seq: u32,
+    /// Sent when `flags.ack`.
+    pub ack: u32,
+    pub window: u16,
+    /// A window-scale option (RFC 7323), with MSS and SACK-permitted before it as Linux sends.
+    pub wscale: Option<u8>,
+}
+
+/// A TCP segment with the sequence and acknowledgement numbers, window and options of `seg`.
+pub fn tcp_with(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seg: &Seg, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, seg.seq, seg.window);
+    if seg.flags.syn {
+        b = b.syn();
+    }
+    if seg.flags.ack {
+        b = b.ack(seg.ack);
+    }
+    if seg.flags.fin {
+        b = b.fin();
+    }
+    if seg.flags.rst {
+        b = b.rst();
+    }
+    if let Some(scale) = seg.wscale {
+        b = b
+            .options(&[
+                TcpOptionElement::MaximumSegmentSize(1460),
+                TcpOptionElement::SelectiveAcknowledgementPermitted,
+                TcpOptionElement::Noop,
+                TcpOptionElement::WindowScale(scale),
+            ])
+            .expect("TCP options");
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).expect("building a TCP frame");
+    out
 }

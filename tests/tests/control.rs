@@ -27,7 +27,15 @@ use tests::{
 const EX_NOPERM: Option<i32> = Some(77);
 
 fn agent(topo: &Topology, extra: &[&str]) -> Agent {
-    let mut args = vec!["--internal", POD_CIDR, "--max-mappings", "4096"];
+    // Every scrape builds a fresh report: the tests read counters right after what they count.
+    let mut args = vec![
+        "--internal",
+        POD_CIDR,
+        "--max-mappings",
+        "4096",
+        "--metrics-min-interval",
+        "0s",
+    ];
     args.extend_from_slice(extra);
     Agent::start(&topo.node, &topo.uplink, &args)
 }

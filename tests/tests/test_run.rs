@@ -4,96 +4,16 @@
 
 use std::{collections::HashMap, net::Ipv4Addr};
 
-use clap::Parser as _;
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
 use snat_common::{
     flow::{proto, release_result},
     Counter, FlowKey, Origin, ReleaseEntry,
 };
-use snat_user::{
-    cidr::PortRange,
-    cli::{Cli, Command},
-    config::Settings,
-    engine::{Counters, Engine},
-    netdev::Interface,
+use snat_user::cidr::PortRange;
+use tests::{
+    dp::{Dp, NAT, PASS, POD, REDIRECT, REMOTE, ROUTER, SHOT},
+    packets::{self, quoted, Seen, ACK, SYN, SYN_ACK},
 };
-use tests::packets::{self, quoted, Seen, ACK, SYN, SYN_ACK};
-
-const PASS: i32 = -1; // TC_ACT_UNSPEC: on to the next program / the stack
-const SHOT: i32 = 2; // TC_ACT_SHOT
-const REDIRECT: i32 = 7; // TC_ACT_REDIRECT
-const POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
-const NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
-
-struct Dp {
-    engine: Engine,
-    counters: Counters,
-}
-
-impl Dp {
-    fn new(extra: &str) -> Self {
-        Self::with_max(4096, extra)
-    }
-
-    fn with_max(max_mappings: u32, extra: &str) -> Self {
-        let line = format!("snat run --iface test0 --internal 10.1.0.0/16 --nat-ip {NAT} --max-mappings {max_mappings} {extra}");
-        let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
-            .unwrap()
-            .command
-        else {
-            unreachable!()
-        };
-        let iface = Interface {
-            name: "test0".into(),
-            index: 0,
-            ipv4: vec![],
-        };
-        let settings = Settings::validate(&args, iface).unwrap();
-        let mut engine = Engine::load(&settings).expect("loading the programs (are you root?)");
-        let counters = engine.take_counters().unwrap();
-        Self { engine, counters }
-    }
-
-    fn egress(&self, frame: &[u8]) -> (i32, Vec<u8>) {
-        self.engine
-            .test_run(snat_common::PROG_EGRESS, frame)
-            .unwrap()
-    }
-
-    fn ingress(&self, frame: &[u8]) -> (i32, Vec<u8>) {
-        self.engine
-            .test_run(snat_common::PROG_INGRESS, frame)
-            .unwrap()
-    }
-
-    /// Runs `frame` through egress, expects it translated, and returns what came out.
-    fn egress_ok(&self, frame: &[u8]) -> Seen {
-        let (ret, out) = self.egress(frame);
-        assert_eq!(ret, PASS, "egress verdict; counters: {:?}", self.nonzero());
-        Seen::parse(&out)
-    }
-
-    fn ingress_ok(&self, frame: &[u8]) -> Seen {
-        let (ret, out) = self.ingress(frame);
-        assert_eq!(ret, PASS, "ingress verdict; counters: {:?}", self.nonzero());
-        Seen::parse(&out)
-    }
-
-    fn count(&self, c: Counter) -> u64 {
-        self.counters.read().unwrap()[c.index() as usize].1
-    }
-
-    fn nonzero(&self) -> Vec<(Counter, u64)> {
-        self.counters
-            .read()
-            .unwrap()
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
-}
 
 #[test]
 fn tcp_is_translated_both_ways_with_valid_checksums() {
