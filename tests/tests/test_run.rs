@@ -303,9 +303,11 @@ fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
     dp.engine.release(&mut entries).unwrap();
     assert!(entries.iter().all(|e| e.result == release_result::RELEASED));
 
-    // A claim the index missed (written behind its back): the index offers the lowest freed
-    // port first, the claim fails, its mark is cleared and the walk finds another freed port.
-    // The first block is then marked but empty: the search must clear it and go on.
+    // A claim the index missed (written behind its back): when the index offers that port (it
+    // picks among the marked ones at random), the claim fails, the mark is cleared and the walk
+    // finds a freed port instead. The first block is then marked but empty: the search must
+    // clear it and go on. Whatever the order, the two real ports are handed out, each once, by
+    // the index or (at most once, after the stale mark) by the walk, and then nothing is left.
     let stolen = FlowKey::new(
         proto::TCP,
         REMOTE.octets(),
@@ -320,18 +322,16 @@ fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
         dp.count(Counter::AllocScan),
     );
     let a = dp.egress_ok(&syn(200)).tcp().source_port;
-    assert_eq!(
-        dp.count(Counter::AllocScan),
-        scans + 1,
-        "the stale mark led to the walk"
-    );
-    // The last freed port is found by the index alone.
     let b = dp.egress_ok(&syn(201)).tcp().source_port;
-    assert_eq!(dp.count(Counter::AllocIndexed), indexed + 1);
-    assert_eq!(dp.count(Counter::AllocScan), scans + 1);
     let mut got = vec![a, b];
     got.sort_unstable();
     assert_eq!(got, freed[1..], "exactly the freed ports, each once");
+    let (by_index, by_walk) = (
+        dp.count(Counter::AllocIndexed) - indexed,
+        dp.count(Counter::AllocScan) - scans,
+    );
+    assert_eq!(by_index + by_walk, 2, "{by_index} + {by_walk}");
+    assert!(by_walk <= 1, "the walk ran only after the stale mark");
     assert_eq!(dp.egress(&syn(202)).0, SHOT);
 
     // Another destination has its own ports: random, not indexed.
