@@ -24,6 +24,83 @@ pub mod proto {
     pub const UDP: u8 = 17;
 }
 
+/// A protocol snat translates, by name: the one type the CLI, the views, the metrics and the
+/// control socket use (the maps hold the numbers of [`proto`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Proto {
+    /// Every protocol, in the order reports list them.
+    pub const ALL: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Icmp];
+
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => proto::TCP,
+            Proto::Udp => proto::UDP,
+            Proto::Icmp => proto::ICMP,
+        }
+    }
+
+    /// The protocol of IP protocol number `n`, if snat translates it.
+    pub const fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            proto::TCP => Some(Proto::Tcp),
+            proto::UDP => Some(Proto::Udp),
+            proto::ICMP => Some(Proto::Icmp),
+            _ => None,
+        }
+    }
+
+    /// `tcp`, `udp` or `icmp`: how the CLI, metrics labels and JSON name it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        }
+    }
+}
+
+impl core::fmt::Display for Proto {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // `pad`, so tables can align it (`{:<5}`).
+        f.pad(self.name())
+    }
+}
+
+/// A protocol name snat does not know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownProto;
+
+impl core::fmt::Display for UnknownProto {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("unknown protocol: use tcp, udp or icmp")
+    }
+}
+
+impl core::error::Error for UnknownProto {}
+
+impl core::str::FromStr for Proto {
+    type Err = UnknownProto;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Proto::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or(UnknownProto)
+    }
+}
+
 /// A flow as one direction of packets shows it: source and destination endpoints and protocol.
 ///
 /// Forward keys are written as the pod's packet reads (internal source → remote destination),
@@ -626,6 +703,16 @@ mod tests {
         assert_eq!(FlowKey::remote_port_for(proto::TCP, p), p);
         assert_eq!(FlowKey::remote_port_for(proto::UDP, p), [0, 0]);
         assert_eq!(FlowKey::remote_port_for(proto::ICMP, p), [0, 0]);
+    }
+
+    #[test]
+    fn protocols_by_name_and_number() {
+        for p in Proto::ALL {
+            assert_eq!(Proto::from_number(p.number()), Some(p));
+            assert_eq!(p.name().parse::<Proto>(), Ok(p));
+        }
+        assert_eq!(Proto::from_number(47), None);
+        assert_eq!("sctp".parse::<Proto>(), Err(UnknownProto));
     }
 
     #[test]

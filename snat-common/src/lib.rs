@@ -15,7 +15,7 @@ pub mod pool;
 pub mod tcp;
 
 pub use counter::Counter;
-pub use flow::{Config, FlowKey, Mapping, NatIp, Origin, PoolKey, ReleaseEntry, UseKey};
+pub use flow::{Config, FlowKey, Mapping, NatIp, Origin, PoolKey, Proto, ReleaseEntry, UseKey};
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `bytemuck::Pod`.

@@ -1,14 +1,12 @@
-//! `snat run`: the agent. Validates everything, binds its sockets, loads and attaches the
-//! datapath, then releases idle mappings, serves the control socket and the metrics endpoint
-//! until SIGINT/SIGTERM, and detaches everything it attached (restoring the host's reserved
-//! ports).
+//! `snat run`: the agent, which wires the layers together. From validated [`Settings`] it binds
+//! its sockets, loads and attaches the datapath, then releases idle mappings, serves the control
+//! socket and the metrics endpoint until SIGINT/SIGTERM, and leaves the uplink as `--on-stop`
+//! says (restoring the host's reserved ports). [`AgentState`] is what the serving tasks reach
+//! through [`serve::Agent`]: a report built from a snapshot of its figures, and pool changes.
 
-use std::{
-    net::Ipv4Addr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard,
-    },
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard,
 };
 
 use anyhow::Context as _;
@@ -16,19 +14,25 @@ use log::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    access::Refusals,
-    cidr::PortRange,
-    cli::{EbpfLog, MetricsAddr, OnStop, RunArgs},
-    config::{check_nat_ips, check_reserved, Settings},
-    control,
-    engine::{AttachMode, Counters, Engine, NatPool, Tables},
-    expiry::{self, Sweeper},
-    netdev::{self, Interface},
-    pins::{self, Pins},
-    ports::HostReservation,
-    report::{self, Report},
-    scrape,
-    usage::{self, Saturation},
+    datapath::{
+        netdev,
+        pins::{self, Pins},
+        reservation::HostReservation,
+        AttachMode, Counters, Engine, NatPool, Tables,
+    },
+    serve::{
+        self,
+        access::Refusals,
+        control, render,
+        report::{Report, Snapshot},
+        scrape, PoolChange,
+    },
+    settings::{check_nat_ips, check_reserved, EbpfLog, MetricsAddr, OnStop, Settings},
+    tables::{
+        expiry::{self, Sweeper},
+        usage::{self, Saturation},
+        view::{ConnFilter, TableView},
+    },
 };
 
 /// What the running agent's tasks share.
@@ -39,14 +43,14 @@ pub struct AgentState {
     engine: Mutex<Engine>,
     /// `ip_local_reserved_ports` as found, restored when dropped.
     reservation: Mutex<Option<HostReservation>>,
-    pub counters: Counters,
+    counters: Counters,
     /// Packets the stop guard of the previous agent dropped while no agent ran.
-    pub guard_dropped: Option<u64>,
-    pub tables: Mutex<Tables>,
-    pub sweeper: Mutex<Sweeper>,
-    pub saturation: Mutex<Saturation>,
+    guard_dropped: Option<u64>,
+    tables: Mutex<Tables>,
+    sweeper: Mutex<Sweeper>,
+    saturation: Mutex<Saturation>,
     /// Refused control requests, and the control socket's rate-limited log.
-    pub refusals: Refusals,
+    refusals: Refusals,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,25 +62,38 @@ impl AgentState {
         self.settings.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Moves new flows to `range` (and to `nat_ips` if given); existing mappings keep their NAT
-    /// IP and port until they end. Returns what changed and warnings about the new setting.
-    pub fn set_pool(
-        &self,
-        nat_ips: Option<Vec<Ipv4Addr>>,
-        range: PortRange,
-        slice: Option<String>,
-    ) -> anyhow::Result<(String, Vec<String>)> {
+    /// The agent's figures now, with the mapping rows `rows` selects.
+    pub fn snapshot(&self, rows: Option<ConnFilter>) -> anyhow::Result<Snapshot> {
+        let timeouts = self.settings().timeouts.clone();
+        let view = TableView::collect(&lock(&self.tables), &timeouts, expiry::now_ns(), rows)?;
+        Ok(Snapshot {
+            view,
+            counters: self.counters.read()?,
+            exhausted: self.counters.exhausted()?,
+            refused_by_source: self.counters.refused_by_source()?,
+            expired: lock(&self.sweeper).expired.clone(),
+            saturation: lock(&self.saturation).clone(),
+            allocation: self.counters.alloc_histogram()?,
+            guard_dropped: self.guard_dropped,
+            control_refused: self.refusals.snapshot(&control::Request::NAMES),
+        })
+    }
+
+    /// Moves new flows to `change`'s range (and NAT IPs, if given); existing mappings keep their
+    /// NAT IP and port until they end. Returns what changed and warnings about the new setting.
+    fn change_pool(&self, change: &PoolChange) -> anyhow::Result<(String, Vec<String>)> {
         let mut settings = self
             .settings
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let mut next = settings.clone();
+        let range = change.port_range;
         check_reserved(range, &next.reserved_ports)?;
         next.port_range = range;
-        next.slice = slice;
-        if let Some(ips) = nat_ips {
-            check_nat_ips(&ips, &next.internal)?;
-            next.nat_ips = ips;
+        next.slice.clone_from(&change.slice);
+        if let Some(ips) = &change.nat_ips {
+            check_nat_ips(ips, &next.internal)?;
+            next.nat_ips.clone_from(ips);
         }
         lock(&self.pool).set(&next.nat_ips, range)?;
         let mut warnings = next.warnings();
@@ -112,11 +129,25 @@ impl AgentState {
     }
 }
 
-pub fn run(args: &RunArgs) -> anyhow::Result<()> {
-    // Everything is checked, and every socket bound, before anything is attached.
-    let iface =
-        Interface::lookup(&args.iface).with_context(|| format!("--iface {}", args.iface))?;
-    let settings = Settings::validate(args, iface)?;
+impl serve::Agent for AgentState {
+    fn report(&self, rows: Option<&ConnFilter>) -> anyhow::Result<Report> {
+        let snapshot = self.snapshot(rows.copied())?;
+        Ok(Report::build(&self.settings(), snapshot))
+    }
+
+    fn set_pool(&self, change: &PoolChange) -> anyhow::Result<(String, Vec<String>)> {
+        self.change_pool(change)
+    }
+
+    fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+}
+
+/// Runs the agent with `settings` (validated, see `settings::Settings::validate`) until
+/// SIGINT/SIGTERM.
+pub fn run(settings: &Settings) -> anyhow::Result<()> {
+    // Everything was checked before, and every socket is bound, before anything is attached.
     for w in settings.warnings() {
         warn!("{w}");
     }
@@ -135,7 +166,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     if existing.is_some() {
         info!("taking over the state pinned in {}", pins.dir.display());
     }
-    let mut engine = Engine::load_pinned(&settings, Some(&pins), existing.as_ref())?;
+    let mut engine = Engine::load_pinned(settings, Some(&pins), existing.as_ref())?;
     let logger = if settings.ebpf_log == EbpfLog::Off {
         None
     } else {
@@ -207,14 +238,19 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         .build()?;
     let served = runtime.block_on(async {
         if let Some(listener) = metrics_listener {
-            let scrapes = scrape::Scrapes::of_agent(args.metrics_min_interval, state.clone());
+            let scrapes = scrape::Scrapes::of_agent(settings.metrics_min_interval, state.clone());
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tokio::spawn(scrape::serve(listener, scrapes));
         }
         if let Some(logger) = logger {
             tokio::spawn(read_kernel_log(logger));
         }
-        let control = tokio::spawn(control::serve(control_listener, state.clone()));
+        let control = tokio::spawn(control::serve(
+            control_listener,
+            state.clone(),
+            settings.iface.name.clone(),
+            settings.control_group.clone(),
+        ));
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         tokio::select! {
@@ -228,14 +264,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     gc.thread().unpark();
     let _ = gc.join();
-    stop_datapath(&state, &settings, &pins);
+    stop_datapath(&state, settings, &pins);
     lock(&state.reservation).take();
-    let summary = Report::build(&state, None)?;
-    if let Some(path) = &args.stats_file {
+    let summary = serve::Agent::report(state.as_ref(), None)?;
+    if let Some(path) = &settings.stats_file {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("writing --stats-file {}", path.display()))?;
     }
-    info!("final figures:\n{}", report::render_stats(&summary));
+    info!("final figures:\n{}", render::render_stats(&summary));
     served
 }
 
@@ -328,7 +364,7 @@ pub fn cleanup(iface: &str, pin_dir: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     pins.remove_all();
-    crate::engine::remove_guard_filter(iface);
+    crate::datapath::remove_guard_filter(iface);
     if let Some(h) = header {
         let before = pins::reserved_before(&h);
         if let Err(e) = std::fs::write(

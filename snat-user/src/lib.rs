@@ -1,23 +1,18 @@
-//! snat's controller as a library: flag validation, the loaded datapath ([`engine::Engine`]),
-//! expiry of idle mappings, the control socket and the figures the agent reports. The `snat`
-//! binary (`main.rs`) wires them together; the integration tests drive them directly.
+//! snat's controller as a library, in layers that import only downwards:
+//!
+//! - [`settings`]: the command line, the `--config` file, plans, and their validation into a
+//!   plain [`settings::Settings`] (clap stays here);
+//! - [`datapath`]: the loaded programs and their maps (engine, tables, counters, NAT pool, pins,
+//!   batch reads, the uplink, the host's reserved ports);
+//! - [`tables`]: what the maps mean (views, use counts and saturation, expiry);
+//! - [`serve`]: the report model and its renderings, the control socket, the metrics endpoint;
+//! - [`agent`]: `snat run`, which wires them together.
+//!
+//! The `snat` binary (`main.rs`) is the command-line edge; the integration tests drive the
+//! layers directly.
 
-pub mod access;
 pub mod agent;
-pub mod batch;
-pub mod cidr;
-pub mod cli;
-pub mod config;
-pub mod control;
-pub mod duration;
-pub mod engine;
-pub mod expiry;
-pub mod metrics;
-pub mod netdev;
-pub mod pins;
-pub mod plan;
-pub mod ports;
-pub mod report;
-pub mod scrape;
-pub mod usage;
-pub mod view;
+pub mod datapath;
+pub mod serve;
+pub mod settings;
+pub mod tables;

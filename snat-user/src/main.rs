@@ -7,14 +7,23 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser as _};
 use snat_user::{
     agent,
-    cli::{
-        AgentArgs, Cli, Command, ConnsArgs, EbpfLog, PlanArgs, SetArgs, SetWhat, TopArgs, TopBy,
+    serve::{
+        control::{self, Request, Response},
+        render,
+        report::Report,
+        PoolChange,
     },
-    config::expand_config_file,
-    control::{self, Request, Response},
-    plan::{self as planner, Plan, Space},
-    report::{self, Report},
-    view::ConnFilter,
+    settings::{
+        cli::{
+            AgentArgs, Cli, Command, ConnsArgs, PlanArgs, RunArgs, SetArgs, SetWhat, TopArgs, TopBy,
+        },
+        duration::Human,
+        file::expand_config_file,
+        plan::{self as planner, Plan, Space},
+        ports::PortRange,
+        EbpfLog, Interface, Settings,
+    },
+    tables::view::ConnFilter,
 };
 
 fn main() -> ExitCode {
@@ -43,9 +52,9 @@ fn main() -> ExitCode {
         .init();
     let name = cli.command.name();
     let result = match cli.command {
-        Command::Run(args) => agent::run(&args),
-        Command::Status(args) => show(&args, report::render_status),
-        Command::Stats(args) => show(&args, report::render_stats),
+        Command::Run(args) => run(&args),
+        Command::Status(args) => show(&args, render::render_status),
+        Command::Stats(args) => show(&args, render::render_stats),
         Command::Conns(args) => conns(&args),
         Command::Top(args) => top(&args),
         Command::Set(args) => set(&args),
@@ -71,6 +80,13 @@ fn main() -> ExitCode {
 /// Exit status of a command the agent refused for the user's lack of rights.
 const EX_NOPERM: u8 = 77;
 
+/// `snat run`: the uplink looked up and every flag checked, then the agent.
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let iface =
+        Interface::lookup(&args.iface).with_context(|| format!("--iface {}", args.iface))?;
+    agent::run(&Settings::validate(args, iface)?)
+}
+
 fn print(r: &Report, json: bool, render: fn(&Report) -> String) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
@@ -86,14 +102,14 @@ fn show(args: &AgentArgs, render: fn(&Report) -> String) -> anyhow::Result<()> {
 
 fn conns(args: &ConnsArgs) -> anyhow::Result<()> {
     let filter = ConnFilter {
-        source: args.source.map(|c| c.to_string()),
-        destination: args.destination.map(|c| c.to_string()),
-        proto: args.proto.map(|p| p.name().to_owned()),
+        source: args.source,
+        destination: args.destination,
+        proto: args.proto,
     };
     print(
         &control::report(&args.agent.iface, Some(filter))?,
         args.agent.json,
-        report::render_conns,
+        render::render_conns,
     )
 }
 
@@ -108,13 +124,13 @@ fn top(args: &TopArgs) -> anyhow::Result<()> {
         println!(
             "snat top on {} (every {}; Ctrl-C to quit)",
             r.iface,
-            snat_user::duration::Human(args.interval)
+            Human(args.interval)
         );
         print!(
             "{}",
             match args.by {
-                TopBy::Source => report::render_top_sources(&r),
-                TopBy::Destination => report::render_top_destinations(&r),
+                TopBy::Source => render::render_top_sources(&r),
+                TopBy::Destination => render::render_top_destinations(&r),
             }
         );
         n += 1;
@@ -126,17 +142,17 @@ fn top(args: &TopArgs) -> anyhow::Result<()> {
 }
 
 fn set(args: &SetArgs) -> anyhow::Result<()> {
-    let req = match &args.what {
-        SetWhat::PortRange { range } => Request::Set {
-            port_range: range.to_string(),
+    let change = match &args.what {
+        SetWhat::PortRange { range } => PoolChange {
+            port_range: *range,
             nat_ips: None,
             slice: None,
         },
         SetWhat::Plan { file, node_index } => {
             let plan = Plan::load(file).map_err(anyhow::Error::msg)?;
             let slice = plan.slice(*node_index).map_err(anyhow::Error::msg)?;
-            Request::Set {
-                port_range: slice.range().to_string(),
+            PoolChange {
+                port_range: slice.range(),
                 nat_ips: Some(plan.nat_ips.clone()),
                 slice: Some(format!(
                     "node {node_index} of {} ({})",
@@ -146,6 +162,7 @@ fn set(args: &SetArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let req = Request::Set(change);
     match control::request(&args.iface, &req).context("the agent refused the change")? {
         Response::Done { message, warnings } => {
             for w in warnings {
@@ -169,7 +186,7 @@ fn plan(args: &PlanArgs) -> anyhow::Result<()> {
     let space = match (args.ports_per_ip, args.port_range) {
         (Some(m), _) => Space::azure(m)?,
         (None, Some(r)) => Space::from_range(r),
-        (None, None) => Space::from_range(snat_user::cidr::PortRange::DEFAULT),
+        (None, None) => Space::from_range(PortRange::DEFAULT),
     };
     let plan = planner::plan(&planner::Request {
         nodes: args.nodes,

@@ -6,9 +6,9 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{CommandFactory as _, Parser as _};
 use serde_yaml::Value;
-use snat_user::{
+use snat_user::settings::{
     cli::{Cli, Command},
-    config::expand_config_file,
+    file::expand_config_file,
     plan::Plan,
 };
 

@@ -1,5 +1,5 @@
 //! The Grafana dashboard in `deploy/grafana/snat.json` stays importable and in step with the
-//! metrics the agent serves: every query names a family that `snat_user::metrics::families`
+//! metrics the agent serves: every query names a family that `snat_user::serve::metrics::families`
 //! produces, with labels those families carry, filtered by the dashboard's variables, and the
 //! panels do not overlap. Plain JSON and string checks: no Grafana or Prometheus needed.
 
@@ -7,9 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use prometheus::proto::MetricType;
 use serde_json::Value;
+use snat_common::Proto;
 use snat_user::{
-    metrics::families,
-    report::{DestinationUse, Pool, Report, SourceUse},
+    serve::metrics::families,
+    serve::report::{DestinationUse, Pool, Report, SourceUse},
 };
 
 /// Labels a dashboard query may select or group on: the agent's own, `instance` (added by the
@@ -287,20 +288,22 @@ fn sample_report() -> Report {
     Report {
         pools: vec![Pool {
             nat_ip: "198.51.100.1".into(),
-            proto: "tcp".into(),
+            proto: Proto::Tcp,
             ports_total: 100,
             ports_in_use: 1,
-            ..Pool::default()
+            used_percent: 1.0,
+            mappings: 1,
+            exhausted_flows: 0,
         }],
-        mappings: one("tcp"),
-        port_claims: one("tcp"),
+        mappings: BTreeMap::from([(Proto::Tcp, 1)]),
+        port_claims: BTreeMap::from([(Proto::Tcp, 1)]),
         top_sources: vec![SourceUse {
             source: "10.1.0.2".into(),
             ports: 1,
         }],
         top_destinations: vec![DestinationUse {
             nat_ip: "198.51.100.1".into(),
-            proto: "tcp".into(),
+            proto: Proto::Tcp,
             destination: "203.0.113.10:443".into(),
             ports: 1,
             saturation: 0.01,
@@ -310,7 +313,7 @@ fn sample_report() -> Report {
             ("ingress".to_owned(), one("translated_tcp")),
             ("alloc".to_owned(), one("created_tcp")),
         ]),
-        expired: BTreeMap::from([("tcp".to_owned(), one("idle"))]),
+        expired: BTreeMap::from([(Proto::Tcp, one("idle"))]),
         ..Report::default()
     }
 }

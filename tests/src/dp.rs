@@ -7,10 +7,11 @@ use std::net::Ipv4Addr;
 use clap::Parser as _;
 use snat_common::{tcp::Phase, Counter, FlowKey};
 use snat_user::{
-    cli::{Cli, Command},
-    config::Settings,
-    engine::{Counters, Engine, Tables},
-    netdev::Interface,
+    datapath::{Counters, Engine, Tables},
+    settings::{
+        cli::{Cli, Command},
+        Interface, Settings,
+    },
 };
 
 use crate::packets::Seen;

@@ -9,7 +9,7 @@ use snat_common::{
     tcp::Phase,
     Counter, Mapping, Origin, ReleaseEntry,
 };
-use snat_user::cidr::PortRange;
+use snat_user::settings::ports::PortRange;
 use tests::{
     dp::{phase, Dp, NAT, PASS, POD, REMOTE, SHOT},
     packets::{self, quoted, tcp_with, Flags, Seen, Seg, ACK, SYN, SYN_ACK},
@@ -383,7 +383,7 @@ fn a_recycled_map_element_never_delivers_to_another_flow() {
     let reply_a = a.reply(NAT.octets(), nat_port.to_be_bytes());
     let b = packets::flow_key(proto::UDP, (POD_B, 2000), (REMOTE, 53));
     let reply_b = b.reply(NAT.octets(), 50_000u16.to_be_bytes());
-    let now = snat_user::expiry::now_ns();
+    let now = snat_user::tables::expiry::now_ns();
     tables
         .rev
         .insert(

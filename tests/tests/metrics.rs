@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use snat_user::{expiry::now_ns, scrape::HEAD_TIMEOUT};
+use snat_user::{serve::scrape::HEAD_TIMEOUT, tables::expiry::now_ns};
 use tests::{
     agent::Agent,
     http::{self, read_response, send, METRICS},

@@ -9,7 +9,7 @@ use snat_common::{
     flow::{proto, release_result},
     Counter, FlowKey, Origin, ReleaseEntry,
 };
-use snat_user::cidr::PortRange;
+use snat_user::settings::ports::PortRange;
 use tests::{
     dp::{Dp, NAT, PASS, POD, REDIRECT, REMOTE, ROUTER, SHOT},
     packets::{self, quoted, Seen, ACK, SYN, SYN_ACK},
@@ -692,7 +692,7 @@ fn batch_reads_return_every_entry_once() {
         tables.fwd.insert(key, m, 0).unwrap();
     }
     let mut batched = Vec::new();
-    snat_user::batch::for_each(&tables.fwd, |k, m| {
+    snat_user::datapath::batch::for_each(&tables.fwd, |k, m| {
         batched.push((k, m.created_ns, m.nat_port))
     })
     .unwrap();
@@ -710,8 +710,10 @@ fn batch_reads_return_every_entry_once() {
     assert_eq!(batched, iterated);
     // Keys alone, and an empty map.
     assert_eq!(
-        snat_user::batch::keys(&tables.fwd).unwrap().len(),
+        snat_user::datapath::batch::keys(&tables.fwd).unwrap().len(),
         n as usize
     );
-    assert!(snat_user::batch::keys(&tables.rev).unwrap().is_empty());
+    assert!(snat_user::datapath::batch::keys(&tables.rev)
+        .unwrap()
+        .is_empty());
 }

@@ -28,10 +28,11 @@ use snat_common::{
     Counter, DEFAULT_MAX_MAPPINGS, PROG_EGRESS, PROG_INGRESS,
 };
 use snat_user::{
-    cli::{Cli, Command},
-    config::Settings,
-    engine::Engine,
-    netdev::Interface,
+    datapath::Engine,
+    settings::{
+        cli::{Cli, Command},
+        Interface, Settings,
+    },
 };
 use tests::packets::{self, ACK, SYN, SYN_ACK};
 
@@ -149,7 +150,7 @@ fn row(name: &str, mut ns: Vec<f64>, overhead: f64) -> Row {
     }
 }
 
-fn counter(engine_counters: &snat_user::engine::Counters, c: Counter) -> anyhow::Result<u64> {
+fn counter(engine_counters: &snat_user::datapath::Counters, c: Counter) -> anyhow::Result<u64> {
     Ok(engine_counters
         .read()?
         .into_iter()

@@ -6,7 +6,7 @@
 //!   ids), the CPU it spends while they sit idle (its expiry pass walks them every second), and
 //!   how long `snat status` takes with them.
 //! - Expiry: in this process, an engine with N mappings and
-//!   [`snat_user::expiry::Sweeper::sweep`] with timeouts that make every one expired, releasing
+//!   [`snat_user::tables::expiry::Sweeper::sweep`] with timeouts that make every one expired, releasing
 //!   through the kernel's release program as the agent does: the time to sweep them all.
 
 use std::{
@@ -16,8 +16,8 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use snat_user::{
-    config::Timeouts,
-    expiry::{now_ns, Sweeper},
+    settings::Timeouts,
+    tables::expiry::{now_ns, Sweeper},
 };
 use tests::{
     agent::Agent,

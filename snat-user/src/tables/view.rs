@@ -12,14 +12,12 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use snat_common::{flow::proto, tcp::Phase, FlowKey, Mapping, Origin};
+use snat_common::{flow::proto, tcp::Phase, FlowKey, Mapping, Origin, Proto};
 
+use super::expiry::{last_seen, timeout_of};
 use crate::{
-    batch,
-    cidr::Ipv4Cidr,
-    config::Timeouts,
-    engine::Tables,
-    expiry::{last_seen, proto_name, timeout_of},
+    datapath::{batch, Tables},
+    settings::{cidr::Ipv4Cidr, Timeouts},
 };
 
 /// Where a mapping's flows go: the remote IP, and for TCP the remote port (a NAT port is unique
@@ -44,57 +42,28 @@ impl Destination {
     }
 }
 
-/// Which mappings `snat conns` lists.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+/// Which mappings `snat conns` lists (sent over the control socket as is).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ConnFilter {
-    pub source: Option<String>,
-    pub destination: Option<String>,
-    pub proto: Option<String>,
+    /// Internal (pod) sources in this CIDR.
+    pub source: Option<Ipv4Cidr>,
+    /// Destinations in this CIDR.
+    pub destination: Option<Ipv4Cidr>,
+    pub proto: Option<Proto>,
 }
 
 impl ConnFilter {
-    /// Checks the filter's values, returning them parsed.
-    pub fn parse(&self) -> Result<ParsedFilter, String> {
-        let cidr = |s: &Option<String>| -> Result<Option<Ipv4Cidr>, String> {
-            s.as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|e: crate::cidr::CidrError| e.to_string())
-        };
-        let proto = match self.proto.as_deref() {
-            None => None,
-            Some("tcp") => Some(proto::TCP),
-            Some("udp") => Some(proto::UDP),
-            Some("icmp") => Some(proto::ICMP),
-            Some(other) => return Err(format!("unknown protocol {other:?}: use tcp, udp or icmp")),
-        };
-        Ok(ParsedFilter {
-            source: cidr(&self.source)?,
-            destination: cidr(&self.destination)?,
-            proto,
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ParsedFilter {
-    source: Option<Ipv4Cidr>,
-    destination: Option<Ipv4Cidr>,
-    proto: Option<u8>,
-}
-
-impl ParsedFilter {
     fn matches(&self, key: &FlowKey) -> bool {
         self.source.is_none_or(|c| c.contains(key.src()))
             && self.destination.is_none_or(|c| c.contains(key.dst()))
-            && self.proto.is_none_or(|p| p == key.proto)
+            && self.proto.is_none_or(|p| p.number() == key.proto)
     }
 }
 
 /// One mapping as `snat conns` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Conn {
-    pub proto: String,
+    pub proto: Proto,
     pub internal: String,
     pub nat: String,
     /// `ip:port` for TCP, `ip` for UDP and ICMP (any port of it is part of the mapping).
@@ -128,14 +97,14 @@ pub struct TableView {
 pub struct ViewBuilder<'a> {
     view: TableView,
     ports: HashSet<(Ipv4Addr, u8, u16)>,
-    rows: Option<ParsedFilter>,
+    rows: Option<ConnFilter>,
     timeouts: &'a Timeouts,
     now_ns: u64,
 }
 
 impl<'a> ViewBuilder<'a> {
     /// `rows`: also list the mappings that match this filter.
-    pub fn new(timeouts: &'a Timeouts, now_ns: u64, rows: Option<ParsedFilter>) -> Self {
+    pub fn new(timeouts: &'a Timeouts, now_ns: u64, rows: Option<ConnFilter>) -> Self {
         Self {
             view: TableView::default(),
             ports: HashSet::new(),
@@ -167,8 +136,10 @@ impl<'a> ViewBuilder<'a> {
             *v.ports_in_use.entry((nat_ip, key.proto)).or_default() += 1;
         }
         if self.rows.is_some_and(|f| f.matches(key)) {
-            let row = self.row(key, m, o, &dest);
-            self.view.conns.push(row);
+            // Mappings only exist for the protocols snat translates.
+            if let Some(row) = self.row(key, m, o, &dest) {
+                self.view.conns.push(row);
+            }
         }
     }
 
@@ -177,7 +148,13 @@ impl<'a> ViewBuilder<'a> {
         *self.view.claims.entry(reply.proto).or_default() += 1;
     }
 
-    fn row(&self, key: &FlowKey, m: &Mapping, o: Option<&Origin>, dest: &Destination) -> Conn {
+    fn row(
+        &self,
+        key: &FlowKey,
+        m: &Mapping,
+        o: Option<&Origin>,
+        dest: &Destination,
+    ) -> Option<Conn> {
         let o = o.copied().unwrap_or_default();
         let (timeout, _) = timeout_of(key, m, &o, self.timeouts);
         let idle = Duration::from_nanos(self.now_ns.saturating_sub(last_seen(m, &o)));
@@ -186,15 +163,15 @@ impl<'a> ViewBuilder<'a> {
         } else {
             "active"
         };
-        Conn {
-            proto: proto_name(key.proto).to_owned(),
+        Some(Conn {
+            proto: Proto::from_number(key.proto)?,
             internal: format!("{}:{}", key.src(), key.src_port()),
             nat: format!("{}:{}", m.nat_addr(), m.nat_port()),
             destination: dest.label(),
             state: state.to_owned(),
             age_secs: Duration::from_nanos(self.now_ns.saturating_sub(m.created_ns)).as_secs(),
             expires_in_secs: timeout.saturating_sub(idle).as_secs(),
-        }
+        })
     }
 
     pub fn finish(mut self) -> TableView {
@@ -211,7 +188,7 @@ impl TableView {
         tables: &Tables,
         timeouts: &Timeouts,
         now_ns: u64,
-        rows: Option<ParsedFilter>,
+        rows: Option<ConnFilter>,
     ) -> anyhow::Result<Self> {
         let mut b = ViewBuilder::new(timeouts, now_ns, rows);
         batch::for_each(&tables.fwd, |key, m| {
@@ -326,11 +303,11 @@ mod tests {
     fn rows_follow_the_filter_and_show_state_age_and_expiry() {
         let t = timeouts();
         let filter = ConnFilter {
-            source: Some("10.1.0.0/24".into()),
-            proto: Some("tcp".into()),
+            source: Some("10.1.0.0/24".parse().unwrap()),
+            proto: Some(Proto::Tcp),
             ..Default::default()
         };
-        let mut b = ViewBuilder::new(&t, 130 * S, Some(filter.parse().unwrap()));
+        let mut b = ViewBuilder::new(&t, 130 * S, Some(filter));
         let (k, m, o) = mapping(
             proto::TCP,
             [10, 1, 0, 2],
@@ -384,23 +361,5 @@ mod tests {
             (v.conns[1].state.as_str(), v.conns[1].expires_in_secs),
             ("closing", 240 - 30)
         );
-    }
-
-    #[test]
-    fn filter_values_are_checked() {
-        assert!(ConnFilter {
-            proto: Some("sctp".into()),
-            ..Default::default()
-        }
-        .parse()
-        .unwrap_err()
-        .contains("tcp, udp or icmp"));
-        assert!(ConnFilter {
-            source: Some("10.1.2.3/8".into()),
-            ..Default::default()
-        }
-        .parse()
-        .unwrap_err()
-        .contains("did you mean"));
     }
 }

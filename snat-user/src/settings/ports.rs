@@ -1,5 +1,5 @@
-//! Lists of ports as Linux writes them (`30000-32767,40000`), and snat's place among the host's
-//! own ports: `net.ipv4.ip_local_reserved_ports` keeps the host's ephemeral connections off the
+//! Port ranges (`LO:HI`, like Calico's `natPortRange`) and lists of ports as Linux writes them
+//! (`30000-32767,40000`), and the rule for snat's place among the host's own ports: `net.ipv4.ip_local_reserved_ports` keeps the host's ephemeral connections off the
 //! SNAT range while the agent runs (restored on exit), and `--reserved-ports` (the NodePort range
 //! by default) is never handed out.
 //!
@@ -7,12 +7,87 @@
 //! the host fewer than [`MIN_HOST_EPHEMERAL`] ephemeral ports; then it shares the overlap with the
 //! host (the datapath still skips ports the host's sockets use) and says how to separate them.
 
-use std::{fmt, path::Path, str::FromStr};
-
-use crate::cidr::PortRange;
+use std::{fmt, str::FromStr};
 
 /// Ephemeral ports the host must keep for its own connections.
 pub const MIN_HOST_EPHEMERAL: u32 = 1024;
+
+/// An inclusive range of ports, `LO:HI` like Calico's `natPortRange` (`LO-HI` is accepted too);
+/// in JSON (the control socket) the same string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PortRangeError {
+    #[error("invalid port range {0:?}: write LO:HI with 1 <= LO <= HI <= 65535, e.g. 32768:65535")]
+    Syntax(String),
+    #[error(
+        "invalid port range {0:?}: ports are 1..=65535 (port 0 cannot be used); e.g. 32768:65535"
+    )]
+    OutOfBounds(String),
+    #[error("invalid port range {0:?}: LO is above HI; swap them, e.g. {1}:{2}")]
+    Reversed(String, u16, u16),
+}
+
+impl PortRange {
+    pub const DEFAULT: PortRange = PortRange {
+        lo: 32768,
+        hi: 65535,
+    };
+
+    /// How many ports the range holds (never 0).
+    pub const fn size(&self) -> u32 {
+        self.hi as u32 - self.lo as u32 + 1
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = PortRangeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (lo, hi) = s
+            .split_once([':', '-'])
+            .ok_or_else(|| PortRangeError::Syntax(s.to_owned()))?;
+        let num = |p: &str| -> Result<u32, PortRangeError> {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| PortRangeError::Syntax(s.to_owned()))
+        };
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo == 0 || hi == 0 || lo > 65535 || hi > 65535 {
+            return Err(PortRangeError::OutOfBounds(s.to_owned()));
+        }
+        let (lo, hi) = (lo as u16, hi as u16);
+        if lo > hi {
+            return Err(PortRangeError::Reversed(s.to_owned(), hi, lo));
+        }
+        Ok(Self { lo, hi })
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = PortRangeError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> Self {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.lo, self.hi)
+    }
+}
 
 /// A set of ports, kept as sorted, merged inclusive ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -155,97 +230,6 @@ pub fn reservation(range: PortRange, host: PortRange, reserved: &PortList) -> Re
     }
 }
 
-const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
-const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-
-/// The host's ephemeral range in this network namespace.
-pub fn host_ephemeral() -> std::io::Result<PortRange> {
-    let text = std::fs::read_to_string(PORT_RANGE)?;
-    let mut it = text.split_whitespace().map(str::parse::<u16>);
-    match (it.next(), it.next()) {
-        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Ok(PortRange { lo, hi }),
-        _ => Err(std::io::Error::other(format!(
-            "unexpected {PORT_RANGE}: {text:?}"
-        ))),
-    }
-}
-
-/// `ip_local_reserved_ports` as snat found it, put back when dropped.
-pub struct HostReservation {
-    previous: String,
-    keep: bool,
-}
-
-impl HostReservation {
-    /// Applies the reservation for `range` in this network namespace. `found` is the value an
-    /// earlier agent recorded before it changed anything (when taking over its state); else the
-    /// current value is the one to restore. Returns the guard (if a value was written), the value
-    /// to restore at the end, and the warnings to show.
-    pub fn apply(
-        range: PortRange,
-        found: Option<String>,
-    ) -> anyhow::Result<(Option<Self>, String, Vec<String>)> {
-        let previous = match found {
-            Some(v) => v,
-            None => std::fs::read_to_string(RESERVED)?.trim().to_owned(),
-        };
-        let base: PortList = previous
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{RESERVED}: {e}"))?;
-        let plan = reservation(range, host_ephemeral()?, &base);
-        let Some(value) = plan.reserved else {
-            // Nothing of ours to keep: make sure an earlier agent's reservation is gone too.
-            write(Path::new(RESERVED), &previous)?;
-            return Ok((None, previous, plan.warnings));
-        };
-        write(Path::new(RESERVED), &value.to_string())?;
-        Ok((
-            Some(Self {
-                previous: previous.clone(),
-                keep: false,
-            }),
-            previous,
-            plan.warnings,
-        ))
-    }
-
-    /// Re-applies for a new range on top of the value snat found.
-    pub fn update(&self, range: PortRange) -> anyhow::Result<Vec<String>> {
-        let base: PortList = self
-            .previous
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{RESERVED}: {e}"))?;
-        let plan = reservation(range, host_ephemeral()?, &base);
-        write(
-            Path::new(RESERVED),
-            &plan.reserved.unwrap_or(base).to_string(),
-        )?;
-        Ok(plan.warnings)
-    }
-
-    /// Leaves the reservation in place (the state, and the programs using it, stay behind).
-    pub fn keep(&mut self) {
-        self.keep = true;
-    }
-}
-
-impl Drop for HostReservation {
-    fn drop(&mut self) {
-        if self.keep {
-            return;
-        }
-        if let Err(e) = write(Path::new(RESERVED), &self.previous) {
-            log::warn!("could not restore {RESERVED} to {:?}: {e}", self.previous);
-        }
-    }
-}
-
-fn write(path: &Path, value: &str) -> anyhow::Result<()> {
-    // An empty value is written as a newline: the kernel rejects an empty write.
-    std::fs::write(path, format!("{value}\n"))
-        .map_err(|e| anyhow::anyhow!("writing {value:?} to {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,5 +286,26 @@ mod tests {
             "{:?}",
             res.warnings
         );
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("32768:65535".parse(), Ok(PortRange::DEFAULT));
+        assert_eq!("1000-1009".parse::<PortRange>().unwrap().size(), 10);
+        assert_eq!("5:5".parse::<PortRange>().unwrap().size(), 1);
+        assert!(matches!(
+            "0:100".parse::<PortRange>(),
+            Err(PortRangeError::OutOfBounds(_))
+        ));
+        assert!(matches!(
+            "1:65536".parse::<PortRange>(),
+            Err(PortRangeError::OutOfBounds(_))
+        ));
+        assert!(matches!(
+            "100".parse::<PortRange>(),
+            Err(PortRangeError::Syntax(_))
+        ));
+        let e = "65535:32768".parse::<PortRange>().unwrap_err().to_string();
+        assert!(e.contains("swap them, e.g. 32768:65535"), "{e}");
     }
 }

@@ -4,6 +4,8 @@
 
 use std::{ffi::CString, io, net::Ipv4Addr};
 
+use crate::settings::Interface;
+
 /// `ARPHRD_ETHER`: the only link type snat attaches to (its programs expect an Ethernet header).
 const ARPHRD_ETHER: u16 = 1;
 
@@ -17,14 +19,6 @@ pub enum NetdevError {
     NotEthernet { name: String, link_type: u16 },
     #[error("reading interface {0:?}")]
     Io(String, #[source] io::Error),
-}
-
-#[derive(Clone, Debug)]
-pub struct Interface {
-    pub name: String,
-    pub index: u32,
-    /// IPv4 addresses in the kernel's order: the primary address comes first.
-    pub ipv4: Vec<Ipv4Addr>,
 }
 
 impl Interface {

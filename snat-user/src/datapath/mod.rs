@@ -1,13 +1,21 @@
-//! The loaded datapath: owns the eBPF object, fills its configuration maps, attaches both programs
-//! to the uplink and detaches them again (also on drop), leaving nothing of its own behind.
+//! The loaded datapath: [`Engine`] owns the eBPF object, fills its configuration maps, attaches
+//! the programs to the uplink and detaches them again (also on drop), leaving nothing behind but
+//! what a stop is asked to leave (pinned state, or the stop guard). The maps it hands out are
+//! read through [`Tables`], [`Counters`] and [`NatPool`].
 
-use std::{io, net::Ipv4Addr, process::Command};
+pub mod batch;
+pub mod counters;
+pub mod nat_pool;
+pub mod netdev;
+pub mod pins;
+pub mod reservation;
+pub mod tables;
+
+use std::{io, process::Command};
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, ProgramArray,
-    },
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, ProgramArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -18,19 +26,20 @@ use aya::{
 };
 use log::{debug, info, warn};
 use snat_common::{
-    alloc_hist, flow::release_batch, pool, Config, Counter, FlowKey, Ipv4Octets, Mapping, NatIp,
-    Origin, PoolKey, ReleaseEntry, StateHeader, UseKey, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD, MAP_GUARD_DROPS,
-    MAP_INTERNAL, MAP_NAT_IPS, MAP_PROGRAMS, MAP_REV, MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE,
-    MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE, PROG_EGRESS, PROG_GUARD, PROG_INGRESS,
-    PROG_RELEASE, SLOT_CREATE,
+    flow::release_batch, pool, Ipv4Octets, ReleaseEntry, StateHeader, MAP_ALLOC_NS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD,
+    MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_PROGRAMS, MAP_REV, MAP_SOURCE_REFUSED,
+    MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE, PROG_EGRESS, PROG_GUARD,
+    PROG_INGRESS, PROG_RELEASE, SLOT_CREATE,
 };
 
-use crate::{
-    cidr::PortRange,
-    cli::AttachChoice,
-    config::{Policy, Settings},
+use crate::settings::{AttachChoice, Settings};
+
+pub use self::{
+    counters::{AllocHistogram, Counters},
+    nat_pool::NatPool,
     pins::Pins,
+    tables::Tables,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -43,177 +52,6 @@ pub enum AttachMode {
     Tcx,
     /// cls_bpf filters on a clsact qdisc; `added_qdisc` says whether snat created the qdisc.
     Clsact { added_qdisc: bool },
-}
-
-/// The two halves of every mapping, and who holds how many (`SNAT_USE`).
-pub struct Tables {
-    pub fwd: HashMap<MapData, FlowKey, Mapping>,
-    pub rev: HashMap<MapData, FlowKey, Origin>,
-    pub usage: HashMap<MapData, UseKey, u64>,
-}
-
-impl Tables {
-    /// The entry that releases the mapping of the forward key `key` as it is now.
-    pub fn release_entry(&self, key: FlowKey) -> anyhow::Result<ReleaseEntry> {
-        let m = self.fwd.get(&key, 0).context("no mapping for the key")?;
-        let o = self.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
-        Ok(ReleaseEntry::new(key, &m, o.as_ref()))
-    }
-}
-
-/// What the datapath counts: packets by result, refused flows by pool, allocation times.
-pub struct Counters {
-    packets: PerCpuArray<MapData, u64>,
-    source_refused: HashMap<MapData, Ipv4Octets, u64>,
-    exhausted: PerCpuHashMap<MapData, PoolKey, u64>,
-    alloc_ns: PerCpuArray<MapData, u64>,
-}
-
-/// The allocation time histogram, summed over CPUs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AllocHistogram {
-    /// Per bucket (not cumulative), see [`alloc_hist`].
-    pub buckets: Vec<u64>,
-    pub sum_ns: u64,
-    pub count: u64,
-}
-
-impl Counters {
-    /// Every packet counter summed over CPUs, in index order.
-    pub fn read(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                Ok((
-                    *c,
-                    sum_slot(&self.packets, c.index())
-                        .with_context(|| format!("reading counter {c:?}"))?,
-                ))
-            })
-            .collect()
-    }
-
-    /// Flows refused for lack of a port, by (NAT IP, protocol).
-    pub fn exhausted(&self) -> anyhow::Result<Vec<(PoolKey, u64)>> {
-        self.exhausted
-            .iter()
-            .map(|item| {
-                let (k, per_cpu) = item.context("reading SNAT_EXHAUSTED")?;
-                Ok((k, per_cpu.iter().sum()))
-            })
-            .collect()
-    }
-
-    /// Flows refused per internal source (any reason), as the kernel's LRU remembers them.
-    pub fn refused_by_source(&self) -> anyhow::Result<Vec<(Ipv4Addr, u64)>> {
-        self.source_refused
-            .iter()
-            .map(|item| {
-                let (addr, n) = item.context("reading SNAT_SRC_REFUSED")?;
-                Ok((Ipv4Addr::from(addr), n))
-            })
-            .collect()
-    }
-
-    pub fn alloc_histogram(&self) -> anyhow::Result<AllocHistogram> {
-        let slot = |i| sum_slot(&self.alloc_ns, i).context("reading SNAT_ALLOC_NS");
-        Ok(AllocHistogram {
-            buckets: (0..alloc_hist::BUCKETS)
-                .map(slot)
-                .collect::<anyhow::Result<_>>()?,
-            sum_ns: slot(alloc_hist::SUM)?,
-            count: slot(alloc_hist::COUNT)?,
-        })
-    }
-}
-
-fn sum_slot(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
-    Ok(map.get(&index, 0)?.iter().sum())
-}
-
-/// The live NAT IP set and port range (`SNAT_CONFIG`, `SNAT_NAT_IPS`), and the free-port
-/// indexes that depend on the range (`SNAT_FREE_PORTS`).
-pub struct NatPool {
-    config: Array<MapData, Config>,
-    nat_ips: Array<MapData, NatIp>,
-    free_ports: HashMap<MapData, FlowKey, [u8; pool::index::LEN]>,
-}
-
-impl NatPool {
-    /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
-    /// `Config::active` (and bumps `Config::generation`, which retires every "destination full"
-    /// mark) so the datapath never sees half of the change. Mappings made before keep their ports
-    /// until they end. NAT IPs that are this namespace's own addresses are flagged so the
-    /// datapath skips ports the node's sockets use. A new range drops the free-port indexes,
-    /// which the datapath rebuilds for the new range where it needs one.
-    pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
-        let local = crate::netdev::local_ipv4().context("listing this namespace's addresses")?;
-        let mut cfg = self.config.get(&0, 0)?;
-        let next = (cfg.active ^ 1) & 1;
-        let live = cfg.active & 1;
-        let new_range = cfg.nat_ip_count[live as usize] > 0 && {
-            let old = self.nat_ips.get(&(live * snat_common::MAX_NAT_IPS), 0)?;
-            (old.port_min, old.port_max) != (range.lo, range.hi)
-        };
-        for (i, ip) in ips.iter().enumerate() {
-            let entry = NatIp {
-                addr: ip.octets(),
-                port_min: range.lo,
-                port_max: range.hi,
-                flags: if local.contains(ip) { NatIp::LOCAL } else { 0 },
-                _pad: 0,
-            };
-            self.nat_ips
-                .set(next * snat_common::MAX_NAT_IPS + i as u32, entry, 0)?;
-        }
-        cfg.nat_ip_count[next as usize] = ips.len() as u32;
-        self.config.set(0, cfg, 0)?;
-        cfg.active = next;
-        cfg.generation = cfg.generation.wrapping_add(1);
-        self.config.set(0, cfg, 0)?;
-        if new_range {
-            self.clear_indexes()?;
-        }
-        Ok(())
-    }
-
-    /// Deletes every free-port index, once the new range is live: an index built for the old
-    /// range would miss the new range's other ports for as long as its destination stays hot.
-    /// (Until then the old indexes only give safe hints: an out-of-range port is cleared when
-    /// found, a missing one is found by the walk.)
-    fn clear_indexes(&mut self) -> anyhow::Result<()> {
-        let keys = self
-            .free_ports
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .context("listing the free-port indexes")?;
-        for key in &keys {
-            match self.free_ports.remove(key) {
-                Ok(()) => {}
-                // Evicted meanwhile by the datapath (an LRU map).
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).context("deleting a free-port index"),
-            }
-        }
-        debug!(
-            "dropped {} free-port indexes for the new port range",
-            keys.len()
-        );
-        Ok(())
-    }
-
-    /// Writes the admission policy: the per-source cap, the fair share and how refused flows
-    /// are answered.
-    pub fn set_policy(&mut self, p: &Policy) -> anyhow::Result<()> {
-        let mut cfg = self.config.get(&0, 0)?;
-        cfg.flags = if p.reject { Config::REJECT } else { 0 };
-        cfg.reject_per_sec = p.reject_per_sec;
-        cfg.max_per_source = p.max_per_source;
-        cfg.fair_share_permille = p.fair_share_permille;
-        self.config.set(0, cfg, 0)?;
-        Ok(())
-    }
 }
 
 pub struct Engine {

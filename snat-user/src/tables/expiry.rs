@@ -14,10 +14,13 @@ use std::{
 use snat_common::{
     flow::{proto, release_result, use_count, use_kind},
     tcp::Phase,
-    FlowKey, Mapping, Origin, ReleaseEntry, UseKey,
+    FlowKey, Mapping, Origin, Proto, ReleaseEntry, UseKey,
 };
 
-use crate::{batch, config::Timeouts, engine::Tables};
+use crate::{
+    datapath::{batch, Tables},
+    settings::Timeouts,
+};
 
 /// Why a mapping ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -40,16 +43,6 @@ impl Reason {
             Reason::Rst => "rst",
             Reason::Orphan => "orphan",
         }
-    }
-}
-
-/// The name metrics and the CLI use for an IP protocol number.
-pub const fn proto_name(p: u8) -> &'static str {
-    match p {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
-        proto::ICMP => "icmp",
-        _ => "other",
     }
 }
 
@@ -107,7 +100,7 @@ const ORPHAN_GRACE_NS: u64 = 5_000_000_000;
 /// Walks the tables and releases expired mappings; keeps totals of what it released.
 #[derive(Default)]
 pub struct Sweeper {
-    pub expired: BTreeMap<(&'static str, Reason), u64>,
+    pub expired: BTreeMap<(Proto, Reason), u64>,
     sweeps: u64,
     /// Use counts seen at zero on the previous pass (removed if still zero now).
     zero_uses: HashSet<UseKey>,
@@ -137,10 +130,9 @@ impl Sweeper {
         let mut released = 0;
         for (e, (_, reason)) in entries.iter().zip(&doomed) {
             if e.result == release_result::RELEASED {
-                *self
-                    .expired
-                    .entry((proto_name(e.key.proto), *reason))
-                    .or_default() += 1;
+                if let Some(p) = Proto::from_number(e.key.proto) {
+                    *self.expired.entry((p, *reason)).or_default() += 1;
+                }
                 released += 1;
             }
         }
@@ -182,10 +174,9 @@ impl Sweeper {
         let n = doomed.len();
         for reply in doomed {
             let _ = tables.rev.remove(&reply);
-            *self
-                .expired
-                .entry((proto_name(reply.proto), Reason::Orphan))
-                .or_default() += 1;
+            if let Some(p) = Proto::from_number(reply.proto) {
+                *self.expired.entry((p, Reason::Orphan)).or_default() += 1;
+            }
         }
         Ok(n)
     }

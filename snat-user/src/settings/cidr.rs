@@ -1,9 +1,11 @@
-//! IPv4 CIDRs and port ranges as operators write them.
+//! IPv4 CIDRs as operators write them.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
-/// An IPv4 network: address with no host bits set, and prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// An IPv4 network: address with no host bits set, and prefix length; in JSON (the control
+/// socket) the string `a.b.c.d/len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Ipv4Cidr {
     addr: Ipv4Addr,
     len: u8,
@@ -70,70 +72,23 @@ impl FromStr for Ipv4Cidr {
     }
 }
 
+impl TryFrom<String> for Ipv4Cidr {
+    type Error = CidrError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Ipv4Cidr> for String {
+    fn from(c: Ipv4Cidr) -> Self {
+        c.to_string()
+    }
+}
+
 impl fmt::Display for Ipv4Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-/// An inclusive range of ports, `LO:HI` like Calico's `natPortRange` (`LO-HI` is accepted too).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PortRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PortRangeError {
-    #[error("invalid port range {0:?}: write LO:HI with 1 <= LO <= HI <= 65535, e.g. 32768:65535")]
-    Syntax(String),
-    #[error(
-        "invalid port range {0:?}: ports are 1..=65535 (port 0 cannot be used); e.g. 32768:65535"
-    )]
-    OutOfBounds(String),
-    #[error("invalid port range {0:?}: LO is above HI; swap them, e.g. {1}:{2}")]
-    Reversed(String, u16, u16),
-}
-
-impl PortRange {
-    pub const DEFAULT: PortRange = PortRange {
-        lo: 32768,
-        hi: 65535,
-    };
-
-    /// How many ports the range holds (never 0).
-    pub const fn size(&self) -> u32 {
-        self.hi as u32 - self.lo as u32 + 1
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = PortRangeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (lo, hi) = s
-            .split_once([':', '-'])
-            .ok_or_else(|| PortRangeError::Syntax(s.to_owned()))?;
-        let num = |p: &str| -> Result<u32, PortRangeError> {
-            p.trim()
-                .parse::<u32>()
-                .map_err(|_| PortRangeError::Syntax(s.to_owned()))
-        };
-        let (lo, hi) = (num(lo)?, num(hi)?);
-        if lo == 0 || hi == 0 || lo > 65535 || hi > 65535 {
-            return Err(PortRangeError::OutOfBounds(s.to_owned()));
-        }
-        let (lo, hi) = (lo as u16, hi as u16);
-        if lo > hi {
-            return Err(PortRangeError::Reversed(s.to_owned(), hi, lo));
-        }
-        Ok(Self { lo, hi })
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.lo, self.hi)
     }
 }
 
@@ -182,26 +137,5 @@ mod tests {
         let c: Ipv4Cidr = "11.0.0.0/8".parse().unwrap();
         assert!(a.overlaps(&b) && b.overlaps(&a));
         assert!(!a.overlaps(&c));
-    }
-
-    #[test]
-    fn port_ranges() {
-        assert_eq!("32768:65535".parse(), Ok(PortRange::DEFAULT));
-        assert_eq!("1000-1009".parse::<PortRange>().unwrap().size(), 10);
-        assert_eq!("5:5".parse::<PortRange>().unwrap().size(), 1);
-        assert!(matches!(
-            "0:100".parse::<PortRange>(),
-            Err(PortRangeError::OutOfBounds(_))
-        ));
-        assert!(matches!(
-            "1:65536".parse::<PortRange>(),
-            Err(PortRangeError::OutOfBounds(_))
-        ));
-        assert!(matches!(
-            "100".parse::<PortRange>(),
-            Err(PortRangeError::Syntax(_))
-        ));
-        let e = "65535:32768".parse::<PortRange>().unwrap_err().to_string();
-        assert!(e.contains("swap them, e.g. 32768:65535"), "{e}");
     }
 }

@@ -15,7 +15,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cidr::PortRange;
+use super::ports::PortRange;
 
 /// Version of the plan file format; a file of another version is refused, not misread.
 pub const PLAN_VERSION: u32 = 1;

@@ -9,7 +9,7 @@
 //! Who may do what: an abstract socket has no file permissions, so every process of the network
 //! namespace can connect (any hostNetwork pod). The agent therefore checks each client's
 //! credentials (`SO_PEERCRED`, and `/proc` guarded by a pidfd against pid reuse: see
-//! [`crate::access`]) and each request's class ([`Request::class`]):
+//! [`super::access`]) and each request's class ([`Request::class`]):
 //! - changes (`set`) need uid 0 or CAP_NET_ADMIN in the agent's user namespace;
 //! - reads (`status`, `stats`, `conns`, `top`) need the same or membership of `--control-group`.
 //!
@@ -52,13 +52,12 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 
-use crate::{
-    access::{self, Class, Group, Inspector, Peer, Standing},
-    agent::AgentState,
-    cidr::PortRange,
+use super::{
+    access::{self, Class, Inspector, Peer, Standing},
     report::Report,
-    view::ConnFilter,
+    Agent, PoolChange,
 };
+use crate::{settings::group::Group, tables::view::ConnFilter};
 
 /// Largest request, in bytes (the newline included).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -81,12 +80,7 @@ pub enum Request {
     /// The report with the mappings that match the filter.
     Conns { filter: ConnFilter },
     /// New flows use this port range, and these NAT IPs if given (a plan's slice).
-    Set {
-        port_range: String,
-        nat_ips: Option<Vec<std::net::Ipv4Addr>>,
-        /// The plan slice this is, for status.
-        slice: Option<String>,
-    },
+    Set(PoolChange),
 }
 
 impl Request {
@@ -97,7 +91,7 @@ impl Request {
     pub const fn class(&self) -> Class {
         match self {
             Request::Status | Request::Conns { .. } => Class::Read,
-            Request::Set { .. } => Class::Change,
+            Request::Set(_) => Class::Change,
         }
     }
 
@@ -105,7 +99,7 @@ impl Request {
         match self {
             Request::Status => "status",
             Request::Conns { .. } => "conns",
-            Request::Set { .. } => "set",
+            Request::Set(_) => "set",
         }
     }
 }
@@ -226,23 +220,27 @@ impl Budgets {
 
 /// What every connection's task needs.
 struct Served {
-    state: Arc<AgentState>,
+    state: Arc<dyn Agent>,
     iface: String,
     group: Option<Group>,
 }
 
 /// Answers requests until the task is dropped.
-pub async fn serve(listener: UnixListener, state: Arc<AgentState>) -> anyhow::Result<()> {
+/// Answers requests for the agent `state` on `iface` until the task is dropped; members of
+/// `group` may read.
+pub async fn serve(
+    listener: UnixListener,
+    state: Arc<dyn Agent>,
+    iface: String,
+    group: Option<Group>,
+) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
-    let served = {
-        let settings = state.settings();
-        Arc::new(Served {
-            iface: settings.iface.name.clone(),
-            group: settings.control_group.clone(),
-            state: state.clone(),
-        })
-    };
+    let served = Arc::new(Served {
+        iface,
+        group,
+        state: state.clone(),
+    });
     let inspector = Inspector::default();
     let budgets = Budgets::new();
     let mut flush = tokio::time::interval(access::LOG_WINDOW);
@@ -250,7 +248,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AgentState>) -> anyhow::Re
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = flush.tick() => {
-                state.refusals.flush();
+                state.refusals().flush();
                 continue;
             }
         };
@@ -259,7 +257,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AgentState>) -> anyhow::Re
             Err(e) => {
                 // E.g. EMFILE: the connection stays queued; try again shortly.
                 state
-                    .refusals
+                    .refusals()
                     .warn(format_args!("control: accepting a connection failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -269,7 +267,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AgentState>) -> anyhow::Re
         let peer = match inspector.peer(stream.as_fd()) {
             Ok(p) => p,
             Err(e) => {
-                state.refusals.warn(format_args!(
+                state.refusals().warn(format_args!(
                     "control: cannot read a client's credentials ({e}); closed it"
                 ));
                 continue;
@@ -278,7 +276,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AgentState>) -> anyhow::Re
         let permit = match budgets.take(peer.standing(served.group.as_ref())) {
             Ok(p) => p,
             Err((what, size)) => {
-                state.refusals.warn(format_args!(
+                state.refusals().warn(format_args!(
                     "control: turned away uid {} pid {}: all {size} connections for {what} clients are in use",
                     peer.uid, peer.pid
                 ));
@@ -299,7 +297,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AgentState>) -> anyhow::Re
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = answer(stream, &peer, &served).await {
-                served.state.refusals.warn(format_args!(
+                served.state.refusals().warn(format_args!(
                     "control: request from uid {} pid {} failed: {e:#}",
                     peer.uid, peer.pid
                 ));
@@ -344,7 +342,7 @@ async fn answer(
     let response = match read_request(&mut stream, REQUEST_TIMEOUT).await {
         Err(ReadError::Io(e)) => return Err(e.into()),
         Err(e) => {
-            state.refusals.warn(format_args!(
+            state.refusals().warn(format_args!(
                 "control: uid {} pid {}: {e}",
                 peer.uid, peer.pid
             ));
@@ -354,7 +352,7 @@ async fn answer(
         }
         Ok(line) => match serde_json::from_slice::<Request>(&line) {
             Err(e) => {
-                state.refusals.warn(format_args!(
+                state.refusals().warn(format_args!(
                     "control: bad request from uid {} pid {}: {e}",
                     peer.uid, peer.pid
                 ));
@@ -365,8 +363,8 @@ async fn answer(
             Ok(req) => {
                 match access::decide(peer, req.class(), served.group.as_ref(), &served.iface) {
                     Err(message) => {
-                        state.refusals.count(req.name());
-                        state.refusals.warn(format_args!(
+                        state.refusals().count(req.name());
+                        state.refusals().warn(format_args!(
                             "control: refused {} from uid {} pid {}: {message}",
                             req.name(),
                             peer.uid,
@@ -376,7 +374,7 @@ async fn answer(
                     }
                     Ok(()) => {
                         let state = state.clone();
-                        tokio::task::spawn_blocking(move || handle(&state, req))
+                        tokio::task::spawn_blocking(move || handle(state.as_ref(), req))
                             .await
                             .unwrap_or_else(|e| Response::Error {
                                 message: format!("the agent failed to answer: {e}"),
@@ -401,32 +399,22 @@ async fn answer(
     Ok(())
 }
 
-fn handle(state: &AgentState, req: Request) -> Response {
+fn handle(state: &dyn Agent, req: Request) -> Response {
     let fail = |e: anyhow::Error| Response::Error {
         message: format!("{e:#}"),
     };
-    match req {
-        Request::Status => Report::build(state, None)
+    let report = |rows| {
+        state
+            .report(rows)
             .map(|r| Response::Report(Box::new(r)))
-            .unwrap_or_else(fail),
-        Request::Conns { filter } => match filter.parse() {
-            Ok(f) => Report::build(state, Some(f))
-                .map(|r| Response::Report(Box::new(r)))
-                .unwrap_or_else(fail),
-            Err(message) => Response::Error { message },
-        },
-        Request::Set {
-            port_range,
-            nat_ips,
-            slice,
-        } => match port_range.parse::<PortRange>() {
-            Ok(range) => match state.set_pool(nat_ips, range, slice) {
-                Ok((message, warnings)) => Response::Done { message, warnings },
-                Err(e) => fail(e),
-            },
-            Err(e) => Response::Error {
-                message: e.to_string(),
-            },
+            .unwrap_or_else(fail)
+    };
+    match req {
+        Request::Status => report(None),
+        Request::Conns { filter } => report(Some(&filter)),
+        Request::Set(change) => match state.set_pool(&change) {
+            Ok((message, warnings)) => Response::Done { message, warnings },
+            Err(e) => fail(e),
         },
     }
 }
@@ -437,11 +425,11 @@ mod tests {
 
     #[test]
     fn every_request_has_a_class_and_a_counted_name() {
-        let set = Request::Set {
-            port_range: "1:2".into(),
+        let set = Request::Set(PoolChange {
+            port_range: "1:2".parse().unwrap(),
             nat_ips: None,
             slice: None,
-        };
+        });
         let conns = Request::Conns {
             filter: ConnFilter::default(),
         };

@@ -12,10 +12,18 @@ use std::{
 use log::warn;
 use snat_common::{
     flow::{proto, use_count, use_kind},
-    UseKey,
+    Proto, UseKey,
 };
 
-use crate::{batch, config::Settings, engine::Tables, expiry::proto_name};
+use crate::{
+    datapath::{batch, Tables},
+    settings::Settings,
+};
+
+/// How labels and logs name the protocol number `p`.
+fn proto_name(p: u8) -> &'static str {
+    Proto::from_number(p).map_or("other", Proto::name)
+}
 
 /// Warning levels, in percent of what a destination or source may use.
 pub const LEVELS: [u32; 2] = [80, 95];

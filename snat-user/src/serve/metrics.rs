@@ -2,14 +2,16 @@
 //!
 //! Families are built directly with the `prometheus` crate's data model and text encoder; label
 //! sets are bounded by the NAT IPs, the counter enum and `--top-sources` (0: no address labels at
-//! all). The endpoint itself, which decides when a report is built, is [`crate::scrape`].
+//! all). The endpoint itself, which decides when a report is built, is [`super::scrape`].
 
 use prometheus::{
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
     Encoder as _, TextEncoder,
 };
 
-use crate::report::Report;
+use snat_common::Proto;
+
+use super::report::{Pool, Report};
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
     pairs
@@ -60,11 +62,11 @@ const UNTYPED_GAUGE: &str = "snat_ports_total";
 pub fn families(r: &Report) -> Vec<MetricFamily> {
     use MetricType::{COUNTER, GAUGE};
     let mut out = Vec::new();
-    let per_pool = |name: &str, help: &str, kind, value: &dyn Fn(&crate::report::Pool) -> f64| {
+    let per_pool = |name: &str, help: &str, kind, value: &dyn Fn(&Pool) -> f64| {
         r.pools
             .iter()
             .fold(Family::new(name, help, kind), |f, p| {
-                let l = [("nat_ip", p.nat_ip.as_str()), ("proto", p.proto.as_str())];
+                let l = [("nat_ip", p.nat_ip.as_str()), ("proto", p.proto.name())];
                 match kind {
                     COUNTER => f.counter(&l, value(p) as u64),
                     _ => f.gauge(&l, value(p)),
@@ -103,10 +105,10 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
         GAUGE,
     );
     for (p, n) in &r.mappings {
-        mappings = mappings.gauge(&[("proto", p)], *n as f64);
+        mappings = mappings.gauge(&[("proto", p.name())], *n as f64);
     }
     for (p, n) in &r.port_claims {
-        claims = claims.gauge(&[("proto", p)], *n as f64);
+        claims = claims.gauge(&[("proto", p.name())], *n as f64);
     }
     out.push(mappings.0);
     out.push(claims.0);
@@ -121,8 +123,8 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     let alloc = r.counters.get("alloc");
     let get = |name: &str| alloc.and_then(|a| a.get(name)).copied().unwrap_or(0);
     let mut created = Family::new("snat_mappings_created_total", "Mappings created.", COUNTER);
-    for p in ["tcp", "udp", "icmp"] {
-        created = created.counter(&[("proto", p)], get(&format!("created_{p}")));
+    for p in Proto::ALL {
+        created = created.counter(&[("proto", p.name())], get(&format!("created_{p}")));
     }
     out.push(created.0);
     let mut method = Family::new(
@@ -159,7 +161,7 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     );
     for (p, reasons) in &r.expired {
         for (reason, n) in reasons {
-            expired = expired.counter(&[("proto", p), ("reason", reason)], *n);
+            expired = expired.counter(&[("proto", p.name()), ("reason", reason)], *n);
         }
     }
     out.push(expired.0);
@@ -222,7 +224,7 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
             &[
                 ("nat_ip", &d.nat_ip),
                 ("destination", &d.destination),
-                ("proto", &d.proto),
+                ("proto", d.proto.name()),
             ],
             d.saturation,
         );
@@ -277,7 +279,7 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     out
 }
 
-/// How the text of one scrape was built (see [`crate::scrape`]).
+/// How the text of one scrape was built (see [`super::scrape`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BuildStats {
     /// Report builds the endpoint started, this one included.
@@ -333,7 +335,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::report::{Allocation, DestinationUse, Pool, SourceUse};
+    use crate::serve::report::{Allocation, DestinationUse, SourceUse};
 
     #[test]
     fn encodes_every_family_with_its_labels() {
@@ -349,22 +351,22 @@ mod tests {
         let r = Report {
             pools: vec![Pool {
                 nat_ip: "198.51.100.1".into(),
-                proto: "tcp".into(),
+                proto: Proto::Tcp,
                 ports_total: 100,
                 ports_in_use: 3,
                 used_percent: 3.0,
                 mappings: 3,
                 exhausted_flows: 2,
             }],
-            mappings: BTreeMap::from([("tcp".to_owned(), 3)]),
-            port_claims: BTreeMap::from([("tcp".to_owned(), 3)]),
+            mappings: BTreeMap::from([(Proto::Tcp, 3)]),
+            port_claims: BTreeMap::from([(Proto::Tcp, 3)]),
             top_sources: vec![SourceUse {
                 source: "10.1.0.2".into(),
                 ports: 3,
             }],
             top_destinations: vec![DestinationUse {
                 nat_ip: "198.51.100.1".into(),
-                proto: "tcp".into(),
+                proto: Proto::Tcp,
                 destination: "203.0.113.10:443".into(),
                 ports: 3,
                 saturation: 0.03,

@@ -47,12 +47,11 @@ use tokio::{
     sync::{watch, Semaphore},
 };
 
-use crate::{
-    agent::AgentState,
-    cli::MetricsAddr,
+use super::{
     metrics::{build_families, encode_families, families, BuildStats},
-    report::Report,
+    Agent,
 };
+use crate::settings::MetricsAddr;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -147,11 +146,11 @@ impl Scrapes {
         })
     }
 
-    /// Scrapes of the agent's tables: [`Report::build`] and the exposition of [`crate::metrics`].
-    pub fn of_agent(min_interval: Duration, state: Arc<AgentState>) -> Arc<Self> {
+    /// Scrapes of the agent's tables: its report and the exposition of [`super::metrics`].
+    pub fn of_agent(min_interval: Duration, state: Arc<dyn Agent>) -> Arc<Self> {
         Self::new(min_interval, move |n| {
             let started = Instant::now();
-            let report = Report::build(&state, None).map_err(|e| format!("{e:#}"))?;
+            let report = state.report(None).map_err(|e| format!("{e:#}"))?;
             let stats = BuildStats {
                 builds: n,
                 seconds: started.elapsed().as_secs_f64(),
@@ -354,7 +353,7 @@ impl ReadingClient {
                 io::ErrorKind::TimedOut,
                 format!(
                     "the client read nothing for {}",
-                    crate::duration::Human(HEAD_TIMEOUT)
+                    crate::settings::duration::Human(HEAD_TIMEOUT)
                 ),
             ))),
             Poll::Pending => Poll::Pending,
@@ -417,7 +416,7 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::cli::{Cli, Command};
+    use crate::settings::cli::{Cli, Command};
 
     const S: Duration = Duration::from_secs(1);
 
@@ -531,7 +530,7 @@ mod tests {
         });
     }
 
-    fn run_args(extra: &[&str]) -> Result<Box<crate::cli::RunArgs>, String> {
+    fn run_args(extra: &[&str]) -> Result<Box<crate::settings::cli::RunArgs>, String> {
         let mut argv = vec!["snat", "run", "--iface", "eth0"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv)

@@ -1,19 +1,14 @@
 //! The `snat` command line.
 
-use std::{
-    fmt,
-    net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
-    str::FromStr,
-    time::Duration,
-};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{
-    cidr::{Ipv4Cidr, PortRange},
+use super::{
+    cidr::Ipv4Cidr,
     duration,
-    ports::PortList,
+    ports::{PortList, PortRange},
+    AttachChoice, EbpfLog, MetricsAddr, OnExhaustion, OnStop, MAX_METRICS_MIN_INTERVAL,
 };
 
 /// snat: an eBPF egress NAT for Linux nodes.
@@ -140,26 +135,9 @@ pub struct ConnsArgs {
     #[arg(long, value_name = "CIDR")]
     pub destination: Option<Ipv4Cidr>,
 
-    /// Only mappings of this protocol.
+    /// Only mappings of this protocol: tcp, udp or icmp.
     #[arg(long, value_name = "PROTO")]
-    pub proto: Option<Proto>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Proto {
-    Tcp,
-    Udp,
-    Icmp,
-}
-
-impl Proto {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-            Proto::Icmp => "icmp",
-        }
-    }
+    pub proto: Option<snat_common::Proto>,
 }
 
 #[derive(Debug, Args)]
@@ -389,43 +367,6 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Where `snat run` serves /metrics: `ip:port`, or `off` for nowhere.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetricsAddr {
-    Off,
-    On(SocketAddr),
-}
-
-/// A `--metrics-addr` that is neither an address nor `off`.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid --metrics-addr {0:?}: write ip:port (e.g. 127.0.0.1:9469 or [::1]:9469), or off to serve no metrics")]
-pub struct MetricsAddrError(String);
-
-impl FromStr for MetricsAddr {
-    type Err = MetricsAddrError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "off" {
-            return Ok(Self::Off);
-        }
-        s.parse()
-            .map(Self::On)
-            .map_err(|_| MetricsAddrError(s.to_owned()))
-    }
-}
-
-impl fmt::Display for MetricsAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Off => f.write_str("off"),
-            Self::On(addr) => addr.fmt(f),
-        }
-    }
-}
-
-/// Longest `--metrics-min-interval`: a scrape is never older than this plus one build.
-pub const MAX_METRICS_MIN_INTERVAL: Duration = Duration::from_secs(60);
-
 /// Reads `--metrics-min-interval`: a duration from 0s to [`MAX_METRICS_MIN_INTERVAL`].
 fn metrics_min_interval(s: &str) -> Result<Duration, String> {
     let d = duration::parse(s).map_err(|e| e.to_string())?;
@@ -437,45 +378,4 @@ fn metrics_min_interval(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnExhaustion {
-    Reject,
-    Drop,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnStop {
-    Closed,
-    Open,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AttachChoice {
-    Auto,
-    Tcx,
-    Clsact,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum EbpfLog {
-    Off,
-    Error,
-    Warn,
-    Info,
-    Debug,
-}
-
-impl EbpfLog {
-    /// The value of aya-log's `AYA_LOG_LEVEL` global (0 disables every statement).
-    pub const fn aya_level(self) -> u8 {
-        match self {
-            EbpfLog::Off => 0,
-            EbpfLog::Error => 1,
-            EbpfLog::Warn => 2,
-            EbpfLog::Info => 3,
-            EbpfLog::Debug => 4,
-        }
-    }
 }

@@ -1,0 +1,78 @@
+//! What the datapath counts, read from its maps: packets by result (`SNAT_COUNTERS`), refused
+//! flows by pool and by source, and the allocation-time histogram.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use snat_common::{alloc_hist, Counter, Ipv4Octets, PoolKey};
+
+/// What the datapath counts: packets by result, refused flows by pool, allocation times.
+pub struct Counters {
+    pub(super) packets: PerCpuArray<MapData, u64>,
+    pub(super) source_refused: HashMap<MapData, Ipv4Octets, u64>,
+    pub(super) exhausted: PerCpuHashMap<MapData, PoolKey, u64>,
+    pub(super) alloc_ns: PerCpuArray<MapData, u64>,
+}
+
+/// The allocation time histogram, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocHistogram {
+    /// Per bucket (not cumulative), see [`alloc_hist`].
+    pub buckets: Vec<u64>,
+    pub sum_ns: u64,
+    pub count: u64,
+}
+
+impl Counters {
+    /// Every packet counter summed over CPUs, in index order.
+    pub fn read(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                Ok((
+                    *c,
+                    sum_slot(&self.packets, c.index())
+                        .with_context(|| format!("reading counter {c:?}"))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Flows refused for lack of a port, by (NAT IP, protocol).
+    pub fn exhausted(&self) -> anyhow::Result<Vec<(PoolKey, u64)>> {
+        self.exhausted
+            .iter()
+            .map(|item| {
+                let (k, per_cpu) = item.context("reading SNAT_EXHAUSTED")?;
+                Ok((k, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Flows refused per internal source (any reason), as the kernel's LRU remembers them.
+    pub fn refused_by_source(&self) -> anyhow::Result<Vec<(Ipv4Addr, u64)>> {
+        self.source_refused
+            .iter()
+            .map(|item| {
+                let (addr, n) = item.context("reading SNAT_SRC_REFUSED")?;
+                Ok((Ipv4Addr::from(addr), n))
+            })
+            .collect()
+    }
+
+    pub fn alloc_histogram(&self) -> anyhow::Result<AllocHistogram> {
+        let slot = |i| sum_slot(&self.alloc_ns, i).context("reading SNAT_ALLOC_NS");
+        Ok(AllocHistogram {
+            buckets: (0..alloc_hist::BUCKETS)
+                .map(slot)
+                .collect::<anyhow::Result<_>>()?,
+            sum_ns: slot(alloc_hist::SUM)?,
+            count: slot(alloc_hist::COUNT)?,
+        })
+    }
+}
+
+fn sum_slot(map: &PerCpuArray<MapData, u64>, index: u32) -> Result<u64, aya::maps::MapError> {
+    Ok(map.get(&index, 0)?.iter().sum())
+}

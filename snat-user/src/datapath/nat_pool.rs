@@ -1,0 +1,96 @@
+//! The live NAT IP set and port range in the kernel, changed without the datapath ever seeing
+//! half of a change.
+
+use std::{io, net::Ipv4Addr};
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, MapData};
+use log::debug;
+use snat_common::{pool, Config, FlowKey, NatIp};
+
+use crate::settings::{ports::PortRange, Policy};
+
+/// The live NAT IP set and port range (`SNAT_CONFIG`, `SNAT_NAT_IPS`), and the free-port
+/// indexes that depend on the range (`SNAT_FREE_PORTS`).
+pub struct NatPool {
+    pub(super) config: Array<MapData, Config>,
+    pub(super) nat_ips: Array<MapData, NatIp>,
+    pub(super) free_ports: HashMap<MapData, FlowKey, [u8; pool::index::LEN]>,
+}
+
+impl NatPool {
+    /// Publishes a new set of NAT IPs and port range: writes the inactive set, then flips
+    /// `Config::active` (and bumps `Config::generation`, which retires every "destination full"
+    /// mark) so the datapath never sees half of the change. Mappings made before keep their ports
+    /// until they end. NAT IPs that are this namespace's own addresses are flagged so the
+    /// datapath skips ports the node's sockets use. A new range drops the free-port indexes,
+    /// which the datapath rebuilds for the new range where it needs one.
+    pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
+        let local = super::netdev::local_ipv4().context("listing this namespace's addresses")?;
+        let mut cfg = self.config.get(&0, 0)?;
+        let next = (cfg.active ^ 1) & 1;
+        let live = cfg.active & 1;
+        let new_range = cfg.nat_ip_count[live as usize] > 0 && {
+            let old = self.nat_ips.get(&(live * snat_common::MAX_NAT_IPS), 0)?;
+            (old.port_min, old.port_max) != (range.lo, range.hi)
+        };
+        for (i, ip) in ips.iter().enumerate() {
+            let entry = NatIp {
+                addr: ip.octets(),
+                port_min: range.lo,
+                port_max: range.hi,
+                flags: if local.contains(ip) { NatIp::LOCAL } else { 0 },
+                _pad: 0,
+            };
+            self.nat_ips
+                .set(next * snat_common::MAX_NAT_IPS + i as u32, entry, 0)?;
+        }
+        cfg.nat_ip_count[next as usize] = ips.len() as u32;
+        self.config.set(0, cfg, 0)?;
+        cfg.active = next;
+        cfg.generation = cfg.generation.wrapping_add(1);
+        self.config.set(0, cfg, 0)?;
+        if new_range {
+            self.clear_indexes()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every free-port index, once the new range is live: an index built for the old
+    /// range would miss the new range's other ports for as long as its destination stays hot.
+    /// (Until then the old indexes only give safe hints: an out-of-range port is cleared when
+    /// found, a missing one is found by the walk.)
+    fn clear_indexes(&mut self) -> anyhow::Result<()> {
+        let keys = self
+            .free_ports
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("listing the free-port indexes")?;
+        for key in &keys {
+            match self.free_ports.remove(key) {
+                Ok(()) => {}
+                // Evicted meanwhile by the datapath (an LRU map).
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context("deleting a free-port index"),
+            }
+        }
+        debug!(
+            "dropped {} free-port indexes for the new port range",
+            keys.len()
+        );
+        Ok(())
+    }
+
+    /// Writes the admission policy: the per-source cap, the fair share and how refused flows
+    /// are answered.
+    pub fn set_policy(&mut self, p: &Policy) -> anyhow::Result<()> {
+        let mut cfg = self.config.get(&0, 0)?;
+        cfg.flags = if p.reject { Config::REJECT } else { 0 };
+        cfg.reject_per_sec = p.reject_per_sec;
+        cfg.max_per_source = p.max_per_source;
+        cfg.fair_share_permille = p.fair_share_permille;
+        self.config.set(0, cfg, 0)?;
+        Ok(())
+    }
+}

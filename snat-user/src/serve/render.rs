@@ -1,0 +1,195 @@
+//! The report as the CLI prints it: `snat status`, `stats`, `conns`, `top`.
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use snat_common::Proto;
+
+use super::report::Report;
+
+/// `snat status` as text: pools, then the busiest sources and destinations.
+pub fn render_status(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "snat on {}  NAT IPs {}  port range {}",
+        r.iface,
+        r.nat_ips.join(","),
+        r.port_range
+    );
+    if let Some(slice) = &r.slice {
+        let _ = writeln!(out, "plan slice: {slice}");
+    }
+    if let Some(n) = r.guard_dropped {
+        let _ = writeln!(
+            out,
+            "stop guard: dropped {n} packets from internal sources before this agent took over"
+        );
+    }
+    let p = &r.policy;
+    let _ = writeln!(
+        out,
+        "on exhaustion: {}; per-source cap: {}; fair share: {}; reserved ports: {}",
+        p.on_exhaustion,
+        if p.max_ports_per_source == 0 {
+            "none".to_owned()
+        } else {
+            p.max_ports_per_source.to_string()
+        },
+        if p.fair_share_threshold == 0.0 {
+            "off".to_owned()
+        } else {
+            format!("from {:.0}% used", p.fair_share_threshold * 100.0)
+        },
+        p.reserved_ports
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<5} {:>10} {:>8} {:>7} {:>9} {:>10}",
+        "NAT IP", "PROTO", "ALLOCATED", "IN USE", "USED%", "MAPPINGS", "EXHAUSTED"
+    );
+    for p in &r.pools {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<5} {:>10} {:>8} {:>6.1}% {:>9} {:>10}",
+            p.nat_ip,
+            p.proto,
+            p.ports_total,
+            p.ports_in_use,
+            p.used_percent,
+            p.mappings,
+            p.exhausted_flows
+        );
+    }
+    out.push_str(&render_top_sources(r));
+    out.push_str(&render_top_destinations(r));
+    let drops: Vec<String> = r
+        .counters
+        .get("egress")
+        .into_iter()
+        .flatten()
+        .filter(|(name, n)| name.starts_with("drop_") && **n > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    if !drops.is_empty() {
+        let _ = writeln!(out, "\nEgress drops: {}", drops.join(", "));
+    }
+    out
+}
+
+pub fn render_top_sources(r: &Report) -> String {
+    let refused = |src: &str| {
+        r.top_refused
+            .iter()
+            .find(|x| x.source == src)
+            .map_or(0, |x| x.flows)
+    };
+    let mut out = format!("\n{:<18} {:>8} {:>9}\n", "SOURCE", "PORTS", "REFUSED");
+    let mut shown = Vec::new();
+    for s in &r.top_sources {
+        let _ = writeln!(
+            out,
+            "{:<18} {:>8} {:>9}",
+            s.source,
+            s.ports,
+            refused(&s.source)
+        );
+        shown.push(s.source.as_str());
+    }
+    // Sources refused everything hold no ports: still name them.
+    for x in r
+        .top_refused
+        .iter()
+        .filter(|x| !shown.contains(&x.source.as_str()))
+    {
+        let _ = writeln!(out, "{:<18} {:>8} {:>9}", x.source, 0, x.flows);
+    }
+    out
+}
+
+pub fn render_top_destinations(r: &Report) -> String {
+    let mut out = format!(
+        "\n{:<16} {:<5} {:<22} {:>8} {:>11}\n",
+        "NAT IP", "PROTO", "DESTINATION", "PORTS", "SATURATION"
+    );
+    for d in &r.top_destinations {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<5} {:<22} {:>8} {:>10.1}%",
+            d.nat_ip,
+            d.proto,
+            d.destination,
+            d.ports,
+            d.saturation * 100.0
+        );
+    }
+    out
+}
+
+/// `snat stats` as text: mappings, claims, releases and every non-zero counter.
+pub fn render_stats(r: &Report) -> String {
+    let mut out = format!(
+        "snat on {}  NAT IPs {}  port range {}\n",
+        r.iface,
+        r.nat_ips.join(","),
+        r.port_range
+    );
+    let flat = |title: &str, m: &BTreeMap<Proto, u64>, out: &mut String| {
+        let _ = writeln!(out, "{title}:");
+        for (k, v) in m {
+            let _ = writeln!(out, "  {k:<36} {v}");
+        }
+    };
+    flat("mappings", &r.mappings, &mut out);
+    flat("port_claims", &r.port_claims, &mut out);
+    let grouped = |title: &str,
+                   groups: &mut dyn Iterator<Item = (String, &BTreeMap<String, u64>)>,
+                   skip_zero: bool,
+                   out: &mut String| {
+        let _ = writeln!(out, "{title}:");
+        for (group, inner) in groups {
+            for (name, n) in inner {
+                if !(skip_zero && *n == 0) {
+                    let _ = writeln!(out, "  {:<36} {n}", format!("{group}.{name}"));
+                }
+            }
+        }
+    };
+    grouped(
+        "expired",
+        &mut r.expired.iter().map(|(p, m)| (p.to_string(), m)),
+        false,
+        &mut out,
+    );
+    grouped(
+        "counters",
+        &mut r.counters.iter().map(|(g, m)| (g.clone(), m)),
+        true,
+        &mut out,
+    );
+    if r.allocation.count > 0 {
+        let _ = writeln!(
+            out,
+            "allocation: {} mappings, mean {} ns",
+            r.allocation.count,
+            r.allocation.sum_ns / r.allocation.count
+        );
+    }
+    out
+}
+
+/// `snat conns` as text.
+pub fn render_conns(r: &Report) -> String {
+    let mut out = format!(
+        "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>10}\n",
+        "PROTO", "INTERNAL", "NAT", "DESTINATION", "STATE", "AGE", "EXPIRES"
+    );
+    for c in &r.conns {
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<22} {:<22} {:<12} {:>7}s {:>9}s",
+            c.proto, c.internal, c.nat, c.destination, c.state, c.age_secs, c.expires_in_secs
+        );
+    }
+    let _ = writeln!(out, "{} mappings", r.conns.len());
+    out
+}

@@ -1,0 +1,469 @@
+//! What the agent reports about itself, as one serialisable [`Report`]: the pools (NAT IP ×
+//! protocol) with their allocation and use, the busiest sources and destinations, every counter,
+//! the releases, the allocation-time histogram and, on request, the mappings themselves. The
+//! control socket sends it as JSON, the CLI renders it as text (`render`), the metrics endpoint
+//! encodes it for Prometheus (`metrics`).
+//!
+//! [`Report::build`] is a pure function of the settings and a [`Snapshot`] of the agent's figures
+//! (the agent reads the maps into one; this module reads nothing).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+use snat_common::{alloc_hist, Counter, PoolKey, Proto};
+
+use crate::{
+    datapath::AllocHistogram,
+    settings::Settings,
+    tables::{
+        expiry::Reason,
+        usage::Saturation,
+        view::{Conn, TableView},
+    },
+};
+
+/// The agent's figures at one moment: what a [`Report`] is made of.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The tables, aggregated (with rows, if asked for).
+    pub view: TableView,
+    /// Every packet and allocation counter, summed over CPUs.
+    pub counters: Vec<(Counter, u64)>,
+    /// Flows refused for lack of a port, per (NAT IP, protocol).
+    pub exhausted: Vec<(PoolKey, u64)>,
+    /// Flows refused per internal source.
+    pub refused_by_source: Vec<(Ipv4Addr, u64)>,
+    /// Mappings released, by protocol and reason.
+    pub expired: BTreeMap<(Proto, Reason), u64>,
+    pub saturation: Saturation,
+    pub allocation: AllocHistogram,
+    /// What the previous agent's stop guard dropped, when this agent took over from one.
+    pub guard_dropped: Option<u64>,
+    /// Control requests refused, per request name.
+    pub control_refused: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub iface: String,
+    pub nat_ips: Vec<String>,
+    pub port_range: String,
+    /// The plan slice this node runs on (`snat run --plan`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slice: Option<String>,
+    pub pools: Vec<Pool>,
+    pub mappings: BTreeMap<Proto, u64>,
+    /// Reverse halves: each holds one (NAT ip:port, remote) claim. Equal to `mappings` at rest;
+    /// more would be a leaked port.
+    pub port_claims: BTreeMap<Proto, u64>,
+    pub top_sources: Vec<SourceUse>,
+    pub top_destinations: Vec<DestinationUse>,
+    /// Sources refused the most flows (no port, their cap, or their fair share), most first.
+    pub top_refused: Vec<SourceRefused>,
+    pub policy: PolicyReport,
+    /// Destinations and sources at or above each warning level (80 %, 95 %).
+    pub saturation: Vec<SaturationLevel>,
+    pub counters: BTreeMap<String, BTreeMap<String, u64>>,
+    pub expired: BTreeMap<Proto, BTreeMap<String, u64>>,
+    pub allocation: Allocation,
+    /// Packets from internal sources the previous agent's stop guard dropped while no agent ran
+    /// (`--on-stop closed`); absent when this agent did not take over from a guard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard_dropped: Option<u64>,
+    /// Control requests refused for the client's lack of rights, per request name.
+    #[serde(default)]
+    pub control_refused: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conns: Vec<Conn>,
+}
+
+/// One NAT IP and protocol.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Pool {
+    pub nat_ip: String,
+    pub proto: Proto,
+    /// Ports this node may hand out (the range, or 0 for a NAT IP no longer configured).
+    pub ports_total: u64,
+    /// Distinct NAT ports held by at least one mapping.
+    pub ports_in_use: u64,
+    pub used_percent: f64,
+    pub mappings: u64,
+    /// New flows refused for lack of a port (each flow once).
+    pub exhausted_flows: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceUse {
+    pub source: String,
+    /// Mappings, i.e. (NAT port, destination) claims, the source holds.
+    pub ports: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DestinationUse {
+    pub nat_ip: String,
+    pub proto: Proto,
+    /// `ip:port` for TCP, `ip` for UDP and ICMP.
+    pub destination: String,
+    pub ports: u64,
+    /// `ports` over the NAT IP's range: how close this destination is to exhaustion.
+    pub saturation: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceRefused {
+    pub source: String,
+    pub flows: u64,
+}
+
+/// The admission policy in force.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyReport {
+    /// `reject` or `drop`.
+    pub on_exhaustion: String,
+    /// 0: no cap.
+    pub max_ports_per_source: u32,
+    /// 0: no fair share.
+    pub fair_share_threshold: f64,
+    pub reserved_ports: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SaturationLevel {
+    /// `destination` or `source`.
+    pub kind: String,
+    /// Percent.
+    pub level: u32,
+    /// Subjects at or above the level now.
+    pub current: u64,
+    /// Times a subject rose to the level.
+    pub crossings: u64,
+}
+
+/// How long allocations took (log2 buckets of nanoseconds).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Allocation {
+    /// (upper bound in ns, cumulative count) per bucket; the last bound is `u64::MAX` (+Inf).
+    pub buckets: Vec<(u64, u64)>,
+    pub sum_ns: u64,
+    pub count: u64,
+}
+
+impl Report {
+    /// The report of `s`, an agent running with `settings`.
+    pub fn build(settings: &Settings, s: Snapshot) -> Self {
+        let view = s.view;
+        let mut counters: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (c, v) in s.counters {
+            let (group, name) = c.labels();
+            counters
+                .entry(group.into())
+                .or_default()
+                .insert(name.into(), v);
+        }
+        let exhausted: BTreeMap<(Ipv4Addr, u8), u64> = s
+            .exhausted
+            .into_iter()
+            .map(|(k, n)| ((k.addr(), k.proto), n))
+            .collect();
+        let mut expired: BTreeMap<Proto, BTreeMap<String, u64>> = BTreeMap::new();
+        for ((p, reason), n) in s.expired {
+            expired
+                .entry(p)
+                .or_default()
+                .insert(reason.name().into(), n);
+        }
+
+        let range = u64::from(settings.port_range.size());
+        let total_of = |ip: Ipv4Addr| {
+            if settings.nat_ips.contains(&ip) {
+                range
+            } else {
+                0
+            }
+        };
+        // Configured NAT IPs first, then any that still hold mappings from an earlier setting.
+        let mut ips: Vec<Ipv4Addr> = settings.nat_ips.clone();
+        for (ip, _) in view.pool_mappings.keys().chain(exhausted.keys()) {
+            if !ips.contains(ip) {
+                ips.push(*ip);
+            }
+        }
+        let pools = ips
+            .iter()
+            .flat_map(|ip| Proto::ALL.map(|p| (*ip, p)))
+            .map(|(ip, p)| {
+                let key = (ip, p.number());
+                let (total, in_use) = (
+                    total_of(ip),
+                    view.ports_in_use.get(&key).copied().unwrap_or(0),
+                );
+                Pool {
+                    nat_ip: ip.to_string(),
+                    proto: p,
+                    ports_total: total,
+                    ports_in_use: in_use,
+                    used_percent: percent(in_use, total),
+                    mappings: view.pool_mappings.get(&key).copied().unwrap_or(0),
+                    exhausted_flows: exhausted.get(&key).copied().unwrap_or(0),
+                }
+            })
+            .collect();
+        let by_proto = |m: &std::collections::HashMap<u8, u64>| -> BTreeMap<Proto, u64> {
+            Proto::ALL
+                .iter()
+                .map(|p| (*p, m.get(&p.number()).copied().unwrap_or(0)))
+                .collect()
+        };
+        let top_n = settings.top_sources;
+        let mut refused = s.refused_by_source;
+        refused.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        refused.truncate(top_n);
+        let saturation = s
+            .saturation
+            .counts()
+            .into_iter()
+            .map(|((kind, level), current)| SaturationLevel {
+                kind: kind.into(),
+                level,
+                current,
+                crossings: s
+                    .saturation
+                    .crossings
+                    .get(&(kind, level))
+                    .copied()
+                    .unwrap_or(0),
+            })
+            .collect();
+        let p = &settings.policy;
+        let policy = PolicyReport {
+            on_exhaustion: if p.reject { "reject" } else { "drop" }.into(),
+            max_ports_per_source: p.max_per_source,
+            fair_share_threshold: f64::from(p.fair_share_permille) / 1000.0,
+            reserved_ports: settings.reserved_ports.to_string(),
+        };
+        let hist = s.allocation;
+        let mut cumulative = 0;
+        let buckets = hist
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                cumulative += n;
+                let last = i + 1 == hist.buckets.len();
+                (
+                    if last {
+                        u64::MAX
+                    } else {
+                        alloc_hist::upper_ns(i as u32)
+                    },
+                    cumulative,
+                )
+            })
+            .collect();
+        let top_destinations = view
+            .top_destinations(top_n)
+            .into_iter()
+            .filter_map(|(d, n)| {
+                Some(DestinationUse {
+                    nat_ip: d.nat_ip.to_string(),
+                    proto: Proto::from_number(d.proto)?,
+                    destination: d.label(),
+                    ports: n,
+                    saturation: ratio(n, total_of(d.nat_ip)),
+                })
+            })
+            .collect();
+        Report {
+            iface: settings.iface.name.clone(),
+            nat_ips: settings.nat_ips.iter().map(ToString::to_string).collect(),
+            port_range: settings.port_range.to_string(),
+            slice: settings.slice.clone(),
+            pools,
+            mappings: by_proto(&view.mappings),
+            port_claims: by_proto(&view.claims),
+            top_sources: view
+                .top_sources(top_n)
+                .into_iter()
+                .map(|(ip, n)| SourceUse {
+                    source: ip.to_string(),
+                    ports: n,
+                })
+                .collect(),
+            top_destinations,
+            top_refused: refused
+                .into_iter()
+                .map(|(ip, n)| SourceRefused {
+                    source: ip.to_string(),
+                    flows: n,
+                })
+                .collect(),
+            policy,
+            saturation,
+            counters,
+            expired,
+            allocation: Allocation {
+                buckets,
+                sum_ns: hist.sum_ns,
+                count: hist.count,
+            },
+            guard_dropped: s.guard_dropped,
+            control_refused: s.control_refused,
+            conns: view.conns,
+        }
+    }
+
+    /// A counter by group and name (0 if absent).
+    pub fn counter(&self, group: &str, name: &str) -> u64 {
+        self.counters
+            .get(group)
+            .and_then(|g| g.get(name))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn ratio(n: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        n as f64 / total as f64
+    }
+}
+
+fn percent(n: u64, total: u64) -> f64 {
+    (ratio(n, total) * 1000.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use snat_common::{flow::proto, tcp::SEEN_SYN, FlowKey, Mapping, Origin};
+
+    use super::*;
+    use crate::{
+        settings::{
+            cli::{Cli, Command},
+            Interface,
+        },
+        tables::view::{ConnFilter, ViewBuilder},
+    };
+
+    const S: u64 = 1_000_000_000;
+
+    fn settings() -> Settings {
+        let line = "snat run --iface up0 --internal 10.1.0.0/16 --nat-ip 198.51.100.1 --nat-ip 198.51.100.2 --port-range 40000:40099 --top-sources 1";
+        let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        let iface = Interface {
+            name: "up0".into(),
+            index: 1,
+            ipv4: vec![],
+        };
+        Settings::validate(&args, iface).unwrap()
+    }
+
+    /// A TCP mapping of pod `src` (port `sport`) to 203.0.113.10:80 through 198.51.100.1.
+    fn add(b: &mut ViewBuilder<'_>, src: [u8; 4], sport: u16, nat_port: u16) {
+        let key = FlowKey::new(
+            proto::TCP,
+            src,
+            sport.to_be_bytes(),
+            [203, 0, 113, 10],
+            80u16.to_be_bytes(),
+        );
+        let mut m = Mapping::new(key, [198, 51, 100, 1], nat_port.to_be_bytes(), 10 * S);
+        m.record(SEEN_SYN);
+        let reply = key.reply(m.nat_addr, m.nat_port);
+        let mut o = Origin::new(reply, src, key.src_port, 10 * S);
+        o.record(m.epoch, SEEN_SYN);
+        b.add(&key, &m, Some(&o));
+        b.add_claim(&reply);
+    }
+
+    #[test]
+    fn a_report_is_a_pure_function_of_settings_and_a_snapshot() {
+        let settings = settings();
+        let rows = ConnFilter {
+            proto: Some(Proto::Tcp),
+            ..ConnFilter::default()
+        };
+        let mut b = ViewBuilder::new(&settings.timeouts, 20 * S, Some(rows));
+        add(&mut b, [10, 1, 0, 2], 1000, 40000);
+        add(&mut b, [10, 1, 0, 2], 1001, 40001);
+        add(&mut b, [10, 1, 1, 2], 1000, 40002);
+        let snapshot = Snapshot {
+            view: b.finish(),
+            counters: vec![
+                (Counter::CreatedTcp, 3),
+                (Counter::EgressDropExhaustedUdp, 2),
+            ],
+            exhausted: vec![(
+                PoolKey {
+                    addr: [198, 51, 100, 2],
+                    proto: proto::UDP,
+                    _pad: [0; 3],
+                },
+                2,
+            )],
+            refused_by_source: vec![
+                (Ipv4Addr::new(10, 1, 2, 2), 1),
+                (Ipv4Addr::new(10, 1, 3, 2), 5),
+            ],
+            expired: BTreeMap::from([((Proto::Udp, Reason::Idle), 4)]),
+            saturation: Saturation::default(),
+            allocation: AllocHistogram {
+                buckets: vec![0, 1, 2],
+                sum_ns: 30,
+                count: 3,
+            },
+            guard_dropped: Some(9),
+            control_refused: BTreeMap::from([("set".to_owned(), 1)]),
+        };
+        let r = Report::build(&settings, snapshot);
+
+        assert_eq!(
+            (r.iface.as_str(), r.port_range.as_str()),
+            ("up0", "40000:40099")
+        );
+        // Every configured NAT IP × protocol, with what it holds and refused.
+        assert_eq!(r.pools.len(), 2 * 3);
+        let pool = |ip: &str, p| {
+            r.pools
+                .iter()
+                .find(|x| x.nat_ip == ip && x.proto == p)
+                .unwrap()
+        };
+        let tcp = pool("198.51.100.1", Proto::Tcp);
+        assert_eq!(
+            (tcp.ports_total, tcp.ports_in_use, tcp.mappings),
+            (100, 3, 3)
+        );
+        assert_eq!(tcp.used_percent, 3.0);
+        assert_eq!(pool("198.51.100.2", Proto::Udp).exhausted_flows, 2);
+        assert_eq!(r.mappings[&Proto::Tcp], 3);
+        assert_eq!(r.port_claims[&Proto::Tcp], 3);
+        // `--top-sources 1`: the busiest source, destination and refused source only.
+        assert_eq!(r.top_sources.len(), 1);
+        assert_eq!(
+            (r.top_sources[0].source.as_str(), r.top_sources[0].ports),
+            ("10.1.0.2", 2)
+        );
+        assert_eq!(r.top_destinations.len(), 1);
+        assert_eq!(r.top_destinations[0].destination, "203.0.113.10:80");
+        assert_eq!(r.top_destinations[0].saturation, 0.03);
+        assert_eq!(r.top_refused.len(), 1);
+        assert_eq!(r.top_refused[0].source, "10.1.3.2");
+        assert_eq!(r.counter("alloc", "created_tcp"), 3);
+        assert_eq!(r.expired[&Proto::Udp]["idle"], 4);
+        assert_eq!(r.allocation.buckets.last(), Some(&(u64::MAX, 3)));
+        assert_eq!((r.allocation.count, r.guard_dropped), (3, Some(9)));
+        assert_eq!(r.control_refused["set"], 1);
+        assert_eq!(r.conns.len(), 3, "the rows the filter asked for");
+        assert_eq!(r.policy.on_exhaustion, "reject");
+    }
+}
