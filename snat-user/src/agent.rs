@@ -125,7 +125,8 @@ impl AgentState {
             expiry::now_ns(),
         )?;
         drop(engine);
-        usage::refresh(&mut tables, &settings, &mut lock(&self.saturation))
+        usage::refresh(&mut tables, &settings, &mut lock(&self.saturation))?;
+        Ok(())
     }
 }
 

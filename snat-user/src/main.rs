@@ -149,8 +149,8 @@ fn set(args: &SetArgs) -> anyhow::Result<()> {
             slice: None,
         },
         SetWhat::Plan { file, node_index } => {
-            let plan = Plan::load(file).map_err(anyhow::Error::msg)?;
-            let slice = plan.slice(*node_index).map_err(anyhow::Error::msg)?;
+            let plan = Plan::load(file)?;
+            let slice = plan.slice(*node_index)?;
             PoolChange {
                 port_range: slice.range(),
                 nat_ips: Some(plan.nat_ips.clone()),

@@ -14,7 +14,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
-use anyhow::Context as _;
+use super::error::{DatapathError, Doing as _};
 use aya::{
     maps::{HashMap, IterableMap as _, MapData},
     Pod,
@@ -47,23 +47,23 @@ const ENOTSUPP: i32 = 524;
 pub fn for_each<K: Pod, V: Pod>(
     map: &HashMap<MapData, K, V>,
     mut f: impl FnMut(K, V),
-) -> anyhow::Result<()> {
+) -> Result<(), DatapathError> {
     match walk(map, &mut f) {
         Ok(()) => Ok(()),
         // Before anything was read: iterate instead.
         Err(Walk::Unsupported) => {
             for item in map.iter() {
-                let (k, v) = item.context("reading a map entry")?;
+                let (k, v) = item.doing(|| "reading a map entry".into())?;
                 f(k, v);
             }
             Ok(())
         }
-        Err(Walk::Failed(e)) => Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+        Err(Walk::Failed(e)) => Err(e).doing(|| "BPF_MAP_LOOKUP_BATCH".into()),
     }
 }
 
 /// Every key of `map`.
-pub fn keys<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> anyhow::Result<Vec<K>> {
+pub fn keys<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<K>, DatapathError> {
     let mut keys = Vec::new();
     for_each(map, |k, _| keys.push(k))?;
     Ok(keys)

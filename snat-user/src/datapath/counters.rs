@@ -3,9 +3,10 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use snat_common::{alloc_hist, Counter, Ipv4Octets, PoolKey};
+
+use super::error::{DatapathError, Doing as _};
 
 /// What the datapath counts: packets by result, refused flows by pool, allocation times.
 pub struct Counters {
@@ -26,47 +27,47 @@ pub struct AllocHistogram {
 
 impl Counters {
     /// Every packet counter summed over CPUs, in index order.
-    pub fn read(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+    pub fn read(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
         Counter::ALL
             .iter()
             .map(|c| {
                 Ok((
                     *c,
                     sum_slot(&self.packets, c.index())
-                        .with_context(|| format!("reading counter {c:?}"))?,
+                        .doing(|| format!("reading counter {c:?}"))?,
                 ))
             })
             .collect()
     }
 
     /// Flows refused for lack of a port, by (NAT IP, protocol).
-    pub fn exhausted(&self) -> anyhow::Result<Vec<(PoolKey, u64)>> {
+    pub fn exhausted(&self) -> Result<Vec<(PoolKey, u64)>, DatapathError> {
         self.exhausted
             .iter()
             .map(|item| {
-                let (k, per_cpu) = item.context("reading SNAT_EXHAUSTED")?;
+                let (k, per_cpu) = item.doing(|| "reading SNAT_EXHAUSTED".into())?;
                 Ok((k, per_cpu.iter().sum()))
             })
             .collect()
     }
 
     /// Flows refused per internal source (any reason), as the kernel's LRU remembers them.
-    pub fn refused_by_source(&self) -> anyhow::Result<Vec<(Ipv4Addr, u64)>> {
+    pub fn refused_by_source(&self) -> Result<Vec<(Ipv4Addr, u64)>, DatapathError> {
         self.source_refused
             .iter()
             .map(|item| {
-                let (addr, n) = item.context("reading SNAT_SRC_REFUSED")?;
+                let (addr, n) = item.doing(|| "reading SNAT_SRC_REFUSED".into())?;
                 Ok((Ipv4Addr::from(addr), n))
             })
             .collect()
     }
 
-    pub fn alloc_histogram(&self) -> anyhow::Result<AllocHistogram> {
-        let slot = |i| sum_slot(&self.alloc_ns, i).context("reading SNAT_ALLOC_NS");
+    pub fn alloc_histogram(&self) -> Result<AllocHistogram, DatapathError> {
+        let slot = |i| sum_slot(&self.alloc_ns, i).doing(|| "reading SNAT_ALLOC_NS".into());
         Ok(AllocHistogram {
             buckets: (0..alloc_hist::BUCKETS)
                 .map(slot)
-                .collect::<anyhow::Result<_>>()?,
+                .collect::<Result<_, DatapathError>>()?,
             sum_ns: slot(alloc_hist::SUM)?,
             count: slot(alloc_hist::COUNT)?,
         })

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod counters;
+pub mod error;
 pub mod nat_pool;
 pub mod netdev;
 pub mod pins;
@@ -13,7 +14,6 @@ pub mod tables;
 
 use std::{io, process::Command};
 
-use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, ProgramArray},
     programs::{
@@ -33,10 +33,12 @@ use snat_common::{
     PROG_INGRESS, PROG_RELEASE, SLOT_CREATE,
 };
 
+use self::error::{no_map, no_program, Doing as _};
 use crate::settings::{AttachChoice, Settings};
 
 pub use self::{
     counters::{AllocHistogram, Counters},
+    error::DatapathError,
     nat_pool::NatPool,
     pins::Pins,
     tables::Tables,
@@ -71,7 +73,7 @@ pub struct Engine {
 impl Engine {
     /// Loads the programs with maps sized from `settings` and writes the configuration maps.
     /// Nothing is attached yet.
-    pub fn load(settings: &Settings) -> anyhow::Result<Self> {
+    pub fn load(settings: &Settings) -> Result<Self, DatapathError> {
         Self::load_pinned(settings, None, None)
     }
 
@@ -81,7 +83,7 @@ impl Engine {
         settings: &Settings,
         pins: Option<&Pins>,
         existing: Option<&StateHeader>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, DatapathError> {
         raise_memlock();
         let log_level = settings.ebpf_log.aya_level();
         let mut max = settings.max_mappings;
@@ -116,7 +118,7 @@ impl Engine {
         let mut ebpf = loader
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(EBPF_OBJECT)
-            .context("loading the eBPF object (are you root?)")?;
+            .doing(|| "loading the eBPF object (are you root?)".into())?;
         for name in [
             PROG_CREATE,
             PROG_INGRESS,
@@ -126,24 +128,24 @@ impl Engine {
         ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .ok_or_else(|| no_program(name))?
                 .try_into()?;
             prog.load()
-                .with_context(|| format!("loading program {name} into the kernel"))?;
+                .doing(|| format!("loading program {name} into the kernel"))?;
         }
         // Egress hands flows without a mapping to the allocation program by a tail call.
         let create: &SchedClassifier = ebpf
             .program(PROG_CREATE)
-            .ok_or_else(|| anyhow!("program {PROG_CREATE} missing"))?
+            .ok_or_else(|| no_program(PROG_CREATE))?
             .try_into()?;
         let create_fd = create.fd()?.try_clone()?;
         let mut programs: ProgramArray<_> = ProgramArray::try_from(
             ebpf.map_mut(MAP_PROGRAMS)
-                .ok_or_else(|| anyhow!("map {MAP_PROGRAMS} missing"))?,
+                .ok_or_else(|| no_map(MAP_PROGRAMS))?,
         )?;
         programs
             .set(SLOT_CREATE, &create_fd, 0)
-            .context("installing the allocation program for egress")?;
+            .doing(|| "installing the allocation program for egress".into())?;
         // A program array is emptied when its last user reference goes: pinned, it keeps the
         // allocation program reachable while the programs outlive this process. Each agent pins
         // its own (older ones are removed once this one is attached, see `attach`), so an egress
@@ -152,24 +154,24 @@ impl Engine {
             Some(pins) => {
                 let path = pins.programs(&unique_suffix());
                 ebpf.map_mut(MAP_PROGRAMS)
-                    .ok_or_else(|| anyhow!("map {MAP_PROGRAMS} missing"))?
+                    .ok_or_else(|| no_map(MAP_PROGRAMS))?
                     .pin(&path)
-                    .with_context(|| format!("pinning {MAP_PROGRAMS} at {}", path.display()))?;
+                    .doing(|| format!("pinning {MAP_PROGRAMS} at {}", path.display()))?;
                 Some(path)
             }
             None => None,
         };
         let config = Array::try_from(
             ebpf.take_map(MAP_CONFIG)
-                .ok_or_else(|| anyhow!("map {MAP_CONFIG} missing"))?,
+                .ok_or_else(|| no_map(MAP_CONFIG))?,
         )?;
         let nat_ips = Array::try_from(
             ebpf.take_map(MAP_NAT_IPS)
-                .ok_or_else(|| anyhow!("map {MAP_NAT_IPS} missing"))?,
+                .ok_or_else(|| no_map(MAP_NAT_IPS))?,
         )?;
         let free_ports = HashMap::try_from(
             ebpf.take_map(MAP_FREE_PORTS)
-                .ok_or_else(|| anyhow!("map {MAP_FREE_PORTS} missing"))?,
+                .ok_or_else(|| no_map(MAP_FREE_PORTS))?,
         )?;
         let mut engine = Self {
             ebpf,
@@ -189,31 +191,28 @@ impl Engine {
         Ok(engine)
     }
 
-    fn configure(&mut self, settings: &Settings) -> anyhow::Result<()> {
+    fn configure(&mut self, settings: &Settings) -> Result<(), DatapathError> {
         self.pool
             .as_mut()
-            .ok_or_else(|| anyhow!("the NAT pool was taken before configuration"))?
+            .ok_or(DatapathError::PoolTaken)?
             .set(&settings.nat_ips, settings.port_range)?;
         self.pool
             .as_mut()
-            .ok_or_else(|| anyhow!("the NAT pool was taken"))?
+            .ok_or(DatapathError::PoolTaken)?
             .set_policy(&settings.policy)?;
         for (map, cidrs) in [
             (MAP_INTERNAL, &settings.internal),
             (MAP_EXCLUDE, &settings.exclude),
         ] {
-            let mut trie: LpmTrie<_, Ipv4Octets, u8> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(map)
-                    .ok_or_else(|| anyhow!("map {map} missing"))?,
-            )?;
+            let mut trie: LpmTrie<_, Ipv4Octets, u8> =
+                LpmTrie::try_from(self.ebpf.map_mut(map).ok_or_else(|| no_map(map))?)?;
             for c in cidrs {
                 trie.insert(
                     &Key::new(u32::from(c.prefix_len()), c.addr().octets()),
                     1,
                     0,
                 )
-                .with_context(|| format!("adding {c} to {map}"))?;
+                .doing(|| format!("adding {c} to {map}"))?;
             }
         }
         Ok(())
@@ -221,7 +220,7 @@ impl Engine {
 
     /// Attaches ingress, then egress (so replies are translated as soon as mappings exist): with
     /// TCX links, or as cls_bpf filters on a clsact qdisc; `auto` tries TCX first.
-    pub fn attach(&mut self, choice: AttachChoice) -> anyhow::Result<AttachMode> {
+    pub fn attach(&mut self, choice: AttachChoice) -> Result<AttachMode, DatapathError> {
         if choice != AttachChoice::Clsact {
             match self.attach_all(true) {
                 Ok(()) => {
@@ -230,13 +229,14 @@ impl Engine {
                     return Ok(AttachMode::Tcx);
                 }
                 Err(e) if choice == AttachChoice::Auto => {
-                    warn!("TCX attach failed ({e:#}); falling back to a clsact qdisc");
+                    warn!(
+                        "TCX attach failed ({}); falling back to a clsact qdisc",
+                        anyhow::Error::from(e)
+                    );
                     self.detach();
                 }
                 Err(e) => {
-                    return Err(
-                        e.context("--attach tcx needs kernel >= 6.6; use --attach clsact or auto")
-                    )
+                    return Err(DatapathError::NoTcx(Box::new(e)));
                 }
             }
         }
@@ -244,7 +244,7 @@ impl Engine {
             Ok(()) => true,
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
             Err(e) => {
-                return Err(e).with_context(|| format!("adding a clsact qdisc to {}", self.iface))
+                return Err(e).doing(|| format!("adding a clsact qdisc to {}", self.iface));
             }
         };
         let mode = AttachMode::Clsact { added_qdisc };
@@ -264,7 +264,7 @@ impl Engine {
         }
     }
 
-    fn attach_all(&mut self, tcx: bool) -> anyhow::Result<()> {
+    fn attach_all(&mut self, tcx: bool) -> Result<(), DatapathError> {
         for (name, kind) in [
             (PROG_INGRESS, TcAttachType::Ingress),
             (PROG_EGRESS, TcAttachType::Egress),
@@ -274,7 +274,7 @@ impl Engine {
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .ok_or_else(|| no_program(name))?
                 .try_into()?;
             let id = if !tcx {
                 // A previous agent's filters (cls_bpf filters outlive their process) give way.
@@ -288,7 +288,7 @@ impl Engine {
                     kind,
                     TcAttachOptions::Netlink(tc::NlOptions::default()),
                 )
-                .with_context(|| format!("attaching {name} to {iface} {kind:?}"))?
+                .doing(|| format!("attaching {name} to {iface} {kind:?}"))?
             } else if let Some(path) = link_pin {
                 // The link stays pinned: programs outlive this process until a plain stop.
                 if !path.exists() {
@@ -298,11 +298,10 @@ impl Engine {
                             kind,
                             TcAttachOptions::TcxOrder(LinkOrder::default()),
                         )
-                        .with_context(|| format!("attaching {name} to {iface} {kind:?}"))?;
+                        .doing(|| format!("attaching {name} to {iface} {kind:?}"))?;
                     let link = FdLink::try_from(prog.take_link(id)?)?;
-                    link.pin(&path).with_context(|| {
-                        format!("pinning the {name} link at {}", path.display())
-                    })?;
+                    link.pin(&path)
+                        .doing(|| format!("pinning the {name} link at {}", path.display()))?;
                 } else {
                     info!(
                         "taking over the {name} link a previous agent pinned at {}",
@@ -311,18 +310,18 @@ impl Engine {
                 }
                 // Swap this process's program into the pinned link (atomically, if it was
                 // another agent's).
-                let pinned = PinnedLink::from_pin(&path)
-                    .with_context(|| format!("opening {}", path.display()))?;
+                let pinned =
+                    PinnedLink::from_pin(&path).doing(|| format!("opening {}", path.display()))?;
                 let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
                 prog.attach_to_link(link)
-                    .with_context(|| format!("attaching {name} to its pinned link"))?
+                    .doing(|| format!("attaching {name} to its pinned link"))?
             } else {
                 prog.attach_with_options(
                     &iface,
                     kind,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .with_context(|| format!("attaching {name} to {iface} {kind:?}"))?
+                .doing(|| format!("attaching {name} to {iface} {kind:?}"))?
             };
             self.links.push((name, id));
         }
@@ -330,11 +329,11 @@ impl Engine {
     }
 
     /// Records the format of the pinned state (see `pins`).
-    pub fn write_state(&mut self, header: StateHeader) -> anyhow::Result<()> {
+    pub fn write_state(&mut self, header: StateHeader) -> Result<(), DatapathError> {
         let mut state: Array<_, StateHeader> = Array::try_from(
             self.ebpf
                 .map_mut(MAP_STATE)
-                .ok_or_else(|| anyhow!("map {MAP_STATE} missing"))?,
+                .ok_or_else(|| no_map(MAP_STATE))?,
         )?;
         state.set(0, header, 0)?;
         Ok(())
@@ -345,30 +344,30 @@ impl Engine {
     /// before the egress filter goes — and stays when this process exits; ingress is detached.
     /// Its drop counter is pinned in `pins` so the next agent can report it. The next agent (or
     /// `snat cleanup`) removes the guard.
-    pub fn leave_guard(&mut self, pins: &Pins) -> anyhow::Result<()> {
+    pub fn leave_guard(&mut self, pins: &Pins) -> Result<(), DatapathError> {
         let counter = self
             .ebpf
             .map_mut(MAP_GUARD_DROPS)
-            .ok_or_else(|| anyhow!("map {MAP_GUARD_DROPS} missing"))?;
+            .ok_or_else(|| no_map(MAP_GUARD_DROPS))?;
         let path = pins.map(MAP_GUARD_DROPS);
         let _ = std::fs::remove_file(&path);
         counter
             .pin(&path)
-            .with_context(|| format!("pinning the guard's counter at {}", path.display()))?;
+            .doing(|| format!("pinning the guard's counter at {}", path.display()))?;
         let iface = self.iface.clone();
         let guard: &mut SchedClassifier = self
             .ebpf
             .program_mut(PROG_GUARD)
-            .ok_or_else(|| anyhow!("program {PROG_GUARD} missing"))?
+            .ok_or_else(|| no_program(PROG_GUARD))?
             .try_into()?;
         match self.mode {
             Some(AttachMode::Tcx) => {
                 let link = pins.link(PROG_EGRESS);
-                let pinned = PinnedLink::from_pin(&link)
-                    .with_context(|| format!("opening {}", link.display()))?;
+                let pinned =
+                    PinnedLink::from_pin(&link).doing(|| format!("opening {}", link.display()))?;
                 guard
                     .attach_to_link(SchedClassifierLink::try_from(FdLink::from(pinned))?)
-                    .context("swapping the stop guard into the egress link")?;
+                    .doing(|| "swapping the stop guard into the egress link".into())?;
                 // The link stays pinned (with the guard in it); only its entry here goes.
                 self.links.retain(|(name, _)| *name != PROG_EGRESS);
             }
@@ -379,7 +378,7 @@ impl Engine {
                         TcAttachType::Egress,
                         TcAttachOptions::Netlink(tc::NlOptions::default()),
                     )
-                    .with_context(|| format!("attaching the stop guard to {iface} egress"))?;
+                    .doing(|| format!("attaching the stop guard to {iface} egress"))?;
                 // A cls_bpf filter outlives this process unless its link is dropped here.
                 std::mem::forget(guard.take_link(id)?);
                 // The qdisc holds the guard now: it stays.
@@ -425,19 +424,10 @@ impl Engine {
         }
     }
 
-    pub fn take_tables(&mut self) -> anyhow::Result<Tables> {
-        let fwd = self
-            .ebpf
-            .take_map(MAP_FWD)
-            .ok_or_else(|| anyhow!("map {MAP_FWD} missing"))?;
-        let rev = self
-            .ebpf
-            .take_map(MAP_REV)
-            .ok_or_else(|| anyhow!("map {MAP_REV} missing"))?;
-        let usage = self
-            .ebpf
-            .take_map(MAP_USE)
-            .ok_or_else(|| anyhow!("map {MAP_USE} missing"))?;
+    pub fn take_tables(&mut self) -> Result<Tables, DatapathError> {
+        let fwd = self.ebpf.take_map(MAP_FWD).ok_or_else(|| no_map(MAP_FWD))?;
+        let rev = self.ebpf.take_map(MAP_REV).ok_or_else(|| no_map(MAP_REV))?;
+        let usage = self.ebpf.take_map(MAP_USE).ok_or_else(|| no_map(MAP_USE))?;
         Ok(Tables {
             fwd: HashMap::try_from(fwd)?,
             rev: HashMap::try_from(rev)?,
@@ -445,12 +435,8 @@ impl Engine {
         })
     }
 
-    pub fn take_counters(&mut self) -> anyhow::Result<Counters> {
-        let mut take = |name: &str| {
-            self.ebpf
-                .take_map(name)
-                .ok_or_else(|| anyhow!("map {name} missing"))
-        };
+    pub fn take_counters(&mut self) -> Result<Counters, DatapathError> {
+        let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| no_map(name));
         Ok(Counters {
             packets: PerCpuArray::try_from(take(MAP_COUNTERS)?)?,
             source_refused: HashMap::try_from(take(MAP_SOURCE_REFUSED)?)?,
@@ -460,19 +446,17 @@ impl Engine {
     }
 
     /// The NAT IP set and port range, for changing them while running.
-    pub fn take_pool(&mut self) -> anyhow::Result<NatPool> {
-        self.pool
-            .take()
-            .ok_or_else(|| anyhow!("the NAT pool was already taken"))
+    pub fn take_pool(&mut self) -> Result<NatPool, DatapathError> {
+        self.pool.take().ok_or(DatapathError::PoolTaken)
     }
 
     /// Runs program `name` once on `packet` with `BPF_PROG_TEST_RUN` (nothing needs to be
     /// attached) and returns its TC action and the packet as the program left it.
-    pub fn test_run(&self, name: &str, packet: &[u8]) -> anyhow::Result<(i32, Vec<u8>)> {
+    pub fn test_run(&self, name: &str, packet: &[u8]) -> Result<(i32, Vec<u8>), DatapathError> {
         let prog: &SchedClassifier = self
             .ebpf
             .program(name)
-            .ok_or_else(|| anyhow!("program {name} missing"))?
+            .ok_or_else(|| no_program(name))?
             .try_into()?;
         let mut out = vec![0u8; packet.len() + 256];
         let result = prog
@@ -481,14 +465,14 @@ impl Engine {
                 data_out: Some(&mut out),
                 ..TestRunOptions::default()
             })
-            .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+            .doing(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
     }
 
     /// Removes the mappings of `entries` that are still as idle as when they were read, with
     /// the kernel's release program, and fills in each entry's result.
-    pub fn release(&self, entries: &mut [ReleaseEntry]) -> anyhow::Result<()> {
+    pub fn release(&self, entries: &mut [ReleaseEntry]) -> Result<(), DatapathError> {
         const SIZE: usize = size_of::<ReleaseEntry>();
         for chunk in entries.chunks_mut(release_batch::MAX_ENTRIES as usize) {
             let mut data = vec![0u8; release_batch::ENTRIES_OFFSET + chunk.len() * SIZE];
@@ -503,9 +487,7 @@ impl Engine {
             let (_, out) = self.test_run(PROG_RELEASE, &data)?;
             for (i, e) in chunk.iter_mut().enumerate() {
                 let at = release_batch::ENTRIES_OFFSET + i * SIZE;
-                let bytes = out
-                    .get(at..at + SIZE)
-                    .context("the release program returned a short batch")?;
+                let bytes = out.get(at..at + SIZE).ok_or(DatapathError::ShortBatch)?;
                 *e = bytemuck::pod_read_unaligned(bytes);
             }
         }

@@ -3,11 +3,11 @@
 
 use std::{io, net::Ipv4Addr};
 
-use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData};
 use log::debug;
 use snat_common::{pool, Config, FlowKey, NatIp};
 
+use super::error::{DatapathError, Doing as _};
 use crate::settings::{ports::PortRange, Policy};
 
 /// The live NAT IP set and port range (`SNAT_CONFIG`, `SNAT_NAT_IPS`), and the free-port
@@ -25,8 +25,9 @@ impl NatPool {
     /// until they end. NAT IPs that are this namespace's own addresses are flagged so the
     /// datapath skips ports the node's sockets use. A new range drops the free-port indexes,
     /// which the datapath rebuilds for the new range where it needs one.
-    pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> anyhow::Result<()> {
-        let local = super::netdev::local_ipv4().context("listing this namespace's addresses")?;
+    pub fn set(&mut self, ips: &[Ipv4Addr], range: PortRange) -> Result<(), DatapathError> {
+        let local =
+            super::netdev::local_ipv4().doing(|| "listing this namespace's addresses".into())?;
         let mut cfg = self.config.get(&0, 0)?;
         let next = (cfg.active ^ 1) & 1;
         let live = cfg.active & 1;
@@ -60,19 +61,19 @@ impl NatPool {
     /// range would miss the new range's other ports for as long as its destination stays hot.
     /// (Until then the old indexes only give safe hints: an out-of-range port is cleared when
     /// found, a missing one is found by the walk.)
-    fn clear_indexes(&mut self) -> anyhow::Result<()> {
+    fn clear_indexes(&mut self) -> Result<(), DatapathError> {
         let keys = self
             .free_ports
             .keys()
             .collect::<Result<Vec<_>, _>>()
-            .context("listing the free-port indexes")?;
+            .doing(|| "listing the free-port indexes".into())?;
         for key in &keys {
             match self.free_ports.remove(key) {
                 Ok(()) => {}
                 // Evicted meanwhile by the datapath (an LRU map).
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).context("deleting a free-port index"),
+                Err(e) => return Err(e).doing(|| "deleting a free-port index".into()),
             }
         }
         debug!(
@@ -84,7 +85,7 @@ impl NatPool {
 
     /// Writes the admission policy: the per-source cap, the fair share and how refused flows
     /// are answered.
-    pub fn set_policy(&mut self, p: &Policy) -> anyhow::Result<()> {
+    pub fn set_policy(&mut self, p: &Policy) -> Result<(), DatapathError> {
         let mut cfg = self.config.get(&0, 0)?;
         cfg.flags = if p.reject { Config::REJECT } else { 0 };
         cfg.reject_per_sec = p.reject_per_sec;

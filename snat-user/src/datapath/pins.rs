@@ -15,13 +15,37 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{Array, Map, MapData, MapInfo, PerCpuArray};
 use log::warn;
 use snat_common::{
     FlowKey, Mapping, Origin, StateHeader, UseKey, MAP_FWD, MAP_GUARD_DROPS, MAP_REV, MAP_STATE,
     MAP_USE, STATE_MAGIC, STATE_VERSION,
 };
+
+/// Why pinned state cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("--pin-dir {root}: /sys/fs/bpf is not mounted and mounting it failed: {source}")]
+    Mount {
+        root: String,
+        source: std::io::Error,
+    },
+    #[error("--pin-dir {root} is not on a BPF file system: mount one there (`mount -t bpf bpf {root}`) or choose a directory on one (the default is /sys/fs/bpf/snat)")]
+    NotBpffs { root: String },
+    #[error("creating {path}: {source}")]
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
+    /// State of another format or layout: never misread, only removed on request.
+    #[error("pinned state in {dir} {why}: it was left by an incompatible snat. Run the snat that wrote it, or remove it with `snat cleanup --iface {iface} --pin-dir {root}` (its translated connections end)")]
+    Incompatible {
+        dir: String,
+        iface: String,
+        root: String,
+        why: String,
+    },
+}
 
 /// File name prefix of the pinned program arrays (`Pins::programs`).
 const PROGRAMS_PREFIX: &str = "snat_programs_";
@@ -49,7 +73,7 @@ impl Pins {
     /// The directory for `iface` under `root`, created if needed. `root` must be on a BPF file
     /// system; `/sys/fs/bpf` is mounted if it is not (with a warning when that mount is private
     /// to this process, as under `ip netns exec`, where the state will not outlive it).
-    pub fn prepare(root: &Path, iface: &str) -> anyhow::Result<(Self, Vec<String>)> {
+    pub fn prepare(root: &Path, iface: &str) -> Result<(Self, Vec<String>), PinError> {
         let mut warnings = Vec::new();
         let bpffs_root = Path::new("/sys/fs/bpf");
         if !is_bpffs(root) && root.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
@@ -66,28 +90,30 @@ impl Pins {
                 )
             };
             if rc != 0 {
-                bail!(
-                    "--pin-dir {}: /sys/fs/bpf is not mounted and mounting it failed: {}",
-                    root.display(),
-                    std::io::Error::last_os_error()
-                );
+                return Err(PinError::Mount {
+                    root: root.display().to_string(),
+                    source: std::io::Error::last_os_error(),
+                });
             }
             warnings.push(format!(
                 "mounted a BPF file system at /sys/fs/bpf for --pin-dir {}; when this agent runs in its own mount namespace (ip netns exec), that mount and the state in it end with the agent: to keep state across restarts, pass a --pin-dir on a BPF file system mounted outside, e.g. `mount -t bpf bpf /run/snat-bpf`",
                 root.display()
             ));
         }
-        std::fs::create_dir_all(root)
-            .with_context(|| format!("creating --pin-dir {}", root.display()))?;
+        let create = |path: &Path| {
+            std::fs::create_dir_all(path).map_err(|source| PinError::Create {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        create(root)?;
         if !is_bpffs(root) {
-            bail!(
-                "--pin-dir {} is not on a BPF file system: mount one there (`mount -t bpf bpf {}`) or choose a directory on one (the default is /sys/fs/bpf/snat)",
-                root.display(),
-                root.display()
-            );
+            return Err(PinError::NotBpffs {
+                root: root.display().to_string(),
+            });
         }
         let dir = root.join(iface);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        create(&dir)?;
         Ok((Self { dir }, warnings))
     }
 
@@ -126,18 +152,24 @@ impl Pins {
 
     /// The header of state a previous agent left, after checking it can be read: `None` when
     /// there is none.
-    pub fn existing(&self) -> anyhow::Result<Option<StateHeader>> {
+    pub fn existing(&self) -> Result<Option<StateHeader>, PinError> {
         let path = self.map(MAP_STATE);
         if !path.exists() {
             return Ok(None);
         }
-        let refuse = |why: String| {
-            anyhow!(
-                "pinned state in {} {why}: it was left by an incompatible snat. Run the snat that wrote it, or remove it with `snat cleanup --iface {} --pin-dir {}` (its translated connections end)",
-                self.dir.display(),
-                self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-                self.dir.parent().map(|p| p.display().to_string()).unwrap_or_default()
-            )
+        let refuse = |why: String| PinError::Incompatible {
+            dir: self.dir.display().to_string(),
+            iface: self
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            root: self
+                .dir
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            why,
         };
         let data =
             MapData::from_pin(&path).map_err(|e| refuse(format!("cannot be opened ({e})")))?;

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use super::error::{DatapathError, Doing as _};
+
 use crate::settings::ports::{reservation, PortList, PortRange};
 
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -35,14 +37,12 @@ impl HostReservation {
     pub fn apply(
         range: PortRange,
         found: Option<String>,
-    ) -> anyhow::Result<(Option<Self>, String, Vec<String>)> {
+    ) -> Result<(Option<Self>, String, Vec<String>), DatapathError> {
         let previous = match found {
             Some(v) => v,
             None => std::fs::read_to_string(RESERVED)?.trim().to_owned(),
         };
-        let base: PortList = previous
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{RESERVED}: {e}"))?;
+        let base: PortList = previous.parse().doing(|| RESERVED.into())?;
         let plan = reservation(range, host_ephemeral()?, &base);
         let Some(value) = plan.reserved else {
             // Nothing of ours to keep: make sure an earlier agent's reservation is gone too.
@@ -61,11 +61,8 @@ impl HostReservation {
     }
 
     /// Re-applies for a new range on top of the value snat found.
-    pub fn update(&self, range: PortRange) -> anyhow::Result<Vec<String>> {
-        let base: PortList = self
-            .previous
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{RESERVED}: {e}"))?;
+    pub fn update(&self, range: PortRange) -> Result<Vec<String>, DatapathError> {
+        let base: PortList = self.previous.parse().doing(|| RESERVED.into())?;
         let plan = reservation(range, host_ephemeral()?, &base);
         write(
             Path::new(RESERVED),
@@ -91,8 +88,8 @@ impl Drop for HostReservation {
     }
 }
 
-fn write(path: &Path, value: &str) -> anyhow::Result<()> {
+fn write(path: &Path, value: &str) -> Result<(), DatapathError> {
     // An empty value is written as a newline: the kernel rejects an empty write.
     std::fs::write(path, format!("{value}\n"))
-        .map_err(|e| anyhow::anyhow!("writing {value:?} to {}: {e}", path.display()))
+        .doing(|| format!("writing {value:?} to {}", path.display()))
 }

@@ -29,7 +29,7 @@ use self::{
     cli::RunArgs,
     duration::Human,
     group::{Group, GroupError},
-    plan::Plan,
+    plan::{Plan, PlanFileError},
     ports::{PortList, PortRange},
 };
 
@@ -200,6 +200,8 @@ pub enum ConfigError {
     TopSources(usize),
     #[error("{0}")]
     Plan(String),
+    #[error(transparent)]
+    PlanFile(#[from] PlanFileError),
     #[error("--port-range {range} overlaps --reserved-ports {reserved} ({overlap}): choose a range outside them (e.g. 32768:65535) or change --reserved-ports")]
     ReservedOverlap {
         range: PortRange,
@@ -222,9 +224,9 @@ impl Settings {
         }
         let (nat_ips, port_range, slice) = match &args.plan {
             Some(path) => {
-                let plan = Plan::load(path).map_err(ConfigError::Plan)?;
+                let plan = Plan::load(path)?;
                 let index = node_index(args)?;
-                let slice = plan.slice(index).map_err(ConfigError::Plan)?;
+                let slice = plan.slice(index)?;
                 let label = format!(
                     "node {index} of {}{} ({})",
                     plan.nodes + plan.surge,

@@ -141,6 +141,36 @@ pub enum PlanError {
     },
 }
 
+/// A plan file that cannot be used, or a node it has no slice for.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanFileError {
+    #[error("--plan {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("--plan {path}: not a snat plan ({message}); make one with `snat plan … --json`")]
+    NotAPlan { path: String, message: String },
+    #[error("plan format version {found} is not the {PLAN_VERSION} this snat reads; make the plan again with this snat's `snat plan --json`")]
+    Version { found: u32 },
+    #[error("the plan names no NAT IPs: make it with `snat plan --nat-ip IP …`")]
+    NoNatIps,
+    #[error("the plan has {slices} slices for {nodes} nodes: it is damaged; make it again")]
+    SliceCount { slices: usize, nodes: u32 },
+    #[error("slice {index} of the plan ({first}-{last}) does not follow its layout: it is damaged; make it again")]
+    Layout { index: usize, first: u16, last: u16 },
+    #[error("--plan {path}: {inner}")]
+    In {
+        path: String,
+        #[source]
+        inner: Box<PlanFileError>,
+    },
+    #[error("node index {index} is outside the plan: it has nodes 0..={last} ({nodes} nodes + {surge} surge)")]
+    NoSuchNode {
+        index: u32,
+        last: u32,
+        nodes: u32,
+        surge: u32,
+    },
+}
+
 /// Ports per instance per IP from the default table, for a pool of `size` instances.
 pub fn table_per_ip(size: u32) -> Option<u32> {
     DEFAULT_TABLE
@@ -268,22 +298,21 @@ fn fix(req: &Request, p: u32) -> String {
 
 impl Plan {
     /// Checks a plan read from a file: its version, NAT IPs and slices.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), PlanFileError> {
         if self.version != PLAN_VERSION {
-            return Err(format!(
-                "plan format version {} is not the {PLAN_VERSION} this snat reads; make the plan again with this snat's `snat plan --json`",
-                self.version
-            ));
+            return Err(PlanFileError::Version {
+                found: self.version,
+            });
         }
         if self.nat_ips.is_empty() {
-            return Err("the plan names no NAT IPs: make it with `snat plan --nat-ip IP …`".into());
+            return Err(PlanFileError::NoNatIps);
         }
         let total = self.nodes + self.surge;
         if self.slices.len() != total as usize || self.per_ip == 0 {
-            return Err(format!(
-                "the plan has {} slices for {total} nodes: it is damaged; make it again",
-                self.slices.len()
-            ));
+            return Err(PlanFileError::SliceCount {
+                slices: self.slices.len(),
+                nodes: total,
+            });
         }
         let end = u32::from(self.space.first) + self.space.size;
         for (i, s) in self.slices.iter().enumerate() {
@@ -293,36 +322,43 @@ impl Plan {
                 || u32::from(s.last) != first + self.per_ip - 1
                 || first + self.per_ip > end
             {
-                return Err(format!("slice {i} of the plan ({}-{}) does not follow its layout: it is damaged; make it again", s.first, s.last));
+                return Err(PlanFileError::Layout {
+                    index: i,
+                    first: s.first,
+                    last: s.last,
+                });
             }
         }
         Ok(())
     }
 
     /// The slice of node `index`, which must be in the plan.
-    pub fn slice(&self, index: u32) -> Result<&Slice, String> {
-        self.slices.get(index as usize).ok_or_else(|| {
-            format!(
-                "node index {index} is outside the plan: it has nodes 0..={} ({} nodes + {} surge)",
-                self.nodes + self.surge - 1,
-                self.nodes,
-                self.surge
-            )
-        })
+    pub fn slice(&self, index: u32) -> Result<&Slice, PlanFileError> {
+        self.slices
+            .get(index as usize)
+            .ok_or(PlanFileError::NoSuchNode {
+                index,
+                last: self.nodes + self.surge - 1,
+                nodes: self.nodes,
+                surge: self.surge,
+            })
     }
 
     /// Reads and checks a plan file.
-    pub fn load(path: &std::path::Path) -> Result<Self, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("--plan {}: {e}", path.display()))?;
-        let plan: Plan = serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "--plan {}: not a snat plan ({e}); make one with `snat plan … --json`",
-                path.display()
-            )
+    pub fn load(path: &std::path::Path) -> Result<Self, PlanFileError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| PlanFileError::Read {
+            path: shown.clone(),
+            message: e.to_string(),
         })?;
-        plan.check()
-            .map_err(|e| format!("--plan {}: {e}", path.display()))?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|e| PlanFileError::NotAPlan {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        plan.check().map_err(|e| PlanFileError::In {
+            path: shown,
+            inner: Box::new(e),
+        })?;
         Ok(plan)
     }
 
@@ -560,10 +596,11 @@ mod tests {
         assert!(p
             .slice(2)
             .unwrap_err()
+            .to_string()
             .contains("node index 2 is outside the plan"));
         p.slices[1].first += 1;
-        assert!(p.check().unwrap_err().contains("damaged"));
+        assert!(p.check().unwrap_err().to_string().contains("damaged"));
         p.version = 7;
-        assert!(p.check().unwrap_err().contains("version 7"));
+        assert!(p.check().unwrap_err().to_string().contains("version 7"));
     }
 }

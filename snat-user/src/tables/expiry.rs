@@ -18,7 +18,7 @@ use snat_common::{
 };
 
 use crate::{
-    datapath::{batch, Tables},
+    datapath::{batch, DatapathError, Tables},
     settings::Timeouts,
 };
 
@@ -113,10 +113,10 @@ impl Sweeper {
     pub fn sweep(
         &mut self,
         tables: &mut Tables,
-        release: &dyn Fn(&mut [ReleaseEntry]) -> anyhow::Result<()>,
+        release: &dyn Fn(&mut [ReleaseEntry]) -> Result<(), DatapathError>,
         t: &Timeouts,
         now_ns: u64,
-    ) -> anyhow::Result<usize> {
+    ) -> Result<usize, DatapathError> {
         let mut doomed = Vec::new();
         batch::for_each(&tables.fwd, |key, m| {
             let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
@@ -146,7 +146,7 @@ impl Sweeper {
 
     /// Removes use counts that were zero on this pass and the previous one (a count the
     /// datapath bumps in between loses that bump; caps are then one looser until it settles).
-    fn sweep_uses(&mut self, tables: &mut Tables) -> anyhow::Result<()> {
+    fn sweep_uses(&mut self, tables: &mut Tables) -> Result<(), DatapathError> {
         let mut zero = HashSet::new();
         batch::for_each(&tables.usage, |key, n| {
             if key.kind != use_kind::DESTINATION_SOURCES && use_count(n) == 0 {
@@ -162,7 +162,11 @@ impl Sweeper {
 
     /// Removes reverse halves with no forward half (left behind if the agent died between the
     /// two deletes).
-    fn sweep_orphan_claims(&mut self, tables: &mut Tables, now_ns: u64) -> anyhow::Result<usize> {
+    fn sweep_orphan_claims(
+        &mut self,
+        tables: &mut Tables,
+        now_ns: u64,
+    ) -> Result<usize, DatapathError> {
         let mut doomed = Vec::new();
         batch::for_each(&tables.rev, |reply, o| {
             if now_ns.saturating_sub(o.last_seen_ns) > ORPHAN_GRACE_NS

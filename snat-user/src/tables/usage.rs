@@ -16,7 +16,7 @@ use snat_common::{
 };
 
 use crate::{
-    datapath::{batch, Tables},
+    datapath::{batch, DatapathError, Tables},
     settings::Settings,
 };
 
@@ -109,7 +109,7 @@ pub fn refresh(
     tables: &mut Tables,
     settings: &Settings,
     saturation: &mut Saturation,
-) -> anyhow::Result<()> {
+) -> Result<(), DatapathError> {
     let range = f64::from(settings.port_range.size());
     let mut dests: HashMap<UseKey, (u64, u64)> = HashMap::new(); // destination → (mappings, sources)
     let mut hints: Vec<UseKey> = Vec::new();

@@ -16,7 +16,7 @@ use snat_common::{flow::proto, tcp::Phase, FlowKey, Mapping, Origin, Proto};
 
 use super::expiry::{last_seen, timeout_of};
 use crate::{
-    datapath::{batch, Tables},
+    datapath::{batch, DatapathError, Tables},
     settings::{cidr::Ipv4Cidr, Timeouts},
 };
 
@@ -189,7 +189,7 @@ impl TableView {
         timeouts: &Timeouts,
         now_ns: u64,
         rows: Option<ConnFilter>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, DatapathError> {
         let mut b = ViewBuilder::new(timeouts, now_ns, rows);
         batch::for_each(&tables.fwd, |key, m| {
             let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();

@@ -93,7 +93,7 @@ pub fn load_engine(max: u32) -> anyhow::Result<Engine> {
         ipv4: vec![],
     };
     let settings = Settings::validate(&args, iface).map_err(|e| anyhow!("{e}"))?;
-    Engine::load(&settings)
+    Ok(Engine::load(&settings)?)
 }
 
 /// Runs program `name` on `frame` `repeat` times in one call: (verdict, ns per run, output).
