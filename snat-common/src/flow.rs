@@ -105,7 +105,8 @@ impl core::str::FromStr for Proto {
 ///
 /// Forward keys are written as the pod's packet reads (internal source → remote destination),
 /// reverse keys as the reply reads (remote source → NAT destination). What goes in the port
-/// fields depends on the protocol and sets the port-reuse rules of the seeds (Azure's model):
+/// fields depends on the protocol and sets the port-reuse rules of Azure's load balancer ("Use
+/// Source Network Address Translation (SNAT) for outbound connections"):
 ///
 /// | proto | internal side          | remote side            | a NAT port is unique per |
 /// |-------|------------------------|------------------------|--------------------------|

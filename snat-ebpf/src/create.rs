@@ -14,9 +14,8 @@ use snat_common::{flow::proto, Counter, FlowKey};
 
 use crate::{
     alloc::{self, AllocError, Created, Syn},
-    egress::{translate, Nat},
     maps::{count, count_refusal, time_allocation, SNAT_PENDING},
-    packet::Ipv4,
+    packet::{translate, Ipv4, Nat},
     reject,
     verdict::{Stop, Verdict},
 };

@@ -23,15 +23,12 @@ use crate::{
     icmp::{self, kind, Inner},
     mapping::{self, Forward},
     maps::{
-        count, fragments_of, remember_fragments, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL,
-        SNAT_PENDING, SNAT_PROGRAMS,
+        count, fragments_of, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL, SNAT_PENDING,
+        SNAT_PROGRAMS,
     },
-    packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, Tcp, ETH_P_IP_BE},
+    packet::{read, rewrite_addr, translate, Ipv4, Nat, Side, Tcp, ETH_P_IP_BE},
     verdict::{Stop, Verdict},
 };
-
-/// A NAT endpoint: address and port (or echo identifier).
-pub type Nat = ([u8; 4], [u8; 2]);
 
 #[inline(always)]
 fn internal(addr: [u8; 4]) -> bool {
@@ -282,25 +279,6 @@ fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let nat = mapping(ctx, ip, &key, dport, None)?;
     translate(ctx, ip, proto::UDP, (ip.src, sport), nat)?;
     Ok(Counter::EgressTranslatedUdp)
-}
-
-/// Rewrites the source of a TCP or UDP packet (or of an echo request) from `old` to `nat`, and
-/// remembers a first fragment's translation for the fragments after it.
-#[inline(always)]
-pub fn translate(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    p: u8,
-    old: ([u8; 4], [u8; 2]),
-    nat: Nat,
-) -> Result<(), Stop> {
-    let port_off = if p == proto::ICMP { 4 } else { 0 };
-    rewrite_endpoint(ctx, ip.l4(), p, Side::Src, port_off, old, nat)
-        .map_err(|_| Counter::EgressDropRewrite)?;
-    if ip.is_fragment() {
-        remember_fragments(&ip.frag_key(), nat.0, now());
-    }
-    Ok(())
 }
 
 #[inline(always)]

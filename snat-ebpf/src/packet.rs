@@ -8,11 +8,13 @@
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::generated::bpf_loop,
+    helpers::{bpf_ktime_get_coarse_ns, generated::bpf_loop},
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
-use snat_common::flow::proto;
+use snat_common::{flow::proto, Counter};
+
+use crate::maps::remember_fragments;
 
 /// Bytes of the Ethernet header in front of IPv4 (the controller only attaches to Ethernet links).
 pub const ETH_LEN: usize = 14;
@@ -242,6 +244,29 @@ pub const fn l4_check_offset(proto: u8) -> usize {
         proto::UDP => 6,
         _ => 2, // ICMP
     }
+}
+
+/// A NAT endpoint: address and port (or echo identifier).
+pub type Nat = ([u8; 4], [u8; 2]);
+
+/// Rewrites the source of a TCP or UDP packet (or of an echo request) from `old` to `nat`, and
+/// remembers a first fragment's translation for the fragments after it.
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    p: u8,
+    old: ([u8; 4], [u8; 2]),
+    nat: Nat,
+) -> Result<(), Counter> {
+    let port_off = if p == proto::ICMP { 4 } else { 0 };
+    rewrite_endpoint(ctx, ip.l4(), p, Side::Src, port_off, old, nat)
+        .map_err(|_| Counter::EgressDropRewrite)?;
+    if ip.is_fragment() {
+        // SAFETY: helper without preconditions.
+        remember_fragments(&ip.frag_key(), nat.0, unsafe { bpf_ktime_get_coarse_ns() });
+    }
+    Ok(())
 }
 
 /// Which endpoint of a packet a rewrite changes.

@@ -112,7 +112,7 @@ fn in_drop_mode_a_refused_connect_times_out() {
 
 #[test]
 fn a_noisy_pod_cannot_starve_its_neighbours() {
-    // The seed scenario: one pod opens connections as fast as it can to one API while three
+    // The incident AKS users report: one pod opens connections as fast as it can to one API while three
     // quiet pods keep connecting to it; with --fair-share the quiet pods never fail.
     let topo = Topology::new(4);
     let agent = agent(

@@ -245,7 +245,8 @@ fn set_port_range_moves_new_flows_and_keeps_old_ones() {
         .run(move || TcpClient::connect(to, Duration::from_secs(3)).expect("connect"));
     assert!((40000..=40099).contains(&old.seen_as.port()));
 
-    // A bad range is refused and changes nothing.
+    // A malformed range is refused by the client's own parser, before the agent is asked (the
+    // agent's own refusals are in `a_set_the_agent_refuses_changes_nothing`); nothing changes.
     let (ok, _, err) = agent.cli(&["set", "--iface", &topo.uplink, "port-range", "50099:50000"]);
     assert!(!ok && err.contains("swap them"), "{err}");
     assert_eq!(agent.json("status", &[])["port_range"], "40000:40099");
@@ -367,7 +368,8 @@ fn set_plan_moves_a_running_node_to_its_new_slice() {
         old_pool.map(|p| (p["ports_total"].clone(), p["mappings"].clone())),
         Some((0.into(), 1.into()))
     );
-    // A node index outside the plan is refused and changes nothing.
+    // A node index outside the plan is refused by the client, which reads the plan before it
+    // asks the agent; nothing changes.
     let (ok, _, err) = agent.cli(&[
         "set",
         "--iface",

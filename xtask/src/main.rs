@@ -59,7 +59,8 @@ enum Task {
     /// (`cargo test -p tests -- --test-threads=1 [TEST_ARGS]`, with SNAT_BIN set to the built
     /// binary).
     Test(TestArgs),
-    /// Build, then run the demo (as root)
+    /// Install the tools the demo uses (ping, iproute2, procps) if missing, build, then run the
+    /// demo (as root)
     Demo,
     /// Install the benchmark tools, build, then benchmark snat against no NAT and nftables (as root)
     ///
@@ -331,6 +332,7 @@ fn demo() -> anyhow::Result<()> {
         "it attaches eBPF programs",
         "sudo -E cargo xtask demo",
     )?;
+    tools::ensure_demo()?;
     let bin = build()?;
     exec_example("demo", &bin, &[])
 }

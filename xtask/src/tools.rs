@@ -1,8 +1,8 @@
 //! The programs the integration tests and the benchmarks run, and the Debian packages that
 //! provide them.
 //!
-//! The test machines start bare, so `cargo xtask test` and `cargo xtask bench` install whatever is
-//! missing with apt (as root) before anything else. A test that needs a new program adds a row to
+//! The test machines start bare, so `cargo xtask test`, `cargo xtask demo` and `cargo xtask bench`
+//! install whatever is missing with apt (as root) before anything else. A test that needs a new program adds a row to
 //! [`TEST_TOOLS`], a benchmark to [`BENCH_TOOLS`], which lives with the benchmark
 //! (`tests/examples/bench/tools.rs`) so that the benchmark checks the same list before it starts.
 
@@ -32,6 +32,14 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("nstat", "iproute2"),
 ];
 
+/// What `cargo xtask demo` runs besides the `snat` binary: the namespaces' plumbing and `ping`
+/// (a fresh machine has none of `ping`, and may lack the others).
+pub const DEMO_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("ping", "iputils-ping"),
+];
+
 #[path = "../../tests/examples/bench/tools.rs"]
 mod bench_tools;
 
@@ -41,6 +49,11 @@ pub use bench_tools::BENCH_TOOLS;
 /// Installs the packages of the [`TEST_TOOLS`] that are not on PATH; does nothing if all are.
 pub fn ensure() -> anyhow::Result<()> {
     ensure_set("test tools", TEST_TOOLS, "sudo -E cargo xtask test")
+}
+
+/// Installs the packages of the [`DEMO_TOOLS`] that are not on PATH; does nothing if all are.
+pub fn ensure_demo() -> anyhow::Result<()> {
+    ensure_set("demo tools", DEMO_TOOLS, "sudo -E cargo xtask demo")
 }
 
 /// Installs the packages of the [`BENCH_TOOLS`] that are not on PATH; does nothing if all are.

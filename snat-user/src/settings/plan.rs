@@ -1,5 +1,9 @@
-//! Per-node port slices for a cluster whose nodes share NAT IPs (Azure's load-balancer outbound
-//! model, seeds 000–004).
+//! Per-node port slices for a cluster whose nodes share NAT IPs: Azure's load-balancer outbound
+//! model, as Microsoft Learn's "Use Source Network Address Translation (SNAT) for outbound
+//! connections" (<https://learn.microsoft.com/en-us/azure/load-balancer/load-balancer-outbound-connections>)
+//! and the AKS page on `InvalidLoadBalancerProfileAllocatedOutboundPorts`
+//! (<https://learn.microsoft.com/en-us/troubleshoot/azure/azure-kubernetes/error-codes/invalidloadbalancerprofileallocatedoutboundports-error>)
+//! describe it.
 //!
 //! Model: every node gets the same number of ports on each NAT IP, `per_ip`, and the same slice
 //! of each IP's port space: node `i` owns `first + i·per_ip ..= first + (i+1)·per_ip − 1` on every
@@ -20,8 +24,8 @@ use super::ports::PortRange;
 /// Version of the plan file format; a file of another version is refused, not misread.
 pub const PLAN_VERSION: u32 = 1;
 
-/// Azure's default allocation table (seeds 000, 001, 004): SNAT ports each backend instance gets
-/// per frontend IP, by backend pool size.
+/// Azure's default allocation table ("Use SNAT for outbound connections"): SNAT ports each
+/// backend instance gets per frontend IP, by backend pool size.
 pub const DEFAULT_TABLE: [(u32, u32); 6] = [
     (50, 1024),
     (100, 512),
@@ -441,9 +445,9 @@ mod tests {
 
     #[test]
     fn nine_nodes_at_8000_do_not_fit_one_ip() {
-        // Seed 000: "Load balancer profile allocated ports 8000 is not in an allowable range given
-        // the number of nodes and IPs provisioned. Total node count 9 requires 72000 ports but only
-        // 64000 ports are available given 1 outbound public IPs."
+        // The AKS error page: "Load balancer profile allocated ports 8000 is not in an allowable
+        // range given the number of nodes and IPs provisioned. Total node count 9 requires 72000
+        // ports but only 64000 ports are available given 1 outbound public IPs."
         let e = azure(9, 0, 1, Some(8000)).unwrap_err().to_string();
         assert!(
             e.starts_with(
@@ -462,8 +466,8 @@ mod tests {
 
     #[test]
     fn eight_nodes_plus_one_surge_is_the_same_nine() {
-        // Seed 000: "make sure you account for node surges which happen during cluster upgrades …
-        // AKS defaults to 1 buffer node for upgrade operations".
+        // The AKS error page: account for the node an upgrade adds (AKS surges by one by
+        // default).
         let e = azure(8, 1, 1, Some(8000)).unwrap_err().to_string();
         assert!(
             e.contains("Total node count 9 requires 72000 ports but only 64000"),
@@ -474,8 +478,7 @@ mod tests {
 
     #[test]
     fn eight_nodes_at_8000_fit_one_ip() {
-        // Seed 002: "the combination of the available port range per IP (64000) and the number of
-        // nodes per cluster (8) limits the maximum to 8000 ports per node."
+        // 64,000 ports per IP over 8 nodes: at most 8,000 ports per node.
         let p = azure(8, 0, 1, Some(8000)).unwrap();
         assert_eq!((p.per_ip, p.slices.len()), (8000, 8));
         assert_eq!((p.slices[0].first, p.slices[0].last), (1024, 9023));
@@ -485,8 +488,7 @@ mod tests {
 
     #[test]
     fn a_hundred_nodes_get_512_from_the_table() {
-        // Seed 001: "with 100 VMs in a backend pool and only one frontend IP, each VM is assigned
-        // 512 ports."
+        // The default table: 100 instances and one frontend IP get 512 ports each.
         let p = azure(100, 0, 1, None).unwrap();
         assert_eq!(
             (p.allocation, p.ports_per_node, p.per_ip),
@@ -498,9 +500,8 @@ mod tests {
 
     #[test]
     fn a_second_ip_doubles_what_each_node_gets() {
-        // Seed 001: "Add another frontend IP → Each VM now gets an additional 512 ports, totaling
-        // 1,024 per VM." Seed 002: "a pair of contiguous public IP addresses, which provides a
-        // total of 128,000 available ports."
+        // Another frontend IP gives each instance another 512 (1,024 in all); two IPs hold
+        // 128,000 ports.
         let one = azure(100, 0, 1, None).unwrap();
         let two = azure(100, 0, 2, None).unwrap();
         assert_eq!(two.ports_per_node, 2 * one.ports_per_node);
@@ -511,10 +512,11 @@ mod tests {
     }
 
     #[test]
-    fn seed_004_explicit_rule_example() {
-        // Seed 004: "If you have a backend pool with a max size of 6, each instance can have
-        // 64,000/10 = 6,400 ports if you define an explicit outbound rule. According to the above
-        // table each will only have 1,024 if you choose automatic allocation."
+    fn azure_explicit_rule_example() {
+        // "Use SNAT for outbound connections": "If you have a backend pool with a max size of 6,
+        // each instance can have 64,000/10 = 6,400 ports if you define an explicit outbound
+        // rule. According to the above table each will only have 1,024 if you choose automatic
+        // allocation."
         // Read as a pool of 10 (the arithmetic): 6,400 each, and the table's 1,024.
         let ten = azure(10, 0, 1, None).unwrap();
         assert_eq!(
