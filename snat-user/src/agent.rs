@@ -352,8 +352,12 @@ pub fn cleanup(iface: &str, pin_dir: &std::path::Path) -> anyhow::Result<()> {
         dir: pin_dir.join(iface),
     };
     if !pins.dir.exists() {
+        // A stop guard filter (clsact mode) can outlive pins that lived in a private mount.
+        if crate::datapath::remove_guard_filter(iface) {
+            return Ok(());
+        }
         anyhow::bail!(
-            "nothing pinned in {}: no state to remove",
+            "nothing pinned in {} and no stop guard on {iface}: nothing to remove",
             pins.dir.display()
         );
     }
@@ -365,7 +369,7 @@ pub fn cleanup(iface: &str, pin_dir: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     pins.remove_all();
-    crate::datapath::remove_guard_filter(iface);
+    let _ = crate::datapath::remove_guard_filter(iface);
     if let Some(h) = header {
         let before = pins::reserved_before(&h);
         if let Err(e) = std::fs::write(

@@ -258,7 +258,7 @@ impl Engine {
     /// Once this agent's programs run on the uplink: what a previous agent left for the time
     /// without one (a stop guard filter, its pinned program array) goes.
     fn attached(&self) {
-        remove_guard_filter(&self.iface);
+        let _ = remove_guard_filter(&self.iface);
         if let (Some(pins), Some(ours)) = (&self.pins, &self.programs_pin) {
             pins.remove_other_programs(ours);
         }
@@ -526,11 +526,18 @@ fn unique_suffix() -> String {
 /// Removes a stop guard a previous agent left on `iface` as a cls_bpf filter (`--attach
 /// clsact`): done once this agent's egress program runs before it, or by `snat cleanup`. (In a
 /// TCX link the guard goes with the link's pin, or is replaced by the next agent's swap.)
-pub fn remove_guard_filter(iface: &str) {
+/// Returns whether there was one.
+pub fn remove_guard_filter(iface: &str) -> bool {
     match tc::qdisc_detach_program(iface, TcAttachType::Egress, PROG_GUARD) {
-        Ok(()) => info!("removed the stop guard filter from {iface}"),
-        Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => warn!("looking for a stop guard filter on {iface}: {e}"),
+        Ok(()) => {
+            info!("removed the stop guard filter from {iface}");
+            true
+        }
+        Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => {
+            warn!("looking for a stop guard filter on {iface}: {e}");
+            false
+        }
     }
 }
 
