@@ -92,6 +92,9 @@ pub enum Counter {
     /// A new flow was refused without a search: its destination was found full moments ago and no
     /// port of it has been released since.
     RefusedKnownFull,
+    /// A new flow got its port on another NAT IP: its paired one had none towards its
+    /// destination (`--ip-pooling overflow`).
+    AllocOverflow,
     /// A lookup returned a map element the kernel had just recycled for another flow (its identity
     /// did not match the key looked up); it was treated as absent.
     RecycledEntry,
@@ -164,6 +167,7 @@ impl Counter {
         Counter::TcpReopened,
         Counter::AllocHostPortSkipped,
         Counter::RefusedKnownFull,
+        Counter::AllocOverflow,
         Counter::RecycledEntry,
         Counter::RejectRst,
         Counter::RejectIcmp,
@@ -234,6 +238,7 @@ impl Counter {
             TcpReopened => ("alloc", "tcp_reopened"),
             AllocHostPortSkipped => ("alloc", "host_port_skipped"),
             RefusedKnownFull => ("alloc", "refused_known_full"),
+            AllocOverflow => ("alloc", "overflowed"),
             RecycledEntry => ("alloc", "recycled_entry"),
             RejectRst => ("reject", "rst_sent"),
             RejectIcmp => ("reject", "icmp_sent"),

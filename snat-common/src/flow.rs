@@ -416,11 +416,13 @@ impl NatIp {
 
 /// What a [`UseKey`] counts (its `kind` byte).
 pub mod use_kind {
-    /// Mappings an internal source holds on a NAT IP and protocol (`dst`, `dport` zero).
+    /// Mappings an internal source holds on any NAT IP, per protocol (`nat`, `dst`, `dport`
+    /// zero): what `--max-ports-per-source` caps, per pod whichever NAT IPs it uses.
     pub const SOURCE: u8 = 1;
-    /// Mappings towards a destination on a NAT IP (`src` zero).
+    /// Mappings towards a destination on one NAT IP (`src` zero): how full that IP's range is
+    /// towards it.
     pub const DESTINATION: u8 = 2;
-    /// Mappings one internal source holds towards one destination.
+    /// Mappings one internal source holds towards one destination, on any NAT IP (`nat` zero).
     pub const SOURCE_DESTINATION: u8 = 3;
     /// Written by the controller: how many sources hold mappings towards a destination (the
     /// fair share divides the range by this plus one). Same fields as `DESTINATION`.
@@ -451,7 +453,7 @@ impl UseKey {
         [
             UseKey {
                 src,
-                nat,
+                nat: [0; 4],
                 dst: [0; 4],
                 dport: [0; 2],
                 proto,
@@ -467,7 +469,7 @@ impl UseKey {
             },
             UseKey {
                 src,
-                nat,
+                nat: [0; 4],
                 dst,
                 dport,
                 proto,
@@ -652,6 +654,9 @@ const _: () = assert!(size_of::<Config>() == 32);
 impl Config {
     /// Answer a refused flow at once: TCP RST, or ICMP destination unreachable code 13.
     pub const REJECT: u32 = 1;
+    /// A flow whose paired NAT IP has no port left towards its destination takes one on the
+    /// next NAT IP of the set, in order (`--ip-pooling overflow`).
+    pub const OVERFLOW: u32 = 2;
 }
 
 #[cfg(feature = "user")]

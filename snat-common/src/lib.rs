@@ -55,6 +55,13 @@ pub const MAP_COUNTERS: &str = "SNAT_COUNTERS";
 
 /// Per-CPU hash [`PoolKey`] → flows refused for lack of a port (each flow counted once).
 pub const MAP_EXHAUSTED: &str = "SNAT_EXHAUSTED";
+/// Per-CPU hash [`PoolKey`] (the paired NAT IP and protocol) → flows that got a port on another
+/// NAT IP because their paired one had none towards their destination (`--ip-pooling overflow`).
+pub const MAP_OVERFLOW: &str = "SNAT_OVERFLOW";
+/// NAT IPs a flow tries at most, its paired one included (each further one is a tail call of
+/// `snat_create`, of which the kernel allows 33 in a row).
+pub const MAX_POOL_TRIES: u32 = 32;
+
 /// LRU hash [`FlowKey`] → when the flow was last refused: counts a refused flow once, not each
 /// retransmitted SYN.
 pub const MAP_REFUSED: &str = "SNAT_REFUSED";

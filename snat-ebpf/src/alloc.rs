@@ -183,9 +183,10 @@ const fn zero_tuple() -> aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
 /// iteration separately.
 #[repr(C)]
 pub struct ScanState {
-    /// The live configuration and the NAT IP the flow is paired with ([`nat_ip_for`]).
+    /// The live configuration, the NAT IP being tried ([`nat_ip_for`]) and how many the set has.
     pub cfg: Config,
     pub nat: NatIp,
+    pub nat_count: u32,
     /// The counts the new mapping adds to (source, destination, pair).
     uses: [UseKey; 3],
     /// The destination key (`index::destination` of the reply key).
@@ -404,9 +405,10 @@ fn search(scan: &mut Scan) -> Option<[u8; 2]> {
     (st.result == 1).then_some(st.reply.dst_port)
 }
 
-/// The live configuration and the NAT IP the internal address `src` is paired with in it.
+/// The live configuration, the NAT IP the internal address `src` tries on attempt `attempt` (0:
+/// the one it is paired with, then the next ones of the set in order) and how many the set has.
 #[inline(always)]
-pub fn nat_ip_for(src: [u8; 4]) -> Result<(Config, NatIp), AllocError> {
+pub fn nat_ip_for(src: [u8; 4], attempt: u32) -> Result<(Config, NatIp, u32), AllocError> {
     let cfg = *SNAT_CONFIG.get(0).ok_or(AllocError::NoNatIp)?;
     let set = cfg.active & 1;
     let n = *cfg
@@ -416,13 +418,14 @@ pub fn nat_ip_for(src: [u8; 4]) -> Result<(Config, NatIp), AllocError> {
     if n == 0 || n > MAX_NAT_IPS {
         return Err(AllocError::NoNatIp);
     }
-    let idx = set * MAX_NAT_IPS + pool::nat_index(src, n);
+    let idx = set * MAX_NAT_IPS + (pool::nat_index(src, n) + attempt) % n;
     let nat = SNAT_NAT_IPS.get(idx).copied().ok_or(AllocError::NoNatIp)?;
-    Ok((cfg, nat))
+    Ok((cfg, nat, n))
 }
 
 /// Applies `--max-ports-per-source` and `--fair-share` to a new flow whose mapping would add to
-/// the counts `uses` (source, destination, pair).
+/// the counts `uses` (source, destination on `nat`, pair): the source's mappings and its share of
+/// the destination count on every NAT IP it uses; the destination's fill is that of `nat`'s range.
 #[inline(always)]
 fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError> {
     if cfg.max_per_source != 0 && use_of(&uses[0]) >= u64::from(cfg.max_per_source) {
@@ -553,9 +556,9 @@ pub fn state() -> Option<&'static mut ScanState> {
 }
 
 /// Creates the mapping for the new flow `fwd` (a forward key; `rport` is its real remote port)
-/// at time `now`, or adopts the one another CPU created for the same flow a moment earlier. The
-/// NAT IP (paired with the pod, picked once per flow) and the configuration stay in [`state`]
-/// for the caller to answer a refusal with. Everything lives in this CPU's `SNAT_SCAN` slot,
+/// at time `now` on the NAT IP of `attempt` (see [`nat_ip_for`]), or adopts the one another CPU
+/// created for the same flow a moment earlier. The NAT IP and the configuration stay in
+/// [`state`] for the caller to answer a refusal with, or to try the next NAT IP. Everything lives in this CPU's `SNAT_SCAN` slot,
 /// not on the stack, which the port search's callbacks need.
 #[inline(always)]
 pub fn create(
@@ -564,9 +567,10 @@ pub fn create(
     rport: [u8; 2],
     syn: &Syn,
     now: u64,
+    attempt: u32,
 ) -> Result<Created, AllocError> {
     let st = state().ok_or(AllocError::NoNatIp)?;
-    (st.cfg, st.nat) = nat_ip_for(fwd.src_addr)?;
+    (st.cfg, st.nat, st.nat_count) = nat_ip_for(fwd.src_addr, attempt)?;
     st.reply = fwd.reply(st.nat.addr, [0; 2]);
     st.dest = index::destination(&st.reply);
     if known_full(&st.dest, &st.cfg, now) {
@@ -601,7 +605,11 @@ pub fn create(
     match SNAT_FWD.insert(fwd, st.mapping, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             use_add(&st.uses);
-            remember_endpoint(fwd, addr, port);
+            // The hint serves endpoint-independent mapping on the paired NAT IP: an overflowed
+            // mapping does not replace it.
+            if attempt == 0 {
+                remember_endpoint(fwd, addr, port);
+            }
             Ok(Created::New(addr, port))
         }
         Err(e) => {

@@ -4,42 +4,63 @@
 //! instead of on top of the packet path's. It creates the mapping and translates the packet, or
 //! refuses the flow: counted once per flow and, with `--on-exhaustion reject`, answered at once
 //! (see `reject`).
+//!
+//! With `--ip-pooling overflow`, a flow whose NAT IP has no port left towards its destination
+//! tries the next NAT IP of the set: `snat_create` tail-calls itself with the attempt number
+//! raised (a fresh stack each time), at most `MAX_POOL_TRIES` NAT IPs in all. A full NAT IP costs
+//! one lookup (its destination is marked full), so a flow that overflows pays for each NAT IP it
+//! skips, and a flow that does not overflow pays nothing extra.
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
-use snat_common::{flow::proto, Counter, FlowKey};
+use snat_common::{flow::proto, Config, Counter, FlowKey, MAX_POOL_TRIES, SLOT_CREATE};
 
 use crate::{
     alloc::{self, AllocError, Created, Syn},
-    maps::{count, count_refusal, time_allocation, SNAT_PENDING},
+    maps::{
+        count, count_in_pool, count_refusal, time_allocation, SNAT_OVERFLOW, SNAT_PENDING,
+        SNAT_PROGRAMS,
+    },
     packet::{translate, Ipv4, Nat},
     reject,
     verdict::{Stop, Verdict},
 };
 
 /// A packet egress found no mapping for: its IPv4 header, its forward key, its real remote port
-/// (UDP keys carry 0) and what its SYN tells.
+/// (UDP keys carry 0), what its SYN tells, and how far its allocation got.
 #[derive(Clone, Copy)]
 pub struct Pending {
     pub ip: Ipv4,
     pub key: FlowKey,
     pub rport: [u8; 2],
     pub syn: Syn,
+    /// Which NAT IP this run tries: 0 the paired one, then the next ones (overflow).
+    pub attempt: u32,
+    /// The paired NAT IP, once attempt 0 is over: refusals and overflows are counted on it.
+    pub paired: [u8; 4],
+    /// `bpf_ktime_get_ns` when egress handed the packet over: the allocation's time.
+    pub started: u64,
 }
 
 pub fn run(ctx: &TcContext) -> Verdict {
     let p = SNAT_PENDING
-        .get_ptr(0)
+        .get_ptr_mut(0)
         .ok_or(Counter::EgressDropNoAllocator)?;
-    // SAFETY: this CPU's slot, written by egress right before its tail call to here.
-    let pending = unsafe { &*p };
-    let key = &pending.key;
+    // SAFETY: this CPU's slot, written by egress (or by the previous attempt) right before its
+    // tail call to here.
+    let pending = unsafe { &mut *p };
     let nat = new_mapping(ctx, pending)?;
-    let port_off_old = (pending.ip.src, key.src_port);
-    translate(ctx, &pending.ip, key.proto, port_off_old, nat)?;
+    let key = &pending.key;
+    translate(
+        ctx,
+        &pending.ip,
+        key.proto,
+        (pending.ip.src, key.src_port),
+        nat,
+    )?;
     Ok(match key.proto {
         proto::TCP => Counter::EgressTranslatedTcp,
         proto::UDP => Counter::EgressTranslatedUdp,
@@ -47,46 +68,81 @@ pub fn run(ctx: &TcContext) -> Verdict {
     })
 }
 
-/// Creates the mapping of the new flow `pending.key`, or refuses it.
+/// Creates the mapping of the new flow `pending.key` on the NAT IP of `pending.attempt`; tries the
+/// next NAT IP when this one is full and overflow is on; otherwise refuses the flow.
 #[inline(always)]
-fn new_mapping(ctx: &TcContext, pending: &Pending) -> Result<Nat, Stop> {
-    let key = &pending.key;
+fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
+    let key = pending.key;
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let created = alloc::create(ctx, &key, pending.rport, &pending.syn, now, pending.attempt);
+    if let (Err(AllocError::Exhausted), Some(st)) = (&created, alloc::state()) {
+        if pending.attempt == 0 {
+            pending.paired = st.nat.addr;
+        }
+        let tries = if st.nat_count < MAX_POOL_TRIES {
+            st.nat_count
+        } else {
+            MAX_POOL_TRIES
+        };
+        if st.cfg.flags & Config::OVERFLOW != 0 && pending.attempt + 1 < tries {
+            pending.attempt += 1;
+            // SAFETY: a tail call from the program's own frame; on success this run ends here
+            // and the next NAT IP is tried in a fresh one.
+            unsafe { SNAT_PROGRAMS.tail_call(ctx, SLOT_CREATE) };
+            // The kernel refused the tail call: refuse the flow on the paired NAT IP.
+        }
+    }
     // SAFETY: as above.
-    let started = unsafe { bpf_ktime_get_ns() };
-    let created = alloc::create(ctx, key, pending.rport, &pending.syn, now);
-    // SAFETY: as above.
-    time_allocation(unsafe { bpf_ktime_get_ns() }.wrapping_sub(started));
+    time_allocation(unsafe { bpf_ktime_get_ns() }.wrapping_sub(pending.started));
     match created {
         Ok(Created::New(addr, port)) => {
-            log_created(ctx, key, u16::from_be_bytes(port));
+            log_created(ctx, &key, u16::from_be_bytes(port));
             count(match key.proto {
                 proto::TCP => Counter::CreatedTcp,
                 proto::UDP => Counter::CreatedUdp,
                 _ => Counter::CreatedIcmp,
             });
+            if pending.attempt > 0 {
+                count(Counter::AllocOverflow);
+                count_in_pool(&SNAT_OVERFLOW, pending.paired, key.proto);
+            }
             Ok((addr, port))
         }
         Ok(Created::Adopted(addr, port)) => Ok((addr, port)),
         Err(AllocError::TableFull) => {
-            log_table_full(ctx, key);
+            log_table_full(ctx, &key);
             Err(Counter::EgressDropTableFull.into())
         }
         Err(AllocError::NoNatIp) => Err(Counter::EgressDropNoNatIp.into()),
-        Err(why) => Err(refuse(ctx, &pending.ip, key, why, now)),
+        Err(why) => {
+            let home = if pending.attempt == 0 {
+                None
+            } else {
+                Some(pending.paired)
+            };
+            Err(refuse(ctx, &pending.ip, &key, why, now, home))
+        }
     }
 }
 
-/// A new flow refused for `why` (a cap, the fair share, or no port): counted once per flow, and
-/// answered if the policy and the rate allow.
+/// A new flow refused for `why` (a cap, the fair share, or no port): counted once per flow — on
+/// its paired NAT IP (`home`, if it overflowed; else the one just tried) — and answered if the
+/// policy and the rate allow.
 #[inline(always)]
-fn refuse(ctx: &TcContext, ip: &Ipv4, key: &FlowKey, why: AllocError, now: u64) -> Stop {
+fn refuse(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    key: &FlowKey,
+    why: AllocError,
+    now: u64,
+    home: Option<[u8; 4]>,
+) -> Stop {
     let counter = why.counter(key.proto);
     let Some(st) = alloc::state() else {
         return counter.into();
     };
-    count_refusal(key, st.nat.addr, now, why.no_port());
+    count_refusal(key, home.unwrap_or(st.nat.addr), now, why.no_port());
     log_refused(ctx, key, counter);
     Stop {
         counter,

@@ -10,7 +10,11 @@
 //! when no mapping explains it; and the node's own echo requests are remembered so that pods are
 //! not given the identifiers its ping sockets use.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
 use snat_common::{
     flow::proto,
     tcp::{self, header},
@@ -180,6 +184,10 @@ fn mapping(
             key: *key,
             rport,
             syn,
+            attempt: 0,
+            paired: [0; 4],
+            // SAFETY: helper without preconditions.
+            started: unsafe { bpf_ktime_get_ns() },
         },
     )
 }
@@ -337,7 +345,7 @@ fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let addr = match fragments_of(&ip.frag_key(), now()) {
         Some(addr) => addr,
         None => {
-            alloc::nat_ip_for(ip.src)
+            alloc::nat_ip_for(ip.src, 0)
                 .map_err(|_| Counter::EgressDropNoNatIp)?
                 .1
                 .addr

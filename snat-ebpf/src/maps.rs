@@ -61,6 +61,10 @@ pub static SNAT_EXHAUSTED: PerCpuHashMap<PoolKey, u64> =
     PerCpuHashMap::with_max_entries(2 * MAX_NAT_IPS * 3, 0);
 
 #[map]
+pub static SNAT_OVERFLOW: PerCpuHashMap<PoolKey, u64> =
+    PerCpuHashMap::with_max_entries(2 * MAX_NAT_IPS * 3, 0);
+
+#[map]
 pub static SNAT_REFUSED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(REFUSED_FLOWS, 0);
 
 #[map]
@@ -241,22 +245,25 @@ pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64, exhausted: bool) {
     if !exhausted {
         return;
     }
+    count_in_pool(&SNAT_EXHAUSTED, nat, key.proto);
+}
+
+/// Adds one to this CPU's count of the pool (`nat`, `proto`) in `map`, creating it.
+#[inline(always)]
+pub fn count_in_pool(map: &PerCpuHashMap<PoolKey, u64>, nat: [u8; 4], proto: u8) {
     let pool = PoolKey {
         addr: nat,
-        proto: key.proto,
+        proto,
         _pad: [0; 3],
     };
     for _ in 0..2 {
-        if let Some(n) = SNAT_EXHAUSTED.get_ptr_mut(pool) {
+        if let Some(n) = map.get_ptr_mut(pool) {
             // SAFETY: this CPU's slot of a per-CPU value.
             unsafe { *n += 1 };
             return;
         }
-        // First refusal on this pool: create it (another CPU may win the race: look again).
-        if SNAT_EXHAUSTED
-            .insert(pool, 1, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
+        // The pool's first count: create it (another CPU may win the race: look again).
+        if map.insert(pool, 1, u64::from(BPF_NOEXIST)).is_ok() {
             return;
         }
     }

@@ -70,6 +70,7 @@ impl AgentState {
             view,
             counters: self.counters.read()?,
             exhausted: self.counters.exhausted()?,
+            overflowed: self.counters.overflowed()?,
             refused_by_source: self.counters.refused_by_source()?,
             expired: lock(&self.sweeper).expired.clone(),
             saturation: lock(&self.saturation).clone(),

@@ -294,6 +294,7 @@ fn sample_report() -> Report {
             used_percent: 1.0,
             mappings: 1,
             exhausted_flows: 0,
+            overflowed_flows: 0,
         }],
         mappings: BTreeMap::from([(Proto::Tcp, 1)]),
         port_claims: BTreeMap::from([(Proto::Tcp, 1)]),

@@ -13,6 +13,7 @@ pub struct Counters {
     pub(super) packets: PerCpuArray<MapData, u64>,
     pub(super) source_refused: HashMap<MapData, Ipv4Octets, u64>,
     pub(super) exhausted: PerCpuHashMap<MapData, PoolKey, u64>,
+    pub(super) overflowed: PerCpuHashMap<MapData, PoolKey, u64>,
     pub(super) alloc_ns: PerCpuArray<MapData, u64>,
 }
 
@@ -46,6 +47,18 @@ impl Counters {
             .iter()
             .map(|item| {
                 let (k, per_cpu) = item.doing(|| "reading SNAT_EXHAUSTED".into())?;
+                Ok((k, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Flows that got a port on another NAT IP than their paired one, by (paired NAT IP,
+    /// protocol).
+    pub fn overflowed(&self) -> Result<Vec<(PoolKey, u64)>, DatapathError> {
+        self.overflowed
+            .iter()
+            .map(|item| {
+                let (k, per_cpu) = item.doing(|| "reading SNAT_OVERFLOW".into())?;
                 Ok((k, per_cpu.iter().sum()))
             })
             .collect()

@@ -28,9 +28,9 @@ use log::{debug, info, warn};
 use snat_common::{
     flow::release_batch, pool, Ipv4Octets, ReleaseEntry, StateHeader, MAP_ALLOC_NS, MAP_CONFIG,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD,
-    MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_PROGRAMS, MAP_REV, MAP_SOURCE_REFUSED,
-    MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE, PROG_EGRESS, PROG_GUARD,
-    PROG_INGRESS, PROG_RELEASE, SLOT_CREATE,
+    MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV,
+    MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE,
+    PROG_EGRESS, PROG_GUARD, PROG_INGRESS, PROG_RELEASE, SLOT_CREATE,
 };
 
 use self::error::{no_map, no_program, Doing as _};
@@ -441,6 +441,7 @@ impl Engine {
             packets: PerCpuArray::try_from(take(MAP_COUNTERS)?)?,
             source_refused: HashMap::try_from(take(MAP_SOURCE_REFUSED)?)?,
             exhausted: PerCpuHashMap::try_from(take(MAP_EXHAUSTED)?)?,
+            overflowed: PerCpuHashMap::try_from(take(MAP_OVERFLOW)?)?,
             alloc_ns: PerCpuArray::try_from(take(MAP_ALLOC_NS)?)?,
         })
     }

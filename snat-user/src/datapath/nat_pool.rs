@@ -83,11 +83,12 @@ impl NatPool {
         Ok(())
     }
 
-    /// Writes the admission policy: the per-source cap, the fair share and how refused flows
-    /// are answered.
+    /// Writes the admission policy: the per-source cap, the fair share, whether flows overflow
+    /// to other NAT IPs, and how refused flows are answered.
     pub fn set_policy(&mut self, p: &Policy) -> Result<(), DatapathError> {
         let mut cfg = self.config.get(&0, 0)?;
-        cfg.flags = if p.reject { Config::REJECT } else { 0 };
+        cfg.flags = if p.reject { Config::REJECT } else { 0 }
+            | if p.overflow { Config::OVERFLOW } else { 0 };
         cfg.reject_per_sec = p.reject_per_sec;
         cfg.max_per_source = p.max_per_source;
         cfg.fair_share_permille = p.fair_share_permille;

@@ -94,6 +94,12 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
         COUNTER,
         &|p| p.exhausted_flows as f64,
     ));
+    out.push(per_pool(
+        "snat_port_overflow_total",
+        "New flows of pods paired with this NAT IP that got their port on another NAT IP, because this one had none left towards their destination (--ip-pooling overflow).",
+        COUNTER,
+        &|p| p.overflowed_flows as f64,
+    ));
     let mut mappings = Family::new(
         "snat_mappings",
         "Active mappings (SNAT connections).",
@@ -357,6 +363,7 @@ mod tests {
                 used_percent: 3.0,
                 mappings: 3,
                 exhausted_flows: 2,
+                overflowed_flows: 4,
             }],
             mappings: BTreeMap::from([(Proto::Tcp, 3)]),
             port_claims: BTreeMap::from([(Proto::Tcp, 3)]),
@@ -386,6 +393,7 @@ mod tests {
             "snat_ports_total{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 100",
             "snat_ports_in_use{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 3",
             "snat_port_exhaustion_total{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 2",
+            "snat_port_overflow_total{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 4",
             "snat_mappings{proto=\"tcp\"} 3",
             "snat_packets_total{direction=\"egress\",result=\"translated_tcp\"} 7",
             "snat_mappings_created_total{proto=\"tcp\"} 3",

@@ -28,8 +28,9 @@ pub fn render_status(r: &Report) -> String {
     let p = &r.policy;
     let _ = writeln!(
         out,
-        "on exhaustion: {}; per-source cap: {}; fair share: {}; reserved ports: {}",
+        "on exhaustion: {}; IP pooling: {}; per-source cap: {}; fair share: {}; reserved ports: {}",
         p.on_exhaustion,
+        p.ip_pooling,
         if p.max_ports_per_source == 0 {
             "none".to_owned()
         } else {
@@ -44,20 +45,21 @@ pub fn render_status(r: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "\n{:<16} {:<5} {:>10} {:>8} {:>7} {:>9} {:>10}",
-        "NAT IP", "PROTO", "ALLOCATED", "IN USE", "USED%", "MAPPINGS", "EXHAUSTED"
+        "\n{:<16} {:<5} {:>10} {:>8} {:>7} {:>9} {:>10} {:>10}",
+        "NAT IP", "PROTO", "ALLOCATED", "IN USE", "USED%", "MAPPINGS", "EXHAUSTED", "OVERFLOWED"
     );
     for p in &r.pools {
         let _ = writeln!(
             out,
-            "{:<16} {:<5} {:>10} {:>8} {:>6.1}% {:>9} {:>10}",
+            "{:<16} {:<5} {:>10} {:>8} {:>6.1}% {:>9} {:>10} {:>10}",
             p.nat_ip,
             p.proto,
             p.ports_total,
             p.ports_in_use,
             p.used_percent,
             p.mappings,
-            p.exhausted_flows
+            p.exhausted_flows,
+            p.overflowed_flows
         );
     }
     out.push_str(&render_top_sources(r));

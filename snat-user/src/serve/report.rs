@@ -31,6 +31,9 @@ pub struct Snapshot {
     pub counters: Vec<(Counter, u64)>,
     /// Flows refused for lack of a port, per (NAT IP, protocol).
     pub exhausted: Vec<(PoolKey, u64)>,
+    /// Flows that got a port on another NAT IP than their paired one, per (paired NAT IP,
+    /// protocol).
+    pub overflowed: Vec<(PoolKey, u64)>,
     /// Flows refused per internal source.
     pub refused_by_source: Vec<(Ipv4Addr, u64)>,
     /// Mappings released, by protocol and reason.
@@ -90,6 +93,10 @@ pub struct Pool {
     pub mappings: u64,
     /// New flows refused for lack of a port (each flow once).
     pub exhausted_flows: u64,
+    /// New flows of pods paired with this NAT IP that got their port on another one, because
+    /// this one had none left towards their destination (`--ip-pooling overflow`).
+    #[serde(default)]
+    pub overflowed_flows: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -121,6 +128,9 @@ pub struct SourceRefused {
 pub struct PolicyReport {
     /// `reject` or `drop`.
     pub on_exhaustion: String,
+    /// `overflow` or `paired`.
+    #[serde(default)]
+    pub ip_pooling: String,
     /// 0: no cap.
     pub max_ports_per_source: u32,
     /// 0: no fair share.
@@ -161,11 +171,13 @@ impl Report {
                 .or_default()
                 .insert(name.into(), v);
         }
-        let exhausted: BTreeMap<(Ipv4Addr, u8), u64> = s
-            .exhausted
-            .into_iter()
-            .map(|(k, n)| ((k.addr(), k.proto), n))
-            .collect();
+        let by_pool = |v: Vec<(PoolKey, u64)>| -> BTreeMap<(Ipv4Addr, u8), u64> {
+            v.into_iter()
+                .map(|(k, n)| ((k.addr(), k.proto), n))
+                .collect()
+        };
+        let exhausted = by_pool(s.exhausted);
+        let overflowed = by_pool(s.overflowed);
         let mut expired: BTreeMap<Proto, BTreeMap<String, u64>> = BTreeMap::new();
         for ((p, reason), n) in s.expired {
             expired
@@ -206,6 +218,7 @@ impl Report {
                     used_percent: percent(in_use, total),
                     mappings: view.pool_mappings.get(&key).copied().unwrap_or(0),
                     exhausted_flows: exhausted.get(&key).copied().unwrap_or(0),
+                    overflowed_flows: overflowed.get(&key).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -238,6 +251,7 @@ impl Report {
         let p = &settings.policy;
         let policy = PolicyReport {
             on_exhaustion: if p.reject { "reject" } else { "drop" }.into(),
+            ip_pooling: if p.overflow { "overflow" } else { "paired" }.into(),
             max_ports_per_source: p.max_per_source,
             fair_share_threshold: f64::from(p.fair_share_permille) / 1000.0,
             reserved_ports: settings.reserved_ports.to_string(),
@@ -410,6 +424,14 @@ mod tests {
                 },
                 2,
             )],
+            overflowed: vec![(
+                PoolKey {
+                    addr: [198, 51, 100, 1],
+                    proto: proto::TCP,
+                    _pad: [0; 3],
+                },
+                7,
+            )],
             refused_by_source: vec![
                 (Ipv4Addr::new(10, 1, 2, 2), 1),
                 (Ipv4Addr::new(10, 1, 3, 2), 5),
@@ -443,7 +465,7 @@ mod tests {
             (tcp.ports_total, tcp.ports_in_use, tcp.mappings),
             (100, 3, 3)
         );
-        assert_eq!(tcp.used_percent, 3.0);
+        assert_eq!((tcp.used_percent, tcp.overflowed_flows), (3.0, 7));
         assert_eq!(pool("198.51.100.2", Proto::Udp).exhausted_flows, 2);
         assert_eq!(r.mappings[&Proto::Tcp], 3);
         assert_eq!(r.port_claims[&Proto::Tcp], 3);
@@ -464,6 +486,12 @@ mod tests {
         assert_eq!((r.allocation.count, r.guard_dropped), (3, Some(9)));
         assert_eq!(r.control_refused["set"], 1);
         assert_eq!(r.conns.len(), 3, "the rows the filter asked for");
-        assert_eq!(r.policy.on_exhaustion, "reject");
+        assert_eq!(
+            (
+                r.policy.on_exhaustion.as_str(),
+                r.policy.ip_pooling.as_str()
+            ),
+            ("reject", "overflow")
+        );
     }
 }

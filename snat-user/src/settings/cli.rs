@@ -8,7 +8,7 @@ use super::{
     cidr::Ipv4Cidr,
     duration,
     ports::{PortList, PortRange},
-    AttachChoice, EbpfLog, MetricsAddr, OnExhaustion, OnStop, MAX_METRICS_MIN_INTERVAL,
+    AttachChoice, EbpfLog, IpPooling, MetricsAddr, OnExhaustion, OnStop, MAX_METRICS_MIN_INTERVAL,
 };
 
 /// snat: an eBPF egress NAT for Linux nodes.
@@ -225,6 +225,14 @@ pub struct RunArgs {
     /// destination unreachable code 13, RFC 5508 REQ-8); `drop` lets its connect time out.
     #[arg(long, value_name = "WHAT", default_value = "reject")]
     pub on_exhaustion: OnExhaustion,
+
+    /// How a pod's flows use the NAT IPs. `overflow`: the NAT IP the pod is paired with first
+    /// and, when it has no port left towards a flow's destination, the next ones in order, so
+    /// every NAT IP adds ports for the pod that needs them. `paired`: only the paired one, so a
+    /// pod keeps one public address for all its flows (RFC 4787 REQ-2; for protocols that need
+    /// it, such as some P2P, SIP or FTP-style applications).
+    #[arg(long, value_name = "MODE", default_value = "overflow")]
+    pub ip_pooling: IpPooling,
 
     /// Answers to refused flows per second and CPU at most; above that they are dropped.
     #[arg(long, value_name = "N", default_value_t = 1000)]

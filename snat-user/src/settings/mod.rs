@@ -73,6 +73,17 @@ pub enum OnExhaustion {
     Drop,
 }
 
+/// How a pod's flows use the NAT IPs (`--ip-pooling`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IpPooling {
+    /// Every flow of a pod uses the NAT IP it is paired with (RFC 4787 REQ-2); a flow is refused
+    /// when that IP has no port left towards its destination.
+    Paired,
+    /// The paired NAT IP first; when it has no port left towards the destination, the next NAT
+    /// IPs in order.
+    Overflow,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnStop {
     Closed,
@@ -169,6 +180,9 @@ pub struct Settings {
 pub struct Policy {
     /// Answer refused flows (TCP RST / ICMP unreachable) instead of dropping them.
     pub reject: bool,
+    /// A flow whose paired NAT IP is full towards its destination takes a port on the next one
+    /// (`--ip-pooling overflow`).
+    pub overflow: bool,
     pub reject_per_sec: u32,
     /// 0: no cap.
     pub max_per_source: u32,
@@ -282,6 +296,7 @@ impl Settings {
         }
         let policy = Policy {
             reject: args.on_exhaustion == OnExhaustion::Reject,
+            overflow: args.ip_pooling == IpPooling::Overflow,
             reject_per_sec: args.reject_rate,
             max_per_source: args.max_ports_per_source,
             fair_share_permille: if args.fair_share {
@@ -617,7 +632,7 @@ mod tests {
             "{e}"
         );
         let s = Settings::validate(
-            &args("run --iface up0 --internal 10.0.0.0/8 --fair-share --fair-share-threshold 0.9 --max-ports-per-source 500 --on-exhaustion drop"),
+            &args("run --iface up0 --internal 10.0.0.0/8 --fair-share --fair-share-threshold 0.9 --max-ports-per-source 500 --on-exhaustion drop --ip-pooling paired"),
             iface(&[UPLINK]),
         )
         .unwrap();
@@ -625,6 +640,7 @@ mod tests {
             s.policy,
             Policy {
                 reject: false,
+                overflow: false,
                 reject_per_sec: 1000,
                 max_per_source: 500,
                 fair_share_permille: 900
@@ -636,7 +652,10 @@ mod tests {
         )
         .unwrap();
         assert!(
-            d.policy.reject && d.policy.fair_share_permille == 0 && d.policy.max_per_source == 0
+            d.policy.reject
+                && d.policy.overflow
+                && d.policy.fair_share_permille == 0
+                && d.policy.max_per_source == 0
         );
         let e = Settings::validate(
             &args("run --iface up0 --internal 10.0.0.0/8 --fair-share --fair-share-threshold 1.5"),

@@ -125,6 +125,14 @@ pub struct Plan {
     pub slices: Vec<Slice>,
 }
 
+/// Ports one pod and one node reach towards one destination ([`Plan::reach`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reach {
+    pub pod_paired: u64,
+    pub pod_overflow: u64,
+    pub node: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error("{0}")]
@@ -366,6 +374,18 @@ impl Plan {
         Ok(plan)
     }
 
+    /// How many ports one pod and one node reach towards one destination (ports are reused
+    /// across destinations): a pod with `--ip-pooling paired` only its paired NAT IP's slice, with
+    /// `overflow` every NAT IP's slice of its node; a node every slice it owns.
+    pub fn reach(&self) -> Reach {
+        let node = u64::from(self.per_ip) * u64::from(self.ips);
+        Reach {
+            pod_paired: u64::from(self.per_ip),
+            pod_overflow: node,
+            node,
+        }
+    }
+
     /// The plan as a table.
     pub fn render(&self) -> String {
         let last = u32::from(self.space.first) + self.space.size - 1;
@@ -399,6 +419,12 @@ impl Plan {
                 );
             }
         }
+        let reach = self.reach();
+        let _ = writeln!(
+            out,
+            "towards one destination: one pod reaches {} ports with --ip-pooling paired, {} with overflow (the default); one node {}",
+            reach.pod_paired, reach.pod_overflow, reach.node
+        );
         let ips: Vec<String> = if self.nat_ips.is_empty() {
             (0..self.ips).map(|i| format!("ip{i}")).collect()
         } else {
@@ -509,6 +535,18 @@ mod tests {
         // And nine nodes at 8000 fit over two IPs (128,000 ports).
         let p = azure(9, 0, 2, Some(8000)).unwrap();
         assert_eq!(p.per_ip, 4000);
+        // One pod reaches one IP's slice when paired, both when it may overflow.
+        assert_eq!(
+            p.reach(),
+            Reach {
+                pod_paired: 4000,
+                pod_overflow: 8000,
+                node: 8000
+            }
+        );
+        assert!(p
+            .render()
+            .contains("one pod reaches 4000 ports with --ip-pooling paired, 8000 with overflow"));
     }
 
     #[test]

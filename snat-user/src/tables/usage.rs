@@ -111,7 +111,10 @@ pub fn refresh(
     saturation: &mut Saturation,
 ) -> Result<(), DatapathError> {
     let range = f64::from(settings.port_range.size());
-    let mut dests: HashMap<UseKey, (u64, u64)> = HashMap::new(); // destination → (mappings, sources)
+    // Destination (per NAT IP) → mappings; a pair count holds for every NAT IP (a pod's share
+    // counts across them), so sources are counted per remote endpoint and protocol.
+    let mut dests: HashMap<UseKey, u64> = HashMap::new();
+    let mut sources: HashMap<([u8; 4], [u8; 2], u8), u64> = HashMap::new();
     let mut hints: Vec<UseKey> = Vec::new();
     let mut seen = Vec::new();
     let mut counts = Vec::new();
@@ -119,24 +122,14 @@ pub fn refresh(
     for (key, raw) in counts {
         let n = use_count(raw);
         match key.kind {
-            use_kind::DESTINATION => dests.entry(key).or_default().0 = n,
+            use_kind::DESTINATION => {
+                dests.insert(key, n);
+            }
             use_kind::SOURCE_DESTINATION if n > 0 => {
-                dests
-                    .entry(UseKey {
-                        src: [0; 4],
-                        kind: use_kind::DESTINATION,
-                        ..key
-                    })
-                    .or_default()
-                    .1 += 1;
+                *sources.entry((key.dst, key.dport, key.proto)).or_default() += 1;
             }
             use_kind::SOURCE if settings.policy.max_per_source > 0 && n > 0 => {
-                let subject = format!(
-                    "{} ({} via {})",
-                    Ipv4Addr::from(key.src),
-                    proto_name(key.proto),
-                    key.nat()
-                );
+                let subject = format!("{} ({})", Ipv4Addr::from(key.src), proto_name(key.proto));
                 seen.push((
                     "source",
                     subject,
@@ -149,13 +142,17 @@ pub fn refresh(
     }
     let permille = settings.policy.fair_share_permille;
     let mut keep = Vec::new();
-    for (dest, (mappings, sources)) in &dests {
+    for (dest, mappings) in &dests {
         let fraction = *mappings as f64 / range;
         seen.push(("destination", dest_label(dest), fraction));
         // Hints matter once a destination nears the fair-share threshold; write them from half.
         if permille > 0 && fraction * 2000.0 >= f64::from(permille) {
             let hint = UseKey::sources_of(dest);
-            tables.usage.insert(hint, *sources, 0)?;
+            let n = sources
+                .get(&(dest.dst, dest.dport, dest.proto))
+                .copied()
+                .unwrap_or(0);
+            tables.usage.insert(hint, n, 0)?;
             keep.push(hint);
         }
     }
