@@ -231,21 +231,17 @@ pub struct Mapping {
     pub _pad: u8,
     /// The pod's initial sequence number + 1: what a RST answering its SYN acknowledges.
     pub isn_next: [u8; 4],
-    /// Raised by the release program while it decides whether to remove this mapping; see
-    /// [`Mapping::touched`].
+    /// Raised (atomically) by the release program before it re-reads `last_seen_ns` to decide
+    /// whether to remove this mapping. A packet that refreshes `last_seen_ns` reads it after a
+    /// full barrier, so one of the two always sees the other: the datapath drops the packet of a
+    /// mapping being released, or the release keeps the mapping.
     pub release: u32,
-    /// Bumped (atomically) by a packet that refreshes `last_seen_ns`, before it reads `release`:
-    /// with the release program's increment of `release` before it re-reads `last_seen_ns`, one of
-    /// the two always sees the other (the datapath then drops the packet of a mapping being
-    /// released, or the release keeps the mapping).
-    pub touched: u32,
-    pub _pad2: u32,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds when the mapping was made.
     pub created_ns: u64,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last outbound packet.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Mapping>() == 72);
+const _: () = assert!(size_of::<Mapping>() == 64);
 // The datapath reads these fields as whole words (`mapping` in snat-ebpf): keep them aligned.
 const _: () = assert!(
     core::mem::offset_of!(Mapping, nat_addr) % 4 == 0
@@ -274,8 +270,6 @@ impl Mapping {
             _pad: 0,
             isn_next: [0; 4],
             release: 0,
-            touched: 0,
-            _pad2: 0,
             created_ns: now,
             last_seen_ns: now,
         }
@@ -325,14 +319,12 @@ pub struct Origin {
     pub syn: u16,
     pub fin: u16,
     pub rst: u16,
-    /// See [`Mapping::release`] and [`Mapping::touched`].
+    /// See [`Mapping::release`].
     pub release: u32,
-    pub touched: u32,
-    pub _pad: u32,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last inbound packet (or of creation).
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Origin>() == 48);
+const _: () = assert!(size_of::<Origin>() == 40);
 const _: () = assert!(
     core::mem::offset_of!(Origin, addr) % 4 == 0 && core::mem::offset_of!(Origin, port) % 2 == 0
 );
@@ -350,8 +342,6 @@ impl Origin {
             fin: 0,
             rst: 0,
             release: 0,
-            touched: 0,
-            _pad: 0,
             last_seen_ns: now,
         }
     }

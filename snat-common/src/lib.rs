@@ -130,8 +130,12 @@ const _: () = assert!(size_of::<FullMark>() == 16);
 
 /// Destinations remembered as full at once (a forgotten one only costs one more search).
 pub const MAX_FULL_DESTINATIONS: u32 = 4096;
-/// How long a full destination is refused without a search, at most.
-pub const FULL_RECHECK_NS: u64 = 1_000_000_000;
+/// How long a full destination is refused without a search, at most. Only ports the node's own
+/// sockets freed wait this long (every release through snat clears the mark at once). A search
+/// of a full range walks all of it (milliseconds at 32,768 ports, see docs/benchmarks.md), and
+/// at most `--max-mappings` / range destinations can be full at once (about 30 at the
+/// defaults): one recheck each per 10 s keeps that cost a small fraction of a core.
+pub const FULL_RECHECK_NS: u64 = 10_000_000_000;
 
 /// LRU hash (ICMP, remote, 0, node address, identifier) — the reply key of the node's own echo
 /// requests — → `CLOCK_MONOTONIC_COARSE` ns of the latest: identifiers the node's ping sockets use
@@ -159,7 +163,7 @@ pub const PINNED_MAPS: [&str; 4] = [MAP_FWD, MAP_REV, MAP_USE, MAP_STATE];
 pub const STATE_MAGIC: u32 = 0x534e_4154;
 /// Version of the pinned state's layout and meaning. Bump it whenever a pinned map's key or value
 /// changes in size or meaning: a new agent then refuses old state instead of misreading it.
-pub const STATE_VERSION: u32 = 2;
+pub const STATE_VERSION: u32 = 3;
 
 /// What the agent records about the state it pinned.
 #[repr(C)]

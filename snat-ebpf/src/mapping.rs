@@ -14,17 +14,18 @@
 //!   own stamps; an element recycled in the few instructions between the check and such a store
 //!   gets at most a timestamp or an epoch stamp the new owner's phase computation ignores unless
 //!   its epoch happens to be equal.
-//! - **No release races a refresh.** A packet that refreshes a half stores its time, then bumps
-//!   `touched` atomically, then reads `release`; the release program bumps `release` atomically,
-//!   then re-reads the time stamps. The atomic adds are `lock`ed instructions on x86-64, so each
-//!   side's load is ordered after its own store: at least one of them sees the other. The packet
+//! - **No release races a refresh.** A packet that refreshes a half stores its time, then adds to
+//!   its CPU's word of `SNAT_FENCE` atomically, then reads `release`; the release program bumps
+//!   `release` atomically, then re-reads the time stamps. The atomic adds are `lock`ed
+//!   instructions on x86-64, full barriers wherever they point, so each side's load is ordered
+//!   after its own store: at least one of them sees the other. The packet
 //!   of a mapping being released is dropped (`drop_released`), exactly as if it had come a moment
 //!   later; a release that sees a refresh keeps the mapping. (On architectures whose JIT emits
 //!   relaxed atomics for BPF_XADD — arm64 — this ordering is not guaranteed.)
 
 use snat_common::{Counter, FlowKey, Mapping, Origin};
 
-use crate::maps::{atomic_add32, count, SNAT_FWD, SNAT_REV};
+use crate::maps::{atomic_add32, count, SNAT_FENCE, SNAT_FWD, SNAT_REV};
 
 /// Mappings record a packet's time only when it moved on by this much, to spare the cache line.
 /// Idle timeouts are at least a second, so a mapping refreshed less than this long ago is never
@@ -151,25 +152,24 @@ pub fn reverse(key: &FlowKey) -> Option<(*mut Origin, Reverse)> {
 }
 
 /// Records a packet at `now` in a half whose copy says it was last seen at `seen`, whose stamp is
-/// at `stamp` and whose handshake fields are `touched` and `release`. `Err` when the release
-/// program is removing the mapping at this moment (see the module docs).
+/// at `stamp` and whose handshake field is `release`. `Err` when the release program is removing
+/// the mapping at this moment (see the module docs).
 ///
 /// # Safety
-/// The three pointers point into one live value of `SNAT_FWD` or `SNAT_REV`.
+/// Both pointers point into one live value of `SNAT_FWD` or `SNAT_REV`.
 #[inline(always)]
-unsafe fn refresh(
-    seen: u64,
-    now: u64,
-    stamp: *mut u64,
-    touched: *mut u32,
-    release: *const u32,
-) -> Result<(), ()> {
+unsafe fn refresh(seen: u64, now: u64, stamp: *mut u64, release: *const u32) -> Result<(), ()> {
     if now.wrapping_sub(seen) <= REFRESH_NS {
         return Ok(());
     }
     // SAFETY: per the caller's contract.
     unsafe { core::ptr::write_volatile(stamp, now) };
-    atomic_add32(touched, 1);
+    // Index 0 of a one-entry array always exists; without the barrier the packet could not
+    // know it was seen, so it would count as racing a release.
+    let Some(fence) = SNAT_FENCE.get_ptr_mut(0) else {
+        return Err(());
+    };
+    atomic_add32(fence, 1);
     // SAFETY: as above; read after the locked add, which orders it after the store.
     if unsafe { core::ptr::read_volatile(release) } != 0 {
         return Err(());
@@ -186,7 +186,6 @@ pub fn refresh_forward(p: *mut Mapping, m: &Forward, now: u64) -> Result<(), ()>
             m.last_seen_ns,
             now,
             &raw mut (*p).last_seen_ns,
-            &raw mut (*p).touched,
             &raw const (*p).release,
         )
     }
@@ -201,7 +200,6 @@ pub fn refresh_reverse(p: *mut Origin, o: &Reverse, now: u64) -> Result<(), ()> 
             o.last_seen_ns,
             now,
             &raw mut (*p).last_seen_ns,
-            &raw mut (*p).touched,
             &raw const (*p).release,
         )
     }
