@@ -71,6 +71,8 @@ const NEW_PORT: u16 = 9202;
 pub const NEW_FLOW_SOCKETS: usize = 256;
 /// UDP payload: a 64-byte frame, as in the packet-rate workload.
 const PAYLOAD: [u8; 22] = [0; 22];
+/// Softirq ticks (above idle) the established flow must come to for a softirq ratio.
+pub const MIN_TICKS: f64 = 10.0;
 /// The two labs: index of lab `drop` and of lab `reject`.
 const DROP: usize = 0;
 const REJECT: usize = 1;
@@ -183,8 +185,23 @@ impl Exhaustion {
         self.softirq_rate(kind) / self.cpus.max(1) as f64
     }
 
-    /// Net softirq of `kind` over that of the established flow.
+    /// Softirq ticks over all windows of `kind`, and over the same time of idle windows.
+    pub fn softirq_ticks(&self, kind: Kind) -> (u64, f64) {
+        let (ticks, secs) = self
+            .of(kind)
+            .fold((0u64, 0.0), |(t, s), w| (t + w.softirq_ticks, s + w.secs));
+        let idle = self.softirq_rate(Kind::Idle) * self.hz as f64 * secs;
+        (ticks, idle)
+    }
+
+    /// Net softirq of `kind` over that of the established flow; NaN unless the established
+    /// flow's softirq came to at least [`MIN_TICKS`] ticks above idle (below that the ratio is
+    /// the ticks' noise).
     pub fn softirq_ratio(&self, kind: Kind) -> f64 {
+        let (ticks, idle) = self.softirq_ticks(Kind::Established);
+        if (ticks as f64 - idle) < MIN_TICKS {
+            return f64::NAN;
+        }
         ratio(self.softirq_net(kind), self.softirq_net(Kind::Established))
     }
 

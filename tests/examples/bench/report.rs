@@ -592,7 +592,18 @@ impl Results {
                         times(r),
                         cores_pct(e.softirq_net(kind)),
                         cores_pct(e.softirq_net(Kind::Established)),
-                        ratio_verdict(r)
+                        if r.is_finite() {
+                            ratio_verdict(r)
+                        } else {
+                            format!(
+                                "not resolved: the established flow's softirq came to {:.0} ticks above idle, fewer than {:.0}",
+                                {
+                                    let (t, idle) = e.softirq_ticks(Kind::Established);
+                                    t as f64 - idle
+                                },
+                                exhaustion::MIN_TICKS
+                            )
+                        }
                     );
                 }
             }
@@ -946,7 +957,8 @@ impl Results {
              counts too: run this on an otherwise idle machine; the idle windows show the \
              background, subtracted in **net of idle**. In clock ticks of {} ms (one tick over \
              one window is {} of a CPU), and with tick-based accounting a sample of where each \
-             timer tick found the CPUs.\n\
+             timer tick found the CPUs; a ratio needs the established flow {} ticks above idle, \
+             or it is \"not resolved\".\n\
              - **agents' CPU**: both agents' user + system time (ticks too).\n\
              - **egress program**: the lab's `snat_egress` run time per packet from the \
              kernel's BPF run-time statistics (switched on for this part only; the tail-called \
@@ -966,6 +978,7 @@ impl Results {
             e.cpus,
             1000 / e.hz.max(1),
             cores_pct(1.0 / e.hz.max(1) as f64 / e.secs),
+            exhaustion::MIN_TICKS,
             if e.bpf_stats {
                 ""
             } else {
@@ -1000,7 +1013,7 @@ impl Results {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.2} % | {} | {} | {} | {checked} |",
+                "| {} | {} | {} | {:.2} % ({} ticks) | {} | {} | {} | {checked} |",
                 kind.label(),
                 if idle {
                     "–".to_owned()
@@ -1013,6 +1026,7 @@ impl Results {
                     ns(e.sender_net(kind))
                 },
                 e.softirq_share(kind) * 100.0,
+                e.softirq_ticks(kind).0,
                 if idle {
                     format!("({})", cores_pct(e.softirq_rate(kind)))
                 } else {
