@@ -12,9 +12,11 @@
 //! - `snat`: the agent on the node's uplink with `--port-range 32768:65535`.
 //!
 //! Workloads: churn of short TCP connections to one destination and to many server ports, UDP
-//! packet rate (one flow, many flows), bulk TCP (iperf3); then, in this process, the datapath's
-//! cost per packet with `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 %
-//! occupancy) and scale (map memory, agent RSS and CPU, expiry sweep time with 10 k–1 M
+//! packet rate (one flow, many flows), bulk TCP (iperf3); a pod hammering an exhausted
+//! destination with new flows against an established flow at the same rate (the node's softirq
+//! and the agents' CPU, snat only); then, in this process, the datapath's cost per packet with
+//! `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 % occupancy, refused new flows
+//! at 100 %) and scale (map memory, agent RSS and CPU, expiry sweep time with 10 k–1 M
 //! mappings). Writes `report.md`, `churn.svg` and `results.json` to `--out` (default
 //! `target/bench`). Nothing here asserts a time: numbers only go into the report.
 //!
@@ -28,6 +30,8 @@
 mod churn;
 #[path = "bench/datapath.rs"]
 mod datapath;
+#[path = "bench/exhaustion.rs"]
+mod exhaustion;
 #[path = "bench/lab.rs"]
 mod lab;
 #[path = "bench/report.rs"]
@@ -94,6 +98,12 @@ pub struct Plan {
     pub bulk_secs: u32,
     pub dp_established_samples: usize,
     pub dp_new_samples: usize,
+    /// First refusals (each searches the full range) timed.
+    pub dp_first_refusals: usize,
+    /// The exhausted-destination workload: windows of each kind, their length, the rate.
+    pub exhaust_rounds: usize,
+    pub exhaust_secs: f64,
+    pub exhaust_rate: f64,
     pub scale_sizes: &'static [u32],
 }
 
@@ -113,6 +123,10 @@ impl Plan {
                 bulk_secs: 1,
                 dp_established_samples: 5_000,
                 dp_new_samples: 1_000,
+                dp_first_refusals: 20,
+                exhaust_rounds: 1,
+                exhaust_secs: 5.0,
+                exhaust_rate: 1000.0,
                 scale_sizes: &[10_000, 100_000, 1_000_000],
             }
         } else {
@@ -129,6 +143,10 @@ impl Plan {
                 bulk_secs: 2,
                 dp_established_samples: 20_000,
                 dp_new_samples: 4_000,
+                dp_first_refusals: 100,
+                exhaust_rounds: 3,
+                exhaust_secs: 5.0,
+                exhaust_rate: 1000.0,
                 scale_sizes: &[10_000, 100_000, 1_000_000],
             }
         }
@@ -155,12 +173,12 @@ fn parse_args() -> anyhow::Result<Args> {
             "--only" => {
                 let list = it
                     .next()
-                    .context("--only needs a list: net,datapath,scale")?;
+                    .context("--only needs a list: net,exhaustion,datapath,scale")?;
                 args.only = Some(list.split(',').map(str::to_owned).collect());
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--quick] [--out DIR] [--only net,datapath,scale]\n\
+                    "usage: bench [--quick] [--out DIR] [--only net,exhaustion,datapath,scale]\n\
                      Run it with `cargo xtask bench [--quick]` (as root)."
                 );
                 std::process::exit(0);
@@ -244,6 +262,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
         if wants(only, "net") {
             let run = std::panic::catch_unwind(AssertUnwindSafe(|| network(&plan, &mut results)));
             settle_failure(run, &mut results, "network workloads: stopped early")?;
+        }
+        check()?;
+        if wants(only, "exhaustion") {
+            say("an exhausted destination: refused new flows against an established flow");
+            let mut measured = None;
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                exhaustion::run(&plan, &mut measured)
+            }));
+            results.exhaustion = measured;
+            settle_failure(run, &mut results, "exhausted destination: stopped early")?;
         }
         check()?;
         if wants(only, "datapath") {

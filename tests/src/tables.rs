@@ -1,11 +1,15 @@
 //! Synthetic mappings written straight into a running agent's tables, for tests and benchmarks
 //! that need many mappings without as many connections. The agent's maps are found by name among
 //! the map fds of its process (`/proc/<pid>/fdinfo`) and opened by id.
+//!
+//! Synthetic mappings are consistent pairs (the forward half's key and NAT endpoint give the
+//! reverse half's key, which names the forward half's internal endpoint), as the datapath writes
+//! them; the use counts (`SNAT_USE`) and the free-port indexes are not written.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{collections::BTreeMap, net::Ipv4Addr, ops::RangeInclusive, time::Instant};
 
 use anyhow::{anyhow, Context as _};
-use aya::maps::{HashMap, Map, MapData, MapInfo};
+use aya::maps::{HashMap, Map, MapData, MapError, MapInfo};
 use snat_common::{flow::proto, tcp::SEEN_SYN, FlowKey, Mapping, Origin};
 
 use crate::topo::{NAT_IP, SERVER};
@@ -90,6 +94,69 @@ pub fn fill(
             .with_context(|| format!("inserting forward half {i} of {n}"))?;
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// What [`exhaust_udp`] did: mappings written, and ports found claimed already (left alone).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exhausted {
+    pub written: u32,
+    pub already_claimed: u32,
+}
+
+/// Synthetic UDP mapping `i` towards `remote` through `nat:nat_port`: from 10.3.x.y port 40000
+/// (`x.y` = `i`), an idle UDP flow as the datapath would have made it (UDP keys carry 0 for the
+/// remote port: a NAT port is unique per remote IP).
+pub fn synthetic_udp(
+    i: u16,
+    remote: Ipv4Addr,
+    nat: Ipv4Addr,
+    nat_port: u16,
+    now: u64,
+) -> (FlowKey, Mapping, FlowKey, Origin) {
+    let src = [10, 3, (i >> 8) as u8, i as u8];
+    let key = FlowKey::new(
+        proto::UDP,
+        src,
+        40000u16.to_be_bytes(),
+        remote.octets(),
+        [0; 2],
+    );
+    let m = Mapping::new(key, nat.octets(), nat_port.to_be_bytes(), now);
+    let reply = key.reply(m.nat_addr, m.nat_port);
+    let o = Origin::new(reply, src, key.src_port, now);
+    (key, m, reply, o)
+}
+
+/// Takes every port of `ports` on `nat` towards `remote` for UDP (the remote IP's whole range, as
+/// the datapath's port claims would), so a new UDP flow to `remote` finds no port: one synthetic
+/// mapping per port that is free. A port already claimed (by a real flow) is left as it is: the
+/// claim is the reverse half's insert with `BPF_NOEXIST`, as in the datapath. `now` is the
+/// agent's clock (`expiry::now_ns`): the mappings stay until idle for the UDP timeout.
+pub fn exhaust_udp(
+    fwd: &mut HashMap<MapData, FlowKey, Mapping>,
+    rev: &mut HashMap<MapData, FlowKey, Origin>,
+    remote: Ipv4Addr,
+    nat: Ipv4Addr,
+    ports: RangeInclusive<u16>,
+    now: u64,
+) -> anyhow::Result<Exhausted> {
+    const BPF_NOEXIST: u64 = 1;
+    let mut done = Exhausted::default();
+    for (i, port) in ports.enumerate() {
+        let (key, m, reply, o) = synthetic_udp(i as u16, remote, nat, port, now);
+        match rev.insert(reply, o, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                done.already_claimed += 1;
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("claiming UDP port {port} of {nat}")),
+        }
+        fwd.insert(key, m, 0)
+            .with_context(|| format!("inserting the forward half of UDP port {port} of {nat}"))?;
+        done.written += 1;
+    }
+    Ok(done)
 }
 
 /// The eBPF maps a process holds: name → (id, memlock bytes).

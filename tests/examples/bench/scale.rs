@@ -69,7 +69,7 @@ fn status_kib(pid: &str, field: &str) -> u64 {
 }
 
 /// User + system CPU time of a process, in seconds.
-fn cpu_secs(pid: &str) -> f64 {
+pub fn cpu_secs(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let Some((_, rest)) = stat.rsplit_once(") ") else {
         return 0.0;
