@@ -7,6 +7,7 @@
 //! route or program ever touches the root namespace.
 
 pub mod agent;
+pub mod forge;
 pub mod http;
 pub mod netns;
 pub mod packets;
