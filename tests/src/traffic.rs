@@ -4,9 +4,11 @@
 //! against. Every wait is bounded.
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Mutex,
@@ -498,4 +500,284 @@ pub fn fingerprint(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// A UDP echo server on several addresses: every datagram goes back verbatim to its sender from
+/// the address it arrived at and, with `late` set to (min, max), once more between min and max
+/// later (spread evenly), prefixed with `late `, so a test can send replies at the moment a
+/// mapping is being released. At most 100,000 late copies are pending at once.
+pub struct UdpEcho {
+    /// Datagrams echoed at once, and late copies sent.
+    pub counts: Arc<Mutex<(u64, u64)>>,
+    _loop: Background,
+}
+
+/// A late copy [`UdpEcho`] will send: when, a tie-breaker, the socket index, to whom, what.
+type LateCopy = (Instant, u64, usize, SocketAddr, Vec<u8>);
+
+impl UdpEcho {
+    pub fn start(ns: &Netns, addrs: &[SocketAddrV4], late: Option<(Duration, Duration)>) -> Self {
+        let counts: Arc<Mutex<(u64, u64)>> = Arc::default();
+        let c = counts.clone();
+        let addrs = addrs.to_vec();
+        let bg = Background::start(ns, move |ready, stop| {
+            let socks: Vec<UdpSocket> = addrs
+                .iter()
+                .map(|a| {
+                    let s = UdpSocket::bind(a).unwrap_or_else(|e| panic!("bind {a}: {e}"));
+                    s.set_nonblocking(true).expect("nonblocking");
+                    s
+                })
+                .collect();
+            ready();
+            let mut pending: BinaryHeap<Reverse<LateCopy>> = BinaryHeap::new();
+            let mut buf = vec![0u8; 65536];
+            let mut n: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                // Wait for a datagram, the next late copy, or 20 ms (to see the stop flag).
+                let wait = pending
+                    .peek()
+                    .map_or(Duration::from_millis(20), |Reverse((due, ..))| {
+                        due.saturating_duration_since(Instant::now())
+                    })
+                    .min(Duration::from_millis(20));
+                let mut fds: Vec<libc::pollfd> = socks
+                    .iter()
+                    .map(|s| libc::pollfd {
+                        fd: s.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                // SAFETY: poll(2) on our own pollfds.
+                unsafe {
+                    libc::poll(
+                        fds.as_mut_ptr(),
+                        fds.len() as libc::nfds_t,
+                        wait.as_millis() as i32,
+                    )
+                };
+                for (i, s) in socks.iter().enumerate() {
+                    while let Ok((len, peer)) = s.recv_from(&mut buf) {
+                        let _ = s.send_to(&buf[..len], peer);
+                        c.lock().unwrap().0 += 1;
+                        let Some((min, max)) = late else { continue };
+                        n += 1;
+                        let spread = (max - min).as_micros() as u64;
+                        let at = min + Duration::from_micros(n * 7919 % spread.max(1));
+                        if pending.len() < 100_000 {
+                            let mut copy = b"late ".to_vec();
+                            copy.extend_from_slice(&buf[..len]);
+                            pending.push(Reverse((Instant::now() + at, n, i, peer, copy)));
+                        }
+                    }
+                }
+                let now = Instant::now();
+                while pending.peek().is_some_and(|Reverse((due, ..))| *due <= now) {
+                    let Reverse((_, _, i, peer, copy)) = pending.pop().expect("peeked");
+                    let _ = socks[i].send_to(&copy, peer);
+                    c.lock().unwrap().1 += 1;
+                }
+            }
+        });
+        Self { counts, _loop: bg }
+    }
+
+    /// Datagrams echoed at once, and late copies sent, so far.
+    pub fn counts(&self) -> (u64, u64) {
+        *self.counts.lock().unwrap()
+    }
+}
+
+/// Sets an integer socket option, panicking with the error if it fails.
+pub fn set_int_opt(fd: &impl AsRawFd, level: i32, name: i32, value: i32) {
+    // SAFETY: setsockopt(2) on our socket with a valid int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt({level}, {name}, {value}): {}",
+        io::Error::last_os_error()
+    );
+}
+
+/// An ICMP error a socket with `IP_RECVERR` received about its own traffic: the kernel matched
+/// the error's quote to this socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketError {
+    pub errno: i32,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// The ICMP `info` field (the next-hop MTU of a "fragmentation needed").
+    pub info: u32,
+    /// Who sent the error.
+    pub offender: Ipv4Addr,
+}
+
+/// Waits up to `timeout` for an ICMP error in the error queue of `sock` (`IP_RECVERR` must be
+/// on) and takes it out of the queue.
+pub fn recv_icmp_error(sock: &impl AsRawFd, timeout: Duration) -> Option<SocketError> {
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd.
+    let n = unsafe { libc::poll(&raw mut pfd, 1, timeout.as_millis() as i32) };
+    if n <= 0 || pfd.revents & libc::POLLERR == 0 {
+        return None;
+    }
+    let mut data = [0u8; 2048];
+    let mut control = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr; we point it at our buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: recvmsg(2) into the buffers `msg` describes.
+    let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_ERRQUEUE) };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: walking the control messages the kernel wrote into `control`, as `msg` describes.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is a control message header inside `control`.
+        let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+        if level == libc::SOL_IP && kind == libc::IP_RECVERR {
+            // SAFETY: an IP_RECVERR message holds a sock_extended_err followed by the
+            // offender's sockaddr_in (SO_EE_OFFENDER); both are read unaligned.
+            let (ee, offender) = unsafe {
+                let p = libc::CMSG_DATA(cmsg);
+                let ee = std::ptr::read_unaligned(p.cast::<libc::sock_extended_err>());
+                let off = std::ptr::read_unaligned(
+                    p.add(size_of::<libc::sock_extended_err>())
+                        .cast::<libc::sockaddr_in>(),
+                );
+                (ee, off)
+            };
+            if ee.ee_origin != libc::SO_EE_ORIGIN_ICMP {
+                return None;
+            }
+            return Some(SocketError {
+                errno: ee.ee_errno as i32,
+                icmp_type: ee.ee_type,
+                icmp_code: ee.ee_code,
+                info: ee.ee_info,
+                offender: Ipv4Addr::from(u32::from_be(offender.sin_addr.s_addr)),
+            });
+        }
+        // SAFETY: the next header after `cmsg` within `msg`'s control buffer, or null.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&raw const msg, cmsg) };
+    }
+    None
+}
+
+/// An ICMP echo ("ping") socket of the calling thread's namespace, bound to echo identifier
+/// `id`, with a receive timeout of `timeout`. The namespace must allow ping sockets to the
+/// caller's group (`net.ipv4.ping_group_range`).
+pub fn ping_socket(id: u16, timeout: Duration) -> OwnedFd {
+    // SAFETY: plain socket(2); owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP) };
+    assert!(
+        fd >= 0,
+        "ping socket (is net.ipv4.ping_group_range set?): {}",
+        io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: id.to_be(),
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: binding our socket to a valid sockaddr_in of the stated size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "bind to echo id {id}: {}",
+        io::Error::last_os_error()
+    );
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        )
+    };
+    fd
+}
+
+/// Sends echo request `seq` to `to` from a [`ping_socket`] (the kernel fills in its identifier
+/// and checksum) and waits for the reply with that sequence number; returns the reply's
+/// identifier as the socket sees it, or `None` if no reply came within the socket's timeout.
+/// Replies with other sequence numbers are skipped.
+pub fn ping_once(fd: &OwnedFd, to: Ipv4Addr, seq: u16) -> Option<u16> {
+    let mut req = [0u8; 24];
+    req[0] = 8;
+    req[6..8].copy_from_slice(&seq.to_be_bytes());
+    req[8..].copy_from_slice(b"snat ping test!!");
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(to).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sending our buffer to a valid sockaddr_in of the stated size.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert_eq!(
+        n,
+        req.len() as isize,
+        "sendto: {}",
+        io::Error::last_os_error()
+    );
+    let mut buf = [0u8; 256];
+    for _ in 0..16 {
+        // SAFETY: reading into our buffer from our socket.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = usize::try_from(n).ok()?;
+        if n >= 8 && buf[0] == 0 && buf[6..8] == seq.to_be_bytes() {
+            return Some(u16::from_be_bytes([buf[4], buf[5]]));
+        }
+    }
+    None
 }
