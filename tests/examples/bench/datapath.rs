@@ -22,7 +22,7 @@
 //! 100 % (every port claimed by a real TCP mapping), and SYNs of fresh flows are refused. The
 //! first refusal searches the range and marks the destination full (`SNAT_FULL`); it is timed on
 //! its own, several times, the mark deleted from here before each. Every later one is refused on
-//! the mark without a search (`alloc.refused_known_full`, for up to `FULL_RECHECK_NS`, 1 s: a
+//! the mark without a search (`alloc.refused_known_full`, for up to `FULL_RECHECK_NS`, 10 s: a
 //! refusal that searched again shows in the row's walk share). Those are timed with
 //! `--on-exhaustion drop`, then with `reject` at a low answer rate, so that the samples split
 //! into answered ones (the RST built and redirected) and ones over the rate limit (dropped); the

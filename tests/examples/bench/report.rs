@@ -206,6 +206,11 @@ fn cores_pct(v: f64) -> String {
 /// established flow at the same packet rate, "give or take a few times": 3× (before the fix, with
 /// a walk of the range per refused datagram, it was about 44×).
 const EXHAUSTION_TARGET: f64 = 3.0;
+/// The report's text says how long a full mark lasts: keep it true.
+const _: () = assert!(
+    snat_common::FULL_RECHECK_NS == 10_000_000_000,
+    "the report says a full destination is searched again after 10 s"
+);
 
 fn times(v: f64) -> String {
     if v.is_finite() {
@@ -821,7 +826,7 @@ impl Results {
              are refused. **The first** refusal searches the range (the index, then the walk) and \
              marks the destination full (`SNAT_FULL`): timed {} times, the mark deleted before \
              each. Every later refusal is made on the mark without a search \
-             (`alloc.refused_known_full`; the mark is rechecked after 1 s, so a refusal that \
+             (`alloc.refused_known_full`; the mark is rechecked after 10 s, so a refusal that \
              searched again counts in **walks**): {} SYNs with `--on-exhaustion drop`, then {} \
              with `reject` at {} answers per second and CPU (low, so that the samples split into \
              **answered**: the RST built and redirected back in, and **over its rate limit**: \
@@ -962,8 +967,8 @@ impl Results {
              - **agents' CPU**: both agents' user + system time (ticks too).\n\
              - **egress program**: the lab's `snat_egress` run time per packet from the \
              kernel's BPF run-time statistics (switched on for this part only; the tail-called \
-             allocation counts in it){}. A destination found full is searched again after 1 s, \
-             so about one refused datagram a second pays the search of the whole range \
+             allocation counts in it){}. A destination found full is searched again after 10 s, \
+             so about one refused datagram in 10 s pays the search of the whole range \
              (section 5's first refusal): it is in this mean.\n\
              - **checked**: what arrived at the server and what the agent counted over the \
              windows.\n",
