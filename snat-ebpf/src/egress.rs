@@ -121,13 +121,7 @@ fn node_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         return Ok(Counter::EgressPassNotInternal);
     }
     // The quoted packet runs remote → pod: the pod's endpoint is the forward key's source.
-    let key = FlowKey::new(
-        inner.proto,
-        inner.dst,
-        inner.dport,
-        inner.src,
-        FlowKey::remote_port_for(inner.proto, inner.sport),
-    );
+    let key = inner.forward_key_of_reply();
     let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropNodeIcmpErrorNoMapping)?;
     inner
         .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))
@@ -319,13 +313,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     if inner.dst != ip.src {
         return Err(Counter::EgressDropIcmpErrorForeign.into());
     }
-    let key = FlowKey::new(
-        inner.proto,
-        inner.dst,
-        inner.dport,
-        inner.src,
-        FlowKey::remote_port_for(inner.proto, inner.sport),
-    );
+    let key = inner.forward_key_of_reply();
     let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropIcmpErrorNoMapping)?;
     inner
         .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))

@@ -7,7 +7,7 @@
 //! unchanged and a `CHECKSUM_COMPLETE` `skb->csum` stays valid without help.
 
 use aya_ebpf::programs::TcContext;
-use snat_common::{csum, flow::proto};
+use snat_common::{csum, flow::proto, FlowKey};
 
 use crate::packet::{l4_check_offset, read, Ipv4, Side};
 
@@ -60,6 +60,32 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// For a quote of a reply on its way to a pod (remote → pod, an error egress sees): the
+    /// forward key of the pod's flow.
+    #[inline(always)]
+    pub fn forward_key_of_reply(&self) -> FlowKey {
+        FlowKey::new(
+            self.proto,
+            self.dst,
+            self.dport,
+            self.src,
+            FlowKey::remote_port_for(self.proto, self.sport),
+        )
+    }
+
+    /// For a quote of a translated packet (NAT endpoint → remote, an error ingress sees): the
+    /// reply key of its mapping.
+    #[inline(always)]
+    pub fn reply_key_of_sent(&self) -> FlowKey {
+        FlowKey::new(
+            self.proto,
+            self.dst,
+            FlowKey::remote_port_for(self.proto, self.dport),
+            self.src,
+            self.sport,
+        )
+    }
+
     /// Parses the datagram quoted by the ICMP error in `outer`. `None` when it is too short, not
     /// IPv4, a non-first fragment, or a protocol snat does not map.
     #[inline(always)]

@@ -188,13 +188,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     if inner.src != ip.dst {
         return Ok(Counter::IngressPassNoMapping);
     }
-    let key = FlowKey::new(
-        inner.proto,
-        inner.dst,
-        FlowKey::remote_port_for(inner.proto, inner.dport),
-        inner.src,
-        inner.sport,
-    );
+    let key = inner.reply_key_of_sent();
     let Some((_, o)) = mapping::reverse(&key) else {
         return Ok(Counter::IngressPassNoMapping);
     };

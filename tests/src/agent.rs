@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::{
     netns::Netns,
+    topo::{Topology, POD_CIDR},
     user::{output_within, runnable_by_anyone},
 };
 
@@ -39,6 +40,15 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts `snat run` on `topo`'s node uplink for the pods' CIDR, with tables for
+    /// `max_mappings` mappings and the `extra` flags.
+    pub fn for_pods(topo: &Topology, max_mappings: u32, extra: &[&str]) -> Self {
+        let max = max_mappings.to_string();
+        let mut args = vec!["--internal", POD_CIDR, "--max-mappings", &max];
+        args.extend_from_slice(extra);
+        Self::start(&topo.node, &topo.uplink, &args)
+    }
+
     /// Starts `snat run --iface <iface> <args…>` in `ns` and waits until it answers.
     pub fn start(ns: &Netns, iface: &str, args: &[&str]) -> Self {
         Self::start_wrapped(ns, &[], iface, args)

@@ -28,16 +28,11 @@ const EX_NOPERM: Option<i32> = Some(77);
 
 fn agent(topo: &Topology, extra: &[&str]) -> Agent {
     // Every scrape builds a fresh report: the tests read counters right after what they count.
-    let mut args = vec![
-        "--internal",
-        POD_CIDR,
-        "--max-mappings",
-        "4096",
-        "--metrics-min-interval",
-        "0s",
-    ];
-    args.extend_from_slice(extra);
-    Agent::start(&topo.node, &topo.uplink, &args)
+    Agent::for_pods(
+        topo,
+        4096,
+        &[&["--metrics-min-interval", "0s"], extra].concat(),
+    )
 }
 
 fn port_range(agent: &Agent) -> String {

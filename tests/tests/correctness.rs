@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tests::{
     agent::Agent,
     forge,
-    topo::{Topology, NAT_IP, POD_CIDR, SERVER},
+    topo::{Topology, NAT_IP, SERVER},
     traffic::{
         payload, ping_once, ping_socket, recv_icmp_error, set_int_opt, udp_ask, wait_for, Capture,
         IcmpWatch, LeakWatch, TcpClient, TcpServer, UdpEcho, UdpServer,
@@ -27,9 +27,7 @@ use tests::{
 };
 
 fn agent(topo: &Topology, extra: &[&str]) -> Agent {
-    let mut args = vec!["--internal", POD_CIDR, "--max-mappings", "65536"];
-    args.extend_from_slice(extra);
-    Agent::start(&topo.node, &topo.uplink, &args)
+    Agent::for_pods(topo, 65536, extra)
 }
 
 /// The first bytes of a captured IPv4 packet.

@@ -10,7 +10,7 @@ use std::{
 
 use tests::{
     agent::Agent,
-    topo::{Topology, NAT_IP, POD_CIDR, ROUTER_UPLINK, SERVER},
+    topo::{Topology, NAT_IP, ROUTER_UPLINK, SERVER},
     traffic::{
         fingerprint, payload, udp_ask, wait_for, IcmpWatch, LeakWatch, TcpClient, TcpServer,
         UdpServer,
@@ -18,9 +18,7 @@ use tests::{
 };
 
 fn agent(topo: &Topology, extra: &[&str]) -> Agent {
-    let mut args = vec!["--internal", POD_CIDR, "--max-mappings", "65536"];
-    args.extend_from_slice(extra);
-    Agent::start(&topo.node, &topo.uplink, &args)
+    Agent::for_pods(topo, 65536, extra)
 }
 
 fn in_default_range(p: u16) -> bool {

@@ -11,14 +11,12 @@ use std::{
 use tests::{
     agent::Agent,
     metric,
-    topo::{Topology, NAT_IP, POD_CIDR, SERVER},
+    topo::{Topology, NAT_IP, SERVER},
     traffic::{udp_ask, wait_for, LeakWatch, Mode, TcpClient, TcpServer, UdpServer},
 };
 
 fn agent(topo: &Topology, extra: &[&str]) -> Agent {
-    let mut args = vec!["--internal", POD_CIDR, "--max-mappings", "65536"];
-    args.extend_from_slice(extra);
-    Agent::start(&topo.node, &topo.uplink, &args)
+    Agent::for_pods(topo, 65536, extra)
 }
 
 /// Opens `n` connections from pod `i` and keeps them.

@@ -92,16 +92,11 @@ fn the_per_source_cap_counts_every_nat_ip_the_pod_uses() {
 }
 
 fn agent(topo: &Topology, extra: &[&str]) -> Agent {
-    let mut args = vec![
-        "--internal",
-        POD_CIDR,
-        "--max-mappings",
-        "4096",
-        "--metrics-min-interval",
-        "0s",
-    ];
-    args.extend_from_slice(extra);
-    Agent::start(&topo.node, &topo.uplink, &args)
+    Agent::for_pods(
+        topo,
+        4096,
+        &[&["--metrics-min-interval", "0s"], extra].concat(),
+    )
 }
 
 /// A topology whose node has a second NAT IP, [`NAT2`], on its uplink.

@@ -14,16 +14,7 @@ use tests::{
 };
 
 fn agent(topo: &Topology, bpffs: &BpfFs, extra: &[&str]) -> Agent {
-    let mut args = vec![
-        "--internal",
-        POD_CIDR,
-        "--max-mappings",
-        "65536",
-        "--pin-dir",
-        bpffs.arg(),
-    ];
-    args.extend_from_slice(extra);
-    Agent::start(&topo.node, &topo.uplink, &args)
+    Agent::for_pods(topo, 65536, &[&["--pin-dir", bpffs.arg()], extra].concat())
 }
 
 fn snat_programs() -> usize {

@@ -15,21 +15,12 @@ use std::{
 use tests::{
     agent::{snat_bin, Agent},
     netns::BpfFs,
-    topo::{Topology, POD_CIDR, SERVER},
+    topo::{Topology, SERVER},
     traffic::{LeakWatch, TcpClient, TcpServer, UdpServer},
 };
 
 fn agent(topo: &Topology, bpffs: &BpfFs, extra: &[&str]) -> Agent {
-    let mut args = vec![
-        "--internal",
-        POD_CIDR,
-        "--max-mappings",
-        "4096",
-        "--pin-dir",
-        bpffs.arg(),
-    ];
-    args.extend_from_slice(extra);
-    Agent::start(&topo.node, &topo.uplink, &args)
+    Agent::for_pods(topo, 4096, &[&["--pin-dir", bpffs.arg()], extra].concat())
 }
 
 /// Sends `n` UDP datagrams from pod 0 to the server's port 5353, 1 ms apart.
