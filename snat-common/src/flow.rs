@@ -172,13 +172,13 @@ impl FlowKey {
     /// The forward key whose reverse key is `self`, given the internal endpoint it maps to.
     #[inline(always)]
     pub const fn forward(&self, origin: &Origin) -> Self {
-        Self::new(
-            self.proto,
-            origin.addr,
-            origin.port,
-            self.src_addr,
-            self.src_port,
-        )
+        self.forward_to(origin.addr, origin.port)
+    }
+
+    /// The forward key whose reverse key is `self`, for the internal endpoint `addr:port`.
+    #[inline(always)]
+    pub const fn forward_to(&self, addr: [u8; 4], port: [u8; 2]) -> Self {
+        Self::new(self.proto, addr, port, self.src_addr, self.src_port)
     }
 
     pub fn src(&self) -> Ipv4Addr {

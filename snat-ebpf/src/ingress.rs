@@ -104,7 +104,7 @@ fn tcp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 /// packet's result.
 #[inline(always)]
 fn remote_flags(key: &FlowKey, p: *mut Origin, o: &Reverse, t: &Tcp) -> Counter {
-    let fwd = FlowKey::new(key.proto, o.addr, o.port, key.src_addr, key.src_port);
+    let fwd = key.forward_to(o.addr, o.port);
     let Some((_, m)) = mapping::forward(&fwd) else {
         return Counter::IngressTranslatedTcp;
     };

@@ -9,7 +9,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    netns::Netns,
+    netns::{BpfFs, Netns},
     topo::{Topology, POD_CIDR},
     user::{output_within, runnable_by_anyone},
 };
@@ -27,6 +27,20 @@ pub fn snat_bin() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// `snat cleanup` of `topo`'s uplink and its pins under `bpffs`, in the node's namespace; it must
+/// succeed.
+pub fn cleanup(topo: &Topology, bpffs: &BpfFs) {
+    let out = topo.node.exec(&[
+        snat_bin().to_str().expect("utf-8 path"),
+        "cleanup",
+        "--iface",
+        &topo.uplink,
+        "--pin-dir",
+        bpffs.arg(),
+    ]);
+    assert!(out.status.success());
 }
 
 /// A running `snat run`, stopped with SIGINT (then SIGKILL) when dropped. Its output goes to

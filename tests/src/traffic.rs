@@ -79,9 +79,15 @@ fn raw_socket(domain: i32, kind: i32, proto: i32) -> OwnedFd {
     );
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_recv_timeout(&fd, Duration::from_millis(20));
+    fd
+}
+
+/// Sets `SO_RCVTIMEO` on `fd`: a receive waits at most `timeout`.
+fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) {
     let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 20_000,
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
     };
     // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
     unsafe {
@@ -93,7 +99,6 @@ fn raw_socket(domain: i32, kind: i32, proto: i32) -> OwnedFd {
             size_of::<libc::timeval>() as u32,
         )
     };
-    fd
 }
 
 /// Receives one packet (truncated to `buf`) from a raw socket; `None` on timeout.
@@ -719,20 +724,7 @@ pub fn ping_socket(id: u16, timeout: Duration) -> OwnedFd {
         "bind to echo id {id}: {}",
         io::Error::last_os_error()
     );
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as u32,
-        )
-    };
+    set_recv_timeout(&fd, timeout);
     fd
 }
 

@@ -16,7 +16,7 @@ use tests::{
     dp::{Dp, NAT, POD, REMOTE, SHOT},
     metric,
     packets::{self, SYN},
-    topo::{Topology, NAT_IP, POD_CIDR, SERVER},
+    topo::{Topology, NAT_IP, SERVER},
     traffic::{udp_ask, TcpClient, TcpServer, UdpServer},
 };
 
@@ -99,6 +99,20 @@ fn agent(topo: &Topology, extra: &[&str]) -> Agent {
     )
 }
 
+/// An agent with both NAT IPs ([`NAT_IP`], then [`NAT2`]) and the port range `range`.
+fn two_ip_agent(topo: &Topology, range: &str, extra: &[&str]) -> Agent {
+    let (first, second) = (NAT_IP.to_string(), NAT2.to_string());
+    let ips = [
+        "--nat-ip",
+        &first,
+        "--nat-ip",
+        &second,
+        "--port-range",
+        range,
+    ];
+    agent(topo, &[&ips[..], extra].concat())
+}
+
 /// A topology whose node has a second NAT IP, [`NAT2`], on its uplink.
 fn two_ip_topology(pods: usize) -> Topology {
     let topo = Topology::new(pods);
@@ -130,18 +144,7 @@ fn connect_many(
 #[test]
 fn a_second_nat_ip_doubles_what_one_pod_reaches() {
     let topo = two_ip_topology(1);
-    let ips = [NAT_IP.to_string(), NAT2.to_string()];
-    let agent = agent(
-        &topo,
-        &[
-            "--nat-ip",
-            &ips[0],
-            "--nat-ip",
-            &ips[1],
-            "--port-range",
-            "40000:40009",
-        ],
-    );
+    let agent = two_ip_agent(&topo, "40000:40009", &[]);
     let to = SocketAddrV4::new(SERVER, 8080);
     let server = TcpServer::start(&topo.server, to);
     let (held, failed) = connect_many(&topo, 25, to);
@@ -182,22 +185,7 @@ fn a_second_nat_ip_doubles_what_one_pod_reaches() {
 
     // Paired pooling: one pod, one NAT IP, ten connections.
     drop(agent);
-    let agent = Agent::start(
-        &topo.node,
-        &topo.uplink,
-        &[
-            "--internal",
-            POD_CIDR,
-            "--nat-ip",
-            &ips[0],
-            "--nat-ip",
-            &ips[1],
-            "--port-range",
-            "41000:41009",
-            "--ip-pooling",
-            "paired",
-        ],
-    );
+    let agent = two_ip_agent(&topo, "41000:41009", &["--ip-pooling", "paired"]);
     let before = server.peers().len();
     let (held, _) = connect_many(&topo, 15, to);
     assert_eq!(held.len(), 10);
@@ -209,18 +197,7 @@ fn a_second_nat_ip_doubles_what_one_pod_reaches() {
 #[test]
 fn a_udp_flow_keeps_its_nat_endpoint_while_later_flows_overflow() {
     let topo = two_ip_topology(1);
-    let ips = [NAT_IP.to_string(), NAT2.to_string()];
-    let _agent = agent(
-        &topo,
-        &[
-            "--nat-ip",
-            &ips[0],
-            "--nat-ip",
-            &ips[1],
-            "--port-range",
-            "40000:40009",
-        ],
-    );
+    let _agent = two_ip_agent(&topo, "40000:40009", &[]);
     let to = SocketAddrV4::new(SERVER, 5353);
     let _server = UdpServer::start(&topo.server, to);
     let [paired, next] = order(topo.pods[0].addr, [NAT_IP, NAT2]);
@@ -249,23 +226,10 @@ fn a_udp_flow_keeps_its_nat_endpoint_while_later_flows_overflow() {
 #[test]
 fn caps_and_fair_share_count_a_pods_ports_on_every_nat_ip() {
     let to = SocketAddrV4::new(SERVER, 8080);
-    let ips = [NAT_IP.to_string(), NAT2.to_string()];
     // The cap: 15 ports for the pod whichever NAT IPs they are on.
     let topo = two_ip_topology(2);
     let server = TcpServer::start(&topo.server, to);
-    let agent_capped = agent(
-        &topo,
-        &[
-            "--nat-ip",
-            &ips[0],
-            "--nat-ip",
-            &ips[1],
-            "--port-range",
-            "40000:40009",
-            "--max-ports-per-source",
-            "15",
-        ],
-    );
+    let agent_capped = two_ip_agent(&topo, "40000:40009", &["--max-ports-per-source", "15"]);
     let (held, failed) = connect_many(&topo, 20, to);
     assert_eq!(held.len(), 15, "{failed:?}");
     assert_eq!(agent_capped.counter("alloc", "overflowed"), 5);
@@ -275,19 +239,10 @@ fn caps_and_fair_share_count_a_pods_ports_on_every_nat_ip() {
     // The fair share: from half the range used, a pod holding range / (sources + 1) = 5 ports
     // towards the destination (on any NAT IP) gets no more; that is not exhaustion, so nothing
     // overflows; another pod still connects.
-    let agent = agent(
+    let agent = two_ip_agent(
         &topo,
-        &[
-            "--nat-ip",
-            &ips[0],
-            "--nat-ip",
-            &ips[1],
-            "--port-range",
-            "41000:41009",
-            "--fair-share",
-            "--fair-share-threshold",
-            "0.5",
-        ],
+        "41000:41009",
+        &["--fair-share", "--fair-share-threshold", "0.5"],
     );
     let (held, _) = connect_many(&topo, 10, to);
     assert_eq!(held.len(), 5, "the greedy pod stops at its share");

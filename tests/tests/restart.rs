@@ -146,15 +146,7 @@ fn keep_state_stops_and_restarts_keep_flows_and_other_formats_are_refused() {
     let conn = echo(&topo, conn, b"still translated");
 
     // `snat cleanup` removes it all; the programs detach.
-    let out = topo.node.exec(&[
-        snat_bin().to_str().unwrap(),
-        "cleanup",
-        "--iface",
-        &topo.uplink,
-        "--pin-dir",
-        bpffs.arg(),
-    ]);
-    assert!(out.status.success());
+    tests::agent::cleanup(&topo, &bpffs);
     assert!(!bpffs.path.join(&topo.uplink).exists());
     let gone = tests::traffic::wait_for(Duration::from_secs(3), || {
         (snat_programs() == 0).then_some(())

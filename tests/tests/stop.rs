@@ -13,7 +13,7 @@ use std::{
 };
 
 use tests::{
-    agent::{snat_bin, Agent},
+    agent::{cleanup, Agent},
     netns::BpfFs,
     topo::{Topology, SERVER},
     traffic::{LeakWatch, TcpClient, TcpServer, UdpServer},
@@ -39,19 +39,6 @@ fn connects(topo: &Topology, timeout: Duration) -> bool {
     topo.pods[0]
         .ns
         .run(move || TcpClient::connect(SocketAddrV4::new(SERVER, 8080), timeout).is_ok())
-}
-
-/// `snat cleanup` in the node's namespace.
-fn cleanup(topo: &Topology, bpffs: &BpfFs) {
-    let out = topo.node.exec(&[
-        snat_bin().to_str().expect("utf-8 path"),
-        "cleanup",
-        "--iface",
-        &topo.uplink,
-        "--pin-dir",
-        bpffs.arg(),
-    ]);
-    assert!(out.status.success());
 }
 
 /// The cls_bpf filters on the uplink's egress, as `tc` lists them (clsact mode).
