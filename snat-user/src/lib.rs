@@ -12,6 +12,7 @@
 //! layers directly.
 
 pub mod agent;
+pub mod cluster;
 pub mod datapath;
 pub mod serve;
 pub mod settings;

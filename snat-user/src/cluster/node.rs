@@ -1,0 +1,1236 @@
+//! One node's side of on-demand port blocks, as a sans-IO state machine (STYLE.md §12): it takes
+//! store replies, datapath usage and timeouts (each with `now`, the node's `CLOCK_BOOTTIME`),
+//! queues commands ([`Node::next_command`]) and says when it next needs waking
+//! ([`Node::poll_timeout`]). It does no IO: the agent's loop runs the commands against etcd and the
+//! maps; the simulation (`sim.rs`) runs them against a fake store with a fake clock.
+//!
+//! The rule it serves: one (NAT IP, port) is never used by two nodes at once, and a new owner
+//! never uses a port sooner than the cool-down after its previous owner last sent from it. How:
+//! - A block is ours from a claim transaction (`create_revision == 0` → put with our lease) until
+//!   we delete it or the lease ends. Its epoch is the key's create revision: unique per claim.
+//! - **Fence.** Every keep-alive answer with TTL > 0 gives a deadline, its *send* time plus the
+//!   TTL (etcd restarts the TTL when it processes the request, which is later). The datapath may
+//!   translate in our blocks only until `valid_until = deadline − fence_margin − cooldown`; it
+//!   checks that itself, so a dead or stopped agent stops translating too. Another node can claim
+//!   the block only after the lease is gone, at the deadline or later (earlier by less than the
+//!   margin where etcd revokes early), so the cool-down separates the two owners.
+//! - **Release.** A block goes back only when closed to new mappings and empty for the cool-down
+//!   (then its ports are reusable at once); the delete is conditional on our epoch.
+//! - A block enters the datapath only once every registered gateway has applied its claim.
+//! - A snapshot of the store never revives a block we released: a record is adopted only when
+//!   created after our last release of that block, and a held block is forgotten only when a
+//!   snapshot newer than its claim lacks it.
+//!
+//! The datapath applies [`DatapathOp`]s in order, before the next input is handed in.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use super::{
+    geometry::{BlockId, Geometry},
+    Rng,
+};
+
+/// `CLOCK_BOOTTIME` in nanoseconds (the clock `bpf_ktime_get_boot_ns` reads).
+pub type Nanos = u64;
+/// An etcd lease ID.
+pub type LeaseId = i64;
+/// Identifies a store operation's reply.
+pub type OpId = u64;
+
+fn ns(d: Duration) -> Nanos {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
+/// The timers, validated so that the fence works.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timers {
+    pub lease_ttl: Duration,
+    pub cooldown: Duration,
+    pub fence_margin: Duration,
+    /// Keep-alive period while answers come (a sixth of the TTL: five can be lost before the
+    /// fence closes at the defaults).
+    pub keepalive_every: Duration,
+    /// First retry after a failed store operation; doubles up to `keepalive_every`.
+    pub retry: Duration,
+    /// A claim picks its block from a snapshot of the store no older than this.
+    pub list_max_age: Duration,
+    /// How often a claimed block's gateway revision is polled.
+    pub gateway_poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TimersError {
+    #[error("--lease-ttl {ttl}s must be more than --block-cooldown {cooldown}s + --fence-margin {margin}s: the fence closes that long before the lease ends; raise --lease-ttl above {min}s or lower the others")]
+    TtlTooShort {
+        ttl: u64,
+        cooldown: u64,
+        margin: u64,
+        min: u64,
+    },
+    #[error("--lease-ttl {0:?} is not a whole number of seconds (etcd leases are): e.g. 90s")]
+    Fraction(Duration),
+    #[error("--lease-ttl {0}s is above etcd's maximum lease TTL of 9000000000s")]
+    TooLong(u64),
+}
+
+impl Timers {
+    pub fn new(
+        lease_ttl: Duration,
+        cooldown: Duration,
+        fence_margin: Duration,
+    ) -> Result<Self, TimersError> {
+        if lease_ttl.subsec_nanos() != 0 {
+            return Err(TimersError::Fraction(lease_ttl));
+        }
+        if lease_ttl.as_secs() > 9_000_000_000 {
+            return Err(TimersError::TooLong(lease_ttl.as_secs()));
+        }
+        if lease_ttl <= cooldown + fence_margin {
+            return Err(TimersError::TtlTooShort {
+                ttl: lease_ttl.as_secs(),
+                cooldown: cooldown.as_secs(),
+                margin: fence_margin.as_secs(),
+                min: (cooldown + fence_margin).as_secs(),
+            });
+        }
+        Ok(Self {
+            lease_ttl,
+            cooldown,
+            fence_margin,
+            keepalive_every: lease_ttl / 6,
+            retry: Duration::from_millis(250),
+            list_max_age: Duration::from_secs(1),
+            gateway_poll: Duration::from_millis(20),
+        })
+    }
+
+    pub fn ttl_s(&self) -> u32 {
+        self.lease_ttl.as_secs() as u32
+    }
+
+    /// How long before the lease's deadline the datapath stops translating.
+    fn fence(&self) -> Nanos {
+        ns(self.fence_margin + self.cooldown)
+    }
+}
+
+/// What one node runs with.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    /// Where replies for this node's blocks go.
+    pub address: Ipv4Addr,
+    pub geometry: Geometry,
+    pub timers: Timers,
+    /// Blocks kept on each NAT IP even when idle (`--min-blocks`).
+    pub min_blocks: u16,
+    /// Cap per NAT IP (`--max-blocks`); `None`: leave every other registered node its minimum.
+    pub max_blocks: Option<u16>,
+    /// Another block is claimed when a new flow to the node's busiest destination could get
+    /// fewer free ports than this (a quarter block by default).
+    pub low_water: u32,
+    pub seed: u64,
+}
+
+/// What survived an agent restart in the pinned state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub lease: Option<LeaseId>,
+    pub blocks: Vec<(BlockId, i64)>,
+}
+
+/// One operation on the store (etcd).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Create `/snat/v1/config` if absent, else read it.
+    CreateConfig(Geometry),
+    Grant {
+        ttl_s: u32,
+    },
+    KeepAlive {
+        lease: LeaseId,
+    },
+    /// Create `nodes/<name>` with the lease if absent, else read its lease.
+    Register {
+        lease: LeaseId,
+    },
+    /// Read the whole prefix: blocks, nodes, gateways.
+    List,
+    /// Create `blocks/<ip>/<index>` with the lease if absent.
+    Claim {
+        block: BlockId,
+        lease: LeaseId,
+    },
+    /// Delete the block's key if its create revision is `epoch`.
+    Release {
+        block: BlockId,
+        epoch: i64,
+    },
+    Revoke {
+        lease: LeaseId,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreReply {
+    ConfigCreated,
+    ConfigExists(Geometry),
+    Granted {
+        lease: LeaseId,
+        ttl_s: u32,
+    },
+    /// A keep-alive's answer: the TTL etcd restarted the lease with, 0 when it is gone.
+    Alive {
+        ttl_s: u32,
+    },
+    Registered,
+    NameTaken {
+        lease: LeaseId,
+    },
+    Listed(Snapshot),
+    Claimed {
+        epoch: i64,
+    },
+    ClaimTaken,
+    /// The key was deleted at `revision`.
+    Released {
+        revision: i64,
+    },
+    /// The key was not ours any more (already gone or re-claimed) as of `revision`.
+    NotOurs {
+        revision: i64,
+    },
+    Revoked,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The operation was certainly not applied (e.g. no connection when it was sent).
+    #[error("not applied: {0}")]
+    NotApplied(String),
+    /// It may or may not have been applied (timeout after sending, connection lost).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// The store's prefix at one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub nodes: Vec<NodeRecord>,
+    pub blocks: Vec<BlockRecord>,
+    pub gateways: Vec<GatewayRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub lease: LeaseId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub block: BlockId,
+    pub node: String,
+    pub lease: LeaseId,
+    /// The key's create revision: the claim's epoch.
+    pub epoch: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRecord {
+    pub name: String,
+    pub applied: i64,
+}
+
+/// A change to the datapath's block table (pinned with the maps).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatapathOp {
+    /// Remember the lease the blocks are held under (pinned; `None`: no lease).
+    SetLease(Option<LeaseId>),
+    /// New mappings may use the block; every packet in it is translated until `valid_until`.
+    Open {
+        block: BlockId,
+        epoch: i64,
+        valid_until: Nanos,
+    },
+    /// No new mappings in the block; its mappings keep translating.
+    Close { block: BlockId },
+    /// Every held block is valid until this (one good keep-alive).
+    Extend { valid_until: Nanos },
+    /// The block is not ours: delete its mappings (TCP flows are answered with RSTs).
+    Forget { block: BlockId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Store {
+        id: OpId,
+        op: StoreOp,
+    },
+    Datapath(DatapathOp),
+    /// The agent must not run: the message says why and what to do.
+    Fatal(String),
+    /// A drain finished: every block went back.
+    Drained,
+}
+
+/// What the datapath reports about the node's blocks, read before each [`Node::handle_usage`].
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    pub blocks: Vec<BlockUse>,
+    pub pressure: Vec<Pressure>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockUse {
+    pub block: BlockId,
+    /// Mappings in the block.
+    pub live: u32,
+    /// The last time a mapping in it was seen alive (or released): no port of the block was
+    /// used after it.
+    pub last_active: Nanos,
+}
+
+/// Per NAT IP: what a new flow to the node's busiest destination could still get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pressure {
+    pub nat_ip: Ipv4Addr,
+    /// Free ports in the node's open blocks on the IP for that destination.
+    pub free: u32,
+    /// A flow was refused for want of a port since the last report.
+    pub refused: bool,
+}
+
+/// Why a node that wants a block has none to use yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Shortage {
+    /// Every block of every NAT IP is held.
+    RangeFull,
+    /// `--max-blocks` reached on every NAT IP with a free block.
+    MaxBlocks,
+    /// The store cannot be reached, or the lease is not valid.
+    Unreachable,
+    /// A claim is on its way (or waits for the gateway).
+    ClaimPending,
+}
+
+impl Shortage {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Shortage::RangeFull => "range_full",
+            Shortage::MaxBlocks => "max_blocks",
+            Shortage::Unreachable => "unreachable",
+            Shortage::ClaimPending => "claim_pending",
+        }
+    }
+}
+
+/// Where a held block is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockState {
+    /// Claimed; enters the datapath once the gateways have applied `revision`.
+    AwaitGateway {
+        revision: i64,
+    },
+    Open {
+        since: Nanos,
+    },
+    /// Closed to new mappings at `since`, on its way back.
+    Closed {
+        since: Nanos,
+    },
+    /// The conditional delete is on its way (or will be retried at `retry_at`).
+    Releasing {
+        retry_at: Option<Nanos>,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Held {
+    pub epoch: i64,
+    pub state: BlockState,
+    pub live: u32,
+    pub last_active: Nanos,
+    /// When `live` was observed.
+    pub observed: Nanos,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Reading or writing the cluster's geometry.
+    Config,
+    /// Asking whether the restored lease still lives.
+    Recover,
+    /// Listing the store to adopt the restored lease's blocks.
+    Adopt,
+    Grant,
+    Register,
+    Ready,
+    Failed,
+}
+
+/// Counters for the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// By result: `ok`, `taken`, `error`.
+    pub claims: BTreeMap<&'static str, u64>,
+    /// By reason: `idle`, `drain`, `lease_lost`, `gone`.
+    pub releases: BTreeMap<&'static str, u64>,
+    pub keepalive_rtt: Option<Duration>,
+    /// From the first want of a block to the block open in the datapath.
+    pub claim_latency: Option<Duration>,
+    pub leases_lost: u64,
+}
+
+/// One node's block allocator.
+pub struct Node {
+    cfg: NodeConfig,
+    phase: Phase,
+    draining: bool,
+    lease: Option<LeaseId>,
+    /// Best deadline from the current lease's keep-alives (send time + TTL).
+    deadline: Nanos,
+    restored: Restored,
+    held: BTreeMap<BlockId, Held>,
+    /// Revision of our last release of each block: older records of it are stale.
+    released: BTreeMap<BlockId, i64>,
+    view: Option<(Nanos, Snapshot)>,
+    /// Blocks found taken since the last snapshot.
+    taken: BTreeSet<BlockId>,
+    pressure: BTreeMap<Ipv4Addr, Pressure>,
+    pending: BTreeMap<OpId, (StoreOp, Nanos)>,
+    next_id: OpId,
+    out: VecDeque<Command>,
+    /// Next keep-alive (none in flight when set).
+    keepalive_at: Option<Nanos>,
+    /// When the phase's operation (or a failed claim) is retried.
+    retry_at: Option<Nanos>,
+    backoff: Duration,
+    list_at: Option<Nanos>,
+    /// The first moment an unmet want of a block was seen.
+    wanting_since: Option<Nanos>,
+    shortage: BTreeMap<Ipv4Addr, Shortage>,
+    connected: bool,
+    rng: Rng,
+    /// The latest `now` handed in.
+    now: Nanos,
+    pub stats: Stats,
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig, restored: Restored, now: Nanos) -> Self {
+        let rng = Rng::new(cfg.seed);
+        let backoff = cfg.timers.retry;
+        let mut node = Self {
+            cfg,
+            phase: Phase::Config,
+            draining: false,
+            lease: None,
+            deadline: 0,
+            restored,
+            held: BTreeMap::new(),
+            released: BTreeMap::new(),
+            view: None,
+            taken: BTreeSet::new(),
+            pressure: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_id: 1,
+            out: VecDeque::new(),
+            keepalive_at: None,
+            retry_at: None,
+            backoff,
+            list_at: None,
+            wanting_since: None,
+            shortage: BTreeMap::new(),
+            connected: false,
+            rng,
+            now,
+            stats: Stats::default(),
+        };
+        node.send(StoreOp::CreateConfig(node.cfg.geometry.clone()), now);
+        node
+    }
+
+    pub fn next_command(&mut self) -> Option<Command> {
+        self.out.pop_front()
+    }
+
+    /// The earliest moment something is due; `None` while only replies can move it.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        if self.phase == Phase::Failed {
+            return None;
+        }
+        let mut t = [self.keepalive_at, self.retry_at, self.list_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut at = |x: Nanos| t = Some(t.map_or(x, |t| t.min(x)));
+        let cooldown = ns(self.cfg.timers.cooldown);
+        for h in self.held.values() {
+            match h.state {
+                BlockState::Closed { since } if h.live == 0 && h.observed >= since => {
+                    at(since.max(h.last_active) + cooldown)
+                }
+                BlockState::Releasing { retry_at: Some(r) } => at(r),
+                _ => {}
+            }
+        }
+        if self.lease.is_some() && !self.held.is_empty() && self.valid_until() > self.now {
+            at(self.valid_until()); // the moment the blocks become suspended
+        }
+        t
+    }
+
+    /// Until when the datapath may translate in our blocks.
+    pub fn valid_until(&self) -> Nanos {
+        self.deadline.saturating_sub(self.cfg.timers.fence())
+    }
+
+    pub fn suspended(&self, now: Nanos) -> bool {
+        !self.held.is_empty() && now >= self.valid_until()
+    }
+
+    pub fn lease(&self) -> Option<LeaseId> {
+        self.lease
+    }
+
+    pub fn held(&self) -> &BTreeMap<BlockId, Held> {
+        &self.held
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    pub fn shortage(&self) -> &BTreeMap<Ipv4Addr, Shortage> {
+        &self.shortage
+    }
+
+    pub fn ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// The lease's deadline as this node knows it (send time of the best keep-alive + TTL).
+    pub fn deadline(&self) -> Nanos {
+        self.deadline
+    }
+
+    /// Stop taking blocks and give every held one back as it empties (`snat` stopping without
+    /// `--keep-state`).
+    pub fn drain(&mut self, now: Nanos) {
+        self.draining = true;
+        if self.phase != Phase::Ready && self.held.is_empty() && self.restored.blocks.is_empty() {
+            self.phase = Phase::Failed;
+            self.out.push_back(Command::Drained);
+            return;
+        }
+        self.step(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        if self.phase == Phase::Failed {
+            return;
+        }
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+            self.retry_phase(now);
+        }
+        if self.keepalive_at.is_some_and(|t| t <= now) {
+            if let Some(lease) = self.lease {
+                self.keepalive_at = None;
+                self.send(StoreOp::KeepAlive { lease }, now);
+            }
+        }
+        if self.list_at.is_some_and(|t| t <= now) {
+            self.list_at = None;
+            self.list(now);
+        }
+        let due: Vec<(BlockId, i64)> = self
+            .held
+            .iter()
+            .filter(
+                |(_, h)| matches!(h.state, BlockState::Releasing { retry_at: Some(t) } if t <= now),
+            )
+            .map(|(b, h)| (*b, h.epoch))
+            .collect();
+        for (block, epoch) in due {
+            if let Some(h) = self.held.get_mut(&block) {
+                h.state = BlockState::Releasing { retry_at: None };
+            }
+            self.send(StoreOp::Release { block, epoch }, now);
+        }
+        self.step(now);
+    }
+
+    pub fn handle_usage(&mut self, usage: &Usage, now: Nanos) {
+        for u in &usage.blocks {
+            if let Some(h) = self.held.get_mut(&u.block) {
+                h.live = u.live;
+                h.last_active = h.last_active.max(u.last_active);
+                h.observed = now;
+            }
+        }
+        for p in &usage.pressure {
+            let e = self.pressure.entry(p.nat_ip).or_insert(*p);
+            // A refusal stays noted until a report says there is room again.
+            let refused = p.refused || (e.refused && p.free == 0);
+            *e = Pressure { refused, ..*p };
+        }
+        self.step(now);
+    }
+
+    pub fn handle_store(&mut self, id: OpId, reply: Result<StoreReply, StoreError>, now: Nanos) {
+        let Some((op, sent)) = self.pending.remove(&id) else {
+            return;
+        };
+        if self.phase == Phase::Failed {
+            return;
+        }
+        self.connected = reply.is_ok();
+        match (op, reply) {
+            (StoreOp::CreateConfig(_), Ok(StoreReply::ConfigCreated)) => self.after_config(now),
+            (StoreOp::CreateConfig(_), Ok(StoreReply::ConfigExists(stored))) => {
+                let d = self.cfg.geometry.differences(&stored);
+                if d.is_empty() {
+                    self.after_config(now);
+                } else {
+                    self.fail(format!(
+                        "this agent's flags disagree with the cluster's geometry in /snat/v1/config: {}; start it with the cluster's values",
+                        d.join("; ")
+                    ));
+                }
+            }
+            (StoreOp::KeepAlive { lease }, Ok(StoreReply::Alive { ttl_s })) => {
+                self.stats.keepalive_rtt = Some(Duration::from_nanos(now.saturating_sub(sent)));
+                self.on_alive(lease, sent, ttl_s, now);
+            }
+            (StoreOp::KeepAlive { lease }, Err(_)) => {
+                if self.lease == Some(lease) {
+                    self.keepalive_at = Some(now + ns(self.cfg.timers.retry));
+                }
+            }
+            (StoreOp::Grant { .. }, Ok(StoreReply::Granted { lease, ttl_s })) => {
+                if self.phase != Phase::Grant {
+                    return; // a late answer to a retried grant: that lease just expires
+                }
+                self.lease = Some(lease);
+                self.deadline = sent + u64::from(ttl_s) * 1_000_000_000;
+                self.push(DatapathOp::SetLease(Some(lease)));
+                self.keepalive_at = Some(now + ns(self.cfg.timers.keepalive_every));
+                self.phase = Phase::Register;
+                self.reset_backoff();
+                self.send(StoreOp::Register { lease }, now);
+            }
+            (StoreOp::Register { lease }, Ok(StoreReply::Registered)) => {
+                self.registered(lease, now);
+            }
+            (StoreOp::Register { lease }, Ok(StoreReply::NameTaken { lease: other })) => {
+                if other == lease {
+                    self.registered(lease, now);
+                } else {
+                    self.fail(format!(
+                        "node name {:?} is held by another agent's live lease {other:x}: two agents must not share a name; give this one its own --node-name, or wait for that lease to expire (at most --lease-ttl) if its agent is gone",
+                        self.cfg.name
+                    ));
+                }
+            }
+            (StoreOp::List, Ok(StoreReply::Listed(snap))) => self.on_snapshot(snap, now),
+            (StoreOp::List, Err(_)) => {
+                self.list_at = Some(now + ns(self.cfg.timers.retry));
+            }
+            (StoreOp::Claim { block, lease }, Ok(StoreReply::Claimed { epoch })) => {
+                *self.stats.claims.entry("ok").or_default() += 1;
+                if self.lease == Some(lease) && !self.held.contains_key(&block) {
+                    self.held.insert(
+                        block,
+                        Held {
+                            epoch,
+                            state: BlockState::AwaitGateway { revision: epoch },
+                            live: 0,
+                            last_active: 0,
+                            observed: 0,
+                        },
+                    );
+                    self.reset_backoff();
+                    self.list(now);
+                }
+            }
+            (StoreOp::Claim { block, .. }, Ok(StoreReply::ClaimTaken)) => {
+                *self.stats.claims.entry("taken").or_default() += 1;
+                self.taken.insert(block);
+            }
+            (StoreOp::Claim { .. }, Err(e)) => {
+                *self.stats.claims.entry("error").or_default() += 1;
+                // Unknown: the snapshot tells whether the key is ours (and adopts it).
+                self.view = None;
+                if matches!(e, StoreError::Unknown(_)) {
+                    self.list(now);
+                }
+                self.retry_at = Some(now + self.next_backoff());
+            }
+            (StoreOp::Release { block, epoch }, Ok(r)) => {
+                let revision = match r {
+                    StoreReply::Released { revision } | StoreReply::NotOurs { revision } => {
+                        revision
+                    }
+                    _ => 0,
+                };
+                if self.held.get(&block).is_some_and(|h| h.epoch == epoch) {
+                    self.forget(
+                        block,
+                        revision,
+                        if self.draining { "drain" } else { "idle" },
+                    );
+                }
+            }
+            (StoreOp::Release { block, epoch }, Err(_)) => {
+                let retry = now + self.next_backoff();
+                if let Some(h) = self.held.get_mut(&block).filter(|h| h.epoch == epoch) {
+                    h.state = BlockState::Releasing {
+                        retry_at: Some(retry),
+                    };
+                }
+            }
+            (StoreOp::Revoke { .. }, _) => {
+                self.lease = None;
+                self.push(DatapathOp::SetLease(None));
+                self.out.push_back(Command::Drained);
+                self.phase = Phase::Failed; // done: nothing more to do
+            }
+            (_, Err(_)) => {
+                // A phase operation failed: retry it.
+                self.retry_at = Some(now + self.next_backoff());
+            }
+            (op, Ok(r)) => log::warn!("cluster: unexpected reply {r:?} to {op:?}"),
+        }
+        self.step(now);
+    }
+
+    fn after_config(&mut self, now: Nanos) {
+        self.reset_backoff();
+        match self.restored.lease {
+            Some(lease) => {
+                self.phase = Phase::Recover;
+                self.lease = Some(lease);
+                self.send(StoreOp::KeepAlive { lease }, now);
+            }
+            None => self.start_grant(now),
+        }
+    }
+
+    fn start_grant(&mut self, now: Nanos) {
+        self.phase = Phase::Grant;
+        self.send(
+            StoreOp::Grant {
+                ttl_s: self.cfg.timers.ttl_s(),
+            },
+            now,
+        );
+    }
+
+    fn registered(&mut self, _lease: LeaseId, now: Nanos) {
+        if self.phase != Phase::Register {
+            return;
+        }
+        self.phase = Phase::Ready;
+        self.reset_backoff();
+        self.list(now);
+    }
+
+    /// Re-sends the operation the phase waits for.
+    fn retry_phase(&mut self, now: Nanos) {
+        match self.phase {
+            Phase::Config => self.send(StoreOp::CreateConfig(self.cfg.geometry.clone()), now),
+            Phase::Recover => {
+                if let Some(lease) = self.lease {
+                    self.send(StoreOp::KeepAlive { lease }, now);
+                }
+            }
+            Phase::Adopt => self.list(now),
+            Phase::Grant => self.start_grant(now),
+            Phase::Register => {
+                if let Some(lease) = self.lease {
+                    self.send(StoreOp::Register { lease }, now);
+                }
+            }
+            Phase::Ready | Phase::Failed => {} // a claim's back-off ended: `step` claims
+        }
+    }
+
+    fn on_alive(&mut self, lease: LeaseId, sent: Nanos, ttl_s: u32, now: Nanos) {
+        if self.lease != Some(lease) {
+            return; // a previous lease's late answer
+        }
+        if ttl_s == 0 {
+            self.lease_lost(now);
+            return;
+        }
+        self.reset_backoff();
+        let before = self.valid_until();
+        self.deadline = self.deadline.max(sent + u64::from(ttl_s) * 1_000_000_000);
+        if self.valid_until() > before && !self.held.is_empty() {
+            self.push(DatapathOp::Extend {
+                valid_until: self.valid_until(),
+            });
+        }
+        if self.keepalive_at.is_none() && !self.keepalive_in_flight() {
+            self.keepalive_at = Some(now + ns(self.cfg.timers.keepalive_every));
+        }
+        if self.phase == Phase::Recover {
+            self.phase = Phase::Adopt;
+            // The restored blocks stay in the datapath, fenced by their old valid-until,
+            // until the snapshot says which are still ours.
+            for (block, epoch) in std::mem::take(&mut self.restored.blocks) {
+                self.held.insert(
+                    block,
+                    Held {
+                        epoch,
+                        state: BlockState::Open { since: now },
+                        live: 0,
+                        last_active: now,
+                        observed: 0,
+                    },
+                );
+            }
+            // No Extend yet: a pinned block may have been released just before the crash.
+            self.list(now);
+        }
+    }
+
+    fn keepalive_in_flight(&self) -> bool {
+        self.pending
+            .values()
+            .any(|(op, _)| matches!(op, StoreOp::KeepAlive { .. }))
+    }
+
+    /// The store says the lease is gone: everything in our blocks is void.
+    fn lease_lost(&mut self, now: Nanos) {
+        self.stats.leases_lost += 1;
+        if self.phase == Phase::Recover {
+            for (block, _) in std::mem::take(&mut self.restored.blocks) {
+                self.push(DatapathOp::Forget { block });
+            }
+        }
+        for block in self.held.keys().copied().collect::<Vec<_>>() {
+            self.forget(block, 0, "lease_lost");
+        }
+        self.lease = None;
+        self.deadline = 0;
+        self.keepalive_at = None;
+        self.released.clear();
+        self.push(DatapathOp::SetLease(None));
+        if self.draining {
+            self.out.push_back(Command::Drained);
+            self.phase = Phase::Failed;
+            return;
+        }
+        self.start_grant(now);
+    }
+
+    fn forget(&mut self, block: BlockId, revision: i64, reason: &'static str) {
+        if self.held.remove(&block).is_some() {
+            *self.stats.releases.entry(reason).or_default() += 1;
+            self.push(DatapathOp::Forget { block });
+        }
+        if revision > 0 {
+            let r = self.released.entry(block).or_default();
+            *r = (*r).max(revision);
+        }
+    }
+
+    fn on_snapshot(&mut self, snap: Snapshot, now: Nanos) {
+        let Some(lease) = self.lease else { return };
+        if self
+            .view
+            .as_ref()
+            .is_some_and(|(_, v)| v.revision > snap.revision)
+        {
+            return; // an older snapshot arriving late
+        }
+        let ours: BTreeMap<BlockId, i64> = snap
+            .blocks
+            .iter()
+            .filter(|r| r.lease == lease)
+            .map(|r| (r.block, r.epoch))
+            .collect();
+        // Held blocks the store no longer has (or has under another claim) are not ours.
+        let lost: Vec<BlockId> = self
+            .held
+            .iter()
+            .filter(|(b, h)| snap.revision >= h.epoch && ours.get(b) != Some(&h.epoch))
+            .map(|(b, _)| *b)
+            .collect();
+        for block in lost {
+            let state = self.held[&block].state;
+            let reason = if matches!(state, BlockState::Releasing { .. }) {
+                if self.draining {
+                    "drain"
+                } else {
+                    "idle"
+                }
+            } else {
+                "gone"
+            };
+            self.forget(block, snap.revision, reason);
+        }
+        // Blocks the store says are ours that we do not hold: an unknown claim that landed.
+        let adopt = self.phase == Phase::Adopt;
+        for (&block, &epoch) in &ours {
+            if self.held.contains_key(&block)
+                || self.released.get(&block).is_some_and(|&r| epoch <= r)
+                || !self.cfg.geometry.holds(block)
+            {
+                continue;
+            }
+            self.held.insert(
+                block,
+                Held {
+                    epoch,
+                    state: BlockState::AwaitGateway { revision: epoch },
+                    live: 0,
+                    last_active: 0,
+                    observed: 0,
+                },
+            );
+        }
+        self.view = Some((now, snap));
+        self.taken.clear();
+        if adopt {
+            // The restored blocks the store confirms are ours translate again.
+            let valid_until = self.valid_until();
+            let confirmed: Vec<(BlockId, i64)> = self
+                .held
+                .iter()
+                .filter(|(_, h)| matches!(h.state, BlockState::Open { .. }))
+                .map(|(b, h)| (*b, h.epoch))
+                .collect();
+            for (block, epoch) in confirmed {
+                self.push(DatapathOp::Open {
+                    block,
+                    epoch,
+                    valid_until,
+                });
+            }
+            self.phase = Phase::Register;
+            self.send(StoreOp::Register { lease }, now);
+        }
+        self.open_applied(now);
+    }
+
+    /// Opens claimed blocks the gateways have applied; polls again for the others.
+    fn open_applied(&mut self, now: Nanos) {
+        let Some((_, snap)) = &self.view else { return };
+        let applied = snap.gateways.iter().map(|g| g.applied).min();
+        let valid_until = self.valid_until();
+        let mut waiting = false;
+        let mut opened = Vec::new();
+        for (block, h) in &mut self.held {
+            if let BlockState::AwaitGateway { revision } = h.state {
+                if applied.is_none_or(|a| a >= revision) {
+                    h.state = BlockState::Open { since: now };
+                    h.last_active = now;
+                    opened.push(DatapathOp::Open {
+                        block: *block,
+                        epoch: h.epoch,
+                        valid_until,
+                    });
+                } else {
+                    waiting = true;
+                }
+            }
+        }
+        if !opened.is_empty() {
+            if let Some(since) = self.wanting_since.take() {
+                self.stats.claim_latency = Some(Duration::from_nanos(now.saturating_sub(since)));
+            }
+        }
+        for op in opened {
+            self.push(op);
+        }
+        if waiting && self.list_at.is_none() && !self.listing() {
+            self.list_at = Some(now + ns(self.cfg.timers.gateway_poll));
+        }
+    }
+
+    fn listing(&self) -> bool {
+        self.pending.values().any(|(op, _)| *op == StoreOp::List)
+    }
+
+    fn list(&mut self, now: Nanos) {
+        if !self.listing() {
+            self.send(StoreOp::List, now);
+        }
+    }
+
+    /// Blocks held on `ip` that count towards its minimum and cap.
+    fn held_on(&self, ip: Ipv4Addr) -> usize {
+        self.held
+            .iter()
+            .filter(|(b, h)| b.nat_ip == ip && !matches!(h.state, BlockState::Releasing { .. }))
+            .count()
+    }
+
+    fn max_on(&self, _ip: Ipv4Addr) -> usize {
+        let per_ip = usize::from(self.cfg.geometry.blocks_per_ip());
+        match self.cfg.max_blocks {
+            Some(m) => usize::from(m).min(per_ip),
+            None => {
+                let others = self.view.as_ref().map_or(0, |(_, s)| {
+                    s.nodes.iter().filter(|n| n.name != self.cfg.name).count()
+                });
+                per_ip
+                    .saturating_sub(others * usize::from(self.cfg.min_blocks))
+                    .max(usize::from(self.cfg.min_blocks).max(1))
+            }
+        }
+    }
+
+    /// Whether the node wants another usable block on `ip`.
+    fn wants(&self, ip: Ipv4Addr) -> bool {
+        if self.held_on(ip) < usize::from(self.cfg.min_blocks) {
+            return true;
+        }
+        self.pressure
+            .get(&ip)
+            .is_some_and(|p| p.refused || p.free < self.cfg.low_water)
+    }
+
+    fn claim_in_flight(&self) -> bool {
+        self.pending
+            .values()
+            .any(|(op, _)| matches!(op, StoreOp::Claim { .. }))
+    }
+
+    /// Everything that follows from the current state: closes, releases, re-opens, claims.
+    fn step(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        if self.phase == Phase::Failed {
+            return;
+        }
+        self.plan_releases(now);
+        self.plan_claims(now);
+        if self.draining
+            && self.phase == Phase::Ready
+            && self.held.is_empty()
+            && !self.claim_in_flight()
+        {
+            if let Some(lease) = self.lease {
+                // Every block went back through the cool-down: revoking now only removes the
+                // node's name.
+                if !self
+                    .pending
+                    .values()
+                    .any(|(op, _)| matches!(op, StoreOp::Revoke { .. }))
+                {
+                    self.send(StoreOp::Revoke { lease }, now);
+                }
+            }
+        }
+    }
+
+    fn plan_releases(&mut self, now: Nanos) {
+        let cooldown = ns(self.cfg.timers.cooldown);
+        let bs = u32::from(self.cfg.geometry.block_size);
+        let ips: Vec<Ipv4Addr> = self.cfg.geometry.nat_ips.clone();
+        for ip in ips {
+            let wants = !self.draining && self.wants(ip);
+            let mut free = self.pressure.get(&ip).map_or(0, |p| p.free);
+            let mut open = self
+                .held
+                .iter()
+                .filter(|(b, h)| b.nat_ip == ip && matches!(h.state, BlockState::Open { .. }))
+                .count();
+            let refused = self.pressure.get(&ip).is_some_and(|p| p.refused);
+            let blocks: Vec<BlockId> = self
+                .held
+                .keys()
+                .filter(|b| b.nat_ip == ip)
+                .copied()
+                .collect();
+            let mut reopened = false;
+            for block in blocks {
+                let h = self.held[&block];
+                match h.state {
+                    BlockState::Open { since } => {
+                        let empty = h.live == 0 && h.observed >= since;
+                        let surplus = !refused
+                            && open > usize::from(self.cfg.min_blocks)
+                            && free >= bs + 2 * self.cfg.low_water;
+                        if self.draining || (empty && surplus) {
+                            if empty {
+                                free = free.saturating_sub(bs);
+                            }
+                            open -= 1;
+                            self.set_state(block, BlockState::Closed { since: now });
+                            self.push(DatapathOp::Close { block });
+                        }
+                    }
+                    BlockState::Closed { since } => {
+                        if wants && !reopened && self.lease_valid(now) {
+                            // Still ours: cheaper than a claim.
+                            reopened = true;
+                            self.set_state(block, BlockState::Open { since: now });
+                            self.push(DatapathOp::Open {
+                                block,
+                                epoch: h.epoch,
+                                valid_until: self.valid_until(),
+                            });
+                        } else if h.live == 0
+                            && h.observed >= since
+                            && now >= since.max(h.last_active) + cooldown
+                        {
+                            self.set_state(block, BlockState::Releasing { retry_at: None });
+                            self.send(
+                                StoreOp::Release {
+                                    block,
+                                    epoch: h.epoch,
+                                },
+                                now,
+                            );
+                        }
+                    }
+                    BlockState::AwaitGateway { .. } if self.draining => {
+                        // Never opened, so never used: it can go back at once.
+                        self.set_state(block, BlockState::Releasing { retry_at: None });
+                        self.send(
+                            StoreOp::Release {
+                                block,
+                                epoch: h.epoch,
+                            },
+                            now,
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn lease_valid(&self, now: Nanos) -> bool {
+        self.lease.is_some() && now < self.valid_until()
+    }
+
+    fn set_state(&mut self, block: BlockId, state: BlockState) {
+        if let Some(h) = self.held.get_mut(&block) {
+            h.state = state;
+        }
+    }
+
+    fn plan_claims(&mut self, now: Nanos) {
+        self.shortage.clear();
+        if self.phase != Phase::Ready || self.draining {
+            return;
+        }
+        let ips = self.cfg.geometry.nat_ips.clone();
+        // IPs that want a block and have none on its way.
+        let wanting: Vec<Ipv4Addr> = ips
+            .iter()
+            .copied()
+            .filter(|&ip| {
+                self.wants(ip)
+                    && !self.held.iter().any(|(b, h)| {
+                        b.nat_ip == ip && matches!(h.state, BlockState::AwaitGateway { .. })
+                    })
+            })
+            .collect();
+        if wanting.is_empty() {
+            self.wanting_since = None;
+            return;
+        }
+        self.wanting_since.get_or_insert(now);
+        let pending = self.claim_in_flight()
+            || self.retry_at.is_some()
+            || self
+                .held
+                .values()
+                .any(|h| matches!(h.state, BlockState::AwaitGateway { .. }));
+        if !self.lease_valid(now) || !self.connected && self.retry_at.is_some() {
+            for &ip in &wanting {
+                self.shortage.insert(ip, Shortage::Unreachable);
+            }
+            return;
+        }
+        if pending {
+            for &ip in &wanting {
+                self.shortage.insert(ip, Shortage::ClaimPending);
+            }
+            return;
+        }
+        let fresh = self
+            .view
+            .as_ref()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) <= ns(self.cfg.timers.list_max_age));
+        if !fresh {
+            for &ip in &wanting {
+                self.shortage.insert(ip, Shortage::ClaimPending);
+            }
+            self.list(now);
+            return;
+        }
+        let Some(lease) = self.lease else { return };
+        for ip in wanting {
+            // The IP's own free blocks first, then any other IP's (pods overflow to it).
+            let mut order = vec![ip];
+            order.extend(ips.iter().copied().filter(|&o| o != ip));
+            let mut why = Shortage::RangeFull;
+            for cand_ip in order {
+                if self.held_on(cand_ip) >= self.max_on(cand_ip) {
+                    why = Shortage::MaxBlocks;
+                    continue;
+                }
+                let free = self.free_blocks(cand_ip);
+                if free.is_empty() {
+                    continue;
+                }
+                let block = free[self.rng.below(free.len())];
+                self.send(StoreOp::Claim { block, lease }, now);
+                self.shortage.insert(ip, Shortage::ClaimPending);
+                return; // one claim at a time
+            }
+            self.shortage.insert(ip, why);
+        }
+    }
+
+    /// Blocks of `ip` free in the latest snapshot and not since found taken.
+    fn free_blocks(&self, ip: Ipv4Addr) -> Vec<BlockId> {
+        let Some((_, snap)) = &self.view else {
+            return Vec::new();
+        };
+        let used: BTreeSet<BlockId> = snap.blocks.iter().map(|r| r.block).collect();
+        (0..self.cfg.geometry.blocks_per_ip())
+            .map(|index| BlockId { nat_ip: ip, index })
+            .filter(|b| !used.contains(b) && !self.taken.contains(b) && !self.held.contains_key(b))
+            .collect()
+    }
+
+    fn send(&mut self, op: StoreOp, now: Nanos) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, (op.clone(), now));
+        self.out.push_back(Command::Store { id, op });
+    }
+
+    fn push(&mut self, op: DatapathOp) {
+        self.out.push_back(Command::Datapath(op));
+    }
+
+    fn fail(&mut self, why: String) {
+        self.phase = Phase::Failed;
+        self.out.push_back(Command::Fatal(why));
+    }
+
+    fn next_backoff(&mut self) -> Nanos {
+        let b = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.cfg.timers.keepalive_every);
+        ns(b)
+    }
+
+    fn reset_backoff(&mut self) {
+        self.backoff = self.cfg.timers.retry;
+    }
+}
