@@ -385,6 +385,8 @@ pub struct Stats {
     /// From the first want of a block to the block open in the datapath.
     pub claim_latency: Option<Duration>,
     pub leases_lost: u64,
+    /// Blocks taken over from a previous agent under the same live lease.
+    pub adopted: u64,
 }
 
 /// One node's block allocator.
@@ -909,6 +911,7 @@ impl Node {
                 .filter(|(_, h)| matches!(h.state, BlockState::Open { .. }))
                 .map(|(b, h)| (*b, h.epoch))
                 .collect();
+            self.stats.adopted += confirmed.len() as u64;
             for (block, epoch) in confirmed {
                 self.push(DatapathOp::Open {
                     block,
@@ -1058,9 +1061,13 @@ impl Node {
                 match h.state {
                     BlockState::Open { since } => {
                         let empty = h.live == 0 && h.observed >= since;
-                        let surplus = !refused
-                            && open > usize::from(self.cfg.min_blocks)
-                            && free >= bs + 2 * self.cfg.low_water;
+                        // An IP no pod pairs with (no pressure reported) only holds overflow:
+                        // its empty blocks are surplus beyond the minimum.
+                        let room = match self.pressure.get(&ip) {
+                            Some(_) => !refused && free >= bs + 2 * self.cfg.low_water,
+                            None => true,
+                        };
+                        let surplus = room && open > usize::from(self.cfg.min_blocks);
                         if self.draining || (empty && surplus) {
                             if empty {
                                 free = free.saturating_sub(bs);
@@ -1232,5 +1239,388 @@ impl Node {
 
     fn reset_backoff(&mut self) {
         self.backoff = self.cfg.timers.retry;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::ports::PortRange;
+
+    const S: Nanos = 1_000_000_000;
+    const IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+
+    fn geometry() -> Geometry {
+        Geometry::new(
+            PortRange {
+                lo: 40000,
+                hi: 40511,
+            },
+            64,
+            vec![],
+            vec![IP],
+        )
+        .unwrap()
+    }
+
+    fn node(restored: Restored, now: Nanos) -> Node {
+        let cfg = NodeConfig {
+            name: "n1".into(),
+            address: Ipv4Addr::new(10, 1, 0, 1),
+            geometry: geometry(),
+            timers: Timers::new(
+                Duration::from_secs(90),
+                Duration::from_secs(20),
+                Duration::from_secs(5),
+            )
+            .unwrap(),
+            min_blocks: 1,
+            max_blocks: None,
+            low_water: 16,
+            seed: 1,
+        };
+        Node::new(cfg, restored, now)
+    }
+
+    fn block(index: u16) -> BlockId {
+        BlockId { nat_ip: IP, index }
+    }
+
+    fn drain(n: &mut Node) -> Vec<Command> {
+        std::iter::from_fn(|| n.next_command()).collect()
+    }
+
+    /// The one store operation queued (panics otherwise), and its id.
+    fn op(cmds: &[Command]) -> (OpId, StoreOp) {
+        let ops: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Store { id, op } => Some((*id, op.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ops.len(), 1, "{cmds:?}");
+        ops[0].clone()
+    }
+
+    fn answer(n: &mut Node, cmds: &[Command], reply: StoreReply, now: Nanos) -> Vec<Command> {
+        let (id, _) = op(cmds);
+        n.handle_store(id, Ok(reply), now);
+        drain(n)
+    }
+
+    fn dp(cmds: &[Command]) -> Vec<DatapathOp> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Command::Datapath(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn snapshot(revision: i64, blocks: &[(u16, LeaseId, i64)], applied: Option<i64>) -> Snapshot {
+        Snapshot {
+            revision,
+            nodes: vec![NodeRecord {
+                name: "n1".into(),
+                lease: 7,
+            }],
+            blocks: blocks
+                .iter()
+                .map(|&(i, lease, epoch)| BlockRecord {
+                    block: block(i),
+                    node: "n1".into(),
+                    lease,
+                    epoch,
+                })
+                .collect(),
+            gateways: applied
+                .map(|a| GatewayRecord {
+                    name: "gw".into(),
+                    applied: a,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// A fresh node up to Ready under lease 7, granted at `t`.
+    fn ready(t: Nanos) -> Node {
+        let mut n = node(Restored::default(), t);
+        let c = drain(&mut n);
+        let c = answer(&mut n, &c, StoreReply::ConfigCreated, t);
+        assert_eq!(op(&c).1, StoreOp::Grant { ttl_s: 90 });
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Granted {
+                lease: 7,
+                ttl_s: 90,
+            },
+            t,
+        );
+        assert_eq!(dp(&c), vec![DatapathOp::SetLease(Some(7))]);
+        let c = answer(&mut n, &c, StoreReply::Registered, t);
+        assert_eq!(op(&c).1, StoreOp::List);
+        assert!(n.ready());
+        n.pending.clear();
+        n
+    }
+
+    #[test]
+    fn a_mismatched_geometry_is_refused_naming_the_flag() {
+        let mut n = node(Restored::default(), 0);
+        let c = drain(&mut n);
+        let mut other = geometry();
+        other.block_size = 32;
+        let c = answer(&mut n, &c, StoreReply::ConfigExists(other), 0);
+        let Some(Command::Fatal(why)) = c.last() else {
+            panic!("{c:?}")
+        };
+        assert!(
+            why.contains("--block-size: 64 here, 32 in the cluster"),
+            "{why}"
+        );
+        assert_eq!(n.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_live_lease_under_our_name_refuses_the_start() {
+        let mut n = node(Restored::default(), 0);
+        let c = drain(&mut n);
+        let c = answer(&mut n, &c, StoreReply::ConfigCreated, 0);
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Granted {
+                lease: 7,
+                ttl_s: 90,
+            },
+            0,
+        );
+        let c = answer(&mut n, &c, StoreReply::NameTaken { lease: 9 }, 0);
+        let Some(Command::Fatal(why)) = c.last() else {
+            panic!("{c:?}")
+        };
+        assert!(
+            why.contains("node name \"n1\" is held by another agent's live lease 9"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn the_fence_closes_a_cool_down_and_a_margin_before_the_deadline_of_the_keepalive_sent() {
+        let mut n = ready(0);
+        // Granted at 0 with TTL 90: valid until 90 − 5 − 20 = 65 s.
+        assert_eq!(n.valid_until(), 65 * S);
+        n.handle_timeout(15 * S);
+        let c: Vec<Command> = drain(&mut n)
+            .into_iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Store {
+                        op: StoreOp::KeepAlive { lease: 7 },
+                        ..
+                    }
+                )
+            })
+            .collect();
+        // Answered 2 s later: the deadline counts from the send time.
+        n.held.insert(
+            block(0),
+            Held {
+                epoch: 3,
+                state: BlockState::Open { since: 0 },
+                live: 1,
+                last_active: 0,
+                observed: 0,
+            },
+        );
+        let c = answer(&mut n, &c, StoreReply::Alive { ttl_s: 90 }, 17 * S);
+        assert_eq!(
+            dp(&c),
+            vec![DatapathOp::Extend {
+                valid_until: 80 * S
+            }]
+        );
+        assert!(!n.suspended(79 * S) && n.suspended(80 * S));
+    }
+
+    #[test]
+    fn a_restart_after_the_lease_ended_forgets_every_pinned_block() {
+        let restored = Restored {
+            lease: Some(7),
+            blocks: vec![(block(0), 5), (block(3), 6)],
+        };
+        let mut n = node(restored, 0);
+        let c = drain(&mut n);
+        let c = answer(&mut n, &c, StoreReply::ConfigCreated, 0);
+        assert_eq!(op(&c).1, StoreOp::KeepAlive { lease: 7 });
+        let c = answer(&mut n, &c, StoreReply::Alive { ttl_s: 0 }, S);
+        assert_eq!(
+            dp(&c),
+            vec![
+                DatapathOp::Forget { block: block(0) },
+                DatapathOp::Forget { block: block(3) },
+                DatapathOp::SetLease(None)
+            ]
+        );
+        assert_eq!(op(&c).1, StoreOp::Grant { ttl_s: 90 });
+    }
+
+    #[test]
+    fn a_restart_under_a_live_lease_adopts_only_what_the_store_confirms() {
+        let restored = Restored {
+            lease: Some(7),
+            blocks: vec![(block(0), 5), (block(3), 6)],
+        };
+        let mut n = node(restored, 0);
+        let c = drain(&mut n);
+        let c = answer(&mut n, &c, StoreReply::ConfigCreated, 0);
+        let c = answer(&mut n, &c, StoreReply::Alive { ttl_s: 90 }, S);
+        // No Extend before the store has confirmed the blocks.
+        assert_eq!(dp(&c), vec![]);
+        assert_eq!(op(&c).1, StoreOp::List);
+        // Block 0 is still ours; block 3 was released (gone at revision 10).
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Listed(snapshot(10, &[(0, 7, 5)], None)),
+            S,
+        );
+        assert_eq!(
+            dp(&c),
+            vec![
+                DatapathOp::Forget { block: block(3) },
+                DatapathOp::Open {
+                    block: block(0),
+                    epoch: 5,
+                    valid_until: 65 * S // the keep-alive went out at 0
+                }
+            ]
+        );
+        assert_eq!(op(&c).1, StoreOp::Register { lease: 7 });
+        let c = answer(&mut n, &c, StoreReply::NameTaken { lease: 7 }, S);
+        assert!(n.ready(), "{c:?}");
+        assert_eq!(n.stats.adopted, 1);
+    }
+
+    #[test]
+    fn a_claimed_block_opens_only_once_the_gateway_applied_it() {
+        let mut n = ready(0);
+        n.handle_usage(
+            &Usage {
+                blocks: vec![],
+                pressure: vec![Pressure {
+                    nat_ip: IP,
+                    free: 0,
+                    refused: true,
+                }],
+            },
+            S,
+        );
+        let c = drain(&mut n);
+        assert_eq!(op(&c).1, StoreOp::List);
+        let c = answer(&mut n, &c, StoreReply::Listed(snapshot(4, &[], Some(4))), S);
+        let StoreOp::Claim { block: b, lease: 7 } = op(&c).1 else {
+            panic!("{c:?}")
+        };
+        assert_eq!(n.shortage().get(&IP), Some(&Shortage::ClaimPending));
+        let c = answer(&mut n, &c, StoreReply::Claimed { epoch: 5 }, S);
+        assert_eq!(op(&c).1, StoreOp::List);
+        // The gateway is still at revision 4: nothing opens, the node polls again.
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Listed(snapshot(5, &[(b.index, 7, 5)], Some(4))),
+            S,
+        );
+        assert_eq!(dp(&c), vec![]);
+        assert_eq!(n.poll_timeout(), Some(S + 20_000_000));
+        n.handle_timeout(S + 20_000_000);
+        let c = drain(&mut n);
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Listed(snapshot(6, &[(b.index, 7, 5)], Some(6))),
+            S + 30_000_000,
+        );
+        assert_eq!(
+            dp(&c),
+            vec![DatapathOp::Open {
+                block: b,
+                epoch: 5,
+                valid_until: 65 * S
+            }]
+        );
+    }
+
+    #[test]
+    fn a_drain_gives_every_block_back_after_its_cool_down_then_revokes() {
+        let mut n = ready(0);
+        n.held.insert(
+            block(2),
+            Held {
+                epoch: 5,
+                state: BlockState::Open { since: 0 },
+                live: 3,
+                last_active: S,
+                observed: S,
+            },
+        );
+        n.keepalive_at = None; // keep-alives are not what this test is about
+        n.drain(2 * S);
+        let c = drain(&mut n);
+        assert_eq!(dp(&c), vec![DatapathOp::Close { block: block(2) }]);
+        // Its last mapping goes at 10 s: released 20 s later, not before.
+        let usage = |live| Usage {
+            blocks: vec![BlockUse {
+                block: block(2),
+                live,
+                last_active: 10 * S,
+            }],
+            pressure: vec![],
+        };
+        n.handle_usage(&usage(0), 11 * S);
+        assert!(drain(&mut n).is_empty());
+        assert_eq!(n.poll_timeout(), Some(30 * S));
+        n.handle_timeout(30 * S);
+        let c = drain(&mut n);
+        assert_eq!(
+            op(&c).1,
+            StoreOp::Release {
+                block: block(2),
+                epoch: 5
+            }
+        );
+        let c = answer(&mut n, &c, StoreReply::Released { revision: 9 }, 30 * S);
+        assert_eq!(dp(&c), vec![DatapathOp::Forget { block: block(2) }]);
+        assert_eq!(op(&c).1, StoreOp::Revoke { lease: 7 });
+        let c = answer(&mut n, &c, StoreReply::Revoked, 30 * S);
+        assert_eq!(c.last(), Some(&Command::Drained));
+        assert_eq!(n.stats.releases.get("drain"), Some(&1));
+    }
+
+    #[test]
+    fn timers_that_leave_no_fence_are_refused() {
+        let e = Timers::new(
+            Duration::from_secs(20),
+            Duration::from_secs(20),
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "--lease-ttl 20s must be more than --block-cooldown 20s + --fence-margin 5s"
+            ),
+            "{e}"
+        );
+        let e = Timers::new(
+            Duration::from_millis(90_500),
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        assert!(matches!(e, Err(TimersError::Fraction(_))));
     }
 }

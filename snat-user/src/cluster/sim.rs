@@ -472,6 +472,36 @@ struct World {
     trace: Vec<String>,
     faulty_until: u64,
     spins: u32,
+    cover: Cover,
+    trace_all: bool,
+}
+
+/// What a run went through, so the test can show the faults really happened.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cover {
+    /// Ticks where a node had mappings in a suspended block (fenced).
+    suspended: u64,
+    /// Agents restarted under their still-live lease (blocks adopted).
+    adopted: u64,
+    /// Leases a node found gone.
+    leases_lost: u64,
+    /// Claims that lost a race.
+    taken: u64,
+    /// Agents refused to start (a live lease under their name).
+    refused_start: u64,
+    /// Blocks given back after their cool-down.
+    released: u64,
+}
+
+impl std::ops::AddAssign for Cover {
+    fn add_assign(&mut self, o: Self) {
+        self.suspended += o.suspended;
+        self.adopted += o.adopted;
+        self.leases_lost += o.leases_lost;
+        self.taken += o.taken;
+        self.refused_start += o.refused_start;
+        self.released += o.released;
+    }
 }
 
 impl World {
@@ -513,6 +543,8 @@ impl World {
             violations: Vec::new(),
             trace: Vec::new(),
             spins: 0,
+            cover: Cover::default(),
+            trace_all: false,
         };
         w.gw.lag = w.rng.between(0, 500) * MS;
         w.gw.reload(&mut w.etcd, 0);
@@ -526,6 +558,9 @@ impl World {
     }
 
     fn log(&mut self, s: &str) {
+        if self.trace_all {
+            eprintln!("{:>9.3}s {s}", self.t as f64 / S as f64);
+        }
         if self.trace.len() > 400 {
             self.trace.drain(..200);
         }
@@ -597,6 +632,8 @@ impl World {
                 }
                 Command::Fatal(why) => {
                     self.log(&format!("{} fatal: {why}", self.nodes[n].name));
+                    self.cover.refused_start += 1;
+                    self.account(n);
                     self.nodes[n].fatal.push(why);
                     self.nodes[n].agent = None;
                     // Its supervisor starts it again.
@@ -624,6 +661,18 @@ impl World {
                 wake - self.nodes[n].offset
             };
             self.at(t, Ev::Wake { node: n, inc, gen });
+        }
+    }
+
+    /// Adds a departing agent's counters to the run's.
+    fn account(&mut self, n: usize) {
+        if let Some(a) = &self.nodes[n].agent {
+            let st = &a.node.stats;
+            self.cover.leases_lost += st.leases_lost;
+            self.cover.taken += st.claims.get("taken").copied().unwrap_or(0);
+            self.cover.adopted += st.adopted;
+            self.cover.released += st.releases.get("idle").copied().unwrap_or(0)
+                + st.releases.get("drain").copied().unwrap_or(0);
         }
     }
 
@@ -764,10 +813,13 @@ impl World {
                 total -= gone;
             }
             let mut uses = Vec::new();
+            let mut suspended = 0;
             for (id, b) in &mut sn.dp.blocks {
                 if b.live > 0 && now < b.valid_until {
                     b.last_active = now;
                     uses.push(*id);
+                } else if b.live > 0 {
+                    suspended += 1;
                 }
             }
             // New mappings, packed into the fullest usable block first.
@@ -819,6 +871,7 @@ impl World {
                     refused: sn.refused_since,
                 }],
             };
+            self.cover.suspended += suspended;
             for id in uses {
                 self.check_use(n, id);
             }
@@ -966,6 +1019,7 @@ impl World {
             }
             Ev::Tick => self.tick(),
             Ev::Crash(n) => {
+                self.account(n);
                 if self.nodes[n].agent.take().is_some() {
                     self.log(&format!("{} agent killed", self.nodes[n].name));
                     let d = if self.rng.chance(0.5) {
@@ -1010,6 +1064,7 @@ impl World {
             }
             Ev::Die(n, d) => {
                 self.log(&format!("{} dies for {}s", self.nodes[n].name, d / S));
+                self.account(n);
                 let sn = &mut self.nodes[n];
                 sn.agent = None;
                 sn.dp = Datapath::default();
@@ -1063,6 +1118,14 @@ impl World {
             .zip(before)
             .find(|(n, b)| n.refused_ticks != **b)
             .map(|(n, _)| n.name.clone())
+    }
+
+    /// Ends the run: the remaining agents' counters join the run's.
+    fn finish(&mut self) -> Cover {
+        for n in 0..self.nodes.len() {
+            self.account(n);
+        }
+        self.cover
     }
 
     fn fail(&self, seed: u64, what: &str) -> ! {
@@ -1119,7 +1182,12 @@ fn setup(nodes: usize) -> Setup {
 /// One seeded run: faults for `chaos`, then calm with fixed demands. Returns the world for
 /// further checks.
 fn run(seed: u64, s: Setup) -> World {
+    run_traced(seed, s, false)
+}
+
+fn run_traced(seed: u64, s: Setup, trace: bool) -> World {
     let mut w = World::new(seed, s);
+    w.trace_all = trace;
     for n in 0..w.nodes.len() {
         let t = w.rng.between(0, 2 * S);
         w.at(t, Ev::Restart(n));
@@ -1167,19 +1235,127 @@ fn run(seed: u64, s: Setup) -> World {
     w
 }
 
-fn seeds() -> u64 {
+fn seeds(default: u64) -> u64 {
     std::env::var("SNAT_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300)
+        .unwrap_or(default)
 }
 
+/// The rule holds on every seed, and the faults it must survive really happened.
 #[test]
 fn three_nodes_never_share_a_port_under_faults() {
-    for seed in 0..seeds() {
-        let w = run(seed, setup(3));
+    let mut cover = Cover::default();
+    let n = seeds(1000);
+    for seed in 0..n {
+        let mut w = run(seed, setup(3));
+        if !w.violations.is_empty() {
+            w.fail(seed, "the rule was broken");
+        }
+        cover += w.finish();
+    }
+    eprintln!("{n} runs: {cover:?}");
+    assert!(cover.suspended > 0, "no node was ever fenced: {cover:?}");
+    assert!(
+        cover.adopted > 0,
+        "no agent ever adopted its blocks: {cover:?}"
+    );
+    assert!(cover.leases_lost > 0, "no lease was ever lost: {cover:?}");
+    assert!(cover.taken > 0, "claims never raced: {cover:?}");
+    assert!(
+        cover.refused_start > 0,
+        "no duplicate start was refused: {cover:?}"
+    );
+    assert!(cover.released > 0, "no block ever went back: {cover:?}");
+}
+
+/// Two NAT IPs, five nodes, fewer blocks than the busy phase wants: overflow and exhaustion.
+#[test]
+fn five_nodes_on_two_nat_ips_under_faults() {
+    for seed in 0..seeds(300) / 3 {
+        let mut s = setup(5);
+        s.geometry = Geometry::new(
+            PortRange {
+                lo: 40000,
+                hi: 40511,
+            },
+            64,
+            vec![],
+            vec![
+                Ipv4Addr::new(198, 51, 100, 1),
+                Ipv4Addr::new(198, 51, 100, 2),
+            ],
+        )
+        .expect("geometry");
+        let w = run(seed, s);
         if !w.violations.is_empty() {
             w.fail(seed, "the rule was broken");
         }
     }
+}
+
+/// The checker is not blind: nodes that skip part of the fence are caught.
+#[test]
+fn the_checker_catches_a_node_that_skips_the_cool_down() {
+    let caught = (0..40).any(|seed| {
+        let mut s = setup(3);
+        // The nodes wait 1 s where the rule says 20 s.
+        s.timers = Timers::new(
+            Duration::from_secs(90),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .expect("timers");
+        let mut w = World::new(seed, s);
+        for n in 0..3 {
+            w.at(0, Ev::Restart(n));
+        }
+        w.at(0, Ev::Tick);
+        w.schedule_faults();
+        let end = w.setup.chaos;
+        w.run_until(end);
+        !w.violations.is_empty()
+    });
+    assert!(caught, "a 1 s cool-down against a 20 s rule went unnoticed");
+}
+
+#[test]
+fn the_checker_catches_a_node_without_a_fence_margin_when_etcd_expires_early() {
+    let caught = (0..40).any(|seed| {
+        let mut s = setup(3);
+        s.timers = Timers::new(
+            Duration::from_secs(90),
+            Duration::from_secs(20),
+            Duration::ZERO,
+        )
+        .expect("timers");
+        s.faults.early = 0.9;
+        s.faults.partitions = 12;
+        let mut w = World::new(seed, s);
+        for n in 0..3 {
+            w.at(0, Ev::Restart(n));
+        }
+        w.at(0, Ev::Tick);
+        w.schedule_faults();
+        let end = w.setup.chaos;
+        w.run_until(end);
+        !w.violations.is_empty()
+    });
+    assert!(caught, "no margin against early expiry went unnoticed");
+}
+
+#[test]
+#[ignore = "debugging aid: SNAT_SIM_SEEDS=N (the seed) SNAT_SIM_NODES=N SNAT_SIM_IPS=N prints one run's trace"]
+fn trace_one_run() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let mut s = setup(env("SNAT_SIM_NODES", 3));
+    s.geometry.nat_ips = (0..env("SNAT_SIM_IPS", 1))
+        .map(|i| Ipv4Addr::new(198, 51, 100, i as u8 + 1))
+        .collect();
+    run_traced(seeds(0), s, true);
 }
