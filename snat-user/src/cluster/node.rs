@@ -62,42 +62,11 @@ pub struct Timers {
     pub gateway_poll: Duration,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TimersError {
-    #[error("--lease-ttl {ttl}s must be more than --block-cooldown {cooldown}s + --fence-margin {margin}s: the fence closes that long before the lease ends; raise --lease-ttl above {min}s or lower the others")]
-    TtlTooShort {
-        ttl: u64,
-        cooldown: u64,
-        margin: u64,
-        min: u64,
-    },
-    #[error("--lease-ttl {0:?} is not a whole number of seconds (etcd leases are): e.g. 90s")]
-    Fraction(Duration),
-    #[error("--lease-ttl {0}s is above etcd's maximum lease TTL of 9000000000s")]
-    TooLong(u64),
-}
-
 impl Timers {
-    pub fn new(
-        lease_ttl: Duration,
-        cooldown: Duration,
-        fence_margin: Duration,
-    ) -> Result<Self, TimersError> {
-        if lease_ttl.subsec_nanos() != 0 {
-            return Err(TimersError::Fraction(lease_ttl));
-        }
-        if lease_ttl.as_secs() > 9_000_000_000 {
-            return Err(TimersError::TooLong(lease_ttl.as_secs()));
-        }
-        if lease_ttl <= cooldown + fence_margin {
-            return Err(TimersError::TtlTooShort {
-                ttl: lease_ttl.as_secs(),
-                cooldown: cooldown.as_secs(),
-                margin: fence_margin.as_secs(),
-                min: (cooldown + fence_margin).as_secs(),
-            });
-        }
-        Ok(Self {
+    /// Timers from validated settings (`settings::cluster` checks that the TTL is whole
+    /// seconds and longer than the cool-down plus the margin).
+    pub fn new(lease_ttl: Duration, cooldown: Duration, fence_margin: Duration) -> Self {
+        Self {
             lease_ttl,
             cooldown,
             fence_margin,
@@ -105,7 +74,7 @@ impl Timers {
             retry: Duration::from_millis(250),
             list_max_age: Duration::from_secs(1),
             gateway_poll: Duration::from_millis(20),
-        })
+        }
     }
 
     pub fn ttl_s(&self) -> u32 {
@@ -636,7 +605,7 @@ impl Node {
                     self.registered(lease, now);
                 } else {
                     self.fail(format!(
-                        "node name {:?} is held by another agent's live lease {other:x}: two agents must not share a name; give this one its own --node-name, or wait for that lease to expire (at most --lease-ttl) if its agent is gone",
+                        "node name {:?} is held by another agent's live lease {other:x} (hex, as etcdctl shows it): two agents must not share a name; give this one its own --node-name, or wait for that lease to expire (at most --lease-ttl) if its agent is gone",
                         self.cfg.name
                     ));
                 }
@@ -1056,6 +1025,17 @@ impl Node {
                 .copied()
                 .collect();
             let mut reopened = false;
+            // Over the cap (another node registered since we grew): close the emptiest open
+            // block so it drains and goes back.
+            let shed = (!self.draining && self.held_on(ip) > self.max_on(ip))
+                .then(|| {
+                    blocks
+                        .iter()
+                        .filter(|b| matches!(self.held[b].state, BlockState::Open { .. }))
+                        .min_by_key(|b| self.held[b].live)
+                        .copied()
+                })
+                .flatten();
             for block in blocks {
                 let h = self.held[&block];
                 match h.state {
@@ -1068,7 +1048,7 @@ impl Node {
                             None => true,
                         };
                         let surplus = room && open > usize::from(self.cfg.min_blocks);
-                        if self.draining || (empty && surplus) {
+                        if self.draining || (empty && surplus) || shed == Some(block) {
                             if empty {
                                 free = free.saturating_sub(bs);
                             }
@@ -1078,7 +1058,11 @@ impl Node {
                         }
                     }
                     BlockState::Closed { since } => {
-                        if wants && !reopened && self.lease_valid(now) {
+                        if wants
+                            && !reopened
+                            && self.lease_valid(now)
+                            && self.held_on(ip) <= self.max_on(ip)
+                        {
                             // Still ours: cheaper than a claim.
                             reopened = true;
                             self.set_state(block, BlockState::Open { since: now });
@@ -1272,8 +1256,7 @@ mod tests {
                 Duration::from_secs(90),
                 Duration::from_secs(20),
                 Duration::from_secs(5),
-            )
-            .unwrap(),
+            ),
             min_blocks: 1,
             max_blocks: None,
             low_water: 16,
@@ -1600,27 +1583,5 @@ mod tests {
         let c = answer(&mut n, &c, StoreReply::Revoked, 30 * S);
         assert_eq!(c.last(), Some(&Command::Drained));
         assert_eq!(n.stats.releases.get("drain"), Some(&1));
-    }
-
-    #[test]
-    fn timers_that_leave_no_fence_are_refused() {
-        let e = Timers::new(
-            Duration::from_secs(20),
-            Duration::from_secs(20),
-            Duration::from_secs(5),
-        )
-        .unwrap_err();
-        assert!(
-            e.to_string().contains(
-                "--lease-ttl 20s must be more than --block-cooldown 20s + --fence-margin 5s"
-            ),
-            "{e}"
-        );
-        let e = Timers::new(
-            Duration::from_millis(90_500),
-            Duration::ZERO,
-            Duration::ZERO,
-        );
-        assert!(matches!(e, Err(TimersError::Fraction(_))));
     }
 }

@@ -369,6 +369,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub stats_file: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub cluster: super::cluster::ClusterArgs,
+
     /// Read settings from a TOML file whose keys are these flags' names (`port-range = "…"`,
     /// `internal = ["…"]`); flags given on the command line win.
     #[arg(long, value_name = "FILE")]

@@ -8,6 +8,7 @@
 
 pub mod cidr;
 pub mod cli;
+pub mod cluster;
 pub mod duration;
 pub mod file;
 pub mod group;
@@ -173,6 +174,8 @@ pub struct Settings {
     pub metrics_min_interval: Duration,
     /// Where to write the final report on exit (`--stats-file`).
     pub stats_file: Option<std::path::PathBuf>,
+    /// Cluster mode (`--etcd-endpoints`): port blocks leased on demand.
+    pub cluster: Option<cluster::Cluster>,
 }
 
 /// Who gets a port when ports run short, and what refused flows learn.
@@ -228,6 +231,10 @@ pub enum ConfigError {
     RejectRate,
     #[error(transparent)]
     ControlGroup(#[from] GroupError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error("cluster mode needs the NAT IPs the nodes share: give each with --nat-ip (the uplink's own address is the node's, not a shared one)")]
+    ClusterNatIp,
 }
 
 impl Settings {
@@ -235,6 +242,10 @@ impl Settings {
     pub fn validate(args: &RunArgs, iface: Interface) -> Result<Self, ConfigError> {
         if args.internal.is_empty() {
             return Err(ConfigError::NoInternal);
+        }
+        let cluster = cluster::Cluster::validate(&args.cluster)?;
+        if cluster.is_some() && args.nat_ips.is_empty() {
+            return Err(ConfigError::ClusterNatIp);
         }
         let (nat_ips, port_range, slice) = match &args.plan {
             Some(path) => {
@@ -338,6 +349,7 @@ impl Settings {
             control_group,
             metrics_min_interval: args.metrics_min_interval,
             stats_file: args.stats_file.clone(),
+            cluster,
         })
     }
 
