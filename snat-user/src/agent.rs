@@ -149,6 +149,14 @@ impl serve::Agent for AgentState {
 /// Runs the agent with `settings` (validated, see `settings::Settings::validate`) until
 /// SIGINT/SIGTERM.
 pub fn run(settings: &Settings) -> anyhow::Result<()> {
+    if let Some(c) = &settings.cluster {
+        // Refused rather than ignored: a node that silently ran with the whole range would
+        // share ports with the other nodes.
+        anyhow::bail!(
+            "cluster mode (--etcd-endpoints {}) is not available in this build yet: the block allocator is in, the etcd client, the datapath's block table and `snat gateway` are being built (issue 14); use --plan for fixed per-node slices meanwhile",
+            c.endpoints.join(",")
+        );
+    }
     // Everything was checked before, and every socket is bound, before anything is attached.
     for w in settings.warnings() {
         warn!("{w}");

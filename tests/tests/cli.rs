@@ -154,6 +154,52 @@ fn bad_input_is_refused_with_the_value_and_the_fix_and_nothing_is_attached() {
             ],
             "cannot be used with",
         ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--nat-ip",
+                "198.51.100.1",
+                "--etcd-endpoints",
+                "http://10.0.0.5:2379",
+                "--node-name",
+                "n1",
+                "--lease-ttl",
+                "20s",
+            ],
+            "--lease-ttl 20s must be more than --block-cooldown 20s + --fence-margin 5s",
+        ),
+        (
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--etcd-endpoints",
+                "http://10.0.0.5:2379",
+                "--node-name",
+                "n1",
+            ],
+            "cluster mode needs the NAT IPs the nodes share",
+        ),
+        (
+            // Valid cluster flags: refused, never silently run with the whole range.
+            vec![
+                "--iface",
+                &up,
+                "--internal",
+                POD_CIDR,
+                "--nat-ip",
+                "198.51.100.1",
+                "--etcd-endpoints",
+                "http://10.0.0.5:2379",
+                "--node-name",
+                "n1",
+            ],
+            "cluster mode (--etcd-endpoints http://10.0.0.5:2379) is not available in this build yet",
+        ),
     ];
     for (args, needle) in cases {
         let (code, stderr) = run_in(&topo, &args);
