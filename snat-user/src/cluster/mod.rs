@@ -8,8 +8,11 @@
 //!   clock with delays, partitions, early lease expiry and crashes, and checks the rule after
 //!   every step.
 //!
-//! Nothing here does IO; the agent drives it.
+//! - [`driver`]: the tokio loop that runs a node against a store and the datapath (traits).
+//!
+//! Nothing but the driver does IO.
 
+pub mod driver;
 pub mod geometry;
 pub mod node;
 #[cfg(test)]

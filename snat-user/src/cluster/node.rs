@@ -109,7 +109,16 @@ pub struct NodeConfig {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Restored {
     pub lease: Option<LeaseId>,
-    pub blocks: Vec<(BlockId, i64)>,
+    pub blocks: Vec<RestoredBlock>,
+}
+
+/// A block the datapath held when the agent started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoredBlock {
+    pub block: BlockId,
+    pub epoch: i64,
+    /// Open to new mappings (else closed: the previous agent may have sent its release).
+    pub open: bool,
 }
 
 /// One operation on the store (etcd).
@@ -309,9 +318,11 @@ pub enum BlockState {
     Open {
         since: Nanos,
     },
-    /// Closed to new mappings at `since`, on its way back.
+    /// Closed to new mappings at `since`, on its way back; re-opened on demand unless a
+    /// previous agent closed it (its release may still be on its way to the store).
     Closed {
         since: Nanos,
+        reopen: bool,
     },
     /// The conditional delete is on its way (or will be retried at `retry_at`).
     Releasing {
@@ -356,6 +367,22 @@ pub struct Stats {
     pub leases_lost: u64,
     /// Blocks taken over from a previous agent under the same live lease.
     pub adopted: u64,
+}
+
+/// What the report shows of the node (`snat status`, metrics).
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub node: String,
+    pub lease: Option<LeaseId>,
+    pub ready: bool,
+    pub connected: bool,
+    /// Held blocks: id, epoch, state, mappings.
+    pub blocks: Vec<(BlockId, i64, BlockState, u32)>,
+    /// Nanoseconds until the datapath stops translating in our blocks (0: suspended or none).
+    pub fence_in: u64,
+    pub suspended: bool,
+    pub shortage: BTreeMap<Ipv4Addr, Shortage>,
+    pub stats: Stats,
 }
 
 /// One node's block allocator.
@@ -444,7 +471,7 @@ impl Node {
         let cooldown = ns(self.cfg.timers.cooldown);
         for h in self.held.values() {
             match h.state {
-                BlockState::Closed { since } if h.live == 0 && h.observed >= since => {
+                BlockState::Closed { since, .. } if h.live == 0 && h.observed >= since => {
                     at(since.max(h.last_active) + cooldown)
                 }
                 BlockState::Releasing { retry_at: Some(r) } => at(r),
@@ -484,6 +511,24 @@ impl Node {
 
     pub fn ready(&self) -> bool {
         self.phase == Phase::Ready
+    }
+
+    pub fn status(&self, now: Nanos) -> Status {
+        Status {
+            node: self.cfg.name.clone(),
+            lease: self.lease,
+            ready: self.ready(),
+            connected: self.connected,
+            blocks: self
+                .held
+                .iter()
+                .map(|(b, h)| (*b, h.epoch, h.state, h.live))
+                .collect(),
+            fence_in: self.valid_until().saturating_sub(now),
+            suspended: self.suspended(now),
+            shortage: self.shortage.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     /// The lease's deadline as this node knows it (send time of the best keep-alive + TTL).
@@ -752,16 +797,32 @@ impl Node {
         if self.keepalive_at.is_none() && !self.keepalive_in_flight() {
             self.keepalive_at = Some(now + ns(self.cfg.timers.keepalive_every));
         }
+        // A fresh look at the store once per keep-alive: a block someone deleted under us
+        // (`snat cluster release`, an operator) is forgotten within one period.
+        let stale = self
+            .view
+            .as_ref()
+            .is_none_or(|(at, _)| now.saturating_sub(*at) >= ns(self.cfg.timers.keepalive_every));
+        if self.phase == Phase::Ready && stale {
+            self.list(now);
+        }
         if self.phase == Phase::Recover {
             self.phase = Phase::Adopt;
             // The restored blocks stay in the datapath, fenced by their old valid-until,
             // until the snapshot says which are still ours.
-            for (block, epoch) in std::mem::take(&mut self.restored.blocks) {
+            for r in std::mem::take(&mut self.restored.blocks) {
                 self.held.insert(
-                    block,
+                    r.block,
                     Held {
-                        epoch,
-                        state: BlockState::Open { since: now },
+                        epoch: r.epoch,
+                        state: if r.open {
+                            BlockState::Open { since: now }
+                        } else {
+                            BlockState::Closed {
+                                since: now,
+                                reopen: false,
+                            }
+                        },
                         live: 0,
                         last_active: now,
                         observed: 0,
@@ -783,8 +844,8 @@ impl Node {
     fn lease_lost(&mut self, now: Nanos) {
         self.stats.leases_lost += 1;
         if self.phase == Phase::Recover {
-            for (block, _) in std::mem::take(&mut self.restored.blocks) {
-                self.push(DatapathOp::Forget { block });
+            for r in std::mem::take(&mut self.restored.blocks) {
+                self.push(DatapathOp::Forget { block: r.block });
             }
         }
         for block in self.held.keys().copied().collect::<Vec<_>>() {
@@ -881,6 +942,14 @@ impl Node {
                 .map(|(b, h)| (*b, h.epoch))
                 .collect();
             self.stats.adopted += confirmed.len() as u64;
+            // Closed ones keep draining: their mappings translate until the new valid-until.
+            if self
+                .held
+                .values()
+                .any(|h| matches!(h.state, BlockState::Closed { .. }))
+            {
+                self.push(DatapathOp::Extend { valid_until });
+            }
             for (block, epoch) in confirmed {
                 self.push(DatapathOp::Open {
                     block,
@@ -922,10 +991,23 @@ impl Node {
             }
         }
         for op in opened {
+            if let DatapathOp::Open { block, .. } = op {
+                self.opened(block.nat_ip);
+            }
             self.push(op);
         }
         if waiting && self.list_at.is_none() && !self.listing() {
             self.list_at = Some(now + ns(self.cfg.timers.gateway_poll));
+        }
+    }
+
+    /// A block opened on `ip`: the last pressure report predates it (until the next report,
+    /// count the block's ports as free, or the node would claim again for the same need).
+    fn opened(&mut self, ip: Ipv4Addr) {
+        let bs = u32::from(self.cfg.geometry.block_size);
+        if let Some(p) = self.pressure.get_mut(&ip) {
+            p.refused = false;
+            p.free = p.free.saturating_add(bs);
         }
     }
 
@@ -1053,18 +1135,26 @@ impl Node {
                                 free = free.saturating_sub(bs);
                             }
                             open -= 1;
-                            self.set_state(block, BlockState::Closed { since: now });
+                            self.set_state(
+                                block,
+                                BlockState::Closed {
+                                    since: now,
+                                    reopen: true,
+                                },
+                            );
                             self.push(DatapathOp::Close { block });
                         }
                     }
-                    BlockState::Closed { since } => {
+                    BlockState::Closed { since, reopen } => {
                         if wants
+                            && reopen
                             && !reopened
                             && self.lease_valid(now)
                             && self.held_on(ip) <= self.max_on(ip)
                         {
                             // Still ours: cheaper than a claim.
                             reopened = true;
+                            self.opened(ip);
                             self.set_state(block, BlockState::Open { since: now });
                             self.push(DatapathOp::Open {
                                 block,
@@ -1434,7 +1524,18 @@ mod tests {
     fn a_restart_after_the_lease_ended_forgets_every_pinned_block() {
         let restored = Restored {
             lease: Some(7),
-            blocks: vec![(block(0), 5), (block(3), 6)],
+            blocks: vec![
+                RestoredBlock {
+                    block: block(0),
+                    epoch: 5,
+                    open: true,
+                },
+                RestoredBlock {
+                    block: block(3),
+                    epoch: 6,
+                    open: true,
+                },
+            ],
         };
         let mut n = node(restored, 0);
         let c = drain(&mut n);
@@ -1456,7 +1557,18 @@ mod tests {
     fn a_restart_under_a_live_lease_adopts_only_what_the_store_confirms() {
         let restored = Restored {
             lease: Some(7),
-            blocks: vec![(block(0), 5), (block(3), 6)],
+            blocks: vec![
+                RestoredBlock {
+                    block: block(0),
+                    epoch: 5,
+                    open: true,
+                },
+                RestoredBlock {
+                    block: block(3),
+                    epoch: 6,
+                    open: true,
+                },
+            ],
         };
         let mut n = node(restored, 0);
         let c = drain(&mut n);
@@ -1583,5 +1695,58 @@ mod tests {
         let c = answer(&mut n, &c, StoreReply::Revoked, 30 * S);
         assert_eq!(c.last(), Some(&Command::Drained));
         assert_eq!(n.stats.releases.get("drain"), Some(&1));
+    }
+
+    #[test]
+    fn a_block_the_previous_agent_closed_is_never_reopened() {
+        // Its release may still be on its way to the store: re-opening it could use ports the
+        // store is about to hand to another node.
+        let restored = Restored {
+            lease: Some(7),
+            blocks: vec![RestoredBlock {
+                block: block(1),
+                epoch: 5,
+                open: false,
+            }],
+        };
+        let mut n = node(restored, 0);
+        let c = drain(&mut n);
+        let c = answer(&mut n, &c, StoreReply::ConfigCreated, 0);
+        let c = answer(&mut n, &c, StoreReply::Alive { ttl_s: 90 }, S);
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Listed(snapshot(10, &[(1, 7, 5)], None)),
+            S,
+        );
+        // Confirmed: it keeps draining under the new valid-until, closed.
+        assert_eq!(
+            dp(&c),
+            vec![DatapathOp::Extend {
+                valid_until: 65 * S
+            }]
+        );
+        let _ = answer(&mut n, &c, StoreReply::Registered, S);
+        n.pending.clear();
+        n.handle_usage(
+            &Usage {
+                blocks: vec![BlockUse {
+                    block: block(1),
+                    live: 2,
+                    last_active: 2 * S,
+                }],
+                pressure: vec![Pressure {
+                    nat_ip: IP,
+                    free: 0,
+                    refused: true,
+                }],
+            },
+            2 * S,
+        );
+        let c = drain(&mut n);
+        assert!(
+            !dp(&c).iter().any(|o| matches!(o, DatapathOp::Open { .. })),
+            "{c:?}"
+        );
     }
 }

@@ -58,7 +58,7 @@ struct Kv {
 
 /// What can go wrong, and how often.
 #[derive(Clone, Copy, Debug)]
-struct Faults {
+pub(super) struct Faults {
     /// Per renewal: the lease ends early (by less than the margin) or late.
     early: f64,
     late: f64,
@@ -77,7 +77,7 @@ struct Faults {
     early_by: u64,
 }
 
-struct Etcd {
+pub(super) struct Etcd {
     rev: i64,
     kv: BTreeMap<Key, Kv>,
     /// Lease → (TTL, true expiry time).
@@ -89,8 +89,24 @@ struct Etcd {
     log: Vec<(u64, i64, Key, Option<Val>)>,
 }
 
+impl Faults {
+    pub(super) const NONE: Faults = Faults {
+        early: 0.0,
+        late: 0.0,
+        loss: 0.0,
+        slow: 0.0,
+        partitions: 0,
+        crashes: 0,
+        stops: 0,
+        etcd_restarts: 0,
+        gateway_cuts: 0,
+        node_deaths: 0,
+        early_by: 0,
+    };
+}
+
 impl Etcd {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             rev: 1,
             kv: BTreeMap::new(),
@@ -108,7 +124,7 @@ impl Etcd {
 
     /// Brings the store to time `t`: a new leader refreshes every lease (etcd does on election),
     /// then leases past their expiry end with their keys.
-    fn advance(&mut self, t: u64) {
+    pub(super) fn advance(&mut self, t: u64) {
         if !self.up(t) {
             return;
         }
@@ -168,7 +184,7 @@ impl Etcd {
         Some(*ttl)
     }
 
-    fn apply(
+    pub(super) fn apply(
         &mut self,
         name: &str,
         op: &StoreOp,
@@ -592,7 +608,11 @@ impl World {
                 .dp
                 .blocks
                 .iter()
-                .map(|(b, d)| (*b, d.epoch))
+                .map(|(b, d)| RestoredBlock {
+                    block: *b,
+                    epoch: d.epoch,
+                    open: d.open,
+                })
                 .collect(),
         };
         let cfg = self.config(n);
