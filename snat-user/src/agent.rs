@@ -77,6 +77,7 @@ impl AgentState {
             allocation: self.counters.alloc_histogram()?,
             guard_dropped: self.guard_dropped,
             control_refused: self.refusals.snapshot(&control::Request::NAMES),
+            cluster: None,
         })
     }
 

@@ -11,7 +11,7 @@ use prometheus::{
 
 use snat_common::Proto;
 
-use super::report::{Pool, Report};
+use super::report::{ClusterReport, Pool, Report};
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
     pairs
@@ -248,6 +248,9 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
             .0,
         );
     }
+    if let Some(c) = &r.cluster {
+        cluster_families(c, &mut out);
+    }
     let mut h = Histogram::default();
     h.set_sample_count(r.allocation.count);
     h.set_sample_sum(r.allocation.sum_ns as f64 / 1e9);
@@ -334,6 +337,108 @@ pub fn encode_families(families: Vec<MetricFamily>) -> anyhow::Result<String> {
         &format!("# TYPE {UNTYPED_GAUGE} untyped\n"),
         1,
     ))
+}
+
+/// Cluster mode's families (issue 14's names).
+fn cluster_families(c: &ClusterReport, out: &mut Vec<MetricFamily>) {
+    const GAUGE: MetricType = MetricType::GAUGE;
+    const COUNTER: MetricType = MetricType::COUNTER;
+    let mut held = Family::new(
+        "snat_blocks_held",
+        "Port blocks this node holds, per NAT IP (any state).",
+        GAUGE,
+    );
+    let mut per_ip = std::collections::BTreeMap::<&str, u64>::new();
+    for b in &c.blocks {
+        *per_ip.entry(b.nat_ip.as_str()).or_default() += 1;
+    }
+    for (ip, n) in per_ip {
+        held = held.gauge(&[("nat_ip", ip)], n as f64);
+    }
+    out.push(held.0);
+    let mut claims = Family::new(
+        "snat_block_claims_total",
+        "Block claims by result: ok, taken (another node won the race), error.",
+        COUNTER,
+    );
+    for result in ["ok", "taken", "error"] {
+        claims = claims.counter(
+            &[("result", result)],
+            c.claims.get(result).copied().unwrap_or(0),
+        );
+    }
+    out.push(claims.0);
+    let mut releases = Family::new(
+        "snat_block_releases_total",
+        "Blocks given up by reason: idle (empty for the cool-down), drain (stopping), lease_lost, gone (deleted under this node).",
+        COUNTER,
+    );
+    for reason in ["idle", "drain", "lease_lost", "gone"] {
+        releases = releases.counter(
+            &[("reason", reason)],
+            c.releases.get(reason).copied().unwrap_or(0),
+        );
+    }
+    out.push(releases.0);
+    let suspended = if c.suspended { c.blocks.len() } else { 0 };
+    out.push(
+        Family::new(
+            "snat_blocks_suspended",
+            "Blocks whose packets the datapath drops because the fence closed (no good keep-alive in time).",
+            GAUGE,
+        )
+        .gauge(&[], suspended as f64)
+        .0,
+    );
+    out.push(
+        Family::new(
+            "snat_cluster_connected",
+            "1 when the last etcd operation succeeded.",
+            GAUGE,
+        )
+        .gauge(&[], f64::from(u8::from(c.connected)))
+        .0,
+    );
+    out.push(
+        Family::new(
+            "snat_cluster_fence_seconds",
+            "Seconds until the datapath stops translating in this node's blocks unless a keep-alive succeeds.",
+            GAUGE,
+        )
+        .gauge(&[], c.fence_in_seconds)
+        .0,
+    );
+    if let Some(rtt) = c.keepalive_rtt_seconds {
+        out.push(
+            Family::new(
+                "snat_cluster_keepalive_rtt_seconds",
+                "Round trip of the last lease keep-alive.",
+                GAUGE,
+            )
+            .gauge(&[], rtt)
+            .0,
+        );
+    }
+    if let Some(l) = c.claim_latency_seconds {
+        out.push(
+            Family::new(
+                "snat_block_claim_latency_seconds",
+                "From the datapath's pressure to the new block open (gateway included), for the last claim.",
+                GAUGE,
+            )
+            .gauge(&[], l)
+            .0,
+        );
+    }
+    let mut short = Family::new(
+        "snat_block_shortage",
+        "1 per NAT IP that wants a block and has none to use yet, labelled with why: range_full, max_blocks, unreachable, claim_pending.",
+        GAUGE,
+    );
+    for (ip, why) in &c.shortage {
+        short = short.gauge(&[("nat_ip", ip), ("reason", why)], 1.0);
+    }
+    out.push(short.0);
 }
 
 #[cfg(test)]

@@ -19,6 +19,36 @@ pub fn render_status(r: &Report) -> String {
     if let Some(slice) = &r.slice {
         let _ = writeln!(out, "plan slice: {slice}");
     }
+    if let Some(c) = &r.cluster {
+        let _ = writeln!(
+            out,
+            "cluster node {} lease {} {}{}; fence in {:.0}s; blocks {}",
+            c.node,
+            c.lease.as_deref().unwrap_or("none"),
+            if c.connected {
+                "connected"
+            } else {
+                "NOT connected to etcd"
+            },
+            if c.suspended {
+                ", SUSPENDED (packets in its blocks are dropped)"
+            } else {
+                ""
+            },
+            c.fence_in_seconds,
+            c.blocks.len()
+        );
+        for b in &c.blocks {
+            let _ = writeln!(
+                out,
+                "  block {}/{} ports {} epoch {} {} mappings {}",
+                b.nat_ip, b.index, b.ports, b.epoch, b.state, b.mappings
+            );
+        }
+        for (ip, why) in &c.shortage {
+            let _ = writeln!(out, "  {ip}: no block to use ({why})");
+        }
+    }
     if let Some(n) = r.guard_dropped {
         let _ = writeln!(
             out,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use snat_common::{alloc_hist, Counter, PoolKey, Proto};
 
 use crate::{
+    cluster::node::{BlockState, Status},
     datapath::AllocHistogram,
     settings::Settings,
     tables::{
@@ -44,6 +45,8 @@ pub struct Snapshot {
     pub guard_dropped: Option<u64>,
     /// Control requests refused, per request name.
     pub control_refused: BTreeMap<String, u64>,
+    /// The block allocator, in cluster mode.
+    pub cluster: Option<Status>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -76,8 +79,102 @@ pub struct Report {
     /// Control requests refused for the client's lack of rights, per request name.
     #[serde(default)]
     pub control_refused: BTreeMap<String, u64>,
+    /// Cluster mode: this node's lease, blocks and fence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterReport>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conns: Vec<Conn>,
+}
+
+/// This node's part of a cluster (`--etcd-endpoints`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterReport {
+    pub node: String,
+    /// The etcd lease, in hex as etcdctl shows it.
+    pub lease: Option<String>,
+    pub ready: bool,
+    /// The last store operation succeeded.
+    pub connected: bool,
+    /// The fence has closed: the blocks' packets are dropped until a keep-alive succeeds.
+    pub suspended: bool,
+    /// Seconds until the datapath stops translating in this node's blocks.
+    pub fence_in_seconds: f64,
+    pub blocks: Vec<HeldBlock>,
+    /// NAT IPs that want a block and have none to use yet, and why.
+    pub shortage: BTreeMap<String, String>,
+    pub claims: BTreeMap<String, u64>,
+    pub releases: BTreeMap<String, u64>,
+    pub keepalive_rtt_seconds: Option<f64>,
+    pub claim_latency_seconds: Option<f64>,
+    pub leases_lost: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeldBlock {
+    pub nat_ip: String,
+    pub index: u16,
+    /// `lo-hi`.
+    pub ports: String,
+    /// The claim's etcd create revision.
+    pub epoch: i64,
+    /// `awaiting-gateway`, `open`, `closed` or `releasing`.
+    pub state: String,
+    pub mappings: u32,
+}
+
+impl ClusterReport {
+    pub fn of(st: &Status, port_lo: u16, block_size: u16) -> Self {
+        let secs = |d: std::time::Duration| d.as_secs_f64();
+        Self {
+            node: st.node.clone(),
+            lease: st.lease.map(|l| format!("{l:x}")),
+            ready: st.ready,
+            connected: st.connected,
+            suspended: st.suspended,
+            fence_in_seconds: st.fence_in as f64 / 1e9,
+            blocks: st
+                .blocks
+                .iter()
+                .map(|(b, epoch, state, live)| {
+                    let lo = u32::from(port_lo) + u32::from(b.index) * u32::from(block_size);
+                    HeldBlock {
+                        nat_ip: b.nat_ip.to_string(),
+                        index: b.index,
+                        ports: format!("{lo}-{}", lo + u32::from(block_size) - 1),
+                        epoch: *epoch,
+                        state: match state {
+                            BlockState::AwaitGateway { .. } => "awaiting-gateway",
+                            BlockState::Open { .. } => "open",
+                            BlockState::Closed { .. } => "closed",
+                            BlockState::Releasing { .. } => "releasing",
+                        }
+                        .into(),
+                        mappings: *live,
+                    }
+                })
+                .collect(),
+            shortage: st
+                .shortage
+                .iter()
+                .map(|(ip, why)| (ip.to_string(), why.name().to_owned()))
+                .collect(),
+            claims: st
+                .stats
+                .claims
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            releases: st
+                .stats
+                .releases
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            keepalive_rtt_seconds: st.stats.keepalive_rtt.map(secs),
+            claim_latency_seconds: st.stats.claim_latency.map(secs),
+            leases_lost: st.stats.leases_lost,
+        }
+    }
 }
 
 /// One NAT IP and protocol.
@@ -323,6 +420,11 @@ impl Report {
             },
             guard_dropped: s.guard_dropped,
             control_refused: s.control_refused,
+            cluster: s
+                .cluster
+                .as_ref()
+                .zip(settings.cluster.as_ref())
+                .map(|(st, c)| ClusterReport::of(st, settings.port_range.lo, c.block_size)),
             conns: view.conns,
         }
     }
@@ -445,6 +547,7 @@ mod tests {
             },
             guard_dropped: Some(9),
             control_refused: BTreeMap::from([("set".to_owned(), 1)]),
+            cluster: None,
         };
         let r = Report::build(&settings, snapshot);
 
@@ -493,5 +596,99 @@ mod tests {
             ),
             ("reject", "overflow")
         );
+    }
+
+    #[test]
+    fn a_cluster_node_reports_its_lease_blocks_and_fence() {
+        use crate::cluster::{
+            geometry::BlockId,
+            node::{Shortage, Stats},
+        };
+        let line = "snat run --iface up0 --internal 10.1.0.0/16 --port-range 40000:40511 --nat-ip 198.51.100.1 --etcd-endpoints http://10.0.0.5:2379 --node-name n1 --block-size 64";
+        let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        let iface = Interface {
+            name: "up0".into(),
+            index: 1,
+            ipv4: vec![],
+        };
+        let settings = Settings::validate(&args, iface).unwrap();
+        let ip = Ipv4Addr::new(198, 51, 100, 1);
+        let status = Status {
+            node: "n1".into(),
+            lease: Some(0x694d),
+            ready: true,
+            connected: true,
+            blocks: vec![
+                (
+                    BlockId {
+                        nat_ip: ip,
+                        index: 2,
+                    },
+                    17,
+                    BlockState::Open { since: 0 },
+                    40,
+                ),
+                (
+                    BlockId {
+                        nat_ip: ip,
+                        index: 7,
+                    },
+                    21,
+                    BlockState::Closed {
+                        since: 0,
+                        reopen: true,
+                    },
+                    0,
+                ),
+            ],
+            fence_in: 61_500_000_000,
+            suspended: false,
+            shortage: BTreeMap::from([(ip, Shortage::ClaimPending)]),
+            stats: Stats {
+                claims: BTreeMap::from([("ok", 3), ("taken", 1)]),
+                ..Stats::default()
+            },
+        };
+        let snapshot = Snapshot {
+            cluster: Some(status),
+            ..Snapshot::default()
+        };
+        let r = Report::build(&settings, snapshot);
+        let c = r.cluster.as_ref().unwrap();
+        assert_eq!(c.lease.as_deref(), Some("694d"));
+        assert_eq!(c.blocks[0].ports, "40128-40191");
+        assert_eq!(c.blocks[1].ports, "40448-40511");
+        assert_eq!(c.blocks[1].state, "closed");
+        assert_eq!(
+            c.shortage.get("198.51.100.1").map(String::as_str),
+            Some("claim_pending")
+        );
+        assert_eq!(c.fence_in_seconds, 61.5);
+        let text = crate::serve::render::render_status(&r);
+        assert!(
+            text.contains("cluster node n1 lease 694d connected; fence in 62s; blocks 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("block 198.51.100.1/2 ports 40128-40191 epoch 17 open mappings 40"),
+            "{text}"
+        );
+        let metrics = crate::serve::metrics::encode(&r).unwrap();
+        for want in [
+            "snat_blocks_held{nat_ip=\"198.51.100.1\"} 2",
+            "snat_block_claims_total{result=\"taken\"} 1",
+            "snat_block_releases_total{reason=\"idle\"} 0",
+            "snat_blocks_suspended 0",
+            "snat_cluster_connected 1",
+            "snat_cluster_fence_seconds 61.5",
+            "snat_block_shortage{nat_ip=\"198.51.100.1\",reason=\"claim_pending\"} 1",
+        ] {
+            assert!(metrics.contains(want), "{want} missing in:\n{metrics}");
+        }
     }
 }
