@@ -8,11 +8,13 @@
 //!   clock with delays, partitions, early lease expiry and crashes, and checks the rule after
 //!   every step.
 //!
+//! - [`gateway`]: the gateway's block → node routes, from the store's snapshot and watch;
 //! - [`driver`]: the tokio loop that runs a node against a store and the datapath (traits).
 //!
 //! Nothing but the driver does IO.
 
 pub mod driver;
+pub mod gateway;
 pub mod geometry;
 pub mod node;
 #[cfg(test)]

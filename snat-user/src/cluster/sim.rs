@@ -22,6 +22,7 @@ use std::{
 };
 
 use super::{
+    gateway::{Owner, Routes},
     geometry::{BlockId, Geometry},
     node::*,
     Rng,
@@ -293,11 +294,21 @@ impl Etcd {
 
 /// The gateway: follows the store's watch with a lag and publishes the revision it applied.
 struct Gateway {
-    table: BTreeMap<BlockId, String>,
+    /// The gateway's own logic, as `snat gateway` runs it.
+    routes: Routes,
     next: usize,
     cut_until: u64,
     lag: u64,
-    dirty: bool,
+}
+
+/// The owner a block key names (the simulation's nodes have no address: the name stands in).
+fn owner(node: &str, epoch: i64) -> Owner {
+    let n: u8 = node.trim_start_matches("node-").parse().unwrap_or(0);
+    Owner {
+        node: node.to_owned(),
+        address: Ipv4Addr::new(10, 1, 0, n + 1),
+        epoch,
+    }
 }
 
 impl Gateway {
@@ -305,38 +316,46 @@ impl Gateway {
         if t < self.cut_until || !etcd.up(t) {
             return;
         }
-        let mut applied = None;
+        let mut changes = Vec::new();
+        let mut revision = None;
         while let Some((at, rev, key, val)) = etcd.log.get(self.next) {
             if at + self.lag > t {
                 break;
             }
             if let Key::Block(b) = key {
-                match val {
-                    Some(Val::Block(node)) => self.table.insert(*b, node.clone()),
-                    _ => self.table.remove(b),
+                let o = match val {
+                    Some(Val::Block(node)) => Some(owner(node, *rev)),
+                    _ => None,
                 };
-                self.dirty = true;
+                changes.push((*b, o));
             }
-            applied = Some(*rev);
+            revision = Some(*rev);
             self.next += 1;
         }
-        if let (true, Some(rev)) = (self.dirty, applied) {
-            self.dirty = false;
+        if let Some(rev) = revision {
+            self.routes.apply(rev, changes);
+        }
+        if let Some(rev) = self.routes.to_publish() {
             etcd.put(Key::Gateway, Val::Gateway(rev), None, t);
         }
     }
 
     /// A restart: the table is rebuilt from a full read.
     fn reload(&mut self, etcd: &mut Etcd, t: u64) {
-        self.table.clear();
-        for (k, v) in &etcd.kv {
-            if let (Key::Block(b), Val::Block(node)) = (k, &v.val) {
-                self.table.insert(*b, node.clone());
-            }
-        }
+        let blocks: Vec<(BlockId, Owner)> = etcd
+            .kv
+            .iter()
+            .filter_map(|(k, v)| match (k, &v.val) {
+                (Key::Block(b), Val::Block(node)) => Some((*b, owner(node, v.create))),
+                _ => None,
+            })
+            .collect();
+        self.routes = Routes::default();
+        self.routes.reset(etcd.rev, blocks);
         self.next = etcd.log.len();
-        let rev = etcd.rev;
-        etcd.put(Key::Gateway, Val::Gateway(rev), None, t);
+        if let Some(rev) = self.routes.to_publish() {
+            etcd.put(Key::Gateway, Val::Gateway(rev), None, t);
+        }
     }
 }
 
@@ -546,11 +565,10 @@ impl World {
             rng,
             etcd: Etcd::new(),
             gw: Gateway {
-                table: BTreeMap::new(),
+                routes: Routes::default(),
                 next: 0,
                 cut_until: 0,
                 lag: 0,
-                dirty: false,
             },
             nodes,
             faulty_until: setup.chaos,
@@ -929,8 +947,8 @@ impl World {
                 self.violations.push(v);
             }
         }
-        if let Some(owner) = self.gw.table.get(&block) {
-            if *owner != self.nodes[n].name {
+        if let Some(owner) = self.gw.routes.route(block).map(|o| o.node.clone()) {
+            if owner != self.nodes[n].name {
                 let v = format!(
                     "block {block}: {} uses it while the gateway sends its replies to {owner}",
                     self.nodes[n].name
