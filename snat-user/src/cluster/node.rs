@@ -1359,6 +1359,21 @@ mod tests {
         BlockId { nat_ip: IP, index }
     }
 
+    /// Pinned state under lease 7: (block index, epoch, open).
+    fn restored(blocks: &[(u16, i64, bool)]) -> Restored {
+        Restored {
+            lease: Some(7),
+            blocks: blocks
+                .iter()
+                .map(|&(i, epoch, open)| RestoredBlock {
+                    block: block(i),
+                    epoch,
+                    open,
+                })
+                .collect(),
+        }
+    }
+
     fn drain(n: &mut Node) -> Vec<Command> {
         std::iter::from_fn(|| n.next_command()).collect()
     }
@@ -1522,22 +1537,7 @@ mod tests {
 
     #[test]
     fn a_restart_after_the_lease_ended_forgets_every_pinned_block() {
-        let restored = Restored {
-            lease: Some(7),
-            blocks: vec![
-                RestoredBlock {
-                    block: block(0),
-                    epoch: 5,
-                    open: true,
-                },
-                RestoredBlock {
-                    block: block(3),
-                    epoch: 6,
-                    open: true,
-                },
-            ],
-        };
-        let mut n = node(restored, 0);
+        let mut n = node(restored(&[(0, 5, true), (3, 6, true)]), 0);
         let c = drain(&mut n);
         let c = answer(&mut n, &c, StoreReply::ConfigCreated, 0);
         assert_eq!(op(&c).1, StoreOp::KeepAlive { lease: 7 });
@@ -1555,22 +1555,7 @@ mod tests {
 
     #[test]
     fn a_restart_under_a_live_lease_adopts_only_what_the_store_confirms() {
-        let restored = Restored {
-            lease: Some(7),
-            blocks: vec![
-                RestoredBlock {
-                    block: block(0),
-                    epoch: 5,
-                    open: true,
-                },
-                RestoredBlock {
-                    block: block(3),
-                    epoch: 6,
-                    open: true,
-                },
-            ],
-        };
-        let mut n = node(restored, 0);
+        let mut n = node(restored(&[(0, 5, true), (3, 6, true)]), 0);
         let c = drain(&mut n);
         let c = answer(&mut n, &c, StoreReply::ConfigCreated, 0);
         let c = answer(&mut n, &c, StoreReply::Alive { ttl_s: 90 }, S);
@@ -1701,15 +1686,7 @@ mod tests {
     fn a_block_the_previous_agent_closed_is_never_reopened() {
         // Its release may still be on its way to the store: re-opening it could use ports the
         // store is about to hand to another node.
-        let restored = Restored {
-            lease: Some(7),
-            blocks: vec![RestoredBlock {
-                block: block(1),
-                epoch: 5,
-                open: false,
-            }],
-        };
-        let mut n = node(restored, 0);
+        let mut n = node(restored(&[(1, 5, false)]), 0);
         let c = drain(&mut n);
         let c = answer(&mut n, &c, StoreReply::ConfigCreated, 0);
         let c = answer(&mut n, &c, StoreReply::Alive { ttl_s: 90 }, S);

@@ -468,7 +468,10 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn settings() -> Settings {
-        let line = "snat run --iface up0 --internal 10.1.0.0/16 --nat-ip 198.51.100.1 --nat-ip 198.51.100.2 --port-range 40000:40099 --top-sources 1";
+        settings_of("snat run --iface up0 --internal 10.1.0.0/16 --nat-ip 198.51.100.1 --nat-ip 198.51.100.2 --port-range 40000:40099 --top-sources 1")
+    }
+
+    fn settings_of(line: &str) -> Settings {
         let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
             .unwrap()
             .command
@@ -604,19 +607,7 @@ mod tests {
             geometry::BlockId,
             node::{Shortage, Stats},
         };
-        let line = "snat run --iface up0 --internal 10.1.0.0/16 --port-range 40000:40511 --nat-ip 198.51.100.1 --etcd-endpoints http://10.0.0.5:2379 --node-name n1 --block-size 64";
-        let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
-            .unwrap()
-            .command
-        else {
-            unreachable!()
-        };
-        let iface = Interface {
-            name: "up0".into(),
-            index: 1,
-            ipv4: vec![],
-        };
-        let settings = Settings::validate(&args, iface).unwrap();
+        let settings = settings_of("snat run --iface up0 --internal 10.1.0.0/16 --port-range 40000:40511 --nat-ip 198.51.100.1 --etcd-endpoints http://10.0.0.5:2379 --node-name n1 --block-size 64");
         let ip = Ipv4Addr::new(198, 51, 100, 1);
         let status = Status {
             node: "n1".into(),
