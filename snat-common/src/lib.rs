@@ -8,6 +8,7 @@
 //! controller needs to read and write the maps.
 #![cfg_attr(not(test), no_std)]
 
+pub mod block;
 pub mod counter;
 pub mod csum;
 pub mod flow;
@@ -163,7 +164,7 @@ pub const PINNED_MAPS: [&str; 4] = [MAP_FWD, MAP_REV, MAP_USE, MAP_STATE];
 pub const STATE_MAGIC: u32 = 0x534e_4154;
 /// Version of the pinned state's layout and meaning. Bump it whenever a pinned map's key or value
 /// changes in size or meaning: a new agent then refuses old state instead of misreading it.
-pub const STATE_VERSION: u32 = 3;
+pub const STATE_VERSION: u32 = 4;
 
 /// What the agent records about the state it pinned.
 #[repr(C)]
