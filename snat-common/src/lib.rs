@@ -158,7 +158,17 @@ pub const PROG_GUARD: &str = "snat_guard";
 pub const MAP_STATE: &str = "SNAT_STATE";
 
 /// The maps pinned under `--pin-dir` so that mappings survive an agent restart.
-pub const PINNED_MAPS: [&str; 4] = [MAP_FWD, MAP_REV, MAP_USE, MAP_STATE];
+/// The block table, the open lists and the lease (cluster mode) are pinned with them: a restarted
+/// agent reads the blocks and the lease it held from them.
+pub const PINNED_MAPS: [&str; 7] = [
+    MAP_FWD,
+    MAP_REV,
+    MAP_USE,
+    MAP_STATE,
+    block::MAP_BLOCKS,
+    block::MAP_OPEN_BLOCKS,
+    block::MAP_BLOCK_LEASE,
+];
 
 /// `StateHeader::magic`: "SNAT".
 pub const STATE_MAGIC: u32 = 0x534e_4154;

@@ -23,6 +23,7 @@ use snat_common::{
 
 use crate::{
     alloc::{self, Syn},
+    block,
     create::Pending,
     icmp::{self, kind, Inner},
     mapping::{self, Forward},
@@ -123,6 +124,7 @@ fn node_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     // The quoted packet runs remote → pod: the pod's endpoint is the forward key's source.
     let key = inner.forward_key_of_reply();
     let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropNodeIcmpErrorNoMapping)?;
+    block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
     inner
         .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))
         .map_err(|_| Counter::EgressDropRewrite)?;
@@ -155,6 +157,7 @@ fn mapping(
     seg: Option<&Segment>,
 ) -> Result<Nat, Stop> {
     if let Some((p, m)) = mapping::forward(key) {
+        block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
         if let Some(seg) = seg {
             track(ctx, key, p, &m, seg);
         }
@@ -315,6 +318,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     }
     let key = inner.forward_key_of_reply();
     let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropIcmpErrorNoMapping)?;
+    block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
     inner
         .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))
         .and_then(|()| rewrite_addr(ctx, Side::Src, ip.src, m.nat_addr))
