@@ -393,3 +393,44 @@ fn outside_cluster_mode_nothing_changes() {
     assert_eq!(ret, PASS);
     assert_eq!(dp.count(Counter::IngressPassNoMapping), 1);
 }
+
+/// Not a check: prints what the verifier made of each program, outside cluster mode and in it,
+/// for the eBPF objects named in `SNAT_OBJECTS` (comma-separated; e.g. an older build's
+/// `target/release/build/snat-user-*/out/snat`). Run with `--ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn program_sizes() {
+    use aya::{programs::SchedClassifier, EbpfLoader};
+    let objects = std::env::var("SNAT_OBJECTS").expect("SNAT_OBJECTS=path[,path…]");
+    for path in objects.split(',') {
+        for shift in [0u32, 6] {
+            let (base, count) = if shift == 0 { (0u32, 0u32) } else { (40000, 8) };
+            let mut ebpf = EbpfLoader::new()
+                .map_max_entries(snat_common::MAP_FWD, 4096)
+                .map_max_entries(snat_common::MAP_REV, 4096)
+                .map_max_entries(snat_common::MAP_USE, 8192)
+                .map_max_entries(snat_common::MAP_ENDPOINTS, 1024)
+                .map_max_entries(snat_common::MAP_FREE_PORTS, 8)
+                .override_global(snat_common::block::GLOBAL_BLOCK_SHIFT, &shift, false)
+                .override_global(snat_common::block::GLOBAL_BLOCK_BASE, &base, false)
+                .override_global(snat_common::block::GLOBAL_BLOCK_COUNT, &count, false)
+                .load_file(path)
+                .expect("loading the object");
+            for name in ["snat_egress", "snat_ingress", "snat_create", "snat_release"] {
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(name)
+                    .expect("program")
+                    .try_into()
+                    .expect("classifier");
+                prog.load().expect("verifier");
+                let info = prog.info().expect("info");
+                println!(
+                    "{path} shift={shift} {name}: verified {:?} xlated {:?} B jited {} B",
+                    info.verified_instruction_count(),
+                    info.size_translated(),
+                    info.size_jitted()
+                );
+            }
+        }
+    }
+}
