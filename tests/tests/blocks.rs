@@ -434,3 +434,63 @@ fn program_sizes() {
         }
     }
 }
+
+/// Not a check: the in-kernel time of an established packet through egress and ingress, one
+/// `BPF_PROG_TEST_RUN` each (repeat 1, so every run sees the crafted packet, not the one the
+/// previous run rewrote), averaged, outside cluster mode and in it. Run with `--ignored
+/// --nocapture`; `SNAT_COST_RUNS` sets the runs per figure (default 200000).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn established_cost() {
+    use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+    let runs: u32 = std::env::var("SNAT_COST_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let time = |dp: &mut Dp, name: &str, frame: &[u8]| -> f64 {
+        let prog: &SchedClassifier = dp
+            .engine
+            .ebpf_mut()
+            .program(name)
+            .expect("program")
+            .try_into()
+            .expect("classifier");
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut total = std::time::Duration::ZERO;
+        for _ in 0..runs {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ..TestRunOptions::default()
+                })
+                .expect("test run");
+            assert_eq!(r.return_value as i32, PASS);
+            total += r.duration;
+        }
+        total.as_nanos() as f64 / f64::from(runs)
+    };
+    for mode in ["off", "cluster"] {
+        let (mut dp, port) = if mode == "off" {
+            let dp = Dp::new("--port-range 40000:40511");
+            let out = dp.egress_ok(&packets::tcp((POD, 2000), (REMOTE, 80), SYN, b""));
+            (dp, out.tcp().source_port)
+        } else {
+            let mut c = cluster("40000:40511", 64);
+            c.open(2, 1);
+            let port = c.syn(2000);
+            (c.dp, port)
+        };
+        let egress = time(
+            &mut dp,
+            "snat_egress",
+            &packets::tcp((POD, 2000), (REMOTE, 80), ACK, b"x"),
+        );
+        let ingress = time(
+            &mut dp,
+            "snat_ingress",
+            &packets::tcp((REMOTE, 80), (NAT, port), ACK, b"y"),
+        );
+        println!("cluster mode {mode}: egress {egress:.1} ns, ingress {ingress:.1} ns per established packet ({runs} runs)");
+    }
+}
