@@ -13,7 +13,7 @@ use snat_user::{
     datapath::{blocks, Blocks, Engine, Tables},
 };
 use tests::{
-    dp::{self, Dp, NAT, PASS, POD, REMOTE, SHOT},
+    dp::{self, Dp, NAT, PASS, POD, REDIRECT, REMOTE, SHOT},
     packets::{self, Seen, ACK, SYN, SYN_ACK},
 };
 
@@ -312,11 +312,25 @@ fn forget_deletes_the_block_and_releases_its_mappings() {
         c.dp.ingress(&packets::tcp((REMOTE, 80), (NAT, gone), ACK, b"y"));
     assert_eq!(ret, SHOT);
     assert_eq!(c.dp.count(Counter::IngressDropNotOurs), 1);
-    // The pod's next segment finds no mapping.
-    let (ret, _) =
+    // The pod's next segment finds no mapping and is answered at once with a RST from the
+    // remote, its sequence number the segment's ACK (RFC 9293), so the pod's connection ends.
+    let (ret, out) =
         c.dp.egress(&packets::tcp((POD, 2000), (REMOTE, 80), ACK, b"x"));
-    assert_ne!(ret, PASS);
+    assert_eq!(ret, REDIRECT);
+    let rst = Seen::parse(&out);
+    assert_eq!((rst.src(), rst.tcp().source_port), (REMOTE, 80));
+    assert_eq!((rst.dst(), rst.tcp().destination_port), (POD, 2000));
+    let t = rst.tcp();
+    assert!(t.rst && !t.ack && !t.syn, "{t:?}");
+    assert_eq!(t.sequence_number, 1);
     assert_eq!(c.dp.count(Counter::EgressDropTcpNotSyn), 1);
+    assert_eq!(c.dp.count(Counter::RejectRst), 1);
+    // A RST is never answered.
+    let reset = packets::Flags { rst: true, ..ACK };
+    let (ret, _) =
+        c.dp.egress(&packets::tcp((POD, 2000), (REMOTE, 80), reset, b""));
+    assert_eq!(ret, SHOT);
+    assert_eq!(c.dp.count(Counter::RejectRst), 1);
     // The other block's flow is untouched.
     c.dp.egress_ok(&packets::tcp((POD, 2001), (REMOTE, 80), ACK, b"x"));
 }
