@@ -28,11 +28,10 @@ use crate::{
     icmp::{self, kind, Inner},
     mapping::{self, Forward},
     maps::{
-        count, fragments_of, SNAT_CONFIG, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL,
-        SNAT_PENDING, SNAT_PROGRAMS,
+        count, fragments_of, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL, SNAT_PENDING,
+        SNAT_PROGRAMS,
     },
     packet::{read, rewrite_addr, translate, Ipv4, Nat, Side, Tcp, ETH_P_IP_BE},
-    reject,
     verdict::{Stop, Verdict},
 };
 
@@ -172,8 +171,14 @@ fn mapping(
             isn_next: seg.tcp.seq.wrapping_add(1).to_be_bytes(),
             wscale: seg.tcp.window_scale(ctx, seg.l4),
         },
+        // Cluster mode: the segment's mapping may have gone with its block (the lease was lost,
+        // the block is another node's now); `snat_create` answers it with a RST instead of a
+        // port (never a RST with a RST).
+        Some(seg) if block::layout().is_some() && seg.tcp.flags & header::RST == 0 => {
+            Syn::default()
+        }
         // Only a SYN opens a TCP mapping: a stray segment must not take a port.
-        Some(seg) => return Err(not_syn(ctx, ip, seg)),
+        Some(_) => return Err(Counter::EgressDropTcpNotSyn.into()),
     };
     pend(
         ctx,
@@ -188,25 +193,6 @@ fn mapping(
             started: unsafe { bpf_ktime_get_ns() },
         },
     )
-}
-
-/// A TCP segment other than a SYN without a mapping: dropped. In cluster mode its mapping may
-/// have gone with its block (the lease was lost, the block is another node's now): the pod is
-/// answered with a RST, as a refused flow is, so it fails at once instead of retransmitting
-/// into a timeout (never to a RST).
-#[inline(always)]
-fn not_syn(ctx: &TcContext, ip: &Ipv4, seg: &Segment) -> Stop {
-    let stop = Stop::from(Counter::EgressDropTcpNotSyn);
-    if block::layout().is_none() || seg.tcp.flags & header::RST != 0 {
-        return stop;
-    }
-    let Some(cfg) = SNAT_CONFIG.get(0) else {
-        return stop;
-    };
-    Stop {
-        action: reject::answer(ctx, ip, cfg, now()).unwrap_or(stop.action),
-        ..stop
-    }
 }
 
 /// Hands a packet whose flow has no mapping to `snat_create` (a tail call: it does not come
