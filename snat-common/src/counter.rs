@@ -107,11 +107,25 @@ pub enum Counter {
     RejectRateLimited,
     /// The answer could not be built (unusual header); the packet was dropped.
     RejectFailed,
+    // Cluster mode (`crate::block`): results of packets of held mappings, and allocation events.
+    /// The mapping's block is not held any more, or held under another claim: dropped (the
+    /// mapping is void).
+    EgressDropBlockGone,
+    /// The mapping's block is past its valid-until (the fence): dropped, the mapping kept.
+    EgressDropBlockSuspended,
+    IngressDropBlockGone,
+    IngressDropBlockSuspended,
+    /// A reply to a NAT IP, inside the port range, that no mapping of this node explains: dropped,
+    /// not passed to the node's stack (a former owner never answers a new owner's flows).
+    IngressDropNotOurs,
+    /// A port was claimed in a block that closed (or went) a moment before: given back, and the
+    /// flow refused as if the block had had no port.
+    AllocBlockClosed,
 }
 
 impl Counter {
     /// Number of counters (the size of `SNAT_COUNTERS`).
-    pub const COUNT: u32 = Counter::RejectFailed as u32 + 1;
+    pub const COUNT: u32 = Counter::AllocBlockClosed as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -173,6 +187,12 @@ impl Counter {
         Counter::RejectIcmp,
         Counter::RejectRateLimited,
         Counter::RejectFailed,
+        Counter::EgressDropBlockGone,
+        Counter::EgressDropBlockSuspended,
+        Counter::IngressDropBlockGone,
+        Counter::IngressDropBlockSuspended,
+        Counter::IngressDropNotOurs,
+        Counter::AllocBlockClosed,
     ];
 
     /// The counter's index in `SNAT_COUNTERS`.
@@ -244,6 +264,12 @@ impl Counter {
             RejectIcmp => ("reject", "icmp_sent"),
             RejectRateLimited => ("reject", "rate_limited"),
             RejectFailed => ("reject", "failed"),
+            EgressDropBlockGone => ("egress", "drop_block_gone"),
+            EgressDropBlockSuspended => ("egress", "drop_block_suspended"),
+            IngressDropBlockGone => ("ingress", "drop_block_gone"),
+            IngressDropBlockSuspended => ("ingress", "drop_block_suspended"),
+            IngressDropNotOurs => ("ingress", "drop_not_ours"),
+            AllocBlockClosed => ("alloc", "block_closed"),
         }
     }
 }

@@ -236,8 +236,13 @@ pub struct Mapping {
     /// full barrier, so one of the two always sees the other: the datapath drops the packet of a
     /// mapping being released, or the release keeps the mapping.
     pub release: u32,
-    /// `CLOCK_MONOTONIC_COARSE` nanoseconds when the mapping was made.
-    pub created_ns: u64,
+    /// `CLOCK_MONOTONIC_COARSE` seconds when the mapping was made (32 bits: 136 years of
+    /// uptime; [`Mapping::created_ns`] reads it back).
+    pub created_s: u32,
+    /// Cluster mode: the epoch of the claim of the block its NAT port is in
+    /// ([`crate::block`]); a packet passes only while the block is held under this epoch. 0
+    /// outside cluster mode.
+    pub block_epoch: u32,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last outbound packet.
     pub last_seen_ns: u64,
 }
@@ -249,6 +254,7 @@ const _: () = assert!(
         && core::mem::offset_of!(Mapping, ack) % 4 == 0
         && core::mem::offset_of!(Mapping, window) % 2 == 0
         && core::mem::offset_of!(Mapping, isn_next) % 4 == 0
+        && core::mem::offset_of!(Mapping, block_epoch) % 4 == 0
 );
 
 impl Mapping {
@@ -270,9 +276,15 @@ impl Mapping {
             _pad: 0,
             isn_next: [0; 4],
             release: 0,
-            created_ns: now,
+            created_s: (now / 1_000_000_000) as u32,
+            block_epoch: 0,
             last_seen_ns: now,
         }
+    }
+
+    /// When the mapping was made, `CLOCK_MONOTONIC_COARSE` ns (to the second).
+    pub const fn created_ns(&self) -> u64 {
+        self.created_s as u64 * 1_000_000_000
     }
 
     pub fn nat_addr(&self) -> Ipv4Addr {

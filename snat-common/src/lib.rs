@@ -8,6 +8,7 @@
 //! controller needs to read and write the maps.
 #![cfg_attr(not(test), no_std)]
 
+pub mod block;
 pub mod counter;
 pub mod csum;
 pub mod flow;
@@ -157,13 +158,23 @@ pub const PROG_GUARD: &str = "snat_guard";
 pub const MAP_STATE: &str = "SNAT_STATE";
 
 /// The maps pinned under `--pin-dir` so that mappings survive an agent restart.
-pub const PINNED_MAPS: [&str; 4] = [MAP_FWD, MAP_REV, MAP_USE, MAP_STATE];
+/// The block table, the open lists and the lease (cluster mode) are pinned with them: a restarted
+/// agent reads the blocks and the lease it held from them.
+pub const PINNED_MAPS: [&str; 7] = [
+    MAP_FWD,
+    MAP_REV,
+    MAP_USE,
+    MAP_STATE,
+    block::MAP_BLOCKS,
+    block::MAP_OPEN_BLOCKS,
+    block::MAP_BLOCK_LEASE,
+];
 
 /// `StateHeader::magic`: "SNAT".
 pub const STATE_MAGIC: u32 = 0x534e_4154;
 /// Version of the pinned state's layout and meaning. Bump it whenever a pinned map's key or value
 /// changes in size or meaning: a new agent then refuses old state instead of misreading it.
-pub const STATE_VERSION: u32 = 3;
+pub const STATE_VERSION: u32 = 4;
 
 /// What the agent records about the state it pinned.
 #[repr(C)]

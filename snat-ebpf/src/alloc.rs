@@ -30,6 +30,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use snat_common::{
+    block::OpenBlocks,
     flow::{proto, Endpoint},
     pool::{
         self,
@@ -44,11 +45,12 @@ use snat_common::{
 };
 
 use crate::{
+    block,
     index::{self, FreePorts},
     mapping,
     maps::{
         count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FULL, SNAT_FWD, SNAT_HOST_ECHO,
-        SNAT_NAT_IPS, SNAT_REV, SNAT_SCAN,
+        SNAT_NAT_IPS, SNAT_OPEN_BLOCKS, SNAT_REV, SNAT_SCAN,
     },
 };
 
@@ -207,6 +209,8 @@ pub struct ScanState {
     rotate: u32,
     /// 0 while scanning, 1 when a port was found (in `reply.dst_port`), 2 when a map is full.
     result: u32,
+    /// Cluster mode: how many open blocks the NAT IP lists (`SNAT_OPEN_BLOCKS`).
+    open_len: u32,
     now: u64,
 }
 
@@ -215,7 +219,9 @@ pub struct ScanState {
 #[repr(C)]
 struct Scan {
     skb: *mut __sk_buff,
-    /// The destination's free-port index (search only).
+    /// The destination's free-port index (search only); in cluster mode, which has no index,
+    /// the NAT IP's open blocks (`OpenBlocks`, the walk's order) instead: one field for both
+    /// keeps the allocation's frame within the 512 bytes the programs have.
     index: *mut FreePorts,
     state: *mut ScanState,
 }
@@ -266,7 +272,17 @@ extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let scan = unsafe { &*ctx.cast::<Scan>() };
     // SAFETY: as above.
     let st = unsafe { &mut *scan.state };
-    st.reply.dst_port = pool::walk(&st.nat, st.start, i as u32).to_be_bytes();
+    let port = match block::layout() {
+        // SAFETY: in cluster mode `index` points to the NAT IP's live `SNAT_OPEN_BLOCKS` value
+        // (see `Scan`).
+        Some(l) => l.walk(
+            unsafe { &*scan.index.cast::<OpenBlocks>() },
+            st.start,
+            i as u32,
+        ),
+        None => pool::walk(&st.nat, st.start, i as u32),
+    };
+    st.reply.dst_port = port.to_be_bytes();
     match try_claim(scan.skb, st, true) {
         Ok(true) => {
             st.result = 1;
@@ -287,11 +303,16 @@ fn walk_range(scan: &mut Scan) -> Result<(), AllocError> {
     st.result = 0;
     // SAFETY: helper without preconditions.
     st.start = unsafe { bpf_get_prandom_u32() };
+    // Cluster mode: every port of every open block, in the list's order.
+    let len = match block::layout() {
+        Some(l) => (st.open_len << (l.shift & 15)).min(1 << 16),
+        None => st.nat.range_len(),
+    };
     // SAFETY: `walk_step` has the callback signature `bpf_loop` expects and only touches
     // `scan` and what it points to, which outlive the call.
     unsafe {
         bpf_loop(
-            st.nat.range_len(),
+            len,
             walk_step as *mut core::ffi::c_void,
             core::ptr::from_mut(scan).cast(),
             0,
@@ -473,9 +494,22 @@ pub fn port_freed(reply: &FlowKey) {
 /// Claims a port in the order [`pool`] documents for the flow `fwd`, whose destination count is
 /// `dest`: the winning reply key ends up in `st.reply`. The destination's free-port index (built
 /// here when the destination turns hot) stands in front of the walk and learns the claim.
+///
+/// Cluster mode (`open` non-null): the preferred ports only where their block is open, random
+/// tries in the first listed block (the fullest: new mappings pack into it, so the emptiest
+/// blocks drain and can go back), then the walk of every open block in the list's order (so the
+/// first free port is in the fullest block that has one towards the destination); no free-port
+/// index (it covers the whole range, most of which is other nodes'). A destination that has
+/// filled the first blocks pays a probe per port of each before the walk reaches a free one.
 #[inline(always)]
-fn find_port(skb: *mut __sk_buff, st: &mut ScanState, fwd: &FlowKey) -> Result<(), AllocError> {
-    let mut hot = index::of(&st.dest);
+fn find_port(
+    skb: *mut __sk_buff,
+    st: &mut ScanState,
+    fwd: &FlowKey,
+    open: *const OpenBlocks,
+) -> Result<(), AllocError> {
+    let cluster = !open.is_null();
+    let mut hot = if cluster { None } else { index::of(&st.dest) };
     let len = st.nat.range_len();
 
     // The NAT port this internal endpoint had towards another destination, if still in range.
@@ -490,13 +524,16 @@ fn find_port(skb: *mut __sk_buff, st: &mut ScanState, fwd: &FlowKey) -> Result<(
         let port = u16::from_be_bytes(last.port);
         if last.addr == st.nat.addr
             && pool::preserved(&st.nat, port).is_some()
+            && open_port(cluster, st, last.port)
             && try_port(skb, st, last.port, Counter::AllocSameEndpoint)?
         {
             return index_claimed(hot, st);
         }
     }
     if let Some(port) = pool::preserved(&st.nat, u16::from_be_bytes(fwd.src_port)) {
-        if try_port(skb, st, port.to_be_bytes(), Counter::AllocPreserved)? {
+        if open_port(cluster, st, port.to_be_bytes())
+            && try_port(skb, st, port.to_be_bytes(), Counter::AllocPreserved)?
+        {
             return index_claimed(hot, st);
         }
     }
@@ -507,18 +544,23 @@ fn find_port(skb: *mut __sk_buff, st: &mut ScanState, fwd: &FlowKey) -> Result<(
         for _ in 0..RANDOM_TRIES {
             // SAFETY: helper without preconditions.
             let r = unsafe { bpf_get_prandom_u32() };
-            let port = pool::port_at(&st.nat, r).to_be_bytes();
+            let port = match block::layout() {
+                // SAFETY: `open` is the NAT IP's live `SNAT_OPEN_BLOCKS` value (cluster mode).
+                Some(l) if cluster => l.port(unsafe { (*open).blocks[0] }, r),
+                _ => pool::port_at(&st.nat, r),
+            }
+            .to_be_bytes();
             if try_port(skb, st, port, Counter::AllocRandom)? {
                 return index_claimed(hot, st);
             }
         }
-        if hot.is_none() && pool::index::is_hot(use_of(&st.uses[1]), len) {
+        if hot.is_none() && !cluster && pool::index::is_hot(use_of(&st.uses[1]), len) {
             hot = index::build(&st.dest, st.nat.port_min, len);
         }
     }
     let mut scan = Scan {
         skb,
-        index: core::ptr::null_mut(),
+        index: open.cast_mut().cast(),
         state: st,
     };
     if let Some(ix) = hot {
@@ -537,6 +579,18 @@ fn find_port(skb: *mut __sk_buff, st: &mut ScanState, fwd: &FlowKey) -> Result<(
     count(Counter::AllocScan);
     // SAFETY: as above.
     index_claimed(hot, unsafe { &*scan.state })
+}
+
+/// Cluster mode: whether `port` of the NAT IP being tried lies in a block open to new mappings
+/// now (outside cluster mode: always).
+#[inline(always)]
+fn open_port(cluster: bool, st: &ScanState, port: [u8; 2]) -> bool {
+    match block::layout() {
+        Some(l) if cluster => {
+            block::entry(&l, st.nat.addr, port).is_some_and(|e| e.open_at(block::boot_now()))
+        }
+        _ => true,
+    }
 }
 
 /// Records the claim of `st.reply` in the destination's index, if it has one.
@@ -573,6 +627,20 @@ pub fn create(
     (st.cfg, st.nat, st.nat_count) = nat_ip_for(fwd.src_addr, attempt)?;
     st.reply = fwd.reply(st.nat.addr, [0; 2]);
     st.dest = index::destination(&st.reply);
+    // Cluster mode: ports only in the NAT IP's open blocks, while they are valid.
+    let mut open: *const OpenBlocks = core::ptr::null();
+    if let Some(l) = block::layout() {
+        let p = SNAT_OPEN_BLOCKS
+            .get_ptr(st.nat.addr)
+            .ok_or(AllocError::Exhausted)?;
+        // SAFETY: pointer from a successful lookup; the agent replaces values whole.
+        let (valid_until, n) = unsafe { ((*p).valid_until_ns, (*p).len()) };
+        if n == 0 || l.count == 0 || block::boot_now() >= valid_until {
+            return Err(AllocError::Exhausted);
+        }
+        st.open_len = n;
+        open = p;
+    }
     if known_full(&st.dest, &st.cfg, now) {
         count(Counter::RefusedKnownFull);
         return Err(AllocError::Exhausted);
@@ -582,7 +650,7 @@ pub fn create(
     st.origin = Origin::new(st.reply, fwd.src_addr, fwd.src_port, now);
     st.rport = rport;
     st.now = now;
-    match find_port(ctx.skb.skb, st, fwd) {
+    match find_port(ctx.skb.skb, st, fwd, open) {
         Ok(()) => {}
         Err(AllocError::Exhausted) => {
             let mark = FullMark {
@@ -597,6 +665,20 @@ pub fn create(
     }
     let (addr, port) = (st.nat.addr, st.reply.dst_port);
     st.mapping = Mapping::new(*fwd, addr, port, now);
+    if let Some(l) = block::layout() {
+        // The claim is the authority, the list a hint: the block must still be open (the agent
+        // may have closed or forgotten it since the list was read). Its epoch goes with the
+        // mapping.
+        match block::entry(&l, addr, port).filter(|e| e.open_at(block::boot_now())) {
+            Some(e) => st.mapping.block_epoch = e.epoch,
+            None => {
+                let _ = SNAT_REV.remove(st.reply);
+                port_freed(&st.reply);
+                count(Counter::AllocBlockClosed);
+                return Err(AllocError::Exhausted);
+            }
+        }
+    }
     if syn.syn {
         st.mapping.syn = st.mapping.epoch;
         st.mapping.isn_next = syn.isn_next;

@@ -21,8 +21,8 @@ use snat_common::{flow::proto, Config, Counter, FlowKey, MAX_POOL_TRIES, SLOT_CR
 use crate::{
     alloc::{self, AllocError, Created, Syn},
     maps::{
-        count, count_in_pool, count_refusal, time_allocation, SNAT_OVERFLOW, SNAT_PENDING,
-        SNAT_PROGRAMS,
+        count, count_in_pool, count_refusal, time_allocation, SNAT_CONFIG, SNAT_OVERFLOW,
+        SNAT_PENDING, SNAT_PROGRAMS,
     },
     packet::{translate, Ipv4, Nat},
     reject,
@@ -75,6 +75,10 @@ fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
     let key = pending.key;
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // (Only in cluster mode: outside it the verifier drops the answer's code from the program.)
+    if crate::block::layout().is_some() && key.proto == proto::TCP && !pending.syn.syn {
+        return Err(not_syn(ctx, &pending.ip, now));
+    }
     let created = alloc::create(ctx, &key, pending.rport, &pending.syn, now, pending.attempt);
     if let (Err(AllocError::Exhausted), Some(st)) = (&created, alloc::state()) {
         if pending.attempt == 0 {
@@ -147,6 +151,23 @@ fn refuse(
     Stop {
         counter,
         action: reject::answer(ctx, ip, &st.cfg, now).unwrap_or(aya_ebpf::bindings::TC_ACT_SHOT),
+    }
+}
+
+/// A TCP segment other than a SYN without a mapping, which egress hands over in cluster mode
+/// only: its mapping may have gone with its block (the lease was lost, the block is another
+/// node's now). Dropped as outside cluster mode, and answered with a RST if the policy and the
+/// rate allow, as a refused flow is, so the pod's connection ends at once instead of in a
+/// timeout.
+#[inline(always)]
+fn not_syn(ctx: &TcContext, ip: &Ipv4, now: u64) -> Stop {
+    let stop = Stop::from(Counter::EgressDropTcpNotSyn);
+    match SNAT_CONFIG.get(0) {
+        Some(cfg) => Stop {
+            action: reject::answer(ctx, ip, cfg, now).unwrap_or(stop.action),
+            ..stop
+        },
+        None => stop,
     }
 }
 

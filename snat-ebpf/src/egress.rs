@@ -23,6 +23,7 @@ use snat_common::{
 
 use crate::{
     alloc::{self, Syn},
+    block,
     create::Pending,
     icmp::{self, kind, Inner},
     mapping::{self, Forward},
@@ -123,6 +124,7 @@ fn node_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     // The quoted packet runs remote → pod: the pod's endpoint is the forward key's source.
     let key = inner.forward_key_of_reply();
     let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropNodeIcmpErrorNoMapping)?;
+    block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
     inner
         .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))
         .map_err(|_| Counter::EgressDropRewrite)?;
@@ -155,6 +157,7 @@ fn mapping(
     seg: Option<&Segment>,
 ) -> Result<Nat, Stop> {
     if let Some((p, m)) = mapping::forward(key) {
+        block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
         if let Some(seg) = seg {
             track(ctx, key, p, &m, seg);
         }
@@ -168,6 +171,12 @@ fn mapping(
             isn_next: seg.tcp.seq.wrapping_add(1).to_be_bytes(),
             wscale: seg.tcp.window_scale(ctx, seg.l4),
         },
+        // Cluster mode: the segment's mapping may have gone with its block (the lease was lost,
+        // the block is another node's now); `snat_create` answers it with a RST instead of a
+        // port (never a RST with a RST).
+        Some(seg) if block::layout().is_some() && seg.tcp.flags & header::RST == 0 => {
+            Syn::default()
+        }
         // Only a SYN opens a TCP mapping: a stray segment must not take a port.
         Some(_) => return Err(Counter::EgressDropTcpNotSyn.into()),
     };
@@ -315,6 +324,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     }
     let key = inner.forward_key_of_reply();
     let (_, m) = mapping::forward(&key).ok_or(Counter::EgressDropIcmpErrorNoMapping)?;
+    block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
     inner
         .rewrite(ctx, Side::Dst, (m.nat_addr, m.nat_port))
         .and_then(|()| rewrite_addr(ctx, Side::Src, ip.src, m.nat_addr))

@@ -14,6 +14,7 @@ use snat_common::{
 };
 
 use crate::{
+    block,
     icmp::{self, kind, Inner},
     mapping::{self, Reverse},
     maps::{fragments_of, remember_fragments},
@@ -40,6 +41,17 @@ pub fn run(ctx: &TcContext) -> Verdict {
         proto::ICMP => icmp(ctx, &ip),
         _ => Ok(Counter::IngressPassNoMapping),
     }
+}
+
+/// Cluster mode: whether the reply `key` of the reverse half `o` may be translated now (its
+/// forward half's block epoch against the block table). Outside cluster mode: always.
+#[inline(always)]
+fn fence(key: &FlowKey, o: &Reverse) -> Result<(), Counter> {
+    let Some(l) = block::layout() else {
+        return Ok(());
+    };
+    let epoch = mapping::forward(&key.forward_to(o.addr, o.port)).map(|(_, m)| m.block_epoch);
+    block::fence_ingress(&l, key.dst_addr, key.dst_port, epoch)
 }
 
 #[inline(always)]
@@ -88,8 +100,9 @@ fn tcp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     };
     let key = FlowKey::new(proto::TCP, ip.src, t.sport, ip.dst, t.dport);
     let Some((p, o)) = mapping::reverse(&key) else {
-        return Ok(Counter::IngressPassNoMapping);
+        return block::no_mapping(ip.dst, t.dport).map_err(Into::into);
     };
+    fence(&key, &o)?;
     let result = if t.flags & (header::SYN | header::FIN | header::RST) != 0 {
         remote_flags(&key, p, &o, &t)
     } else {
@@ -148,8 +161,9 @@ fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let dport = [head[2], head[3]];
     let key = FlowKey::new(proto::UDP, ip.src, [0; 2], ip.dst, dport);
     let Some((p, o)) = mapping::reverse(&key) else {
-        return Ok(Counter::IngressPassNoMapping);
+        return block::no_mapping(ip.dst, dport).map_err(Into::into);
     };
+    fence(&key, &o)?;
     deliver(ctx, ip, p, &o, 2, (ip.dst, dport))?;
     Ok(Counter::IngressTranslatedUdp)
 }
@@ -167,8 +181,9 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
             let id = [head[4], head[5]];
             let key = FlowKey::new(proto::ICMP, ip.src, [0; 2], ip.dst, id);
             let Some((p, o)) = mapping::reverse(&key) else {
-                return Ok(Counter::IngressPassNoMapping);
+                return block::no_mapping(ip.dst, id).map_err(Into::into);
             };
+            fence(&key, &o)?;
             deliver(ctx, ip, p, &o, 4, (ip.dst, id))?;
             Ok(Counter::IngressTranslatedIcmp)
         }
@@ -192,6 +207,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let Some((_, o)) = mapping::reverse(&key) else {
         return Ok(Counter::IngressPassNoMapping);
     };
+    fence(&key, &o)?;
     inner
         .rewrite(ctx, Side::Src, (o.addr, o.port))
         .and_then(|()| rewrite_addr(ctx, Side::Dst, ip.dst, o.addr))

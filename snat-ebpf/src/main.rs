@@ -20,6 +20,8 @@
 #[cfg(target_arch = "bpf")]
 mod alloc;
 #[cfg(target_arch = "bpf")]
+mod block;
+#[cfg(target_arch = "bpf")]
 mod create;
 #[cfg(target_arch = "bpf")]
 mod egress;

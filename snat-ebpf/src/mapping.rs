@@ -47,6 +47,8 @@ pub struct Forward {
     pub wscale: u8,
     pub isn_next: [u8; 4],
     pub last_seen_ns: u64,
+    /// The epoch of its block's claim (cluster mode; 0 otherwise, and not read).
+    pub block_epoch: u32,
 }
 
 impl Forward {
@@ -132,6 +134,12 @@ pub fn forward(key: &FlowKey) -> Option<(*mut Mapping, Forward)> {
         wscale: field!(p, wscale),
         isn_next: field!(p, isn_next as u32),
         last_seen_ns: field!(p, last_seen_ns),
+        // Outside cluster mode the verifier removes the read (see `crate::block`).
+        block_epoch: if crate::block::layout().is_some() {
+            field!(p, block_epoch)
+        } else {
+            0
+        },
     };
     owned_by(stored_key!(p), key).then_some((p, m))
 }

@@ -15,6 +15,7 @@ use aya_ebpf::{
 };
 use snat_common::{
     alloc_hist,
+    block::{BlockEntry, BlockKey, LeaseRecord, OpenBlocks, MAX_HELD_BLOCKS},
     flow::{use_count, Endpoint, FragKey, FragValue, FRAG_TIMEOUT_NS},
     Config, Counter, FlowKey, FullMark, Ipv4Octets, Mapping, NatIp, Origin, PoolKey, RejectWindow,
     StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_FULL_DESTINATIONS,
@@ -43,6 +44,20 @@ pub static SNAT_FWD: HashMap<FlowKey, Mapping> = HashMap::with_max_entries(DEFAU
 
 #[map]
 pub static SNAT_REV: HashMap<FlowKey, Origin> = HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
+
+/// Cluster mode: the blocks this node holds (see `crate::block`); written by the agent only.
+#[map]
+pub static SNAT_BLOCKS: HashMap<BlockKey, BlockEntry> =
+    HashMap::with_max_entries(MAX_HELD_BLOCKS, 0);
+
+/// Cluster mode: per NAT IP, the blocks new mappings go to, fullest first; written by the agent.
+#[map]
+pub static SNAT_OPEN_BLOCKS: HashMap<Ipv4Octets, OpenBlocks> =
+    HashMap::with_max_entries(2 * MAX_NAT_IPS, 0);
+
+/// Cluster mode: the lease the blocks are held under (the agent's; the programs never read it).
+#[map]
+pub static SNAT_BLOCK_LEASE: Array<LeaseRecord> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static SNAT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

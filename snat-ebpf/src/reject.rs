@@ -119,7 +119,8 @@ fn ip_header(src: [u8; 4], dst: [u8; 4], p: u8, len: u16) -> [u8; 20] {
     h
 }
 
-/// Turns a TCP SYN into the RST|ACK its destination would send.
+/// Turns a TCP segment into the RST its destination would send: a SYN into a RST|ACK, a
+/// segment with ACK (cluster mode: one whose mapping went with its block) into a RST.
 #[inline(always)]
 fn rst(ctx: &TcContext, ip: &Ipv4) -> Result<(), i64> {
     if ip.ihl != 20 {
@@ -129,11 +130,17 @@ fn rst(ctx: &TcContext, ip: &Ipv4) -> Result<(), i64> {
     let doff = u32::from(syn[12] >> 4) * 4;
     let payload = u32::from(ip.tot_len).saturating_sub(20 + doff);
     let seq = u32::from_be_bytes([syn[4], syn[5], syn[6], syn[7]]);
-    // RFC 9293: a RST answering a segment without ACK has SEQ 0 and ACKs all it occupied.
-    let ack = seq.wrapping_add(1 + payload).to_be_bytes();
+    // RFC 9293 3.10.7.1: a RST answering a segment with ACK takes its SEQ from that ACK (and
+    // carries none); one answering a segment without ACK has SEQ 0 and ACKs all it occupied.
+    let (rst_seq, ack, flags) = if syn[13] & 0x10 != 0 {
+        ([syn[8], syn[9], syn[10], syn[11]], [0; 4], 0x04)
+    } else {
+        let len = payload + u32::from(syn[13] & 0x02 != 0) + u32::from(syn[13] & 0x01 != 0);
+        ([0; 4], seq.wrapping_add(len).to_be_bytes(), 0x14)
+    };
     let mut tcp = [
-        syn[2], syn[3], syn[0], syn[1], 0, 0, 0, 0, ack[0], ack[1], ack[2], ack[3], 0x50, 0x14, 0,
-        0, 0, 0, 0, 0,
+        syn[2], syn[3], syn[0], syn[1], rst_seq[0], rst_seq[1], rst_seq[2], rst_seq[3], ack[0],
+        ack[1], ack[2], ack[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
     ];
     let pseudo = u32::from(u16::from_be_bytes([ip.dst[0], ip.dst[1]]))
         + u32::from(u16::from_be_bytes([ip.dst[2], ip.dst[3]]))

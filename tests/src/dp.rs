@@ -39,20 +39,12 @@ impl Dp {
     }
 
     pub fn with_max(max_mappings: u32, extra: &str) -> Self {
-        let line = format!("snat run --iface test0 --internal 10.1.0.0/16 --nat-ip {NAT} --max-mappings {max_mappings} {extra}");
-        let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
-            .expect("a valid command line")
-            .command
-        else {
-            unreachable!("a run command line")
-        };
-        let iface = Interface {
-            name: "test0".into(),
-            index: 0,
-            ipv4: vec![],
-        };
-        let settings = Settings::validate(&args, iface).expect("valid settings");
-        let mut engine = Engine::load(&settings).expect("loading the programs (are you root?)");
+        let settings = settings(max_mappings, extra);
+        Self::from_engine(Engine::load(&settings).expect("loading the programs (are you root?)"))
+    }
+
+    /// A loaded engine, its counters taken.
+    pub fn from_engine(mut engine: Engine) -> Self {
         let counters = engine.take_counters().expect("counters");
         Self { engine, counters }
     }
@@ -94,6 +86,24 @@ impl Dp {
             .filter(|(_, n)| *n > 0)
             .collect()
     }
+}
+
+/// The settings of `snat run --iface test0 --internal 10.1.0.0/16 --nat-ip NAT --max-mappings
+/// <max_mappings> <extra>`.
+pub fn settings(max_mappings: u32, extra: &str) -> Settings {
+    let line = format!("snat run --iface test0 --internal 10.1.0.0/16 --nat-ip {NAT} --max-mappings {max_mappings} {extra}");
+    let Command::Run(args) = Cli::try_parse_from(line.split_whitespace())
+        .expect("a valid command line")
+        .command
+    else {
+        unreachable!("a run command line")
+    };
+    let iface = Interface {
+        name: "test0".into(),
+        index: 0,
+        ipv4: vec![],
+    };
+    Settings::validate(&args, iface).expect("valid settings")
 }
 
 /// The TCP phase of the mapping of the forward key `key`, from both halves as the tables hold

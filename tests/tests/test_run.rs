@@ -693,7 +693,7 @@ fn batch_reads_return_every_entry_once() {
     }
     let mut batched = Vec::new();
     snat_user::datapath::batch::for_each(&tables.fwd, |k, m| {
-        batched.push((k, m.created_ns, m.nat_port))
+        batched.push((k, m.created_ns(), m.nat_port))
     })
     .unwrap();
     let mut iterated: Vec<_> = tables
@@ -701,7 +701,7 @@ fn batch_reads_return_every_entry_once() {
         .iter()
         .map(|item| {
             let (k, m) = item.unwrap();
-            (k, m.created_ns, m.nat_port)
+            (k, m.created_ns(), m.nat_port)
         })
         .collect();
     assert_eq!(batched.len(), n as usize);

@@ -4,6 +4,7 @@
 //! read through [`Tables`], [`Counters`] and [`NatPool`].
 
 pub mod batch;
+pub mod blocks;
 pub mod counters;
 pub mod error;
 pub mod nat_pool;
@@ -12,10 +13,13 @@ pub mod pins;
 pub mod reservation;
 pub mod tables;
 
-use std::{io, process::Command};
+use std::{io, os::fd::AsFd as _, process::Command};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, ProgramArray},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap,
+        ProgramArray,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -26,17 +30,26 @@ use aya::{
 };
 use log::{debug, info, warn};
 use snat_common::{
-    flow::release_batch, pool, Ipv4Octets, ReleaseEntry, StateHeader, MAP_ALLOC_NS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD,
-    MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV,
-    MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE,
-    PROG_EGRESS, PROG_GUARD, PROG_INGRESS, PROG_RELEASE, SLOT_CREATE,
+    block::{
+        GLOBAL_BLOCK_BASE, GLOBAL_BLOCK_COUNT, GLOBAL_BLOCK_SHIFT, MAP_BLOCKS, MAP_BLOCK_LEASE,
+        MAP_OPEN_BLOCKS,
+    },
+    flow::release_batch,
+    pool, Ipv4Octets, ReleaseEntry, StateHeader, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD, MAP_GUARD_DROPS,
+    MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV, MAP_SOURCE_REFUSED, MAP_STATE,
+    MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE, PROG_EGRESS, PROG_GUARD, PROG_INGRESS,
+    PROG_RELEASE, SLOT_CREATE,
 };
 
 use self::error::{no_map, no_program, Doing as _};
-use crate::settings::{AttachChoice, Settings};
+use crate::{
+    cluster::geometry::Geometry,
+    settings::{AttachChoice, Settings},
+};
 
 pub use self::{
+    blocks::Blocks,
     counters::{AllocHistogram, Counters},
     error::DatapathError,
     nat_pool::NatPool,
@@ -68,6 +81,9 @@ pub struct Engine {
     iface: String,
     mode: Option<AttachMode>,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
+    /// Cluster mode: the geometry the programs were loaded for, and second handles on the
+    /// configuration and the refusal counts (which other owners take) for [`Blocks`].
+    cluster: Option<(Geometry, Map, Map)>,
 }
 
 impl Engine {
@@ -83,6 +99,19 @@ impl Engine {
         settings: &Settings,
         pins: Option<&Pins>,
         existing: Option<&StateHeader>,
+    ) -> Result<Self, DatapathError> {
+        Self::load_with(settings, pins, existing, None)
+    }
+
+    /// Like [`Engine::load_pinned`], in cluster mode when `cluster` is given: the programs are
+    /// loaded for its block layout (fixed for their lifetime) and translate only in the blocks
+    /// the agent writes through [`Engine::take_blocks`]. `settings` must carry the geometry's
+    /// NAT IPs and port range.
+    pub fn load_with(
+        settings: &Settings,
+        pins: Option<&Pins>,
+        existing: Option<&StateHeader>,
+        cluster: Option<&Geometry>,
     ) -> Result<Self, DatapathError> {
         raise_memlock();
         let log_level = settings.ebpf_log.aya_level();
@@ -115,8 +144,14 @@ impl Engine {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let layout = cluster.map(blocks::layout);
+        let (shift, base, count) =
+            layout.map_or((0u32, 0u32, 0u32), |l| (l.shift, l.base, l.count));
         let mut ebpf = loader
             .override_global(aya_log::LEVEL, &log_level, true)
+            .override_global(GLOBAL_BLOCK_SHIFT, &shift, true)
+            .override_global(GLOBAL_BLOCK_BASE, &base, true)
+            .override_global(GLOBAL_BLOCK_COUNT, &count, true)
             .load(EBPF_OBJECT)
             .doing(|| "loading the eBPF object (are you root?)".into())?;
         for name in [
@@ -161,6 +196,14 @@ impl Engine {
             }
             None => None,
         };
+        let cluster = match cluster {
+            Some(g) => Some((
+                g.clone(),
+                dup(&ebpf, MAP_CONFIG)?,
+                dup(&ebpf, MAP_EXHAUSTED)?,
+            )),
+            None => None,
+        };
         let config = Array::try_from(
             ebpf.take_map(MAP_CONFIG)
                 .ok_or_else(|| no_map(MAP_CONFIG))?,
@@ -186,6 +229,7 @@ impl Engine {
             pins: pins.cloned(),
             programs_pin,
             keep: false,
+            cluster,
         };
         engine.configure(settings)?;
         Ok(engine)
@@ -446,6 +490,23 @@ impl Engine {
         })
     }
 
+    /// Cluster mode: the block table, its open lists and lease (`None` outside cluster mode).
+    pub fn take_blocks(&mut self) -> Result<Option<Blocks>, DatapathError> {
+        let Some((geometry, config, exhausted)) = self.cluster.take() else {
+            return Ok(None);
+        };
+        let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| no_map(name));
+        Blocks::new(
+            geometry,
+            HashMap::try_from(take(MAP_BLOCKS)?)?,
+            HashMap::try_from(take(MAP_OPEN_BLOCKS)?)?,
+            Array::try_from(take(MAP_BLOCK_LEASE)?)?,
+            Array::try_from(config)?,
+            PerCpuHashMap::try_from(exhausted)?,
+        )
+        .map(Some)
+    }
+
     /// The NAT IP set and port range, for changing them while running.
     pub fn take_pool(&mut self) -> Result<NatPool, DatapathError> {
         self.pool.take().ok_or(DatapathError::PoolTaken)
@@ -512,6 +573,26 @@ impl Drop for Engine {
         }
         self.detach();
         info!("detached from {}", self.iface);
+    }
+}
+
+/// A second handle (a duplicated file descriptor) on a map's data.
+fn dup_map(data: &MapData, name: &str) -> Result<MapData, DatapathError> {
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .doing(|| format!("duplicating the descriptor of {name}"))?;
+    Ok(MapData::from_fd(fd)?)
+}
+
+/// A second handle on the map `name`, still in `ebpf`.
+fn dup(ebpf: &Ebpf, name: &str) -> Result<Map, DatapathError> {
+    match ebpf.map(name).ok_or_else(|| no_map(name))? {
+        Map::PerCpuHashMap(d) => Ok(Map::PerCpuHashMap(dup_map(d, name)?)),
+        Map::HashMap(d) => Ok(Map::HashMap(dup_map(d, name)?)),
+        Map::Array(d) => Ok(Map::Array(dup_map(d, name)?)),
+        _ => Err(no_map(name)),
     }
 }
 

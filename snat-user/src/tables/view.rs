@@ -169,7 +169,7 @@ impl<'a> ViewBuilder<'a> {
             nat: format!("{}:{}", m.nat_addr(), m.nat_port()),
             destination: dest.label(),
             state: state.to_owned(),
-            age_secs: Duration::from_nanos(self.now_ns.saturating_sub(m.created_ns)).as_secs(),
+            age_secs: Duration::from_nanos(self.now_ns.saturating_sub(m.created_ns())).as_secs(),
             expires_in_secs: timeout.saturating_sub(idle).as_secs(),
         })
     }
