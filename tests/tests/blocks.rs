@@ -375,7 +375,16 @@ fn the_lease_and_blocks_read_back_as_a_restart_finds_them() {
     c.apply(&DatapathOp::Close { block: block(1) });
     let r = c.blocks.restored().expect("restored");
     assert_eq!(r.lease, Some(0x1234_5678_9abc));
-    assert_eq!(r.blocks, vec![(block(1), 5), (block(7), (3 << 32) + 17)]);
+    // Block 1 comes back closed: a restarted agent never re-opens what its predecessor closed.
+    let got: Vec<_> = r
+        .blocks
+        .iter()
+        .map(|b| (b.block, b.epoch, b.open))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(block(1), 5, false), (block(7), (3 << 32) + 17, true)]
+    );
     c.apply(&DatapathOp::SetLease(None));
     assert_eq!(c.blocks.restored().expect("restored").lease, None);
 }

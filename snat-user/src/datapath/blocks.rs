@@ -37,7 +37,7 @@ use super::{
 };
 use crate::cluster::{
     geometry::{BlockId, Geometry},
-    node::{BlockUse, DatapathOp, LeaseId, Nanos, Pressure, Restored, Usage},
+    node::{BlockUse, DatapathOp, LeaseId, Nanos, Pressure, Restored, RestoredBlock, Usage},
 };
 
 /// The kernel's block layout for a cluster geometry.
@@ -501,7 +501,11 @@ impl Blocks {
             blocks: self
                 .entries()?
                 .into_iter()
-                .map(|(k, e)| (block_id(&k), e.full_epoch()))
+                .map(|(k, e)| RestoredBlock {
+                    block: block_id(&k),
+                    epoch: e.full_epoch(),
+                    open: e.flags & BlockEntry::OPEN != 0,
+                })
                 .collect(),
         })
     }
