@@ -46,6 +46,8 @@ pub enum Stop {
     Running,
     /// Give every block back as it empties, then end.
     Drain,
+    /// The datapath was detached: every block goes back a cool-down from now, then end.
+    Detached,
     /// End now; the pinned state and the lease carry over to the next agent.
     Keep,
 }
@@ -136,6 +138,7 @@ pub async fn run<S: Store, B: Blocks>(
                 match what {
                     Stop::Running => {}
                     Stop::Drain => node.drain(boottime_ns()),
+                    Stop::Detached => node.detached(boottime_ns()),
                     Stop::Keep => return Ok(Outcome::Kept),
                 }
             }

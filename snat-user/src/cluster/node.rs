@@ -390,6 +390,8 @@ pub struct Node {
     cfg: NodeConfig,
     phase: Phase,
     draining: bool,
+    /// The datapath is gone (see [`Node::detached`]).
+    detached: bool,
     lease: Option<LeaseId>,
     /// Best deadline from the current lease's keep-alives (send time + TTL).
     deadline: Nanos,
@@ -428,6 +430,7 @@ impl Node {
             cfg,
             phase: Phase::Config,
             draining: false,
+            detached: false,
             lease: None,
             deadline: 0,
             restored,
@@ -548,6 +551,30 @@ impl Node {
         self.step(now);
     }
 
+    /// The datapath was detached at `now` (a plain stop): nothing uses any block from now on,
+    /// so each goes back a cool-down later, then the lease is revoked.
+    pub fn detached(&mut self, now: Nanos) {
+        self.detached = true;
+        self.draining = true;
+        for h in self.held.values_mut() {
+            if !matches!(h.state, BlockState::Releasing { .. }) {
+                h.state = BlockState::Closed {
+                    since: now,
+                    reopen: false,
+                };
+            }
+            h.live = 0;
+            h.last_active = h.last_active.max(now);
+            h.observed = now;
+        }
+        if self.phase != Phase::Ready && self.held.is_empty() && self.restored.blocks.is_empty() {
+            self.phase = Phase::Failed;
+            self.out.push_back(Command::Drained);
+            return;
+        }
+        self.step(now);
+    }
+
     pub fn handle_timeout(&mut self, now: Nanos) {
         if self.phase == Phase::Failed {
             return;
@@ -584,6 +611,9 @@ impl Node {
     }
 
     pub fn handle_usage(&mut self, usage: &Usage, now: Nanos) {
+        if self.detached {
+            return; // the maps still hold mappings nothing translates any more
+        }
         for u in &usage.blocks {
             if let Some(h) = self.held.get_mut(&u.block) {
                 h.live = u.live;
@@ -1725,5 +1755,47 @@ mod tests {
             !dp(&c).iter().any(|o| matches!(o, DatapathOp::Open { .. })),
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn a_detached_datapath_gives_every_block_back_a_cool_down_later() {
+        let mut n = ready(0);
+        n.keepalive_at = None;
+        n.held.insert(
+            block(2),
+            Held {
+                epoch: 5,
+                state: BlockState::Open { since: 0 },
+                live: 30,
+                last_active: 4 * S,
+                observed: 4 * S,
+            },
+        );
+        n.detached(5 * S);
+        assert!(drain(&mut n).is_empty());
+        // The maps still count 30 mappings: ignored, nothing translates them.
+        n.handle_usage(
+            &Usage {
+                blocks: vec![BlockUse {
+                    block: block(2),
+                    live: 30,
+                    last_active: 5 * S,
+                }],
+                pressure: vec![],
+            },
+            6 * S,
+        );
+        assert_eq!(n.poll_timeout(), Some(25 * S));
+        n.handle_timeout(25 * S);
+        let c = drain(&mut n);
+        assert_eq!(
+            op(&c).1,
+            StoreOp::Release {
+                block: block(2),
+                epoch: 5
+            }
+        );
+        let c = answer(&mut n, &c, StoreReply::Released { revision: 9 }, 25 * S);
+        assert_eq!(op(&c).1, StoreOp::Revoke { lease: 7 });
     }
 }
