@@ -597,6 +597,10 @@ pub fn create(
     }
     let (addr, port) = (st.nat.addr, st.reply.dst_port);
     st.mapping = Mapping::new(*fwd, addr, port, now);
+    if fwd.proto == proto::UDP {
+        // Its key carries no remote port (one mapping per remote IP); the expiry wants it.
+        st.mapping.window = rport;
+    }
     if syn.syn {
         st.mapping.syn = st.mapping.epoch;
         st.mapping.isn_next = syn.isn_next;

@@ -157,6 +157,12 @@ fn mapping(
     if let Some((p, m)) = mapping::forward(key) {
         if let Some(seg) = seg {
             track(ctx, key, p, &m, seg);
+        } else if key.proto == proto::UDP && m.window != rport && m.window != [0; 2] {
+            // A second remote port: the mapping no longer serves one well-known port, so it
+            // keeps the general UDP timeout (see `Mapping::window`).
+            // SAFETY: `p` points to this flow's live mapping (see `mapping`); a small store of
+            // this flow's own field.
+            unsafe { core::ptr::write_volatile(&raw mut (*p).window, [0; 2]) };
         }
         mapping::refresh_forward(p, &m, now()).map_err(|()| Counter::EgressDropReleased)?;
         return Ok((m.nat_addr, m.nat_port));

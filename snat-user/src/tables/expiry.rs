@@ -46,7 +46,10 @@ impl Reason {
     }
 }
 
-/// Idle timeout and the reason to give when it passes, for a mapping in its current state.
+/// Idle timeout and the reason to give when it passes, for a mapping in its current state. A
+/// UDP mapping whose datagrams all went to one port of `--udp-timeout-for` gets that port's
+/// timeout, whether it was answered or not (netfilter gives an unanswered UDP flow 30 s on every
+/// port); others get `--udp-timeout`.
 pub fn timeout_of(key: &FlowKey, m: &Mapping, o: &Origin, t: &Timeouts) -> (Duration, Reason) {
     match key.proto {
         proto::TCP => match Phase::of_halves(m, o) {
@@ -55,7 +58,7 @@ pub fn timeout_of(key: &FlowKey, m: &Mapping, o: &Origin, t: &Timeouts) -> (Dura
             Phase::Established => (t.tcp_established, Reason::Idle),
             Phase::Transitory => (t.tcp_transitory, Reason::Idle),
         },
-        proto::UDP => (t.udp, Reason::Idle),
+        proto::UDP => (t.udp_for(m.udp_remote_port()), Reason::Idle),
         _ => (t.icmp, Reason::Idle),
     }
 }
@@ -262,6 +265,46 @@ mod tests {
         assert_eq!(expiry(&k, &m, None, 10 * S, &t), Some(Reason::Orphan));
         o.port = [1, 2]; // the claim belongs to another internal endpoint
         assert_eq!(expiry(&k, &m, Some(&o), 10 * S, &t), Some(Reason::Orphan));
+    }
+
+    #[test]
+    fn udp_to_a_listed_port_gets_its_timer_answered_or_not() {
+        let t = timeouts();
+        // Answered (the reply refreshed the reverse half) or not: 30 s after the last datagram.
+        for last_out in [0, 2 * S] {
+            let (k, mut m, o) = pair(proto::UDP, 0, 0, 0, last_out);
+            m.window = 53u16.to_be_bytes();
+            assert_eq!(timeout_of(&k, &m, &o, &t).0, Duration::from_secs(30));
+            assert_eq!(expiry(&k, &m, Some(&o), last_out + 30 * S - 1, &t), None);
+            assert_eq!(
+                expiry(&k, &m, Some(&o), last_out + 30 * S, &t),
+                Some(Reason::Idle)
+            );
+        }
+        // Another port, several ports (0), or no per-port timers: --udp-timeout.
+        for (port, t) in [
+            (5353, timeouts()),
+            (0, timeouts()),
+            (
+                53,
+                Timeouts {
+                    udp_ports: Default::default(),
+                    ..timeouts()
+                },
+            ),
+        ] {
+            let (k, mut m, o) = pair(proto::UDP, 0, 0, 0, 0);
+            m.window = u16::to_be_bytes(port);
+            assert_eq!(
+                timeout_of(&k, &m, &o, &t).0,
+                Duration::from_secs(300),
+                "{port}"
+            );
+        }
+        // The window of a TCP mapping is not a port.
+        let (k, mut m, o) = pair(proto::TCP, SEEN_SYN, SEEN_SYN, 0, 0);
+        m.window = 53u16.to_be_bytes();
+        assert_eq!(timeout_of(&k, &m, &o, &t).0, Duration::from_secs(7440));
     }
 
     #[test]

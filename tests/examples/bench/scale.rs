@@ -152,6 +152,7 @@ fn sweep_side(n: u32) -> anyhow::Result<(f64, u64)> {
         tcp_fin: s,
         tcp_rst: s,
         udp: s,
+        udp_ports: Default::default(),
         icmp: s,
     };
     let later = now_ns() + 3_600_000_000_000;
