@@ -107,11 +107,14 @@ pub enum Counter {
     RejectRateLimited,
     /// The answer could not be built (unusual header); the packet was dropped.
     RejectFailed,
+    /// A mapping's expiry event did not fit in `SNAT_EXPIRY_EVENTS` (the controller then walks
+    /// every mapping once).
+    ExpiryEventsLost,
 }
 
 impl Counter {
     /// Number of counters (the size of `SNAT_COUNTERS`).
-    pub const COUNT: u32 = Counter::RejectFailed as u32 + 1;
+    pub const COUNT: u32 = Counter::ExpiryEventsLost as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -173,6 +176,7 @@ impl Counter {
         Counter::RejectIcmp,
         Counter::RejectRateLimited,
         Counter::RejectFailed,
+        Counter::ExpiryEventsLost,
     ];
 
     /// The counter's index in `SNAT_COUNTERS`.
@@ -244,6 +248,7 @@ impl Counter {
             RejectIcmp => ("reject", "icmp_sent"),
             RejectRateLimited => ("reject", "rate_limited"),
             RejectFailed => ("reject", "failed"),
+            ExpiryEventsLost => ("alloc", "expiry_events_lost"),
         }
     }
 }

@@ -549,6 +549,11 @@ impl ReleaseEntry {
 }
 
 /// Outcomes of a [`ReleaseEntry`].
+/// Mappings record a packet's time only when it moved on by this much, to spare the cache line:
+/// a stamp may be this much older than the packet it stands for. Idle timeouts are at least a
+/// second, so a mapping refreshed less than this long ago is never being released.
+pub const REFRESH_NS: u64 = 100_000_000;
+
 pub mod release_result {
     /// Not processed (the program did not reach it).
     pub const PENDING: u32 = 0;

@@ -47,8 +47,8 @@ use crate::{
     index::{self, FreePorts},
     mapping,
     maps::{
-        count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FULL, SNAT_FWD, SNAT_HOST_ECHO,
-        SNAT_NAT_IPS, SNAT_REV, SNAT_SCAN,
+        count, expiry_event, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FULL, SNAT_FWD,
+        SNAT_HOST_ECHO, SNAT_NAT_IPS, SNAT_REV, SNAT_SCAN,
     },
 };
 
@@ -609,6 +609,7 @@ pub fn create(
     match SNAT_FWD.insert(fwd, st.mapping, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             use_add(&st.uses);
+            expiry_event(fwd);
             // The hint serves endpoint-independent mapping on the paired NAT IP: an overflowed
             // mapping does not replace it.
             if attempt == 0 {

@@ -495,6 +495,23 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
+    /// The shortest timeout a mapping of protocol number `p` can get, in any state.
+    pub fn shortest(&self, p: u8) -> Duration {
+        match p {
+            snat_common::flow::proto::TCP => self
+                .tcp_established
+                .min(self.tcp_transitory)
+                .min(self.tcp_fin)
+                .min(self.tcp_rst),
+            snat_common::flow::proto::UDP => self
+                .udp_ports
+                .values()
+                .copied()
+                .fold(self.udp, Duration::min),
+            _ => self.icmp,
+        }
+    }
+
     /// The idle timeout of a UDP flow whose datagrams all go to `remote_port` (`None`: several
     /// ports, or unknown).
     pub fn udp_for(&self, remote_port: Option<u16>) -> Duration {
