@@ -309,7 +309,7 @@ impl Sweeper {
             let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
             self.judge(key, &m, o.as_ref(), now_ns, t, &mut doomed);
         }
-        self.release(doomed, release, now_ns)
+        self.release(&doomed, release, now_ns)
     }
 
     /// Dooms the mapping if it expired by `now_ns`, else schedules it at its deadline.
@@ -333,14 +333,14 @@ impl Sweeper {
     /// at the next tick. Returns how many were released.
     fn release(
         &mut self,
-        doomed: Vec<(ReleaseEntry, Reason)>,
+        doomed: &[(ReleaseEntry, Reason)],
         release: &dyn Fn(&mut [ReleaseEntry]) -> Result<(), DatapathError>,
         now_ns: u64,
     ) -> Result<usize, DatapathError> {
         let mut entries: Vec<ReleaseEntry> = doomed.iter().map(|(e, _)| *e).collect();
         release(&mut entries)?;
         let mut released = 0;
-        for (e, (_, reason)) in entries.iter().zip(&doomed) {
+        for (e, (_, reason)) in entries.iter().zip(doomed) {
             match e.result {
                 release_result::RELEASED => {
                     if let Some(p) = Proto::from_number(e.key.proto) {
@@ -380,7 +380,7 @@ impl Sweeper {
             }
         })?;
         self.schedule.replace(scheduled);
-        let mut released = self.release(doomed, release, now_ns)?;
+        let mut released = self.release(&doomed, release, now_ns)?;
         self.full_passes += 1;
         released += self.sweep_orphan_claims(tables, now_ns)?;
         Ok(released)
