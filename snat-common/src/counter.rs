@@ -121,11 +121,14 @@ pub enum Counter {
     /// A port was claimed in a block that closed (or went) a moment before: given back, and the
     /// flow refused as if the block had had no port.
     AllocBlockClosed,
+    /// A mapping's expiry event did not fit in `SNAT_EXPIRY_EVENTS` (the controller then walks
+    /// every mapping once).
+    ExpiryEventsLost,
 }
 
 impl Counter {
     /// Number of counters (the size of `SNAT_COUNTERS`).
-    pub const COUNT: u32 = Counter::AllocBlockClosed as u32 + 1;
+    pub const COUNT: u32 = Counter::ExpiryEventsLost as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -193,6 +196,7 @@ impl Counter {
         Counter::IngressDropBlockSuspended,
         Counter::IngressDropNotOurs,
         Counter::AllocBlockClosed,
+        Counter::ExpiryEventsLost,
     ];
 
     /// The counter's index in `SNAT_COUNTERS`.
@@ -270,6 +274,7 @@ impl Counter {
             IngressDropBlockSuspended => ("ingress", "drop_block_suspended"),
             IngressDropNotOurs => ("ingress", "drop_not_ours"),
             AllocBlockClosed => ("alloc", "block_closed"),
+            ExpiryEventsLost => ("alloc", "expiry_events_lost"),
         }
     }
 }

@@ -225,6 +225,10 @@ pub struct Mapping {
     /// The acknowledgement number and window of the pod's latest segment with ACK (network order,
     /// the window unscaled): the next sequence number the pod expects, and how far beyond it.
     pub ack: [u8; 4],
+    /// TCP: the window of that segment. UDP: the remote port the pod's datagrams go to (set at
+    /// creation, zeroed by the first datagram to another port), which picks a per-port idle
+    /// timeout (`--udp-timeout-for`); 0: several ports, or unknown. Read it through
+    /// [`Mapping::udp_remote_port`].
     pub window: [u8; 2],
     /// The window scale the pod announced in its SYN (0 without the option).
     pub wscale: u8,
@@ -299,6 +303,15 @@ impl Mapping {
     #[inline(always)]
     pub const fn tcp_seen(&self) -> u8 {
         crate::tcp::seen_in(self.epoch, self.syn, self.fin, self.rst)
+    }
+
+    /// UDP: the one remote port the pod's datagrams on this mapping went to, or `None` when they
+    /// went to several (or the mapping predates the record). Meaningless for other protocols.
+    pub const fn udp_remote_port(&self) -> Option<u16> {
+        match u16::from_be_bytes(self.window) {
+            0 => None,
+            port => Some(port),
+        }
     }
 
     /// Records `bits` (`crate::tcp::SEEN_*`) as sent by the pod in the current epoch (for the
@@ -548,6 +561,11 @@ impl ReleaseEntry {
 }
 
 /// Outcomes of a [`ReleaseEntry`].
+/// Mappings record a packet's time only when it moved on by this much, to spare the cache line:
+/// a stamp may be this much older than the packet it stands for. Idle timeouts are at least a
+/// second, so a mapping refreshed less than this long ago is never being released.
+pub const REFRESH_NS: u64 = 100_000_000;
+
 pub mod release_result {
     /// Not processed (the program did not reach it).
     pub const PENDING: u32 = 0;

@@ -157,6 +157,13 @@ pub const PROG_GUARD: &str = "snat_guard";
 /// Array\[1\] of [`StateHeader`]: identifies pinned state (format version, sizes).
 pub const MAP_STATE: &str = "SNAT_STATE";
 
+/// Ring buffer of forward keys ([`FlowKey`]) whose expiry may have come closer: a new mapping,
+/// or a TCP SYN, FIN, RST or reopen, or a UDP mapping's second remote port. The controller reads
+/// it every `--gc-interval` and looks at those mappings only, instead of walking every mapping
+/// (`Counter::ExpiryEventsLost` counts what did not fit; it then walks them all once). Not
+/// pinned: each agent has its own.
+pub const MAP_EXPIRY_EVENTS: &str = "SNAT_EXPIRY_EVENTS";
+
 /// The maps pinned under `--pin-dir` so that mappings survive an agent restart.
 /// The block table, the open lists and the lease (cluster mode) are pinned with them: a restarted
 /// agent reads the blocks and the lease it held from them.

@@ -49,8 +49,8 @@ use crate::{
     index::{self, FreePorts},
     mapping,
     maps::{
-        count, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FULL, SNAT_FWD, SNAT_HOST_ECHO,
-        SNAT_NAT_IPS, SNAT_OPEN_BLOCKS, SNAT_REV, SNAT_SCAN,
+        count, expiry_event, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FULL, SNAT_FWD,
+        SNAT_HOST_ECHO, SNAT_NAT_IPS, SNAT_OPEN_BLOCKS, SNAT_REV, SNAT_SCAN,
     },
 };
 
@@ -240,7 +240,7 @@ fn try_claim(skb: *mut __sk_buff, st: &mut ScanState, probe: bool) -> Result<boo
         return Ok(false);
     }
     st.origin.key = st.reply;
-    match SNAT_REV.insert(st.reply, st.origin, u64::from(BPF_NOEXIST)) {
+    match SNAT_REV.insert(&st.reply, &st.origin, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(true),
         Err(e) if e == -EEXIST => Ok(false),
         Err(_) => Err(AllocError::TableFull),
@@ -658,7 +658,7 @@ pub fn create(
                 generation: st.cfg.generation,
                 _pad: 0,
             };
-            let _ = SNAT_FULL.insert(st.dest, mark, 0);
+            let _ = SNAT_FULL.insert(&st.dest, &mark, 0);
             return Err(AllocError::Exhausted);
         }
         Err(e) => return Err(e),
@@ -679,14 +679,19 @@ pub fn create(
             }
         }
     }
+    if fwd.proto == proto::UDP {
+        // Its key carries no remote port (one mapping per remote IP); the expiry wants it.
+        st.mapping.window = rport;
+    }
     if syn.syn {
         st.mapping.syn = st.mapping.epoch;
         st.mapping.isn_next = syn.isn_next;
         st.mapping.wscale = syn.wscale;
     }
-    match SNAT_FWD.insert(fwd, st.mapping, u64::from(BPF_NOEXIST)) {
+    match SNAT_FWD.insert(fwd, &st.mapping, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             use_add(&st.uses);
+            expiry_event(fwd);
             // The hint serves endpoint-independent mapping on the paired NAT IP: an overflowed
             // mapping does not replace it.
             if attempt == 0 {

@@ -28,8 +28,8 @@ use crate::{
     icmp::{self, kind, Inner},
     mapping::{self, Forward},
     maps::{
-        count, fragments_of, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL, SNAT_PENDING,
-        SNAT_PROGRAMS,
+        count, expiry_event, fragments_of, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL,
+        SNAT_PENDING, SNAT_PROGRAMS,
     },
     packet::{read, rewrite_addr, translate, Ipv4, Nat, Side, Tcp, ETH_P_IP_BE},
     verdict::{Stop, Verdict},
@@ -160,6 +160,13 @@ fn mapping(
         block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
         if let Some(seg) = seg {
             track(ctx, key, p, &m, seg);
+        } else if key.proto == proto::UDP && m.window != rport && m.window != [0; 2] {
+            // A second remote port: the mapping no longer serves one well-known port, so it
+            // keeps the general UDP timeout (see `Mapping::window`).
+            // SAFETY: `p` points to this flow's live mapping (see `mapping`); a small store of
+            // this flow's own field.
+            unsafe { core::ptr::write_volatile(&raw mut (*p).window, [0; 2]) };
+            expiry_event(key);
         }
         mapping::refresh_forward(p, &m, now()).map_err(|()| Counter::EgressDropReleased)?;
         return Ok((m.nat_addr, m.nat_port));
@@ -234,6 +241,7 @@ fn track(ctx: &TcContext, key: &FlowKey, p: *mut Mapping, m: &Forward, seg: &Seg
                 (*p).epoch = next;
             }
             count(Counter::TcpReopened);
+            expiry_event(key);
         }
         return;
     }
@@ -241,9 +249,11 @@ fn track(ctx: &TcContext, key: &FlowKey, p: *mut Mapping, m: &Forward, seg: &Seg
     unsafe {
         if t.flags & header::FIN != 0 && m.fin != epoch {
             (*p).fin = epoch;
+            expiry_event(key);
         }
         if t.flags & header::RST != 0 && m.rst != epoch {
             (*p).rst = epoch;
+            expiry_event(key);
         }
         if t.flags & header::ACK != 0 {
             let ack = t.ack.to_be_bytes();

@@ -17,7 +17,7 @@ use crate::{
     block,
     icmp::{self, kind, Inner},
     mapping::{self, Reverse},
-    maps::{fragments_of, remember_fragments},
+    maps::{expiry_event, fragments_of, remember_fragments},
     packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, Tcp, ETH_P_IP_BE},
     verdict::Verdict,
 };
@@ -134,18 +134,26 @@ fn remote_flags(key: &FlowKey, p: *mut Origin, o: &Reverse, t: &Tcp) -> Counter 
         Remote::FinOutOfWindow(bits) => (bits, Counter::IngressFinOutOfWindow),
     };
     let epoch = m.epoch;
+    let mut changed = false;
     // SAFETY: `p` points to this reply's live reverse half (see `mapping`); only ingress writes
     // these fields, one aligned store each, skipped when it would not change.
     unsafe {
         if bits & tcp::SEEN_SYN != 0 && o.syn != epoch {
             (*p).syn = epoch;
+            changed = true;
         }
         if bits & tcp::SEEN_FIN != 0 && o.fin != epoch {
             (*p).fin = epoch;
+            changed = true;
         }
         if bits & tcp::SEEN_RST != 0 && o.rst != epoch {
             (*p).rst = epoch;
+            changed = true;
         }
+    }
+    if changed {
+        // A new phase, maybe with a shorter timeout.
+        expiry_event(&fwd);
     }
     result
 }

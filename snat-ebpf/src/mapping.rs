@@ -27,10 +27,7 @@ use snat_common::{Counter, FlowKey, Mapping, Origin};
 
 use crate::maps::{atomic_add32, count, SNAT_FENCE, SNAT_FWD, SNAT_REV};
 
-/// Mappings record a packet's time only when it moved on by this much, to spare the cache line.
-/// Idle timeouts are at least a second, so a mapping refreshed less than this long ago is never
-/// being released.
-pub const REFRESH_NS: u64 = 100_000_000;
+pub use snat_common::flow::REFRESH_NS;
 
 /// What the datapath reads of a forward half, copied out of the map once.
 #[derive(Clone, Copy)]

@@ -7,10 +7,11 @@
 //! pointer to it. How the programs read and refresh them safely is in `mapping`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{
         lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray,
+        RingBuf,
     },
 };
 use snat_common::{
@@ -58,6 +59,23 @@ pub static SNAT_OPEN_BLOCKS: HashMap<Ipv4Octets, OpenBlocks> =
 /// Cluster mode: the lease the blocks are held under (the agent's; the programs never read it).
 #[map]
 pub static SNAT_BLOCK_LEASE: Array<LeaseRecord> = Array::with_max_entries(1, 0);
+
+/// Sized by the controller from `--max-mappings` (a power of two of pages).
+#[map]
+pub static SNAT_EXPIRY_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Tells the controller that the expiry of the mapping with forward key `fwd` may have come
+/// closer (see `snat_common::MAP_EXPIRY_EVENTS`). The controller reads the ring on its own
+/// schedule: no wake-up.
+#[inline(always)]
+pub fn expiry_event(fwd: &FlowKey) {
+    if SNAT_EXPIRY_EVENTS
+        .output::<FlowKey>(fwd, u64::from(BPF_RB_NO_WAKEUP))
+        .is_err()
+    {
+        count(Counter::ExpiryEventsLost);
+    }
+}
 
 #[map]
 pub static SNAT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

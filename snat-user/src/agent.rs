@@ -15,6 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     datapath::{
+        events::ExpiryEvents,
         netdev,
         pins::{self, Pins},
         reservation::HostReservation,
@@ -48,6 +49,8 @@ pub struct AgentState {
     guard_dropped: Option<u64>,
     tables: Mutex<Tables>,
     sweeper: Mutex<Sweeper>,
+    /// Keys of mappings whose expiry may have come closer, from the datapath.
+    events: Mutex<ExpiryEvents>,
     saturation: Mutex<Saturation>,
     /// Refused control requests, and the control socket's rate-limited log.
     refusals: Refusals,
@@ -115,16 +118,23 @@ impl AgentState {
         Ok((message, warnings))
     }
 
-    /// One expiry pass, then the use-count hints and saturation warnings.
+    /// One expiry tick (the mappings due, or all of them now and then), then the use-count hints
+    /// and saturation warnings.
     fn sweep(&self) -> anyhow::Result<()> {
         let settings = self.settings().clone();
         let mut tables = lock(&self.tables);
         let engine = lock(&self.engine);
-        lock(&self.sweeper).sweep(
+        // The time first: every event read after it is of a packet after the previous read.
+        let now = expiry::now_ns();
+        let lost = self.counters.get(snat_common::Counter::ExpiryEventsLost)?;
+        let events = lock(&self.events).drain();
+        lock(&self.sweeper).tick(
             &mut tables,
+            &events,
+            lost,
             &|batch| engine.release(batch),
             &settings.timeouts,
-            expiry::now_ns(),
+            now,
         )?;
         drop(engine);
         usage::refresh(&mut tables, &settings, &mut lock(&self.saturation))?;
@@ -209,6 +219,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         guard_dropped,
         tables: Mutex::new(engine.take_tables()?),
         sweeper: Mutex::new(Sweeper::default()),
+        events: Mutex::new(engine.take_expiry_events()?),
         saturation: Mutex::new(Saturation::default()),
         refusals: Refusals::default(),
         settings: RwLock::new(settings.clone()),

@@ -17,7 +17,8 @@
 //! and the agents' CPU, snat only); then, in this process, the datapath's cost per packet with
 //! `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 % occupancy, refused new flows
 //! at 100 %) and scale (map memory, agent RSS and CPU, expiry sweep time with 10 k–1 M
-//! mappings). Writes `report.md`, `churn.svg` and `results.json` to `--out` (default
+//! mappings), and DNS-like one-shot queries (ports held: snat with and without its per-port
+//! UDP timer, nftables masquerade with conntrack's timers). Writes `report.md`, `churn.svg` and `results.json` to `--out` (default
 //! `target/bench`). Nothing here asserts a time: numbers only go into the report.
 //!
 //! Network safety: only namespaces, veths and nftables tables this process creates, named with
@@ -30,6 +31,8 @@
 mod churn;
 #[path = "bench/datapath.rs"]
 mod datapath;
+#[path = "bench/dns.rs"]
+mod dns;
 #[path = "bench/exhaustion.rs"]
 mod exhaustion;
 #[path = "bench/lab.rs"]
@@ -105,6 +108,9 @@ pub struct Plan {
     pub exhaust_secs: f64,
     pub exhaust_rate: f64,
     pub scale_sizes: &'static [u32],
+    /// DNS-like queries (`--dns-queries`, `--dns-secs`): how many, over how long.
+    pub dns_queries: u32,
+    pub dns_secs: u32,
 }
 
 impl Plan {
@@ -128,6 +134,8 @@ impl Plan {
                 exhaust_secs: 5.0,
                 exhaust_rate: 1000.0,
                 scale_sizes: &[10_000, 100_000, 1_000_000],
+                dns_queries: 2_000,
+                dns_secs: 10,
             }
         } else {
             Self {
@@ -148,6 +156,8 @@ impl Plan {
                 exhaust_secs: 5.0,
                 exhaust_rate: 1000.0,
                 scale_sizes: &[10_000, 100_000, 1_000_000],
+                dns_queries: 20_000,
+                dns_secs: 60,
             }
         }
     }
@@ -157,6 +167,17 @@ struct Args {
     quick: bool,
     out: PathBuf,
     only: Option<Vec<String>>,
+    dns_queries: Option<u32>,
+    dns_secs: Option<u32>,
+}
+
+/// A number flag's value within `lo..=hi`.
+fn bounded(flag: &str, value: Option<String>, lo: u32, hi: u32) -> anyhow::Result<u32> {
+    let v = value.with_context(|| format!("{flag} needs a number"))?;
+    match v.parse::<u32>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => bail!("{flag} {v:?}: use a number from {lo} to {hi}"),
+    }
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -164,6 +185,8 @@ fn parse_args() -> anyhow::Result<Args> {
         quick: false,
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"),
         only: None,
+        dns_queries: None,
+        dns_secs: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -173,13 +196,21 @@ fn parse_args() -> anyhow::Result<Args> {
             "--only" => {
                 let list = it
                     .next()
-                    .context("--only needs a list: net,exhaustion,datapath,scale")?;
+                    .context("--only needs a list: net,exhaustion,datapath,scale,dns")?;
                 args.only = Some(list.split(',').map(str::to_owned).collect());
             }
+            "--dns-queries" => {
+                args.dns_queries = Some(bounded(&a, it.next(), 1, dns::MAX_QUERIES)?);
+            }
+            "--dns-secs" => args.dns_secs = Some(bounded(&a, it.next(), 1, dns::MAX_SECS)?),
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--quick] [--out DIR] [--only net,exhaustion,datapath,scale]\n\
-                     Run it with `cargo xtask bench [--quick]` (as root)."
+                    "usage: bench [--quick] [--out DIR] [--only net,exhaustion,datapath,scale,dns]\n\
+                     \x20            [--dns-queries N (1-{}, default 20000, --quick 2000)]\n\
+                     \x20            [--dns-secs S (1-{}, default 60, --quick 10)]\n\
+                     Run it with `cargo xtask bench [--quick]` (as root).",
+                    dns::MAX_QUERIES,
+                    dns::MAX_SECS
                 );
                 std::process::exit(0);
             }
@@ -241,7 +272,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             bail!("{tool} is not installed (package {package}): run the benchmark with `cargo xtask bench`, which installs it");
         }
     }
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    plan.dns_queries = args.dns_queries.unwrap_or(plan.dns_queries);
+    plan.dns_secs = args.dns_secs.unwrap_or(plan.dns_secs);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut command = if args.quick {
@@ -292,6 +325,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 scale::run(&plan, &lab, &mut |row| results.scale.push(row))
             }));
             settle_failure(run, &mut results, "scale: stopped early")?;
+        }
+        check()?;
+        if wants(only, "dns") {
+            say("DNS-like one-shot queries: ports held");
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                dns::run(&plan, &mut |r| results.dns.push(r))
+            }));
+            settle_failure(run, &mut results, "DNS queries: stopped early")?;
         }
         check()
     })();

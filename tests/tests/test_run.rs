@@ -717,3 +717,24 @@ fn batch_reads_return_every_entry_once() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn a_udp_mapping_records_its_one_remote_port() {
+    // The per-port UDP timeout (`--udp-timeout-for`) needs the remote port, which a UDP key
+    // does not carry: the mapping records the first datagram's, and forgets it at a second one.
+    let mut dp = Dp::new("");
+    dp.egress_ok(&packets::udp((POD, 40300), (REMOTE, 53), b"query"));
+    dp.egress_ok(&packets::udp((POD, 40301), (REMOTE, 123), b"ntp"));
+    let tables = dp.engine.take_tables().unwrap();
+    let dns = packets::flow_key(proto::UDP, (POD, 40300), (REMOTE, 53));
+    let ntp = packets::flow_key(proto::UDP, (POD, 40301), (REMOTE, 123));
+    let port = |key: &FlowKey| tables.fwd.get(key, 0).unwrap().udp_remote_port();
+    assert_eq!((port(&dns), port(&ntp)), (Some(53), Some(123)));
+    // Again to 53: unchanged; then to another port: several ports, so none.
+    dp.egress_ok(&packets::udp((POD, 40300), (REMOTE, 53), b"query 2"));
+    assert_eq!(port(&dns), Some(53));
+    dp.egress_ok(&packets::udp((POD, 40300), (REMOTE, 5353), b"other"));
+    assert_eq!(port(&dns), None);
+    dp.egress_ok(&packets::udp((POD, 40300), (REMOTE, 53), b"query 3"));
+    assert_eq!(port(&dns), None, "once several, always several");
+}

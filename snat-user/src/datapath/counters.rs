@@ -41,6 +41,11 @@ impl Counters {
             .collect()
     }
 
+    /// One counter, summed over the CPUs.
+    pub fn get(&self, c: Counter) -> Result<u64, DatapathError> {
+        sum_slot(&self.packets, c.index()).doing(|| format!("reading counter {c:?}"))
+    }
+
     /// Flows refused for lack of a port, by (NAT IP, protocol).
     pub fn exhausted(&self) -> Result<Vec<(PoolKey, u64)>, DatapathError> {
         self.exhausted

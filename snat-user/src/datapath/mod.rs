@@ -7,6 +7,7 @@ pub mod batch;
 pub mod blocks;
 pub mod counters;
 pub mod error;
+pub mod events;
 pub mod nat_pool;
 pub mod netdev;
 pub mod pins;
@@ -18,7 +19,7 @@ use std::{io, os::fd::AsFd as _, process::Command};
 use aya::{
     maps::{
         lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap,
-        ProgramArray,
+        ProgramArray, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -36,10 +37,10 @@ use snat_common::{
     },
     flow::release_batch,
     pool, Ipv4Octets, ReleaseEntry, StateHeader, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_FREE_PORTS, MAP_FWD, MAP_GUARD_DROPS,
-    MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV, MAP_SOURCE_REFUSED, MAP_STATE,
-    MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE, PROG_EGRESS, PROG_GUARD, PROG_INGRESS,
-    PROG_RELEASE, SLOT_CREATE,
+    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_EXPIRY_EVENTS, MAP_FREE_PORTS, MAP_FWD,
+    MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV,
+    MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE,
+    PROG_EGRESS, PROG_GUARD, PROG_INGRESS, PROG_RELEASE, SLOT_CREATE,
 };
 
 use self::error::{no_map, no_program, Doing as _};
@@ -130,6 +131,7 @@ impl Engine {
             .map_max_entries(MAP_FWD, max)
             .map_max_entries(MAP_REV, max)
             .map_max_entries(MAP_USE, max.saturating_mul(2))
+            .map_max_entries(MAP_EXPIRY_EVENTS, events::ring_bytes(max))
             // A hint per internal endpoint: a quarter of the table covers endpoints with four
             // flows on average, and keeps 1 M mappings within 256 MiB.
             .map_max_entries(MAP_ENDPOINTS, (max / 4).max(1024))
@@ -477,6 +479,15 @@ impl Engine {
             rev: HashMap::try_from(rev)?,
             usage: HashMap::try_from(usage)?,
         })
+    }
+
+    /// The expiry events the datapath sends the controller.
+    pub fn take_expiry_events(&mut self) -> Result<events::ExpiryEvents, DatapathError> {
+        let ring = self
+            .ebpf
+            .take_map(MAP_EXPIRY_EVENTS)
+            .ok_or_else(|| no_map(MAP_EXPIRY_EVENTS))?;
+        Ok(events::ExpiryEvents::new(RingBuf::try_from(ring)?))
     }
 
     pub fn take_counters(&mut self) -> Result<Counters, DatapathError> {

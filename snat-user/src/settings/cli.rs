@@ -8,7 +8,8 @@ use super::{
     cidr::Ipv4Cidr,
     duration,
     ports::{PortList, PortRange},
-    AttachChoice, EbpfLog, IpPooling, MetricsAddr, OnExhaustion, OnStop, MAX_METRICS_MIN_INTERVAL,
+    udp_ports, AttachChoice, EbpfLog, IpPooling, MetricsAddr, OnExhaustion, OnStop,
+    MAX_METRICS_MIN_INTERVAL,
 };
 
 /// snat: an eBPF egress NAT for Linux nodes.
@@ -301,6 +302,17 @@ pub struct RunArgs {
     /// Idle timeout of a UDP mapping (RFC 4787: at least 2m, 5m recommended).
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration::parse)]
     pub udp_timeout: Duration,
+
+    /// Idle timeout of UDP flows to one well-known destination port (1-1023), as RFC 4787
+    /// REQ-5a allows, answered or not: PORT=DURATION (1s to 2h), repeatable. Given values replace
+    /// the default list (name 53 again to keep it); `none`: every UDP flow gets --udp-timeout.
+    #[arg(
+        long,
+        value_name = "PORT=DURATION",
+        default_value = "53=30s",
+        value_parser = clap::value_parser!(udp_ports::PortTimeout)
+    )]
+    pub udp_timeout_for: Vec<udp_ports::PortTimeout>,
 
     /// Idle timeout of an ICMP echo mapping (RFC 5508: at least 60s).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration::parse)]

@@ -176,4 +176,41 @@ mod tests {
         let e = Cli::try_parse_from(&argv).unwrap_err().to_string();
         assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
     }
+
+    #[test]
+    fn per_port_udp_timeouts_from_the_file() {
+        let run = |file: &str, line: &str| {
+            let argv = expand(file, line).unwrap();
+            match Cli::try_parse_from(&argv).map(|c| c.command) {
+                Ok(Command::Run(a)) => Ok(a.udp_timeout_for),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let file = "udp-timeout-for = [\"53=10s\", \"123=1m\"]\n";
+        assert_eq!(
+            run(file, "snat run --iface up0 --config FILE")
+                .unwrap()
+                .len(),
+            2
+        );
+        // A flag replaces the file's list.
+        assert_eq!(
+            run(
+                file,
+                "snat run --iface up0 --config FILE --udp-timeout-for none"
+            )
+            .unwrap(),
+            [crate::settings::udp_ports::PortTimeout::None]
+        );
+        let e = run(
+            "udp_timeout_for = [\"5353=30s\"]\n",
+            "snat run --iface up0 --config FILE",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("--udp-timeout-for") && e.contains("port 5353 is not a well-known port"),
+            "{e}"
+        );
+    }
 }

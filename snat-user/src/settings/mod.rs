@@ -14,8 +14,10 @@ pub mod file;
 pub mod group;
 pub mod plan;
 pub mod ports;
+pub mod udp_ports;
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{Ipv4Addr, SocketAddr},
     str::FromStr,
@@ -32,6 +34,7 @@ use self::{
     group::{Group, GroupError},
     plan::{Plan, PlanFileError},
     ports::{PortList, PortRange},
+    udp_ports::PortListError,
 };
 
 /// Where `snat run` serves /metrics: `ip:port`, or `off` for nowhere.
@@ -142,6 +145,8 @@ pub struct Timeouts {
     pub tcp_fin: Duration,
     pub tcp_rst: Duration,
     pub udp: Duration,
+    /// UDP flows to these well-known destination ports (`--udp-timeout-for`) instead of `udp`.
+    pub udp_ports: BTreeMap<u16, Duration>,
     pub icmp: Duration,
 }
 
@@ -235,6 +240,8 @@ pub enum ConfigError {
     Cluster(#[from] cluster::ClusterError),
     #[error("cluster mode needs the NAT IPs the nodes share: give each with --nat-ip (the uplink's own address is the node's, not a shared one)")]
     ClusterNatIp,
+    #[error(transparent)]
+    UdpPorts(#[from] PortListError),
 }
 
 impl Settings {
@@ -276,6 +283,7 @@ impl Settings {
             tcp_fin: args.tcp_fin_timeout,
             tcp_rst: args.tcp_rst_timeout,
             udp: args.udp_timeout,
+            udp_ports: udp_ports::collect(&args.udp_timeout_for)?,
             icmp: args.icmp_timeout,
         };
         for (flag, value) in timeouts.named() {
@@ -480,12 +488,38 @@ impl Default for Timeouts {
             tcp_fin: Duration::from_secs(240),
             tcp_rst: Duration::from_secs(15),
             udp: Duration::from_secs(300),
+            udp_ports: udp_ports::defaults(),
             icmp: Duration::from_secs(60),
         }
     }
 }
 
 impl Timeouts {
+    /// The shortest timeout a mapping of protocol number `p` can get, in any state.
+    pub fn shortest(&self, p: u8) -> Duration {
+        match p {
+            snat_common::flow::proto::TCP => self
+                .tcp_established
+                .min(self.tcp_transitory)
+                .min(self.tcp_fin)
+                .min(self.tcp_rst),
+            snat_common::flow::proto::UDP => self
+                .udp_ports
+                .values()
+                .copied()
+                .fold(self.udp, Duration::min),
+            _ => self.icmp,
+        }
+    }
+
+    /// The idle timeout of a UDP flow whose datagrams all go to `remote_port` (`None`: several
+    /// ports, or unknown).
+    pub fn udp_for(&self, remote_port: Option<u16>) -> Duration {
+        remote_port
+            .and_then(|p| self.udp_ports.get(&p).copied())
+            .unwrap_or(self.udp)
+    }
+
     pub fn named(&self) -> [(&'static str, Duration); 6] {
         [
             ("tcp-established-timeout", self.tcp_established),
@@ -629,6 +663,72 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e, ConfigError::MaxMappings(0));
+    }
+
+    #[test]
+    fn udp_timeouts_per_port() {
+        let ok = |line: &str| {
+            Settings::validate(&args(line), iface(&[UPLINK]))
+                .unwrap()
+                .timeouts
+        };
+        let t = ok("run --iface up0 --internal 10.0.0.0/8");
+        assert_eq!(
+            t.udp_for(Some(53)),
+            Duration::from_secs(30),
+            "DNS by default"
+        );
+        assert_eq!(t.udp_for(Some(123)), Duration::from_secs(300));
+        assert_eq!(t.udp_for(None), Duration::from_secs(300));
+        // Given values replace the default list.
+        let t = ok("run --iface up0 --internal 10.0.0.0/8 --udp-timeout-for 123=1m --udp-timeout-for 53=10s");
+        assert_eq!(
+            (
+                t.udp_for(Some(53)),
+                t.udp_for(Some(123)),
+                t.udp_for(Some(5353))
+            ),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+                Duration::from_secs(300)
+            )
+        );
+        let t = ok("run --iface up0 --internal 10.0.0.0/8 --udp-timeout-for 123=1m");
+        assert_eq!(
+            t.udp_for(Some(53)),
+            Duration::from_secs(300),
+            "53 not named"
+        );
+        let t = ok("run --iface up0 --internal 10.0.0.0/8 --udp-timeout-for none");
+        assert!(t.udp_ports.is_empty());
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --udp-timeout-for 53=30s --udp-timeout-for 53=1m"),
+            iface(&[UPLINK]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("names port 53 twice"), "{e}");
+        for (line, needle) in [
+            (
+                "--udp-timeout-for 5353=30s",
+                "port 5353 is not a well-known port",
+            ),
+            (
+                "--udp-timeout-for 53=0s",
+                "53=0s: the timeout is out of range",
+            ),
+            ("--udp-timeout-for 53", "\"53\" is not PORT=DURATION"),
+        ] {
+            let line = format!("snat run --iface up0 --internal 10.0.0.0/8 {line}");
+            let e = Cli::try_parse_from(line.split_whitespace())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(needle) && e.contains("--udp-timeout-for"),
+                "{line}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! - The agent (`snat run --max-mappings N` on the lab's uplink): the kernel memory of its maps
 //!   (`memlock:` of each map fd in `/proc/<agent>/fdinfo`), its RSS before and after its tables
 //!   are filled with N synthetic established TCP mappings (written from here, through the maps'
-//!   ids), the CPU it spends while they sit idle (its expiry pass walks them every second), and
-//!   how long `snat status` takes with them.
+//!   ids), the CPU it spends while they sit idle, and how long `snat status` takes with them.
+//!   Synthetic mappings send the agent no expiry events, so the agent that holds them is a second
+//!   one, which takes the filled tables over from the first (`--keep-state`, a bpffs of the
+//!   bench's own) and looks at every mapping once at start, as after a restart: its idle CPU is
+//!   then the agent's with N mappings it knows of, and the time of that full pass is reported.
 //! - Expiry: in this process, an engine with N mappings and
 //!   [`snat_user::tables::expiry::Sweeper::sweep`] with timeouts that make every one expired, releasing
 //!   through the kernel's release program as the agent does: the time to sweep them all.
@@ -21,6 +24,7 @@ use snat_user::{
 };
 use tests::{
     agent::Agent,
+    netns::BpfFs,
     tables::{self, AgentTables},
     topo::POD_CIDR,
 };
@@ -43,8 +47,12 @@ pub struct Row {
     pub rss_start_kib: u64,
     pub rss_full_kib: u64,
     pub hwm_kib: u64,
-    /// CPU the agent used while holding N idle mappings (cores, i.e. CPU seconds per second).
+    /// CPU the agent used while holding N idle mappings (cores, i.e. CPU seconds per second),
+    /// over `idle_secs` after its full pass at start.
     pub idle_cpu: f64,
+    pub idle_secs: f64,
+    /// The agent's full pass at start (every mapping looked at), as it logged it.
+    pub full_pass_secs: f64,
     pub status_secs: f64,
     pub fill_secs: f64,
     /// In-process expiry: the time one sweep took to release all N, and how many it released.
@@ -85,23 +93,44 @@ pub fn cpu_secs(pid: &str) -> f64 {
     ticks as f64 / hz as f64
 }
 
+/// CPU is watched this long while the mappings sit idle.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The full pass the agent logs at start: "expiry: looked at all N mappings in T (…".
+fn full_pass(log: &str) -> Option<(u64, f64)> {
+    let rest = log.split("expiry: looked at all ").nth(1)?;
+    let (n, rest) = rest.split_once(" mappings in ")?;
+    let took = rest.split_whitespace().next()?;
+    let secs = if let Some(ms) = took.strip_suffix("ms") {
+        ms.parse::<f64>().ok()? / 1000.0
+    } else if let Some(us) = took.strip_suffix("µs") {
+        us.parse::<f64>().ok()? / 1e6
+    } else {
+        took.strip_suffix('s')?.parse().ok()?
+    };
+    Some((n.parse().ok()?, secs))
+}
+
 /// The agent's side of row `n`.
 fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
     let max = n.to_string();
-    let agent = Agent::start(
-        &lab.topo.node,
-        &lab.topo.uplink,
-        &[
+    let bpffs = BpfFs::new(&format!("{}-sc{n}", lab.topo.prefix));
+    let args = |extra: &'static str| {
+        vec![
             "--internal",
             POD_CIDR,
             "--port-range",
             PORT_RANGE,
             "--max-mappings",
-            &max,
-        ],
-    );
-    let pid = agent.pid().to_string();
-    let maps = tables::process_maps(agent.pid())?;
+            max.as_str(),
+            "--pin-dir",
+            bpffs.arg(),
+            extra,
+        ]
+    };
+    let filler = Agent::start(&lab.topo.node, &lab.topo.uplink, &args("--keep-state"));
+    let pid = filler.pid().to_string();
+    let maps = tables::process_maps(filler.pid())?;
     row.tables_bytes = ["SNAT_FWD", "SNAT_REV"]
         .iter()
         .filter_map(|m| maps.get(*m).map(|&(_, b)| b))
@@ -111,15 +140,41 @@ fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     row.rss_start_kib = status_kib(&pid, "VmRSS");
 
-    let mut agent_tables = AgentTables::of_process(agent.pid())?;
+    let mut agent_tables = AgentTables::of_process(filler.pid())?;
     row.fill_secs = agent_tables.fill(n, now_ns(), &mut crate::check)?;
     drop(agent_tables);
+    let (status, _) = filler.stop();
+    if !status.success() {
+        bail!("the agent that was filled stopped with {status}");
+    }
 
-    // Let it sweep (nothing is due: established mappings idle 2h4m), then watch its CPU.
+    // The agent that holds them: it takes the tables over and looks at all of them once.
+    let agent = Agent::start(&lab.topo.node, &lab.topo.uplink, &args("--on-stop=open"));
+    let pid = agent.pid().to_string();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (seen, took) = loop {
+        crate::check()?;
+        if let Some(found) = full_pass(&agent.log()) {
+            break found;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not log its full pass within 300 s:\n{}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if seen != u64::from(n) {
+        bail!("the agent's full pass saw {seen} mappings, {n} were written");
+    }
+    row.full_pass_secs = took;
+    // Then watch its CPU while nothing is due (established mappings idle 2h4m).
     std::thread::sleep(Duration::from_secs(2));
     let (c0, t0) = (cpu_secs(&pid), Instant::now());
-    std::thread::sleep(Duration::from_secs(3));
-    row.idle_cpu = (cpu_secs(&pid) - c0) / t0.elapsed().as_secs_f64();
+    std::thread::sleep(IDLE_WINDOW);
+    row.idle_secs = t0.elapsed().as_secs_f64();
+    row.idle_cpu = (cpu_secs(&pid) - c0) / row.idle_secs;
     crate::check()?;
     let started = Instant::now();
     let status = agent.json("status", &[]);
@@ -152,6 +207,7 @@ fn sweep_side(n: u32) -> anyhow::Result<(f64, u64)> {
         tcp_fin: s,
         tcp_rst: s,
         udp: s,
+        udp_ports: Default::default(),
         icmp: s,
     };
     let later = now_ns() + 3_600_000_000_000;
@@ -180,11 +236,12 @@ pub fn run(plan: &Plan, lab: &Lab, push: &mut dyn FnMut(Row)) -> anyhow::Result<
         row.sweep_secs = secs;
         row.swept = swept;
         say(format_args!(
-            "  {n} mappings: tables {:.1} MiB (all maps {:.1} MiB), agent RSS {} -> {} KiB, idle CPU {:.2} cores, status {:.2} s, sweep {:.2} s ({} released)",
+            "  {n} mappings: tables {:.1} MiB (all maps {:.1} MiB), agent RSS {} -> {} KiB, full pass at start {:.2} s, idle CPU {:.3} cores, status {:.2} s, sweep {:.2} s ({} released)",
             row.tables_bytes as f64 / 1048576.0,
             row.all_maps_bytes as f64 / 1048576.0,
             row.rss_start_kib,
             row.rss_full_kib,
+            row.full_pass_secs,
             row.idle_cpu,
             row.status_secs,
             row.sweep_secs,
@@ -193,4 +250,21 @@ pub fn run(plan: &Plan, lab: &Lab, push: &mut dyn FnMut(Row)) -> anyhow::Result<
         push(row);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_full_pass_line() {
+        let log = "[INFO] expiry: looked at all 1000000 mappings in 2.53s (again every 253.00s; …)";
+        assert_eq!(super::full_pass(log), Some((1_000_000, 2.53)));
+        let log = "expiry: looked at all 0 mappings in 41.20µs (again";
+        assert_eq!(super::full_pass(log).map(|f| f.0), Some(0));
+        assert_eq!(
+            super::full_pass("expiry: looked at all 10000 mappings in 25.10ms (")
+                .unwrap()
+                .1,
+            0.0251
+        );
+    }
 }
