@@ -40,6 +40,18 @@ pub trait Blocks {
     fn pressure(&mut self) -> anyhow::Result<Usage>;
 }
 
+impl<B: Blocks + ?Sized> Blocks for &mut B {
+    fn apply(&mut self, op: &DatapathOp) -> anyhow::Result<()> {
+        (**self).apply(op)
+    }
+    fn usage(&mut self) -> anyhow::Result<Usage> {
+        (**self).usage()
+    }
+    fn pressure(&mut self) -> anyhow::Result<Usage> {
+        (**self).pressure()
+    }
+}
+
 /// How the agent wants the driver to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -90,7 +102,7 @@ impl Default for Polling {
 pub async fn run<S: Store, B: Blocks>(
     mut node: Node,
     store: S,
-    blocks: &mut B,
+    mut blocks: B,
     polling: Polling,
     mut stop: watch::Receiver<Stop>,
     status: Arc<Mutex<Status>>,

@@ -45,22 +45,24 @@ pub struct ClusterArgs {
     /// Slack for clock drift and early lease revocation.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration::parse)]
     pub fence_margin: Duration,
-    /// CA certificate for https:// endpoints.
-    #[arg(long, value_name = "FILE", requires = "etcd_endpoints")]
+    /// CA certificate for https:// endpoints (with --etcd-cert and --etcd-key).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_endpoints", "etcd_cert", "etcd_key"])]
     pub etcd_ca: Option<PathBuf>,
-    /// Client certificate (with --etcd-key) when etcd asks for one.
+    /// This node's client certificate for etcd.
     #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
     pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key.
     #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_ca"])]
     pub etcd_key: Option<PathBuf>,
 }
 
-/// TLS material for etcd.
+/// TLS material for etcd: its CA, and this node's client certificate and key (etcd's usual
+/// `--client-cert-auth`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tls {
     pub ca: PathBuf,
-    /// Client certificate and key.
-    pub identity: Option<(PathBuf, PathBuf)>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,18 +150,17 @@ impl Cluster {
             (Some(_), false) => return Err(ClusterError::TlsOverHttp),
             (None, false) => None,
             (Some(ca), true) => {
-                readable("etcd-ca", ca)?;
-                let identity = match (&a.etcd_cert, &a.etcd_key) {
-                    (Some(c), Some(k)) => {
-                        readable("etcd-cert", c)?;
-                        readable("etcd-key", k)?;
-                        Some((c.clone(), k.clone()))
-                    }
-                    _ => None,
+                // clap makes the three flags go together.
+                let (Some(cert), Some(key)) = (&a.etcd_cert, &a.etcd_key) else {
+                    return Err(ClusterError::TlsOverHttp);
                 };
+                readable("etcd-ca", ca)?;
+                readable("etcd-cert", cert)?;
+                readable("etcd-key", key)?;
                 Some(Tls {
                     ca: ca.clone(),
-                    identity,
+                    cert: cert.clone(),
+                    key: key.clone(),
                 })
             }
         };
@@ -295,8 +296,9 @@ mod tests {
             ("--etcd-endpoints http://10.0.0.5 --node-name a", "is not an etcd URL"),
             ("--etcd-endpoints http://10.0.0.5:2379,https://10.0.0.6:2379 --node-name a", "mixes http:// and https://"),
             ("--etcd-endpoints https://10.0.0.5:2379 --node-name a", "no --etcd-ca is given"),
-            ("--etcd-endpoints http://10.0.0.5:2379 --node-name a --etcd-ca /etc/hostname", "the endpoints are http://"),
-            ("--etcd-endpoints https://10.0.0.5:2379 --node-name a --etcd-ca /nonexistent/ca.pem", "--etcd-ca /nonexistent/ca.pem: cannot be read"),
+            ("--etcd-endpoints http://10.0.0.5:2379 --node-name a --etcd-ca /etc/hostname --etcd-cert /etc/hostname --etcd-key /etc/hostname", "the endpoints are http://"),
+            ("--etcd-endpoints https://10.0.0.5:2379 --node-name a --etcd-ca /nonexistent/ca.pem --etcd-cert /etc/hostname --etcd-key /etc/hostname", "--etcd-ca /nonexistent/ca.pem: cannot be read"),
+            ("--etcd-endpoints https://10.0.0.5:2379 --node-name a --etcd-ca /etc/hostname", "--etcd-cert"),
             ("--etcd-endpoints http://10.0.0.5:2379", "needs --node-name"),
             ("--etcd-endpoints http://10.0.0.5:2379 --node-name Node_1", "\"Node_1\" is not a valid node name"),
             ("--etcd-endpoints http://10.0.0.5:2379 --node-name a --block-size 48", "--block-size 48 is not a power of two"),

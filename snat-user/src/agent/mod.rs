@@ -14,6 +14,7 @@ use log::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
+    cluster::node::Status,
     datapath::{
         events::ExpiryEvents,
         netdev,
@@ -54,6 +55,8 @@ pub struct AgentState {
     saturation: Mutex<Saturation>,
     /// Refused control requests, and the control socket's rate-limited log.
     refusals: Refusals,
+    /// Cluster mode: the block allocator's latest status (written by its driver).
+    cluster: Mutex<Option<Arc<Mutex<Status>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -80,7 +83,7 @@ impl AgentState {
             allocation: self.counters.alloc_histogram()?,
             guard_dropped: self.guard_dropped,
             control_refused: self.refusals.snapshot(&control::Request::NAMES),
-            cluster: None,
+            cluster: lock(&self.cluster).as_ref().map(|st| lock(st).clone()),
         })
     }
 
@@ -222,6 +225,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         events: Mutex::new(engine.take_expiry_events()?),
         saturation: Mutex::new(Saturation::default()),
         refusals: Refusals::default(),
+        cluster: Mutex::new(None),
         settings: RwLock::new(settings.clone()),
         reservation: Mutex::new(reservation),
         engine: Mutex::new(engine),
