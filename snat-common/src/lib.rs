@@ -11,6 +11,7 @@
 pub mod counter;
 pub mod csum;
 pub mod flow;
+pub mod gateway;
 pub mod pool;
 pub mod tcp;
 

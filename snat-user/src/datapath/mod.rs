@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod counters;
 pub mod error;
+pub mod gateway;
 pub mod nat_pool;
 pub mod netdev;
 pub mod pins;
