@@ -385,3 +385,111 @@ fn per_packet_cost() {
         report.join(", ")
     );
 }
+
+/// Real traffic: a remote sends replies to the NAT IP through a gateway namespace running
+/// `snat_gateway` on its uplink; two node namespaces behind it, on links of their own; the
+/// routes are set through the API (routing resolved by `ip route get` in the gateway's
+/// namespace). Each node's capture shows exactly its blocks' packets, unchanged (TTL included),
+/// fragments of a large datagram included.
+#[test]
+fn replies_reach_the_node_of_their_block_in_namespaces() {
+    use std::{net::UdpSocket, time::Duration};
+    use tests::{
+        netns::{unique_prefix, veth, Netns},
+        traffic::Capture,
+    };
+
+    let p = unique_prefix();
+    let remote = Netns::new(&format!("{p}-rem"));
+    let gwns = Netns::new(&format!("{p}-gw"));
+    let na = Netns::new(&format!("{p}-na"));
+    let nb = Netns::new(&format!("{p}-nb"));
+    let (up, gw_up) = (format!("{p}-r0"), format!("{p}-g0"));
+    let (ga, a0) = (format!("{p}-ga"), format!("{p}-a0"));
+    let (gb, b0) = (format!("{p}-gb"), format!("{p}-b0"));
+    veth(&remote, &up, &gwns, &gw_up);
+    veth(&gwns, &ga, &na, &a0);
+    veth(&gwns, &gb, &nb, &b0);
+    remote.ip(&["addr", "add", "203.0.113.10/24", "dev", &up]);
+    remote.ip(&["route", "add", "198.51.100.0/24", "via", "203.0.113.1"]);
+    gwns.ip(&["addr", "add", "203.0.113.1/24", "dev", &gw_up]);
+    gwns.ip(&["addr", "add", "10.77.1.1/24", "dev", &ga]);
+    gwns.ip(&["addr", "add", "10.77.2.1/24", "dev", &gb]);
+    na.ip(&["addr", "add", "10.77.1.2/24", "dev", &a0]);
+    nb.ip(&["addr", "add", "10.77.2.2/24", "dev", &b0]);
+    let (node_a, node_b) = (Ipv4Addr::new(10, 77, 1, 2), Ipv4Addr::new(10, 77, 2, 2));
+
+    let iface = gw_up.clone();
+    let mut gw = gwns.run(move || {
+        let mut gw = Gateway::load().expect("loading the gateway");
+        gw.attach(&iface, snat_user::settings::AttachChoice::Auto)
+            .expect("attaching");
+        gw.set_geometry(&geometry(vec![NAT])).expect("geometry");
+        gw.apply(&[
+            RouteOp::Set {
+                block: block(0),
+                to: node_a,
+            },
+            RouteOp::Set {
+                block: block(1),
+                to: node_b,
+            },
+        ])
+        .expect("routes, resolved in the gateway's namespace");
+        gw
+    });
+    let ifs: Vec<(Ipv4Addr, NextHop)> = gw.routes().map(|(_, n, h)| (n, h)).collect();
+    assert!(
+        ifs.iter().all(|(n, h)| h.via == *n && h.ifindex != 0),
+        "{ifs:?}"
+    );
+
+    let cap_a = Capture::start(&na, &a0);
+    let cap_b = Capture::start(&nb, &b0);
+    remote.run(|| {
+        let s = UdpSocket::bind("203.0.113.10:53").expect("bind");
+        for (port, data) in [
+            (40001u16, vec![1u8; 100]),
+            (40070, vec![2u8; 100]),
+            (40071, vec![3u8; 3000]),
+            (40300, vec![4u8; 10]),
+        ] {
+            s.send_to(&data, (NAT, port)).expect("send");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let seen = |cap: &Capture| -> Vec<(u16, u8, bool)> {
+        cap.packets()
+            .iter()
+            .filter(|ip| ip.len() >= 28 && ip[16..20] == NAT.octets())
+            .map(|ip| {
+                let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0;
+                let port = if frag {
+                    0
+                } else {
+                    u16::from_be_bytes([ip[22], ip[23]])
+                };
+                (port, ip[8], frag)
+            })
+            .collect()
+    };
+    let (at_a, at_b) = (seen(&cap_a), seen(&cap_b));
+    assert_eq!(at_a, vec![(40001, 64, false)], "node A");
+    assert_eq!(at_b.first(), Some(&(40070, 64, false)), "node B: {at_b:?}");
+    assert!(at_b.contains(&(40071, 64, false)), "node B: {at_b:?}");
+    assert!(
+        at_b.iter().filter(|(_, _, f)| *f).count() >= 2,
+        "later fragments at B: {at_b:?}"
+    );
+    assert!(
+        at_b.iter()
+            .all(|(p, ttl, _)| *ttl == 64 && *p != 40300 && *p != 40001),
+        "{at_b:?}"
+    );
+    let per_node = gw.node_packets().unwrap();
+    assert_eq!(per_node.get(&node_a), Some(&1), "{per_node:?}");
+    assert!(gw.count(GwCounter::ForwardedFragment).unwrap() >= 2);
+    assert_eq!(gw.count(GwCounter::DropNoRoute).unwrap(), 1, "port 40300");
+    gw.detach();
+}
