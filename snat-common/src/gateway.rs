@@ -7,6 +7,9 @@
 //!   assertion per type; addresses and ports in network byte order, read through accessors.
 //! - A route is replaced whole (a hash map update swaps the element under RCU), so the program
 //!   never sees half of an old route and half of a new one.
+//! - The object declares the gateway's maps with one entry (a node's agent loads them too, and
+//!   needs none); the gateway sizes them when it loads: [`MAX_GW_NAT_IPS`], its route capacity
+//!   ([`DEFAULT_GW_ROUTES`] by default), [`MAX_GW_FRAGMENTED`], [`MAX_GW_NODES`].
 //! - The block of a port is [`GwGeometry::block_of`]: `(port − lo) >> shift`, and only whole
 //!   blocks count (the same rule as the cluster geometry in `snat-user`).
 
@@ -30,8 +33,9 @@ pub const MAP_GW_NODE_PACKETS: &str = "SNAT_GW_NODE_PACKETS";
 
 /// Most NAT IPs a gateway serves.
 pub const MAX_GW_NAT_IPS: u32 = 64;
-/// Most block routes: every block of the smallest block size (8 ports) on every NAT IP.
-pub const MAX_GW_ROUTES: u32 = MAX_GW_NAT_IPS * (65536 / 8);
+/// Block routes a gateway holds by default: 64 NAT IPs of 1,024 blocks (a whole port range in
+/// blocks of 64). The map is not preallocated, but its hash buckets are: 16 bytes per entry.
+pub const DEFAULT_GW_ROUTES: u32 = 65_536;
 /// Fragmented datagrams tracked at once.
 pub const MAX_GW_FRAGMENTED: u32 = 16_384;
 /// Distinct nodes counted at once (slots of [`MAP_GW_NODE_PACKETS`]).

@@ -1,6 +1,7 @@
 //! The gateway's maps (see `snat_common::gateway`). They are in the same object as the agent's, so
-//! the agent creates them too: all are small or not preallocated. Conversely the gateway loads the
-//! agent's maps sized to the minimum (`snat-user`'s `datapath::gateway`).
+//! the agent creates them too: declared with one entry (but the counters), they cost it nothing;
+//! the gateway sizes them when it loads, and loads the agent's maps at one entry
+//! (`snat-user`'s `datapath::gateway`).
 //!
 //! Concurrency: only the controller writes `SNAT_GW_NAT_IPS` and `SNAT_GW_ROUTES`, by whole-element
 //! updates (RCU swaps in a hash map), so a packet sees a route entirely old or entirely new.
@@ -14,30 +15,25 @@ use aya_ebpf::{
 };
 use snat_common::{
     flow::FragKey,
-    gateway::{
-        GwBlockKey, GwCounter, GwFragValue, GwGeometry, GwRoute, MAX_GW_FRAGMENTED, MAX_GW_NAT_IPS,
-        MAX_GW_NODES, MAX_GW_ROUTES,
-    },
+    gateway::{GwBlockKey, GwCounter, GwFragValue, GwGeometry, GwRoute},
     Ipv4Octets,
 };
 
 #[map]
-pub static SNAT_GW_NAT_IPS: HashMap<Ipv4Octets, GwGeometry> =
-    HashMap::with_max_entries(MAX_GW_NAT_IPS, 0);
+pub static SNAT_GW_NAT_IPS: HashMap<Ipv4Octets, GwGeometry> = HashMap::with_max_entries(1, 0);
 
 #[map]
 pub static SNAT_GW_ROUTES: HashMap<GwBlockKey, GwRoute> =
-    HashMap::with_max_entries(MAX_GW_ROUTES, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static SNAT_GW_FRAGS: LruHashMap<FragKey, GwFragValue> =
-    LruHashMap::with_max_entries(MAX_GW_FRAGMENTED, 0);
+pub static SNAT_GW_FRAGS: LruHashMap<FragKey, GwFragValue> = LruHashMap::with_max_entries(1, 0);
 
 #[map]
 pub static SNAT_GW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GwCounter::COUNT, 0);
 
 #[map]
-pub static SNAT_GW_NODE_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_GW_NODES, 0);
+pub static SNAT_GW_NODE_PACKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds one to `counter` on this CPU.
 #[inline(always)]

@@ -53,10 +53,29 @@ fn hop(node: Ipv4Addr) -> Result<NextHop, snat_user::datapath::gateway::GatewayE
     })
 }
 
+/// Loads are serialised, so [`the_gateway_reserves_kilobytes_not_the_agents_tables`] can tell
+/// its maps from those of tests running beside it.
+static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn load() -> Gateway {
+    let _one = LOADING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Gateway::load().expect("loading the gateway (are you root?)")
+}
+
+/// This process's open file descriptors.
+fn fds() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| Some(e.ok()?.file_name().into_string().ok()?))
+        .collect()
+}
+
 /// Range 40000:40511 in blocks of 64 on NAT: block 0 (40000–40063) → node A, block 1
 /// (40064–40127) → node B, the other six held by nobody.
 fn gateway() -> Gateway {
-    let mut gw = Gateway::load().expect("loading the gateway (are you root?)");
+    let mut gw = load();
     gw.set_geometry(&geometry(vec![NAT])).expect("geometry");
     gw.apply_with(
         &[
@@ -347,6 +366,51 @@ fn traffic_not_to_a_nat_ip_passes_untouched() {
 }
 
 #[test]
+fn the_gateway_reserves_kilobytes_not_the_agents_tables() {
+    let _one = LOADING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = fds();
+    let gw = Gateway::load().expect("loading the gateway");
+    let (mut maps, mut bytes) = (0, 0u64);
+    for fd in fds().difference(&before) {
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue;
+        };
+        if !info.contains("map_type:") {
+            continue;
+        }
+        maps += 1;
+        let n = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("a memlock line");
+        if n > 256 << 10 {
+            eprintln!("a map of {} KiB: {}", n >> 10, info.replace('\n', " "));
+        }
+        bytes += n;
+    }
+    eprintln!("the gateway's {maps} maps: {} KiB", bytes / 1024);
+    assert!(maps >= 10, "{maps} maps");
+    // The agent's default tables are about 310 MiB; the gateway's own LRU of fragments is the
+    // largest map it needs.
+    assert!(bytes < 4 << 20, "{bytes} bytes of maps");
+    drop(gw);
+
+    // The route capacity bounds the geometry.
+    let mut small = Gateway::with_capacity(8).expect("loading");
+    small
+        .set_geometry(&geometry(vec![NAT]))
+        .expect("8 blocks fit");
+    let e = small
+        .set_geometry(&geometry(vec![NAT, OTHER]))
+        .expect_err("16 blocks do not")
+        .to_string();
+    assert!(e.contains("16 blocks") && e.contains("8 routes"), "{e}");
+}
+
+#[test]
 fn per_packet_cost() {
     let gw = gateway();
     let runs = 200_000;
@@ -421,7 +485,7 @@ fn replies_reach_the_node_of_their_block_in_namespaces() {
 
     let iface = gw_up.clone();
     let mut gw = gwns.run(move || {
-        let mut gw = Gateway::load().expect("loading the gateway");
+        let mut gw = load();
         gw.attach(&iface, snat_user::settings::AttachChoice::Auto)
             .expect("attaching");
         gw.set_geometry(&geometry(vec![NAT])).expect("geometry");

@@ -33,8 +33,9 @@ use aya::{
 use log::{debug, info, warn};
 use snat_common::{
     gateway::{
-        GwBlockKey, GwCounter, GwGeometry, GwRoute, MAP_GW_COUNTERS, MAP_GW_NAT_IPS,
-        MAP_GW_NODE_PACKETS, MAP_GW_ROUTES, MAX_GW_NODES, PROG_GATEWAY,
+        GwBlockKey, GwCounter, GwGeometry, GwRoute, DEFAULT_GW_ROUTES, MAP_GW_COUNTERS,
+        MAP_GW_FRAGS, MAP_GW_NAT_IPS, MAP_GW_NODE_PACKETS, MAP_GW_ROUTES, MAX_GW_FRAGMENTED,
+        MAX_GW_NAT_IPS, MAX_GW_NODES, PROG_GATEWAY,
     },
     Ipv4Octets,
 };
@@ -72,6 +73,8 @@ pub enum GatewayError {
     TooManyNodes,
     #[error("block {0} is not in the gateway's geometry (set the geometry first)")]
     NotInGeometry(BlockId),
+    #[error("the geometry has {blocks} blocks (NAT IPs × blocks per IP), more than the gateway's {capacity} routes: load it with a capacity of at least {blocks}")]
+    TooManyBlocks { blocks: u64, capacity: u32 },
 }
 
 impl From<aya::maps::MapError> for GatewayError {
@@ -134,6 +137,8 @@ pub struct Gateway {
     counters: PerCpuArray<MapData, u64>,
     node_packets: PerCpuArray<MapData, u64>,
     geometry: Option<Geometry>,
+    /// Size of `routes`.
+    capacity: u32,
     /// What `routes` holds, by block.
     table: BTreeMap<BlockId, GwRoute>,
     slots: BTreeMap<Ipv4Addr, Slot>,
@@ -141,13 +146,25 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Loads the gateway program with the agent's maps at their minimum. Nothing is attached.
+    /// Loads the gateway program with room for [`DEFAULT_GW_ROUTES`] block routes and the
+    /// agent's maps at their minimum. Nothing is attached.
     pub fn load() -> Result<Self, GatewayError> {
+        Self::with_capacity(DEFAULT_GW_ROUTES)
+    }
+
+    /// [`Gateway::load`] with room for `routes` block routes (NAT IPs × blocks per IP).
+    pub fn with_capacity(routes: u32) -> Result<Self, GatewayError> {
+        let capacity = routes.max(1);
         let shrunk = agent_maps_shrunk()?;
         let mut loader = EbpfLoader::new();
         for name in &shrunk {
             loader.map_max_entries(name, 1);
         }
+        loader
+            .map_max_entries(MAP_GW_NAT_IPS, MAX_GW_NAT_IPS)
+            .map_max_entries(MAP_GW_ROUTES, capacity)
+            .map_max_entries(MAP_GW_FRAGS, MAX_GW_FRAGMENTED)
+            .map_max_entries(MAP_GW_NODE_PACKETS, MAX_GW_NODES);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .doing(|| "loading the eBPF object (are you root?)".into())?;
@@ -173,6 +190,7 @@ impl Gateway {
             counters,
             node_packets,
             geometry: None,
+            capacity,
             table: BTreeMap::new(),
             slots: BTreeMap::new(),
             free_slots: (0..MAX_GW_NODES).rev().collect(),
@@ -264,6 +282,13 @@ impl Gateway {
     /// Sets the NAT IPs the gateway forwards for, with the cluster's range and block size. A NAT
     /// IP left out is passed untouched from then on; a new range or block size clears every route.
     pub fn set_geometry(&mut self, geometry: &Geometry) -> Result<(), GatewayError> {
+        let blocks = geometry.nat_ips.len() as u64 * u64::from(geometry.blocks_per_ip());
+        if blocks > u64::from(self.capacity) {
+            return Err(GatewayError::TooManyBlocks {
+                blocks,
+                capacity: self.capacity,
+            });
+        }
         let moved = self.geometry.as_ref().is_some_and(|g| {
             g.port_range != geometry.port_range || g.block_size != geometry.block_size
         });
