@@ -212,7 +212,7 @@ impl GwCounter {
         self as u32
     }
 
-    /// The counter's name in reports and metrics (`snat_gateway_packets_total{result}`).
+    /// The counter's name in reports (and the `result` label of a metric).
     pub const fn name(self) -> &'static str {
         use GwCounter::*;
         match self {

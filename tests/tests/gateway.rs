@@ -68,7 +68,7 @@ fn load() -> Gateway {
 fn fds() -> std::collections::BTreeSet<String> {
     std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
-        .filter_map(|e| Some(e.ok()?.file_name().into_string().ok()?))
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect()
 }
 
