@@ -90,7 +90,9 @@ fn decide(ctx: &TcContext) -> Fate {
         // Too short to hold an IPv4 header: it names no NAT IP either.
         return Fate::Pass(GwCounter::PassNotIpv4);
     };
-    // SAFETY: pointer from a successful lookup, copied out at once.
+    // SAFETY: a reference to the element found, copied out at once. The controller replaces
+    // elements whole (a hash update swaps in a new element under RCU), never writes them in place,
+    // so the element stays as read while this program runs.
     let Some(geometry) = (unsafe { SNAT_GW_NAT_IPS.get(ip.dst) }).copied() else {
         return Fate::Pass(GwCounter::PassNotNatIp);
     };
@@ -104,7 +106,7 @@ fn decide(ctx: &TcContext) -> Fate {
     let Some(index) = geometry.block_of(u16::from_be_bytes(port)) else {
         return Fate::Drop(GwCounter::DropOutOfRange);
     };
-    // SAFETY: as above.
+    // SAFETY: as for `SNAT_GW_NAT_IPS` above: replaced whole by the controller, copied out here.
     match unsafe { SNAT_GW_ROUTES.get(GwBlockKey::new(ip.dst, index)) } {
         Some(route) => Fate::Forward(kind, *route),
         None => Fate::Drop(GwCounter::DropNoRoute),
@@ -117,7 +119,8 @@ fn nat_port(ctx: &TcContext, ip: &Ipv4) -> Result<([u8; 2], GwCounter), GwCounte
     if ip.is_later_fragment() {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
-        // SAFETY: pointer from a successful lookup, copied out at once.
+        // SAFETY: a reference to the element found, copied out at once; first fragments replace
+        // elements whole (an LRU update inserts a new element), never write them in place.
         let first = unsafe { SNAT_GW_FRAGS.get(ip.frag_key()) }.copied();
         return match first {
             Some(v) if now.wrapping_sub(v.seen_ns) < GW_FRAG_TIMEOUT_NS => {

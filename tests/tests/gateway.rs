@@ -481,6 +481,7 @@ fn replies_reach_the_node_of_their_block_in_namespaces() {
     gwns.ip(&["addr", "add", "10.77.2.1/24", "dev", &gb]);
     na.ip(&["addr", "add", "10.77.1.2/24", "dev", &a0]);
     nb.ip(&["addr", "add", "10.77.2.2/24", "dev", &b0]);
+    gwns.ip(&["route", "add", "10.99.0.0/24", "via", "10.77.1.2"]);
     let (node_a, node_b) = (Ipv4Addr::new(10, 77, 1, 2), Ipv4Addr::new(10, 77, 2, 2));
 
     let iface = gw_up.clone();
@@ -500,6 +501,16 @@ fn replies_reach_the_node_of_their_block_in_namespaces() {
             },
         ])
         .expect("routes, resolved in the gateway's namespace");
+        // A node behind a router is refused: the router would route the reply by the NAT IP.
+        let far = Ipv4Addr::new(10, 99, 0, 2);
+        let e = gw
+            .apply(&[RouteOp::Set {
+                block: block(2),
+                to: far,
+            }])
+            .expect_err("a node behind a router")
+            .to_string();
+        assert!(e.contains("not on a link of the gateway"), "{e}");
         gw
     });
     let ifs: Vec<(Ipv4Addr, NextHop)> = gw.routes().map(|(_, n, h)| (n, h)).collect();

@@ -8,10 +8,11 @@
 //! - The agent's maps are in the same object; they are created with one entry each (sizes read
 //!   from the object, so maps added later shrink too), so a gateway reserves kilobytes, not the
 //!   agent's ~300 MiB of tables. Only the gateway's program is loaded into the kernel.
-//! - A route names the node and where its frames go: the egress interface and the next hop the
-//!   gateway's own routing table gives for the node's address ([`resolve`]), so a node behind a
-//!   router works as well as one on the link. Routing is resolved when a route is set; a node
-//!   whose path changes is re-resolved by [`Gateway::refresh`].
+//! - A route names the node and where its frames go: the egress interface the gateway's own
+//!   routing table gives for the node's address ([`resolve`]), and the neighbour to address them
+//!   to, the node itself. A node must be on a link of the gateway: a router between them would
+//!   route the unchanged reply by its destination, the NAT IP, not to the node, so such a node
+//!   is refused. Routing is resolved when a route is set; [`Gateway::refresh`] re-resolves.
 //! - Routes are by block index: a change of port range or block size clears them all (the
 //!   caller re-applies a full read of the store).
 
@@ -57,7 +58,8 @@ use crate::{
 pub struct NextHop {
     /// The egress interface.
     pub ifindex: u32,
-    /// The neighbour the frames are addressed to: the node, or the router towards it.
+    /// The neighbour the frames are addressed to: the node itself, as [`resolve`] gives it (the
+    /// program takes any neighbour on the link, for a caller with routing of its own).
     pub via: Ipv4Addr,
 }
 
@@ -541,8 +543,8 @@ impl Drop for Gateway {
 
 /// The gateway's path to `node`, from its own routing table (`ip -j -4 route get NODE`): the
 /// kernel's answer with policy rules and all, in iproute2's stable JSON, which the agent's
-/// environment has anyway (it runs `tc`). A node that is local, unreachable or on a link without
-/// an index is refused, naming the node.
+/// environment has anyway (it runs `tc`). A node that is local, unreachable, not on a link of
+/// the gateway or on a link without an index is refused, naming the node.
 pub fn resolve(node: Ipv4Addr) -> Result<NextHop, GatewayError> {
     let fail = |reason: String| GatewayError::Unroutable { node, reason };
     let out = Command::new("ip")
@@ -552,16 +554,17 @@ pub fn resolve(node: Ipv4Addr) -> Result<NextHop, GatewayError> {
     if !out.status.success() {
         return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
     }
-    let (dev, via) = parse_route_get(&out.stdout).map_err(fail)?;
+    let dev = parse_route_get(&out.stdout).map_err(fail)?;
     let index = ifindex(&dev).map_err(|e| fail(format!("interface {dev}: {e}")))?;
     Ok(NextHop {
         ifindex: index,
-        via: via.unwrap_or(node),
+        via: node,
     })
 }
 
-/// The device and gateway of `ip -j route get`'s answer; refuses local and non-unicast routes.
-fn parse_route_get(json: &[u8]) -> Result<(String, Option<Ipv4Addr>), String> {
+/// The device of `ip -j route get`'s answer; refuses local and non-unicast routes, and routes
+/// through a router.
+fn parse_route_get(json: &[u8]) -> Result<String, String> {
     let v: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| format!("unreadable `ip route get` output: {e}"))?;
     let r = v
@@ -579,14 +582,12 @@ fn parse_route_get(json: &[u8]) -> Result<(String, Option<Ipv4Addr>), String> {
     if dev == "lo" {
         return Err("it is one of the gateway's own addresses".into());
     }
-    let via = match r.get("gateway").and_then(|g| g.as_str()) {
-        Some(g) => Some(
-            g.parse::<Ipv4Addr>()
-                .map_err(|_| format!("unreadable gateway {g:?}"))?,
-        ),
-        None => None,
-    };
-    Ok((dev.to_owned(), via))
+    if let Some(router) = r.get("gateway").and_then(|g| g.as_str()) {
+        return Err(format!(
+            "it is not on a link of the gateway (its route goes via {router}), and a reply forwarded unchanged to {router} would be routed by its destination, the NAT IP, not to the node; give the node an address on a link of the gateway (--node-address)"
+        ));
+    }
+    Ok(dev.to_owned())
 }
 
 fn ifindex(name: &str) -> io::Result<u32> {
@@ -609,12 +610,11 @@ mod tests {
     #[test]
     fn route_get_answers_are_read_or_refused_by_name() {
         let direct = br#"[{"dst":"10.9.0.2","dev":"gw0","prefsrc":"10.9.0.1","flags":[],"uid":0,"cache":[]}]"#;
-        assert_eq!(parse_route_get(direct), Ok(("gw0".into(), None)));
+        assert_eq!(parse_route_get(direct), Ok("gw0".into()));
         let via = br#"[{"dst":"10.8.0.2","gateway":"10.9.0.254","dev":"gw0","prefsrc":"10.9.0.1","flags":[],"uid":0,"cache":[]}]"#;
-        assert_eq!(
-            parse_route_get(via),
-            Ok(("gw0".into(), Some(Ipv4Addr::new(10, 9, 0, 254))))
-        );
+        assert!(parse_route_get(via)
+            .unwrap_err()
+            .contains("not on a link of the gateway (its route goes via 10.9.0.254)"));
         let local = br#"[{"type":"local","dst":"10.9.0.1","dev":"lo","prefsrc":"10.9.0.1","flags":[],"uid":0,"cache":["local"]}]"#;
         assert!(parse_route_get(local).unwrap_err().contains("local"));
         assert!(parse_route_get(b"[]").is_err());
