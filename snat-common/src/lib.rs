@@ -12,6 +12,7 @@ pub mod block;
 pub mod counter;
 pub mod csum;
 pub mod flow;
+pub mod gateway;
 pub mod pool;
 pub mod tcp;
 

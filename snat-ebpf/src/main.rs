@@ -4,7 +4,9 @@
 //! - `snat_create`, tail-called by egress for a flow without a mapping, creates it;
 //! - `snat_ingress` translates replies back to the internal endpoint;
 //! - `snat_release` removes expired mappings for the controller (run, never attached);
-//! - `snat_guard` is left on egress by a stopped agent: it drops what egress would translate.
+//! - `snat_guard` is left on egress by a stopped agent: it drops what egress would translate;
+//! - `snat_gateway` runs on a cluster's gateway, not on a node: it forwards each reply to the node
+//!   holding its port's block.
 //!
 //! See `docs/packet-flow.md` for the path of a packet through both and the maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -25,6 +27,10 @@ mod block;
 mod create;
 #[cfg(target_arch = "bpf")]
 mod egress;
+#[cfg(target_arch = "bpf")]
+mod gateway;
+#[cfg(target_arch = "bpf")]
+mod gateway_maps;
 #[cfg(target_arch = "bpf")]
 mod guard;
 #[cfg(target_arch = "bpf")]
@@ -50,7 +56,7 @@ mod verdict;
 mod programs {
     use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 
-    use crate::{create, egress, guard, ingress, maps::count, release, verdict::Verdict};
+    use crate::{create, egress, gateway, guard, ingress, maps::count, release, verdict::Verdict};
 
     /// Counts the verdict and turns it into a TC action: passed and translated packets go on to
     /// the next program or the stack (`TC_ACT_UNSPEC`, TCX "next"); the others are shot or, when
@@ -112,6 +118,17 @@ mod programs {
     )]
     pub fn snat_guard(ctx: TcContext) -> i32 {
         guard::run(&ctx)
+    }
+
+    /// The gateway's return path: replies to the NAT IPs, forwarded to the node holding their
+    /// port's block (`gateway`).
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_gateway(ctx: TcContext) -> i32 {
+        gateway::run(&ctx)
     }
 
     #[panic_handler]

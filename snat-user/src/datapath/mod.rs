@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod counters;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod nat_pool;
 pub mod netdev;
 pub mod pins;
