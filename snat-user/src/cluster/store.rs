@@ -32,8 +32,9 @@
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    WatchOptions, WatchStream,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::{timeout, Instant};
@@ -115,7 +116,9 @@ pub fn check_name(name: &str) -> Result<(), String> {
         .chars()
         .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
     {
-        return Err(format!("contains {c:?}; use letters, digits, '-', '.' and '_'"));
+        return Err(format!(
+            "contains {c:?}; use letters, digits, '-', '.' and '_'"
+        ));
     }
     Ok(())
 }
@@ -213,9 +216,9 @@ pub fn decode(key: &Key, bytes: &[u8]) -> Result<Value, String> {
         serde_json::from_slice(bytes).map_err(|e| e.to_string())
     }
     Ok(match key {
-        Key::Config => Value::Config(
-            String::from_utf8(bytes.to_vec()).map_err(|e| format!("not UTF-8: {e}"))?,
-        ),
+        Key::Config => {
+            Value::Config(String::from_utf8(bytes.to_vec()).map_err(|e| format!("not UTF-8: {e}"))?)
+        }
         Key::Node(_) => Value::Node(json(bytes)?),
         Key::Block(_) => Value::Block(json(bytes)?),
         Key::Gateway(_) => Value::Gateway(json(bytes)?),
@@ -323,10 +326,10 @@ impl StoreError {
         }
     }
 
-    fn from_client(op: &'static str, err: etcd_client::Error) -> Self {
+    fn from_client(op: &'static str, err: &etcd_client::Error) -> Self {
         use etcd_client::Error as E;
         let detail = err.to_string();
-        let outcome = match &err {
+        let outcome = match err {
             E::GRpcStatus(status) => status_outcome(status.code(), status.message()),
             // Raised while building the request or the channel: nothing was sent.
             E::InvalidArgs(_)
@@ -462,6 +465,7 @@ pub struct Lease {
 /// Result of [`Store::time_to_live`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseTtl {
+    /// `ttl_s` is the time left rounded down: 0 means less than a second.
     Alive { ttl_s: i64, granted_ttl_s: i64 },
     /// Expired or revoked (or never granted).
     Gone,
@@ -477,10 +481,14 @@ pub enum Revoked {
 /// Result of [`Store::register_node`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Registration {
-    Registered { revision: i64 },
+    Registered {
+        revision: i64,
+    },
     /// The name is registered already; `record.value.lease` says by which lease (ours after a
     /// restart that kept its lease, else another agent's).
-    Taken { record: Record<NodeValue> },
+    Taken {
+        record: Record<NodeValue>,
+    },
 }
 
 /// Result of [`Store::claim_block`].
@@ -496,7 +504,9 @@ pub enum Claim {
 /// Result of [`Store::release_block`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
-    Released { revision: i64 },
+    Released {
+        revision: i64,
+    },
     /// The key is gone or was created again since `epoch`: nothing was deleted.
     NotOurs,
 }
@@ -529,7 +539,7 @@ impl Store {
         let client = timeout(timeouts.connect, Client::connect(endpoints, Some(options)))
             .await
             .map_err(|_| StoreError::deadline(OP, timeouts.connect))?
-            .map_err(|e| StoreError::from_client(OP, e))?;
+            .map_err(|e| StoreError::from_client(OP, &e))?;
         Ok(Self { client, timeouts })
     }
 
@@ -546,7 +556,7 @@ impl Store {
         timeout(self.timeouts.request, request)
             .await
             .map_err(|_| StoreError::deadline(op, self.timeouts.request))?
-            .map_err(|e| StoreError::from_client(op, e))
+            .map_err(|e| StoreError::from_client(op, &e))
     }
 
     /// Writes the cluster geometry if none is stored yet (txn: create_revision == 0 → put, else
@@ -619,11 +629,18 @@ impl Store {
     /// The lease's remaining TTL.
     pub async fn time_to_live(&self, lease: LeaseId) -> Result<LeaseTtl, StoreError> {
         let mut client = self.client.lease_client();
-        let resp = self
+        let resp = match self
             .call("lease time-to-live", client.time_to_live(lease, None))
-            .await?;
-        // etcd answers TTL -1 for a lease it does not know.
-        Ok(if resp.ttl() > 0 {
+            .await
+        {
+            Err(StoreError::NotApplied { detail, .. }) if detail.contains("lease not found") => {
+                return Ok(LeaseTtl::Gone)
+            }
+            other => other?,
+        };
+        // etcd answers TTL -1 for a lease it does not know, and rounds the time left down to
+        // whole seconds: 0 is a lease in its last second, not a gone one.
+        Ok(if resp.ttl() >= 0 {
             LeaseTtl::Alive {
                 ttl_s: resp.ttl(),
                 granted_ttl_s: resp.granted_ttl(),
@@ -744,17 +761,24 @@ impl Store {
         let mut kv = self.client.kv_client();
         let options = PutOptions::new().with_lease(lease);
         let resp = self.call(OP, kv.put(key, value, Some(options))).await?;
-        Ok(resp.header().map_or(0, etcd_client::ResponseHeader::revision))
+        Ok(resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision))
     }
 
     /// Everything under [`PREFIX`], in one (linearizable) range read.
     pub async fn list(&self) -> Result<Snapshot, StoreError> {
         let mut kv = self.client.kv_client();
         let resp = self
-            .call("list", kv.get(PREFIX, Some(GetOptions::new().with_prefix())))
+            .call(
+                "list",
+                kv.get(PREFIX, Some(GetOptions::new().with_prefix())),
+            )
             .await?;
         let mut snapshot = Snapshot {
-            revision: resp.header().map_or(0, etcd_client::ResponseHeader::revision),
+            revision: resp
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
             ..Snapshot::default()
         };
         for kv in resp.kvs() {
@@ -782,7 +806,8 @@ impl Store {
 }
 
 fn revision(resp: &TxnResponse) -> i64 {
-    resp.header().map_or(0, etcd_client::ResponseHeader::revision)
+    resp.header()
+        .map_or(0, etcd_client::ResponseHeader::revision)
 }
 
 /// The key-value the read-only branch of a failed create-or-get returned.
@@ -924,7 +949,7 @@ impl KeepAlive {
                 Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("not found") => {
                     return Ok(0)
                 }
-                Ok(Err(e)) => return Err(self.broken(StoreError::from_client(OP, e))),
+                Ok(Err(e)) => return Err(self.broken(StoreError::from_client(OP, &e))),
                 Ok(Ok(stream)) => self.stream = Some(stream),
             }
         }
@@ -937,7 +962,7 @@ impl KeepAlive {
         };
         match timeout(deadline, exchange).await {
             Err(_) => Err(self.broken(StoreError::deadline(OP, deadline))),
-            Ok(Err(e)) => Err(self.broken(StoreError::from_client(OP, e))),
+            Ok(Err(e)) => Err(self.broken(StoreError::from_client(OP, &e))),
             Ok(Ok(None)) => Err(self.broken(StoreError::Unknown {
                 op: OP,
                 detail: "etcd closed the keep-alive stream".into(),
@@ -966,11 +991,20 @@ impl KeepAlive {
 /// A change under the watched prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Put { key: Key, record: Record<Value> },
+    Put {
+        key: Key,
+        record: Record<Value>,
+    },
     /// The key was deleted (released, revoked, or its lease expired) at `revision`.
-    Delete { key: Key, revision: i64 },
+    Delete {
+        key: Key,
+        revision: i64,
+    },
     /// A key that is not ours, or a value that does not decode, at `revision`.
-    Unreadable { bad: Unreadable, revision: i64 },
+    Unreadable {
+        bad: Unreadable,
+        revision: i64,
+    },
 }
 
 /// What [`Watch::next`] reports.
@@ -1050,7 +1084,7 @@ impl Watch {
             let mut client = self.store.client.watch_client();
             match timeout(deadline, client.watch(self.prefix.as_str(), Some(options))).await {
                 Err(_) => return self.broken(StoreError::deadline(OP, deadline)),
-                Ok(Err(e)) => return self.broken(StoreError::from_client(OP, e)),
+                Ok(Err(e)) => return self.broken(StoreError::from_client(OP, &e)),
                 Ok(Ok(stream)) => self.stream = Some(stream),
             }
         }
@@ -1065,9 +1099,11 @@ impl Watch {
                     detail: "etcd closed the watch stream".into(),
                 })
             }
-            Err(e) => return self.broken(StoreError::from_client(OP, e)),
+            Err(e) => return self.broken(StoreError::from_client(OP, &e)),
         };
-        let revision = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
+        let revision = resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
         if resp.compact_revision() != 0 {
             self.stream = None;
             self.compacted = Some(resp.compact_revision());
@@ -1278,7 +1314,10 @@ mod tests {
             address: Ipv4Addr::new(10, 0, 0, 1),
             lease: 9,
         };
-        s.insert(Key::Block(block([1, 2, 3, 4], 2)), rec(Value::Block(b.clone())));
+        s.insert(
+            Key::Block(block([1, 2, 3, 4], 2)),
+            rec(Value::Block(b.clone())),
+        );
         s.insert(Key::Node("n1".into()), rec(Value::Config("x".into())));
         assert_eq!(s.blocks[&block([1, 2, 3, 4], 2)].value, b);
         assert_eq!(s.blocks[&block([1, 2, 3, 4], 2)].create_revision, 3);
@@ -1316,7 +1355,10 @@ mod tests {
             status_outcome(Code::NotFound, "etcdserver: requested lease not found"),
             Outcome::NotApplied
         );
-        assert_eq!(status_outcome(Code::Unknown, "h2 protocol error"), Outcome::Unknown);
+        assert_eq!(
+            status_outcome(Code::Unknown, "h2 protocol error"),
+            Outcome::Unknown
+        );
         assert_eq!(status_outcome(Code::Cancelled, ""), Outcome::Unknown);
     }
 
