@@ -72,6 +72,15 @@ pub struct Link {
     pub client_ip: Ipv4Addr,
 }
 
+impl Link {
+    /// Takes the link down (the client namespace is cut off from etcd) or up again, from any
+    /// thread (`etcd_ns` is [`Etcd::ns`]'s name).
+    pub fn set_up(&self, etcd_ns: &str, up: bool) {
+        let state = if up { "up" } else { "down" };
+        crate::netns::run(&["ip", "-n", etcd_ns, "link", "set", &self.etcd_side, state]);
+    }
+}
+
 /// A running etcd cluster in its own namespace.
 pub struct Etcd {
     pub prefix: String,
@@ -166,8 +175,7 @@ impl Etcd {
 
     /// Takes a client's link down (cut off from etcd) or up again.
     pub fn set_link_up(&self, link: &Link, up: bool) {
-        let state = if up { "up" } else { "down" };
-        self.ns.ip(&["link", "set", &link.etcd_side, state]);
+        link.set_up(&self.ns.name, up);
     }
 
     fn spawn(&mut self, i: usize) {

@@ -240,6 +240,76 @@ fn every_store_operation_against_etcd_3_4() {
 }
 
 #[test]
+fn a_client_cut_off_fails_within_its_deadline_and_recovers() {
+    let etcd = Etcd::start(1);
+    let cut = Netns::new(&format!("{}-ec2", etcd.prefix));
+    let link = etcd.connect(&cut);
+    let (endpoints, etcd_ns) = (etcd.endpoints(), etcd.ns.name.clone());
+    block_on(&cut, move || async move {
+        let store = connect(&endpoints).await;
+        let lease = store.grant(30).await.unwrap();
+        let mut keeper = store.keeper(lease.id);
+        assert_eq!(keeper.once().await.unwrap(), 30);
+        let snap = store.list().await.unwrap();
+        let mut watch = store.watch("", snap.revision + 1);
+        assert!(matches!(
+            next_event(&mut watch, Duration::from_secs(5)).await,
+            WatchEvent::Connected { .. }
+        ));
+
+        link.set_up(&etcd_ns, false);
+        let request = store.timeouts().request;
+        let started = Instant::now();
+        let err = store
+            .claim_block(block(0), "a", NODE_A, lease.id)
+            .await
+            .unwrap_err();
+        eprintln!("claim while cut off: {err} after {:?}", started.elapsed());
+        assert!(started.elapsed() < request + Duration::from_secs(1));
+        // It may have left before the link went: unknown, unless refused before sending.
+        let err = keeper.once().await.unwrap_err();
+        eprintln!("keep-alive while cut off: {err}");
+        assert!(store.list().await.is_err());
+        // HTTP/2 pings find the silent connection dead: the watch says so.
+        let event = timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("the watch noticed the cut within 10 s");
+        assert!(
+            matches!(event, WatchEvent::Disconnected { .. }),
+            "{event:?}"
+        );
+
+        link.set_up(&etcd_ns, true);
+        let claim = retry(|| store.claim_block(block(0), "a", NODE_A, lease.id)).await;
+        assert!(
+            matches!(&claim, Claim::Claimed { .. })
+                || matches!(&claim, Claim::Taken { owner } if owner.value.lease == lease.id),
+            "{claim:?}"
+        );
+        let healed = Instant::now();
+        let ttl = loop {
+            match keeper.once().await {
+                Ok(ttl) => break ttl,
+                Err(e) => {
+                    assert!(healed.elapsed() < Duration::from_secs(20), "{e}");
+                    sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        eprintln!(
+            "keep-alive answered {:?} after the link came back",
+            healed.elapsed()
+        );
+        assert_eq!(ttl, 30);
+        let changes = next_changes(&mut watch, Duration::from_secs(20)).await;
+        assert_eq!(
+            changes.iter().filter_map(put_key).collect::<Vec<_>>(),
+            [&Key::Block(block(0))]
+        );
+    });
+}
+
+#[test]
 fn racing_claims_have_exactly_one_winner() {
     const BLOCKS: u32 = 40;
     let etcd = Etcd::start(1);
