@@ -41,7 +41,7 @@
 //!   request in flight fails as outcome unknown ("http2 error: keep-alive timed out"), the next
 //!   ones fail as not applied ("tcp connect error") until the link is back.
 //! - A three-member cluster whose leader is SIGKILLed answers keep-alives and claims again
-//!   after about 2.1–2.3 s (the election), with the default heartbeat and election timeout.
+//!   after 1.2–2.6 s (the election), with the default heartbeat and election timeout.
 //! - A member that is stopped (SIGSTOP) still accepts TCP connections (the kernel queues
 //!   them), so a request sent to it waits out the whole request deadline; keep that deadline
 //!   well inside the fence margin.
@@ -54,7 +54,11 @@ use etcd_client::{
     WatchOptions, WatchStream,
 };
 use serde::{Deserialize, Serialize};
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
+
+/// The pause before a request refused before it was sent goes out again ([`Store`] retries
+/// such requests within their deadline).
+pub const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Every key of cluster mode starts with this.
 pub const PREFIX: &str = "/snat/v1/";
@@ -397,6 +401,12 @@ pub fn status_outcome(code: tonic::Code, message: &str) -> Outcome {
     }
 }
 
+/// Whether the client's error says the request never reached an etcd that could apply it.
+fn refused_before_sending(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::Unavailable && never_sent(status.message()))
+}
+
 /// Whether an `Unavailable` message says the request was refused before etcd handled it.
 fn never_sent(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
@@ -564,16 +574,28 @@ impl Store {
         self.timeouts
     }
 
-    /// Runs one request under the request deadline.
-    async fn call<T>(
-        &self,
-        op: &'static str,
-        request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        timeout(self.timeouts.request, request)
-            .await
-            .map_err(|_| StoreError::deadline(op, self.timeouts.request))?
-            .map_err(|e| StoreError::from_client(op, &e))
+    /// Runs one request under the request deadline. A request refused before it was sent (the
+    /// endpoint the client's balancer picked is down, a member has no leader) is sent again after
+    /// [`RETRY_PAUSE`] while the deadline allows: nothing was applied, and another endpoint, or
+    /// the next leader, may take it. `request` makes the request from a handle on the client.
+    async fn call<T, F, Fut>(&self, op: &'static str, mut request: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.timeouts.request;
+        loop {
+            let result = timeout_at(deadline, request(self.client.clone()))
+                .await
+                .map_err(|_| StoreError::deadline(op, self.timeouts.request))?;
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if refused_before_sending(&e) && Instant::now() + RETRY_PAUSE < deadline => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(StoreError::from_client(op, &e)),
+            }
+        }
     }
 
     /// Writes the cluster geometry if none is stored yet (txn: create_revision == 0 → put, else
@@ -611,14 +633,20 @@ impl Store {
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, put)])
             .or_else([TxnOp::get(key, None)]);
-        let mut kv = self.client.kv_client();
-        self.call(op, kv.txn(txn)).await
+        self.call(op, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
     }
 
     /// Grants a lease of `ttl_s` seconds.
     pub async fn grant(&self, ttl_s: i64) -> Result<Lease, StoreError> {
-        let mut lease = self.client.lease_client();
-        let resp = self.call("grant lease", lease.grant(ttl_s, None)).await?;
+        let resp = self
+            .call("grant lease", |mut c| async move {
+                c.lease_grant(ttl_s, None).await
+            })
+            .await?;
         Ok(Lease {
             id: resp.id(),
             ttl_s: resp.ttl(),
@@ -645,9 +673,10 @@ impl Store {
 
     /// The lease's remaining TTL.
     pub async fn time_to_live(&self, lease: LeaseId) -> Result<LeaseTtl, StoreError> {
-        let mut client = self.client.lease_client();
         let resp = match self
-            .call("lease time-to-live", client.time_to_live(lease, None))
+            .call("lease time-to-live", |mut c| async move {
+                c.lease_time_to_live(lease, None).await
+            })
             .await
         {
             Err(StoreError::NotApplied { detail, .. }) if detail.contains("lease not found") => {
@@ -670,8 +699,10 @@ impl Store {
     /// Revokes `lease`, deleting every key attached to it at once.
     pub async fn revoke(&self, lease: LeaseId) -> Result<Revoked, StoreError> {
         const OP: &str = "revoke lease";
-        let mut client = self.client.lease_client();
-        match self.call(OP, client.revoke(lease)).await {
+        match self
+            .call(OP, |mut c| async move { c.lease_revoke(lease).await })
+            .await
+        {
             Ok(_) => Ok(Revoked::Revoked),
             Err(StoreError::NotApplied { detail, .. }) if detail.contains("lease not found") => {
                 Ok(Revoked::NotFound)
@@ -750,8 +781,12 @@ impl Store {
                 epoch,
             )])
             .and_then([TxnOp::delete(key.as_str(), None)]);
-        let mut kv = self.client.kv_client();
-        let resp = self.call("release block", kv.txn(txn)).await?;
+        let resp = self
+            .call("release block", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         Ok(if resp.succeeded() {
             Release::Released {
                 revision: revision(&resp),
@@ -775,9 +810,13 @@ impl Store {
         })?;
         let key = Key::Gateway(name.to_owned()).path();
         let value = encode(&GatewayValue { applied_revision });
-        let mut kv = self.client.kv_client();
-        let options = PutOptions::new().with_lease(lease);
-        let resp = self.call(OP, kv.put(key, value, Some(options))).await?;
+        let resp = self
+            .call(OP, |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                let options = PutOptions::new().with_lease(lease);
+                async move { c.put(key, value, Some(options)).await }
+            })
+            .await?;
         Ok(resp
             .header()
             .map_or(0, etcd_client::ResponseHeader::revision))
@@ -785,12 +824,10 @@ impl Store {
 
     /// Everything under [`PREFIX`], in one (linearizable) range read.
     pub async fn list(&self) -> Result<Snapshot, StoreError> {
-        let mut kv = self.client.kv_client();
         let resp = self
-            .call(
-                "list",
-                kv.get(PREFIX, Some(GetOptions::new().with_prefix())),
-            )
+            .call("list", |mut c| async move {
+                c.get(PREFIX, Some(GetOptions::new().with_prefix())).await
+            })
             .await?;
         let mut snapshot = Snapshot {
             revision: resp
@@ -958,16 +995,18 @@ impl KeepAlive {
                     });
                 }
             }
-            let mut client = self.store.client.lease_client();
+            let lease = self.lease;
             // Opening sends a first keep-alive, but etcd-client keeps its answer's TTL to
             // itself: the TTL comes from the keep-alive sent below on the new stream.
-            match timeout(deadline, client.keep_alive(self.lease)).await {
-                Err(_) => return Err(self.broken(StoreError::deadline(OP, deadline))),
-                Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) if e.contains("not found") => {
-                    return Ok(0)
-                }
-                Ok(Err(e)) => return Err(self.broken(StoreError::from_client(OP, &e))),
-                Ok(Ok(stream)) => self.stream = Some(stream),
+            let opened = self
+                .store
+                .call(OP, |mut c| async move { c.lease_keep_alive(lease).await })
+                .await;
+            match opened {
+                Ok(stream) => self.stream = Some(stream),
+                // etcd-client's word for a first answer with TTL 0.
+                Err(e) if e.to_string().contains("lease not found") => return Ok(0),
+                Err(e) => return Err(self.broken(e)),
             }
         }
         let Some((keeper, answers)) = self.stream.as_mut() else {
@@ -1093,16 +1132,21 @@ impl Watch {
             if let Some(at) = self.retry_at {
                 tokio::time::sleep_until(at).await;
             }
-            let deadline = self.store.timeouts.request;
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(self.next_revision)
                 .with_progress_notify();
-            let mut client = self.store.client.watch_client();
-            match timeout(deadline, client.watch(self.prefix.as_str(), Some(options))).await {
-                Err(_) => return self.broken(StoreError::deadline(OP, deadline)),
-                Ok(Err(e)) => return self.broken(StoreError::from_client(OP, &e)),
-                Ok(Ok(stream)) => self.stream = Some(stream),
+            let prefix = self.prefix.clone();
+            let opened = self
+                .store
+                .call(OP, |mut c| {
+                    let (prefix, options) = (prefix.clone(), options.clone());
+                    async move { c.watch(prefix, Some(options)).await }
+                })
+                .await;
+            match opened {
+                Ok(stream) => self.stream = Some(stream),
+                Err(e) => return self.broken(e),
             }
         }
         let Some(stream) = self.stream.as_mut() else {
