@@ -6,7 +6,8 @@
 //!   batch reads, the uplink, the host's reserved ports);
 //! - [`tables`]: what the maps mean (views, use counts and saturation, expiry);
 //! - [`serve`]: the report model and its renderings, the control socket, the metrics endpoint;
-//! - [`agent`]: `snat run`, which wires them together.
+//! - [`agent`]: `snat run`, which wires them together;
+//! - [`cluster`]: cluster mode's shared port blocks (etcd store, allocator).
 //!
 //! The `snat` binary (`main.rs`) is the command-line edge; the integration tests drive the
 //! layers directly.

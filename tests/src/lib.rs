@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod dp;
+pub mod etcd;
 pub mod forge;
 pub mod http;
 pub mod netns;

@@ -83,10 +83,20 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> JoinHandle<T> {
+        self.spawn_with_stack(256 * 1024, f)
+    }
+
+    /// [`Netns::spawn`] with a stack of `stack_size` bytes (async clients need more than the
+    /// small stacks of the traffic threads).
+    pub fn spawn_with_stack<T: Send + 'static>(
+        &self,
+        stack_size: usize,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
         std::thread::Builder::new()
-            .stack_size(256 * 1024)
+            .stack_size(stack_size)
             .spawn(move || {
                 // SAFETY: `file` is an open namespace file; setns only changes this thread's
                 // network namespace.

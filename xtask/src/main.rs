@@ -36,7 +36,8 @@ enum Task {
     /// Install what the eBPF build needs if missing, then build target/release/snat
     ///
     /// Checks for rustup, the `nightly` toolchain, its `rust-src` component and bpf-linker 0.13.x
-    /// (building it against the nightly's LLVM if needed), then runs
+    /// (building it against the nightly's LLVM if needed), and for protoc and the well-known
+    /// protos (Debian protobuf-compiler and libprotobuf-dev, installed as root), then runs
     /// `cargo build --release -p snat-user`, whose build script builds the eBPF object.
     Build,
     /// Build, then run `snat run <ARGS>` (as root)
@@ -140,6 +141,7 @@ fn target_dir(root: &Path) -> PathBuf {
 /// `cargo xtask build`: the toolchain, then the release binary; returns its absolute path.
 fn build() -> anyhow::Result<PathBuf> {
     toolchain::ensure()?;
+    tools::ensure_build()?;
     let root = root()?;
     cmd::run(
         cmd::cargo()
@@ -178,6 +180,7 @@ fn run(args: Vec<OsString>) -> anyhow::Result<()> {
 /// `cargo xtask lint`: the toolchain (the host build compiles the eBPF object too), then the passes.
 fn lint() -> anyhow::Result<()> {
     toolchain::ensure()?;
+    tools::ensure_build()?;
     lint_passes()
 }
 

@@ -5,8 +5,17 @@
 //! install whatever is missing with apt (as root) before anything else. A test that needs a new program adds a row to
 //! [`TEST_TOOLS`], a benchmark to [`BENCH_TOOLS`], which lives with the benchmark
 //! (`tests/examples/bench/tools.rs`) so that the benchmark checks the same list before it starts.
+//! The build itself needs [`BUILD_TOOLS`] (etcd-client's build script compiles etcd's protos).
+//!
+//! An entry whose "program" is an absolute path is a file that must exist (a package that
+//! installs no program, such as the well-known protos of `libprotobuf-dev`). Packages are
+//! installed with `--no-install-recommends` and with daemons kept from starting (a
+//! `policy-rc.d` that refuses, while apt runs): `etcd-server`, `prometheus` or `stun-server`
+//! must not start a system service; the tests start their own, inside namespaces.
 
-use anyhow::bail;
+use std::{fs, io, os::unix::fs::PermissionsExt as _, path::Path};
+
+use anyhow::{bail, Context as _};
 
 use crate::cmd::{self, say};
 
@@ -30,6 +39,19 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("hping3", "hping3"),
     ("scapy", "python3-scapy"),
     ("nstat", "iproute2"),
+    // Cluster mode: the tests run their own etcd (one member, and three) in namespaces.
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
+];
+
+/// What building snat needs besides Rust: `protoc` and the well-known protos, for the build
+/// script of the `etcd-client` crate.
+pub const BUILD_TOOLS: &[(&str, &str)] = &[
+    ("protoc", "protobuf-compiler"),
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
 ];
 
 /// What `cargo xtask demo` runs besides the `snat` binary: the namespaces' plumbing and `ping`
@@ -54,6 +76,11 @@ pub fn ensure() -> anyhow::Result<()> {
 /// Installs the packages of the [`DEMO_TOOLS`] that are not on PATH; does nothing if all are.
 pub fn ensure_demo() -> anyhow::Result<()> {
     ensure_set("demo tools", DEMO_TOOLS, "sudo -E cargo xtask demo")
+}
+
+/// Installs the packages of the [`BUILD_TOOLS`] that are missing; does nothing if all are there.
+pub fn ensure_build() -> anyhow::Result<()> {
+    ensure_set("build tools", BUILD_TOOLS, "sudo -E cargo xtask build")
 }
 
 /// Installs the packages of the [`BENCH_TOOLS`] that are not on PATH; does nothing if all are.
@@ -89,12 +116,15 @@ fn ensure_set(
         );
     }
     cmd::run(cmd::new("apt-get").arg("update"))?;
-    cmd::run(
-        cmd::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    {
+        let _no_daemons = NoDaemons::new()?;
+        cmd::run(
+            cmd::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
     let still = missing(table);
     if !still.is_empty() {
         bail!(
@@ -109,8 +139,57 @@ fn missing(table: &'static [(&'static str, &'static str)]) -> Vec<(&'static str,
     table
         .iter()
         .copied()
-        .filter(|&(program, _)| cmd::find(program).is_none())
+        .filter(|&(program, _)| {
+            if program.starts_with('/') {
+                !Path::new(program).exists()
+            } else {
+                cmd::find(program).is_none()
+            }
+        })
         .collect()
+}
+
+/// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before they start a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// While alive, a `policy-rc.d` that answers 101 ("action forbidden"), so packages installed
+/// meanwhile start no daemon (etcd-server would otherwise serve on the host's localhost). Made
+/// only if none exists (an existing one is the administrator's and stays as it is); removed on
+/// drop.
+struct NoDaemons {
+    made: bool,
+}
+
+impl NoDaemons {
+    fn new() -> anyhow::Result<Self> {
+        let path = Path::new(POLICY_RC_D);
+        if path.exists() {
+            say(format_args!("{POLICY_RC_D} exists; leaving it as it is"));
+            return Ok(Self { made: false });
+        }
+        fs::write(
+            path,
+            "#!/bin/sh\n# cargo xtask: start no service while it installs packages\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self { made: true })
+    }
+}
+
+impl Drop for NoDaemons {
+    fn drop(&mut self) {
+        if self.made {
+            if let Err(e) = fs::remove_file(POLICY_RC_D) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    say(format_args!(
+                        "could not remove {POLICY_RC_D}: {e}; remove it by hand"
+                    ));
+                }
+            }
+        }
+    }
 }
 
 fn names(tools: &[(&str, &str)]) -> String {

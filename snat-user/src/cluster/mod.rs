@@ -9,6 +9,8 @@
 //!   every step.
 //!
 //! - [`gateway`]: the gateway's block → node routes, from the store's snapshot and watch;
+//! - [`store`]: etcd: the keys, values and transactions, leases and the watch (the one module
+//!   that talks to it);
 //! - [`driver`]: the tokio loop that runs a node against a store and the datapath (traits).
 //!
 //! Nothing but the driver does IO.
@@ -19,6 +21,7 @@ pub mod geometry;
 pub mod node;
 #[cfg(test)]
 mod sim;
+pub mod store;
 
 /// A small deterministic generator (xorshift64*): seeded runs replay exactly.
 #[derive(Clone, Debug)]
