@@ -184,22 +184,6 @@ fn bad_input_is_refused_with_the_value_and_the_fix_and_nothing_is_attached() {
             ],
             "cluster mode needs the NAT IPs the nodes share",
         ),
-        (
-            // Valid cluster flags: refused, never silently run with the whole range.
-            vec![
-                "--iface",
-                &up,
-                "--internal",
-                POD_CIDR,
-                "--nat-ip",
-                "198.51.100.1",
-                "--etcd-endpoints",
-                "http://10.0.0.5:2379",
-                "--node-name",
-                "n1",
-            ],
-            "cluster mode (--etcd-endpoints http://10.0.0.5:2379) is not available in this build yet",
-        ),
     ];
     for (args, needle) in cases {
         let (code, stderr) = run_in(&topo, &args);

@@ -14,7 +14,7 @@ use log::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    cluster::node::Status,
+    cluster::{driver, node::Status},
     datapath::{
         events::ExpiryEvents,
         netdev,
@@ -36,6 +36,8 @@ use crate::{
         view::{ConnFilter, TableView},
     },
 };
+
+mod cluster;
 
 /// What the running agent's tasks share.
 pub struct AgentState {
@@ -94,6 +96,11 @@ impl AgentState {
             .settings
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        if settings.cluster.is_some() {
+            anyhow::bail!(
+                "refused in cluster mode: the port range and NAT IPs are the cluster's geometry in etcd (/snat/v1/config), and this node's ports are the blocks it leases; change them for the whole cluster (all agents restarted with the new flags), not on one node"
+            );
+        }
         let mut next = settings.clone();
         let range = change.port_range;
         check_reserved(range, &next.reserved_ports)?;
@@ -163,14 +170,12 @@ impl serve::Agent for AgentState {
 /// Runs the agent with `settings` (validated, see `settings::Settings::validate`) until
 /// SIGINT/SIGTERM.
 pub fn run(settings: &Settings) -> anyhow::Result<()> {
-    if let Some(c) = &settings.cluster {
-        // Refused rather than ignored: a node that silently ran with the whole range would
-        // share ports with the other nodes.
-        anyhow::bail!(
-            "cluster mode (--etcd-endpoints {}) is not available in this build yet: the block allocator is in, the etcd client, the datapath's block table and `snat gateway` are being built (issue 14); use --plan for fixed per-node slices meanwhile",
-            c.endpoints.join(",")
-        );
-    }
+    // Cluster mode: the geometry from the flags (checked against the cluster's before attaching).
+    let geometry = settings
+        .cluster
+        .as_ref()
+        .map(|c| cluster::geometry(settings, c))
+        .transpose()?;
     // Everything was checked before, and every socket is bound, before anything is attached.
     for w in settings.warnings() {
         warn!("{w}");
@@ -190,7 +195,20 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     if existing.is_some() {
         info!("taking over the state pinned in {}", pins.dir.display());
     }
-    let mut engine = Engine::load_pinned(settings, Some(&pins), existing.as_ref())?;
+    let mut engine =
+        Engine::load_with(settings, Some(&pins), existing.as_ref(), geometry.as_ref())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Cluster mode: a geometry that disagrees with the cluster's, or a node name another agent
+    // holds, aborts here, with nothing attached.
+    let blocks = engine.take_blocks()?;
+    let etcd = match (&settings.cluster, &geometry, &blocks) {
+        (Some(c), Some(g), Some(b)) => {
+            Some(runtime.block_on(cluster::preflight(c, g, b.restored()?.lease))?)
+        }
+        _ => None,
+    };
     let logger = if settings.ebpf_log == EbpfLog::Off {
         None
     } else {
@@ -252,6 +270,13 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         },
     );
 
+    let mut running = match (&settings.cluster, geometry, blocks, etcd) {
+        (Some(c), Some(g), Some(b), Some(store)) => {
+            Some(runtime.block_on(cluster::start(state.clone(), settings, c, g, b, store))?)
+        }
+        _ => None,
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     let gc = {
         let (state, stop) = (state.clone(), stop.clone());
@@ -259,9 +284,6 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
             .name("snat-gc".into())
             .spawn(move || gc_loop(&state, &stop))?
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let served = runtime.block_on(async {
         if let Some(listener) = metrics_listener {
             let scrapes = scrape::Scrapes::of_agent(settings.metrics_min_interval, state.clone());
@@ -279,10 +301,24 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         ));
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        let driver = async {
+            match running.as_mut() {
+                Some(r) => (&mut r.task).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sigint.recv() => info!("SIGINT: stopping"),
             _ = sigterm.recv() => info!("SIGTERM: stopping"),
             r = control => return r.map_err(anyhow::Error::from).and_then(|r| r),
+            r = driver => {
+                running = None;
+                return Err(match r {
+                    Ok(Err(e)) => e.context("cluster mode"),
+                    Ok(Ok(o)) => anyhow::anyhow!("cluster mode ended ({o:?})"),
+                    Err(e) => anyhow::Error::from(e).context("cluster mode"),
+                });
+            }
         }
         Ok::<_, anyhow::Error>(())
     });
@@ -290,7 +326,15 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     gc.thread().unpark();
     let _ = gc.join();
+    if let Some(r) = running.as_mut().filter(|_| settings.keep_state) {
+        // The lease and the pinned blocks carry over to the next agent.
+        runtime.block_on(r.finish(driver::Stop::Keep));
+    }
     stop_datapath(&state, settings, &pins);
+    if let Some(r) = running.as_mut().filter(|_| !settings.keep_state) {
+        // Nothing translates any more: every block goes back a cool-down from now.
+        runtime.block_on(r.finish(driver::Stop::Detached));
+    }
     lock(&state.reservation).take();
     let summary = serve::Agent::report(state.as_ref(), None)?;
     if let Some(path) = &settings.stats_file {
