@@ -60,6 +60,9 @@ fn main() -> ExitCode {
         Command::Set(args) => set(&args),
         Command::Plan(args) => plan(&args),
         Command::Cleanup(args) => agent::cleanup(&args.iface, &args.pin_dir),
+        Command::Gateway(args) => snat_user::settings::cluster::GatewaySettings::validate(&args)
+            .map_err(anyhow::Error::from)
+            .and_then(|g| agent::gateway::run(&g)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

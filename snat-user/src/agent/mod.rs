@@ -38,6 +38,7 @@ use crate::{
 };
 
 mod cluster;
+pub mod gateway;
 
 /// What the running agent's tasks share.
 pub struct AgentState {

@@ -45,6 +45,9 @@ pub enum Command {
     /// Plan per-node SNAT port slices for nodes sharing NAT IPs, with Azure's checks
     /// (`(nodes + surge) × ports per node ≤ ports per IP × IPs`).
     Plan(PlanArgs),
+    /// Cluster mode's return path: on the box the NAT IPs' traffic reaches, forward each reply
+    /// to the node holding its port's block, following the blocks in etcd (needs root).
+    Gateway(super::cluster::GatewayArgs),
 }
 
 impl Command {
@@ -59,6 +62,7 @@ impl Command {
             Command::Set(_) => "set",
             Command::Cleanup(_) => "cleanup",
             Command::Plan(_) => "plan",
+            Command::Gateway(_) => "gateway",
         }
     }
 }

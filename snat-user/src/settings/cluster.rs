@@ -211,7 +211,7 @@ impl Cluster {
 }
 
 /// Whether an endpoint URL is `https://` (`http://` otherwise); anything else is refused.
-fn endpoint_is_https(e: &str) -> Result<bool, ClusterError> {
+pub fn endpoint_is_https(e: &str) -> Result<bool, ClusterError> {
     let bad = || ClusterError::Endpoint(e.to_owned());
     let (https, rest) = if let Some(r) = e.strip_prefix("https://") {
         (true, r)
@@ -323,5 +323,89 @@ mod tests {
         for bad in ["", "-a", "a-", "A", "a/b", "a_b", &"a".repeat(254)] {
             assert!(!valid_node_name(bad), "{bad}");
         }
+    }
+}
+
+/// `snat gateway`'s flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GatewayArgs {
+    /// The etcd cluster the nodes lease their blocks from (comma-separated or repeated).
+    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',', required = true)]
+    pub etcd_endpoints: Vec<String>,
+    /// The interface the NAT IPs' traffic (the replies) arrives on.
+    #[arg(long, value_name = "IF")]
+    pub iface: String,
+    /// Forward only these NAT IPs' replies (default: every NAT IP of the cluster).
+    #[arg(long = "nat-ip", value_name = "IP")]
+    pub nat_ips: Vec<Ipv4Addr>,
+    /// This gateway's name in etcd (`/snat/v1/gateways/<name>`); unique per gateway.
+    #[arg(long, value_name = "NAME", default_value = "gateway")]
+    pub name: String,
+    /// The lease the gateway publishes its applied revision under: a gateway gone for this
+    /// long stops holding the nodes' new blocks back.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration::parse)]
+    pub lease_ttl: Duration,
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_key"])]
+    pub etcd_ca: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_ca"])]
+    pub etcd_key: Option<PathBuf>,
+}
+
+/// `snat gateway`'s settings, validated.
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    pub endpoints: Vec<String>,
+    pub iface: String,
+    pub nat_ips: Vec<Ipv4Addr>,
+    pub name: String,
+    pub lease_ttl: Duration,
+    pub tls: Option<Tls>,
+}
+
+impl GatewaySettings {
+    pub fn validate(a: &GatewayArgs) -> Result<Self, ClusterError> {
+        let mut https = None;
+        for e in &a.etcd_endpoints {
+            let secure = endpoint_is_https(e)?;
+            if https.is_some_and(|h| h != secure) {
+                return Err(ClusterError::MixedSchemes);
+            }
+            https = Some(secure);
+        }
+        let tls = match (&a.etcd_ca, &a.etcd_cert, &a.etcd_key, https == Some(true)) {
+            (None, _, _, true) => {
+                return Err(ClusterError::HttpsWithoutCa(a.etcd_endpoints[0].clone()))
+            }
+            (Some(_), _, _, false) => return Err(ClusterError::TlsOverHttp),
+            (Some(ca), Some(cert), Some(key), true) => {
+                readable("etcd-ca", ca)?;
+                readable("etcd-cert", cert)?;
+                readable("etcd-key", key)?;
+                Some(Tls {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+            }
+            _ => None,
+        };
+        if !valid_node_name(&a.name) {
+            return Err(ClusterError::NodeName(a.name.clone()));
+        }
+        let ttl = a.lease_ttl;
+        if ttl.subsec_nanos() != 0 || ttl < Duration::from_secs(5) || ttl > Duration::from_secs(3600)
+        {
+            return Err(ClusterError::LeaseTtl(Human(ttl).to_string()));
+        }
+        Ok(Self {
+            endpoints: a.etcd_endpoints.clone(),
+            iface: a.iface.clone(),
+            nat_ips: a.nat_ips.clone(),
+            name: a.name.clone(),
+            lease_ttl: ttl,
+            tls,
+        })
     }
 }

@@ -1,0 +1,197 @@
+//! `snat gateway`: cluster mode's return path. On the box the NAT IPs' traffic reaches, it loads
+//! the gateway's datapath ([`Gateway`]) on `--iface`, reads the cluster's geometry and blocks from
+//! etcd, follows them with a watch ([`Routes`] turns changes into route changes), and publishes,
+//! under a lease of its own, the revision whose routes are in place: nodes open a claimed block
+//! only once every registered gateway has published its claim's revision or a later one. Cut
+//! off from etcd it says so and keeps its last routes until it reconnects; after a compaction it
+//! re-reads the blocks and applies the difference.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use log::{info, warn};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    cluster::{
+        gateway::{Owner, Routes},
+        geometry::{BlockId, Geometry},
+        store::{self, Change, Key, Value, WatchEvent},
+    },
+    datapath::gateway::Gateway,
+    settings::{cluster::GatewaySettings, AttachChoice},
+};
+
+/// The owners of every block of `geometry` in a snapshot.
+fn owners(s: &store::Snapshot, geometry: &Geometry) -> Vec<(BlockId, Owner)> {
+    s.blocks
+        .iter()
+        .filter(|(b, _)| geometry.holds(**b))
+        .map(|(b, r)| {
+            (
+                *b,
+                Owner {
+                    node: r.value.node.clone(),
+                    address: r.value.address,
+                    epoch: r.create_revision,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Runs the gateway until SIGINT/SIGTERM.
+pub fn run(g: &GatewaySettings) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(g))
+}
+
+async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
+    let endpoints = g.endpoints.join(",");
+    let tls = g.tls.as_ref().map(|t| store::TlsFiles {
+        ca: t.ca.clone(),
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+    });
+    let store = store::Store::connect(&g.endpoints, tls.as_ref(), store::Timeouts::default())
+        .await
+        .with_context(|| format!("--etcd-endpoints {endpoints}"))?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    // The geometry the first node wrote.
+    let (snapshot, geometry) = loop {
+        match store.list().await {
+            Ok(s) => {
+                if let Some(c) = &s.config {
+                    let mut geometry: Geometry = serde_json::from_str(&c.value).with_context(|| {
+                        format!("the cluster's geometry in /snat/v1/config is not one this gateway reads: {}", c.value)
+                    })?;
+                    if !g.nat_ips.is_empty() {
+                        if let Some(ip) = g.nat_ips.iter().find(|ip| !geometry.nat_ips.contains(ip)) {
+                            anyhow::bail!(
+                                "--nat-ip {ip} is not one of the cluster's NAT IPs ({}): name NAT IPs of the cluster, or leave --nat-ip out to serve them all",
+                                geometry.nat_ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                            );
+                        }
+                        geometry.nat_ips.retain(|ip| g.nat_ips.contains(ip));
+                    }
+                    break (s, geometry);
+                }
+                info!("no cluster geometry in etcd yet (/snat/v1/config): waiting for the first node");
+            }
+            Err(e) => warn!("etcd ({endpoints}): {e}; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = sigint.recv() => return Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+        }
+    };
+    let capacity = geometry.nat_ips.len() as u32 * u32::from(geometry.blocks_per_ip());
+    let mut gw = Gateway::with_capacity(capacity)?;
+    gw.set_geometry(&geometry)?;
+    let mut routes = Routes::default();
+    let ops = routes.reset(snapshot.revision, owners(&snapshot, &geometry));
+    gw.apply(&ops)?;
+    let mode = gw.attach(&g.iface, AttachChoice::Auto)?;
+    info!(
+        "snat gateway on {} ({mode:?}): NAT IPs {}, ports {}, {} blocks routed at revision {}",
+        g.iface,
+        geometry.nat_ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        geometry.port_range,
+        routes.table().len(),
+        snapshot.revision
+    );
+    let ttl = g.lease_ttl.as_secs() as i64;
+    let mut lease = store.grant(ttl).await.context("granting the gateway's lease")?.id;
+    let mut keeper = store.keeper(lease);
+    let mut publish = routes.to_publish();
+    let mut watch = store.watch("blocks/", snapshot.revision + 1);
+    let mut keepalive = tokio::time::interval(g.lease_ttl / 3);
+    keepalive.tick().await;
+    let mut connected = true;
+    loop {
+        if let Some(rev) = publish {
+            match store.put_gateway(&g.name, rev, lease).await {
+                Ok(_) => publish = None,
+                Err(e) => warn!("publishing applied revision {rev}: {e}"),
+            }
+        }
+        tokio::select! {
+            ev = watch.next() => match ev {
+                WatchEvent::Changes { revision, changes } => {
+                    let ch: Vec<(BlockId, Option<Owner>)> = changes
+                        .into_iter()
+                        .filter_map(|c| match c {
+                            Change::Put { key: Key::Block(b), record } => match record.value {
+                                Value::Block(v) => Some((b, Some(Owner {
+                                    node: v.node,
+                                    address: v.address,
+                                    epoch: record.create_revision,
+                                }))),
+                                _ => None,
+                            },
+                            Change::Delete { key: Key::Block(b), .. } => Some((b, None)),
+                            _ => None,
+                        })
+                        .filter(|(b, _)| geometry.holds(*b))
+                        .collect();
+                    let ops = routes.apply(revision, ch);
+                    if let Err(e) = gw.apply(&ops) {
+                        warn!("applying {} route changes: {e}", ops.len());
+                    }
+                    publish = routes.to_publish().or(publish);
+                }
+                WatchEvent::Progress { revision } => {
+                    routes.apply(revision, []);
+                }
+                WatchEvent::Connected { .. } => {
+                    if !connected {
+                        info!("reconnected to etcd; following the blocks again");
+                    }
+                    connected = true;
+                }
+                WatchEvent::Resync { compact_revision } => {
+                    info!("the watch fell behind a compaction (revision {compact_revision}): re-reading the blocks");
+                    match store.list().await {
+                        Ok(s) => {
+                            let ops = routes.reset(s.revision, owners(&s, &geometry));
+                            if let Err(e) = gw.apply(&ops) {
+                                warn!("applying {} route changes: {e}", ops.len());
+                            }
+                            publish = routes.to_publish().or(publish);
+                            watch.resume_from(s.revision + 1);
+                        }
+                        Err(e) => warn!("re-reading the blocks: {e}"),
+                    }
+                }
+                WatchEvent::Disconnected { error, retry_in } => {
+                    if connected {
+                        warn!("cut off from etcd ({error}): keeping the last routes ({} blocks); retrying in {retry_in:?}", routes.table().len());
+                    }
+                    connected = false;
+                }
+            },
+            _ = keepalive.tick() => match keeper.once().await {
+                Ok(0) => {
+                    warn!("the gateway's lease ended: registering again");
+                    if let Ok(l) = store.grant(ttl).await {
+                        lease = l.id;
+                        keeper = store.keeper(lease);
+                        publish = Some(routes.applied());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!("keeping the gateway's lease: {e}"),
+            },
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("stopping: detaching and unregistering");
+    gw.detach();
+    let _ = store.revoke(lease).await;
+    Ok(())
+}
