@@ -29,7 +29,7 @@ struct Node {
     pod: Netns,
 }
 
-/// A `snat gateway` process, stopped on drop.
+/// A `snat gateway` process and its log, stopped on drop (its log printed if the test failed).
 struct GatewayProc(Child, std::path::PathBuf);
 
 impl Drop for GatewayProc {
@@ -37,6 +37,13 @@ impl Drop for GatewayProc {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "snat gateway's log:\n{}",
+                std::fs::read_to_string(&self.1).unwrap_or_default()
+            );
+        }
+        let _ = std::fs::remove_file(&self.1);
     }
 }
 
@@ -102,21 +109,30 @@ fn etcd_blocks(etcd: &Etcd) -> BTreeMap<u16, String> {
         .collect()
 }
 
-/// Opens `n` connections from `pod` in rounds of 25, a pause between (the node's usage reads).
-fn hold(pod: &Netns, n: usize, to: SocketAddrV4) -> Vec<TcpClient> {
+/// Opens `n` connections from `pod` in rounds of 10, 400 ms apart: within the node's headroom
+/// (half a block free, read every 250 ms; a faster burst sees refusals until the next block
+/// opens, see docs/cluster.md "Pressure").
+fn hold(pod: &Netns, n: usize, to: SocketAddrV4, agent: &Agent) -> Vec<TcpClient> {
     let mut held = Vec::new();
     while held.len() < n {
-        let k = (n - held.len()).min(25);
-        let got: Vec<TcpClient> = pod.run(move || {
+        let k = (n - held.len()).min(10);
+        let got: Vec<std::io::Result<TcpClient>> = pod.run(move || {
             (0..k)
-                .map(|i| {
-                    TcpClient::connect(to, Duration::from_secs(3))
-                        .unwrap_or_else(|e| panic!("flow {i}: {e}"))
-                })
+                .map(|_| TcpClient::connect(to, Duration::from_secs(3)))
                 .collect()
         });
-        held.extend(got);
-        std::thread::sleep(Duration::from_millis(600));
+        for (i, c) in got.into_iter().enumerate() {
+            match c {
+                Ok(c) => held.push(c),
+                Err(e) => panic!(
+                    "flow {} of {n}: {e}\nstatus: {}\nstats: {}",
+                    held.len() + i,
+                    agent.json("status", &[])["cluster"],
+                    agent.stats()
+                ),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(400));
     }
     held
 }
@@ -146,8 +162,15 @@ fn two_nodes_share_one_nat_ip_through_the_gateway() {
     let child = Command::new("ip")
         .args(["netns", "exec", &gw.name])
         .arg(snat_bin())
-        .args(["gateway", "--iface", &g0, "--etcd-endpoints", &etcd.endpoints().join(",")])
+        .args([
+            "gateway",
+            "--iface",
+            &g0,
+            "--etcd-endpoints",
+            &etcd.endpoints().join(","),
+        ])
         .args(["--lease-ttl", "10s"])
+        .env("RUST_LOG", "snat_user=debug")
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
@@ -158,11 +181,16 @@ fn two_nodes_share_one_nat_ip_through_the_gateway() {
         let o = etcd.etcdctl(&["get", "--prefix", "/snat/v1/gateways/", "--keys-only"]);
         (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(())
     })
-    .unwrap_or_else(|| panic!("the gateway did not register:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    .unwrap_or_else(|| {
+        panic!(
+            "the gateway did not register:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
     let agent_b = start_node(&b, &etcd, "node-b");
 
-    let held_a = hold(&a.pod, 300, to);
-    let held_b = hold(&b.pod, 100, to);
+    let held_a = hold(&a.pod, 300, to, &agent_a);
+    let held_b = hold(&b.pod, 100, to, &agent_b);
     let blocks = etcd_blocks(&etcd);
     let gw_log = || std::fs::read_to_string(&log).unwrap_or_default();
     for (held, name) in [(&held_a, "node-a"), (&held_b, "node-b")] {
@@ -186,9 +214,17 @@ fn two_nodes_share_one_nat_ip_through_the_gateway() {
         assert_eq!(back, b"ping through the gateway");
     }
     let held_by = |n: &str| blocks.values().filter(|v| *v == n).count();
-    assert!(held_by("node-a") >= 5 && held_by("node-b") >= 2, "{blocks:?}");
+    assert!(
+        held_by("node-a") >= 5 && held_by("node-b") >= 2,
+        "{blocks:?}"
+    );
     // The gateway published the revision it applied.
-    let o = etcd.etcdctl(&["get", "--prefix", "/snat/v1/gateways/", "--print-value-only"]);
+    let o = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/snat/v1/gateways/",
+        "--print-value-only",
+    ]);
     let v: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     assert!(v["applied_revision"].as_i64().unwrap() > 0, "{v}");
     drop(agent_a);

@@ -312,7 +312,7 @@ pub async fn start(
     let cfg = NodeConfig {
         name: c.node_name.clone(),
         address,
-        low_water: u32::from(geometry.block_size) / 4,
+        low_water: u32::from(geometry.block_size) / 2,
         geometry,
         timers: Timers::new(c.lease_ttl, c.cooldown, c.fence_margin),
         min_blocks: c.min_blocks,

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use log::{info, warn};
+use log::{debug, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
@@ -69,7 +69,8 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                         format!("the cluster's geometry in /snat/v1/config is not one this gateway reads: {}", c.value)
                     })?;
                     if !g.nat_ips.is_empty() {
-                        if let Some(ip) = g.nat_ips.iter().find(|ip| !geometry.nat_ips.contains(ip)) {
+                        if let Some(ip) = g.nat_ips.iter().find(|ip| !geometry.nat_ips.contains(ip))
+                        {
                             anyhow::bail!(
                                 "--nat-ip {ip} is not one of the cluster's NAT IPs ({}): name NAT IPs of the cluster, or leave --nat-ip out to serve them all",
                                 geometry.nat_ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
@@ -79,7 +80,9 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                     }
                     break (s, geometry);
                 }
-                info!("no cluster geometry in etcd yet (/snat/v1/config): waiting for the first node");
+                info!(
+                    "no cluster geometry in etcd yet (/snat/v1/config): waiting for the first node"
+                );
             }
             Err(e) => warn!("etcd ({endpoints}): {e}; retrying"),
         }
@@ -99,13 +102,22 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
     info!(
         "snat gateway on {} ({mode:?}): NAT IPs {}, ports {}, {} blocks routed at revision {}",
         g.iface,
-        geometry.nat_ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        geometry
+            .nat_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         geometry.port_range,
         routes.table().len(),
         snapshot.revision
     );
     let ttl = g.lease_ttl.as_secs() as i64;
-    let mut lease = store.grant(ttl).await.context("granting the gateway's lease")?.id;
+    let mut lease = store
+        .grant(ttl)
+        .await
+        .context("granting the gateway's lease")?
+        .id;
     let mut keeper = store.keeper(lease);
     let mut publish = routes.to_publish();
     let mut watch = store.watch("blocks/", snapshot.revision + 1);
@@ -115,7 +127,10 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
     loop {
         if let Some(rev) = publish {
             match store.put_gateway(&g.name, rev, lease).await {
-                Ok(_) => publish = None,
+                Ok(_) => {
+                    debug!("published applied revision {rev}");
+                    publish = None;
+                }
                 Err(e) => warn!("publishing applied revision {rev}: {e}"),
             }
         }
@@ -139,6 +154,7 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                         .filter(|(b, _)| geometry.holds(*b))
                         .collect();
                     let ops = routes.apply(revision, ch);
+                    debug!("revision {revision}: {} route changes", ops.len());
                     if let Err(e) = gw.apply(&ops) {
                         warn!("applying {} route changes: {e}", ops.len());
                     }

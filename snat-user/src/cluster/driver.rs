@@ -118,6 +118,7 @@ pub async fn run<S: Store, B: Blocks>(
         while let Some(cmd) = node.next_command() {
             match cmd {
                 Command::Store { id, op } => {
+                    log::debug!("store op {id}: {op:?}");
                     let (store, tx) = (store.clone(), tx.clone());
                     tokio::spawn(async move {
                         let r = store.execute(op).await;
@@ -137,7 +138,10 @@ pub async fn run<S: Store, B: Blocks>(
             .poll_timeout()
             .map(|t| Duration::from_nanos(t.saturating_sub(now)));
         tokio::select! {
-            Some((id, r)) = rx.recv() => node.handle_store(id, r, boottime_ns()),
+            Some((id, r)) = rx.recv() => {
+                log::debug!("store op {id}: {r:?}");
+                node.handle_store(id, r, boottime_ns());
+            }
             () = sleep(wake) => node.handle_timeout(boottime_ns()),
             _ = usage.tick() => {
                 let started = std::time::Instant::now();

@@ -100,7 +100,7 @@ pub struct NodeConfig {
     /// Cap per NAT IP (`--max-blocks`); `None`: leave every other registered node its minimum.
     pub max_blocks: Option<u16>,
     /// Another block is claimed when a new flow to the node's busiest destination could get
-    /// fewer free ports than this (a quarter block by default).
+    /// fewer free ports than this (half a block in the agent).
     pub low_water: u32,
     pub seed: u64,
 }

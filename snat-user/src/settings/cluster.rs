@@ -330,7 +330,12 @@ mod tests {
 #[derive(clap::Args, Clone, Debug)]
 pub struct GatewayArgs {
     /// The etcd cluster the nodes lease their blocks from (comma-separated or repeated).
-    #[arg(long, value_name = "URL[,URL…]", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_name = "URL[,URL…]",
+        value_delimiter = ',',
+        required = true
+    )]
     pub etcd_endpoints: Vec<String>,
     /// The interface the NAT IPs' traffic (the replies) arrives on.
     #[arg(long, value_name = "IF")]
@@ -395,7 +400,9 @@ impl GatewaySettings {
             return Err(ClusterError::NodeName(a.name.clone()));
         }
         let ttl = a.lease_ttl;
-        if ttl.subsec_nanos() != 0 || ttl < Duration::from_secs(5) || ttl > Duration::from_secs(3600)
+        if ttl.subsec_nanos() != 0
+            || ttl < Duration::from_secs(5)
+            || ttl > Duration::from_secs(3600)
         {
             return Err(ClusterError::LeaseTtl(Human(ttl).to_string()));
         }
