@@ -1,5 +1,6 @@
 //! snat's controller as a library, in layers that import only downwards:
 //!
+//! - [`clock`]: the two clocks the datapath and the agent share (below everything);
 //! - [`settings`]: the command line, the `--config` file, plans, and their validation into a
 //!   plain [`settings::Settings`] (clap stays here);
 //! - [`datapath`]: the loaded programs and their maps (engine, tables, counters, NAT pool, pins,
@@ -13,6 +14,7 @@
 //! layers directly.
 
 pub mod agent;
+pub mod clock;
 pub mod cluster;
 pub mod datapath;
 pub mod serve;

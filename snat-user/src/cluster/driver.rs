@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 
 use super::node::{
-    Command, DatapathOp, Nanos, Node, OpId, Status, StoreError, StoreOp, StoreReply, Usage,
+    Command, DatapathOp, Node, OpId, Status, StoreError, StoreOp, StoreReply, Usage,
 };
 
 /// One store operation, completed or failed within the store's deadline.
@@ -71,15 +71,7 @@ pub enum Outcome {
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds.
-pub fn boottime_ns() -> Nanos {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::clock::boottime_ns;
 
 /// The intervals the driver polls the datapath at.
 #[derive(Clone, Copy, Debug)]

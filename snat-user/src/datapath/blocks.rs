@@ -78,22 +78,8 @@ pub struct Blocks {
     free: BTreeMap<Ipv4Addr, u32>,
 }
 
-/// Reads `CLOCK_BOOTTIME` (valid-until, the agent's clock) or `CLOCK_MONOTONIC_COARSE` (the
-/// mappings' time stamps).
-fn clock(id: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(id, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// `CLOCK_BOOTTIME` now, in ns: the clock of [`DatapathOp`] and [`Usage`].
-pub fn boot_now() -> Nanos {
-    clock(libc::CLOCK_BOOTTIME)
-}
+pub use crate::clock::boottime_ns as boot_now;
 
 /// A coarse clock reads up to a tick behind: a last-seen converted to boot time is moved this
 /// much later, so a block is never taken for idle sooner than it was.
@@ -402,7 +388,7 @@ impl Blocks {
         let entries = self.entries()?;
         let held: BTreeMap<BlockId, BlockEntry> =
             entries.iter().map(|(k, e)| (block_id(k), *e)).collect();
-        let (mono_now, boot) = (clock(libc::CLOCK_MONOTONIC_COARSE), boot_now());
+        let (mono_now, boot) = (crate::clock::monotonic_coarse_ns(), boot_now());
         let mut live: BTreeMap<BlockId, u32> = held.keys().map(|b| (*b, 0)).collect();
         let mut seen: BTreeMap<BlockId, u64> = BTreeMap::new();
         // Mappings per (NAT IP, destination) in open blocks: what one destination has used.

@@ -104,15 +104,7 @@ pub fn expiry(
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock the datapath stamps with.
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::clock::monotonic_coarse_ns as now_ns;
 
 /// Reverse halves whose forward half is gone are removed after this long (a forward half is
 /// published microseconds after its claim, so anything older is left over from a crash).
