@@ -539,16 +539,24 @@ impl Node {
         self.deadline
     }
 
+    /// A node stopped before it was ready, with nothing to give back, is drained at once.
+    fn drained_before_ready(&mut self) -> bool {
+        let idle =
+            self.phase != Phase::Ready && self.held.is_empty() && self.restored.blocks.is_empty();
+        if idle {
+            self.phase = Phase::Failed;
+            self.out.push_back(Command::Drained);
+        }
+        idle
+    }
+
     /// Stop taking blocks and give every held one back as it empties (`snat` stopping without
     /// `--keep-state`).
     pub fn drain(&mut self, now: Nanos) {
         self.draining = true;
-        if self.phase != Phase::Ready && self.held.is_empty() && self.restored.blocks.is_empty() {
-            self.phase = Phase::Failed;
-            self.out.push_back(Command::Drained);
-            return;
+        if !self.drained_before_ready() {
+            self.step(now);
         }
-        self.step(now);
     }
 
     /// The datapath was detached at `now` (a plain stop): nothing uses any block from now on,
@@ -567,12 +575,9 @@ impl Node {
             h.last_active = h.last_active.max(now);
             h.observed = now;
         }
-        if self.phase != Phase::Ready && self.held.is_empty() && self.restored.blocks.is_empty() {
-            self.phase = Phase::Failed;
-            self.out.push_back(Command::Drained);
-            return;
+        if !self.drained_before_ready() {
+            self.step(now);
         }
-        self.step(now);
     }
 
     pub fn handle_timeout(&mut self, now: Nanos) {
