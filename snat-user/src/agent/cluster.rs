@@ -289,25 +289,29 @@ pub async fn preflight(
     Ok(store)
 }
 
-/// Starts the node as a task on the current runtime.
-pub async fn start(
-    state: Arc<AgentState>,
-    settings: &Settings,
-    c: &Cluster,
-    geometry: Geometry,
-    blocks: Blocks,
-    store: store::Store,
-) -> anyhow::Result<Running> {
-    let address = match c
+/// Where the gateway sends this node's replies: `--node-address`, else the uplink's primary IPv4.
+pub fn node_address(settings: &Settings, c: &Cluster) -> anyhow::Result<Ipv4Addr> {
+    match c
         .node_address
         .or_else(|| settings.iface.ipv4.first().copied())
     {
-        Some(a) => a,
+        Some(a) => Ok(a),
         None => anyhow::bail!(
             "{} has no IPv4 address to receive this node's replies: give --node-address",
             settings.iface.name
         ),
-    };
+    }
+}
+
+/// Starts the node as a task on the current runtime.
+pub async fn start(
+    state: Arc<AgentState>,
+    c: &Cluster,
+    geometry: Geometry,
+    blocks: Blocks,
+    store: store::Store,
+    address: Ipv4Addr,
+) -> anyhow::Result<Running> {
     let restored: Restored = blocks.restored()?;
     let cfg = NodeConfig {
         name: c.node_name.clone(),

@@ -206,7 +206,9 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let blocks = engine.take_blocks()?;
     let etcd = match (&settings.cluster, &geometry, &blocks) {
         (Some(c), Some(g), Some(b)) => {
-            Some(runtime.block_on(cluster::preflight(c, g, b.restored()?.lease))?)
+            let address = cluster::node_address(settings, c)?;
+            let store = runtime.block_on(cluster::preflight(c, g, b.restored()?.lease))?;
+            Some((store, address))
         }
         _ => None,
     };
@@ -272,8 +274,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     );
 
     let mut running = match (&settings.cluster, geometry, blocks, etcd) {
-        (Some(c), Some(g), Some(b), Some(store)) => {
-            Some(runtime.block_on(cluster::start(state.clone(), settings, c, g, b, store))?)
+        (Some(c), Some(g), Some(b), Some((store, address))) => {
+            Some(runtime.block_on(cluster::start(state.clone(), c, g, b, store, address))?)
         }
         _ => None,
     };
