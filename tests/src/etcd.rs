@@ -255,6 +255,22 @@ impl Etcd {
             .expect("spawning etcdctl")
     }
 
+    /// Cluster mode's block keys as etcd holds them: block index → the node holding it.
+    pub fn blocks(&self) -> std::collections::BTreeMap<u16, String> {
+        let out = self.etcdctl(&["get", "--prefix", "/snat/v1/blocks/"]);
+        assert!(out.status.success(), "etcdctl: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .chunks(2)
+            .filter_map(|kv| {
+                let index = kv[0].rsplit('/').next()?.parse().ok()?;
+                let v: serde_json::Value = serde_json::from_str(kv.get(1)?).ok()?;
+                Some((index, v["node"].as_str()?.to_owned()))
+            })
+            .collect()
+    }
+
     /// Waits (at most 30 s) until every running member says it is healthy.
     pub fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);

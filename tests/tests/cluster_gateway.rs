@@ -6,7 +6,6 @@
 //! carry data both ways).
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -94,21 +93,6 @@ fn start_node(n: &Node, etcd: &Etcd, name: &str) -> Agent {
     )
 }
 
-/// Block index → node, from etcd.
-fn etcd_blocks(etcd: &Etcd) -> BTreeMap<u16, String> {
-    let out = etcd.etcdctl(&["get", "--prefix", "/snat/v1/blocks/"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(2)
-        .filter_map(|kv| {
-            let index = kv[0].rsplit('/').next()?.parse().ok()?;
-            let v: Value = serde_json::from_str(kv.get(1)?).ok()?;
-            Some((index, v["node"].as_str()?.to_owned()))
-        })
-        .collect()
-}
-
 /// Opens `n` connections from `pod` in rounds of 10, 400 ms apart: within the node's headroom
 /// (half a block free, read every 250 ms; a faster burst sees refusals until the next block
 /// opens, see docs/cluster.md "Pressure").
@@ -191,7 +175,7 @@ fn two_nodes_share_one_nat_ip_through_the_gateway() {
 
     let held_a = hold(&a.pod, 300, to, &agent_a);
     let held_b = hold(&b.pod, 100, to, &agent_b);
-    let blocks = etcd_blocks(&etcd);
+    let blocks = etcd.blocks();
     let gw_log = || std::fs::read_to_string(&log).unwrap_or_default();
     for (held, name) in [(&held_a, "node-a"), (&held_b, "node-b")] {
         for c in held {

@@ -75,27 +75,6 @@ fn blocks(agent: &Agent) -> Vec<(u64, String)> {
         .unwrap_or_default()
 }
 
-/// Block keys in etcd: (index, node).
-fn etcd_blocks(etcd: &Etcd) -> Vec<(u16, String)> {
-    let out = etcd.etcdctl(&[
-        "get",
-        "--prefix",
-        "/snat/v1/blocks/",
-        "--print-value-only=false",
-    ]);
-    assert!(out.status.success(), "etcdctl: {out:?}");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let lines: Vec<&str> = text.lines().collect();
-    lines
-        .chunks(2)
-        .filter_map(|kv| {
-            let index = kv[0].rsplit('/').next()?.parse().ok()?;
-            let v: Value = serde_json::from_str(kv.get(1)?).ok()?;
-            Some((index, v["node"].as_str()?.to_owned()))
-        })
-        .collect()
-}
-
 fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
     wait_for(Duration::from_secs(secs), &mut f).unwrap_or_else(|| panic!("{what} within {secs}s"))
 }
@@ -113,7 +92,7 @@ fn a_node_leases_blocks_as_its_pods_need_them_and_gives_them_back() {
     until("the first block", 10, || {
         (blocks(&agent).iter().filter(|b| b.1 == "open").count() == 1).then_some(())
     });
-    assert_eq!(etcd_blocks(&etcd).len(), 1);
+    assert_eq!(etcd.blocks().len(), 1);
     let c = cluster(&agent);
     assert_eq!(c["node"], "node-1");
     assert_eq!(c["connected"], true);
@@ -146,9 +125,9 @@ fn a_node_leases_blocks_as_its_pods_need_them_and_gives_them_back() {
             c.seen_as.port()
         );
     }
-    let in_etcd = etcd_blocks(&etcd);
+    let in_etcd = etcd.blocks();
     assert_eq!(in_etcd.len(), 3, "{in_etcd:?}");
-    assert!(in_etcd.iter().all(|(_, n)| n == "node-1"));
+    assert!(in_etcd.values().all(|n| n == "node-1"));
 
     // --max-blocks 3 (192 ports): the 193rd connection is refused, and the status says why.
     let more: Vec<std::io::Result<TcpClient>> = topo.pods[0].ns.run(move || {
@@ -170,7 +149,7 @@ fn a_node_leases_blocks_as_its_pods_need_them_and_gives_them_back() {
     // minimum of one block, in etcd too.
     drop(held);
     until("the blocks to go back", 20, || {
-        (blocks(&agent).len() == 1 && etcd_blocks(&etcd).len() == 1).then_some(())
+        (blocks(&agent).len() == 1 && etcd.blocks().len() == 1).then_some(())
     });
     assert!(cluster(&agent)["releases"]["idle"].as_u64().unwrap_or(0) >= 2);
 
@@ -183,7 +162,7 @@ fn a_node_leases_blocks_as_its_pods_need_them_and_gives_them_back() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(etcd_blocks(&etcd), vec![]);
+    assert!(etcd.blocks().is_empty(), "{:?}", etcd.blocks());
     let nodes = etcd.etcdctl(&["get", "--prefix", "/snat/v1/nodes/", "--keys-only"]);
     assert_eq!(
         String::from_utf8_lossy(&nodes.stdout).trim(),
