@@ -1271,17 +1271,26 @@ impl Node {
             }
             return;
         }
+        // At the cap on every NAT IP (the one it wants and those it could overflow to), the
+        // reason is the cap, however old the view: no claim would be sent. Only a cap that
+        // follows the other nodes' count (no --max-blocks) is worth a fresh look, since a node
+        // that left raises it.
+        if ips.iter().all(|&o| self.held_on(o) >= self.max_on(o)) {
+            for &ip in &wanting {
+                self.shortage.insert(ip, Shortage::MaxBlocks);
+            }
+            if self.cfg.max_blocks.is_none() && !pending && !self.view_fresh(now) {
+                self.list(now);
+            }
+            return;
+        }
         if pending {
             for &ip in &wanting {
                 self.shortage.insert(ip, Shortage::ClaimPending);
             }
             return;
         }
-        let fresh = self
-            .view
-            .as_ref()
-            .is_some_and(|(at, _)| now.saturating_sub(*at) <= ns(self.cfg.timers.list_max_age));
-        if !fresh {
+        if !self.view_fresh(now) {
             for &ip in &wanting {
                 self.shortage.insert(ip, Shortage::ClaimPending);
             }
@@ -1310,6 +1319,13 @@ impl Node {
             }
             self.shortage.insert(ip, why);
         }
+    }
+
+    /// Whether the latest snapshot is recent enough to pick a free block from.
+    fn view_fresh(&self, now: Nanos) -> bool {
+        self.view
+            .as_ref()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) <= ns(self.cfg.timers.list_max_age))
     }
 
     /// Blocks of `ip` free in the latest snapshot and not since found taken.
@@ -1619,6 +1635,49 @@ mod tests {
         let c = answer(&mut n, &c, StoreReply::NameTaken { lease: 7 }, S);
         assert!(n.ready(), "{c:?}");
         assert_eq!(n.stats.adopted, 1);
+    }
+
+    #[test]
+    fn a_node_at_its_cap_names_the_cap_without_asking_the_store() {
+        let mut n = ready(0);
+        n.cfg.max_blocks = Some(1);
+        let refused = Usage {
+            blocks: vec![],
+            pressure: vec![Pressure {
+                nat_ip: IP,
+                free: 0,
+                refused: true,
+            }],
+        };
+        n.handle_usage(&refused, S);
+        let c = drain(&mut n);
+        let c = answer(&mut n, &c, StoreReply::Listed(snapshot(4, &[], Some(4))), S);
+        let StoreOp::Claim { block: b, .. } = op(&c).1 else {
+            panic!("{c:?}")
+        };
+        let c = answer(&mut n, &c, StoreReply::Claimed { epoch: 5 }, S);
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Listed(snapshot(5, &[(b.index, 7, 5)], Some(5))),
+            S,
+        );
+        assert!(matches!(dp(&c)[..], [DatapathOp::Open { .. }]), "{c:?}");
+        // Its one block full, long after the last listing: the cap is the reason, and there is
+        // nothing to list or claim for.
+        n.handle_usage(&refused, 10 * S);
+        let c = drain(&mut n);
+        assert_eq!(n.shortage().get(&IP), Some(&Shortage::MaxBlocks));
+        assert!(
+            !c.iter().any(|c| matches!(
+                c,
+                Command::Store {
+                    op: StoreOp::List | StoreOp::Claim { .. },
+                    ..
+                }
+            )),
+            "{c:?}"
+        );
     }
 
     #[test]
