@@ -123,14 +123,16 @@ pub enum Fenced {
 }
 
 /// The blocks of one NAT IP open to new mappings, in the order the allocator tries them (the
-/// agent puts the fullest first), and the earliest valid-until among them.
+/// agent puts the fullest first), the earliest valid-until among them, and whether the node can
+/// still get another block on it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct OpenBlocks {
     pub valid_until_ns: u64,
     /// Blocks listed (`blocks[..count]`), at most [`MAX_OPEN_BLOCKS`].
     pub count: u32,
-    pub _pad: u32,
+    /// [`OpenBlocks::GROWING`].
+    pub flags: u32,
     pub blocks: [u16; MAX_OPEN_BLOCKS],
 }
 const _: () = assert!(size_of::<OpenBlocks>() == 16 + 2 * MAX_OPEN_BLOCKS);
@@ -142,6 +144,16 @@ impl Default for OpenBlocks {
 }
 
 impl OpenBlocks {
+    /// The node is below its cap on the NAT IP and a block is free or on its way (the agent's
+    /// view): a flow that finds no port is held back (its packet dropped, a SYN retransmitted a
+    /// second later finds the new block) instead of refused with a RST or an ICMP error.
+    pub const GROWING: u32 = 1;
+
+    #[inline(always)]
+    pub const fn growing(&self) -> bool {
+        self.flags & Self::GROWING != 0
+    }
+
     /// Blocks listed, capped (a torn or bad count never reads past the array).
     #[inline(always)]
     pub const fn len(&self) -> u32 {

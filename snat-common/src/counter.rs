@@ -121,6 +121,10 @@ pub enum Counter {
     /// A port was claimed in a block that closed (or went) a moment before: given back, and the
     /// flow refused as if the block had had no port.
     AllocBlockClosed,
+    /// A new flow found no port while the node was claiming another block on its NAT IP: its
+    /// packet was dropped without an answer (a retransmitted SYN or datagram gets the new block),
+    /// the flow counted as refused once like any other.
+    EgressDropAwaitingBlock,
     /// A mapping's expiry event did not fit in `SNAT_EXPIRY_EVENTS` (the controller then walks
     /// every mapping once).
     ExpiryEventsLost,
@@ -196,6 +200,7 @@ impl Counter {
         Counter::IngressDropBlockSuspended,
         Counter::IngressDropNotOurs,
         Counter::AllocBlockClosed,
+        Counter::EgressDropAwaitingBlock,
         Counter::ExpiryEventsLost,
     ];
 
@@ -274,6 +279,7 @@ impl Counter {
             IngressDropBlockSuspended => ("ingress", "drop_block_suspended"),
             IngressDropNotOurs => ("ingress", "drop_not_ours"),
             AllocBlockClosed => ("alloc", "block_closed"),
+            EgressDropAwaitingBlock => ("egress", "drop_awaiting_block"),
             ExpiryEventsLost => ("alloc", "expiry_events_lost"),
         }
     }

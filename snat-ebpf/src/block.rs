@@ -107,3 +107,14 @@ pub fn no_mapping(addr: [u8; 4], port: [u8; 2]) -> Result<Counter, Counter> {
     }
     Ok(Counter::IngressPassNoMapping)
 }
+
+/// Whether the agent is getting this node another block on NAT IP `addr` (see
+/// [`snat_common::block::OpenBlocks::GROWING`]). The flag lapses at the list's valid-until, so
+/// the flag of an agent that died stops holding flows back when its blocks stop translating.
+#[inline(always)]
+pub fn growing(addr: [u8; 4]) -> bool {
+    // SAFETY: pointer from a successful lookup; the agent replaces values whole.
+    SNAT_OPEN_BLOCKS
+        .get_ptr(addr)
+        .is_some_and(|p| unsafe { (*p).growing() && boot_now() < (*p).valid_until_ns })
+}

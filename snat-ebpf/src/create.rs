@@ -146,8 +146,14 @@ fn refuse(
     let Some(st) = alloc::state() else {
         return counter.into();
     };
-    count_refusal(key, home.unwrap_or(st.nat.addr), now, why.no_port());
+    let paired = home.unwrap_or(st.nat.addr);
+    count_refusal(key, paired, now, why.no_port());
     log_refused(ctx, key, counter);
+    // Cluster mode: no port yet, but a block is on its way: hold the flow back instead of
+    // ending it (the refusal above is what tells the agent to hurry).
+    if crate::block::layout().is_some() && why.no_port() && crate::block::growing(paired) {
+        return Counter::EgressDropAwaitingBlock.into();
+    }
     Stop {
         counter,
         action: reject::answer(ctx, ip, &st.cfg, now).unwrap_or(aya_ebpf::bindings::TC_ACT_SHOT),

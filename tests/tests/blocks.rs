@@ -210,6 +210,46 @@ fn exhaustion_is_exact_over_the_open_blocks_and_ends_when_a_block_opens() {
 }
 
 #[test]
+fn a_flow_without_a_port_is_held_back_only_while_a_block_is_on_its_way() {
+    // 8 blocks of 8 ports; one open, filled by 8 connections to one destination.
+    let mut c = cluster("40000:40063", 8);
+    c.open(3, 10);
+    for i in 0..8 {
+        c.syn(1000 + i);
+    }
+    let syn = |c: &Cluster, sport: u16| {
+        c.dp.egress(&packets::tcp((POD, sport), (REMOTE, 80), SYN, b""))
+            .0
+    };
+    // Another block on its way: the SYN is dropped without an answer (the pod retransmits it).
+    c.apply(&DatapathOp::Growing {
+        nat_ip: NAT,
+        growing: true,
+    });
+    assert_eq!(syn(&c, 2000), SHOT);
+    assert_eq!(c.dp.count(Counter::EgressDropAwaitingBlock), 1);
+    assert_eq!(c.dp.count(Counter::RejectRst), 0);
+    // Nothing on its way (the node is at its cap, or the range is full): refused with a RST.
+    c.apply(&DatapathOp::Growing {
+        nat_ip: NAT,
+        growing: false,
+    });
+    assert_eq!(syn(&c, 2001), REDIRECT, "{:?}", c.dp.nonzero());
+    assert_eq!(c.dp.count(Counter::RejectRst), 1);
+    // The flag lapses with the blocks' valid-until: an agent that died holds nothing back.
+    c.apply(&DatapathOp::Growing {
+        nat_ip: NAT,
+        growing: true,
+    });
+    c.apply(&DatapathOp::Extend {
+        valid_until: blocks::boot_now(),
+    });
+    assert_eq!(syn(&c, 2002), REDIRECT, "{:?}", c.dp.nonzero());
+    assert_eq!(c.dp.count(Counter::RejectRst), 2);
+    assert_eq!(c.dp.count(Counter::EgressDropAwaitingBlock), 1);
+}
+
+#[test]
 fn a_closed_block_translates_its_mappings_but_takes_no_new_ones() {
     let mut c = cluster("40000:40511", 64);
     c.open(3, 1);

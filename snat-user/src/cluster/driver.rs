@@ -311,10 +311,30 @@ mod tests {
         );
         let st = status.lock().unwrap().clone();
         assert!(st.ready && st.connected && st.lease.is_some(), "{st:?}");
-        assert_eq!(blocks.ops[0], DatapathOp::SetLease(st.lease));
+        // The datapath heard a block was on its way before it opened.
+        let first_open = blocks
+            .ops
+            .iter()
+            .position(|o| matches!(o, DatapathOp::Open { .. }));
+        let growing = blocks.ops.iter().position(|o| {
+            matches!(
+                o,
+                DatapathOp::Growing {
+                    nat_ip: IP,
+                    growing: true
+                }
+            )
+        });
+        assert!(growing < first_open, "{:?}", blocks.ops);
+        let ops: Vec<&DatapathOp> = blocks
+            .ops
+            .iter()
+            .filter(|o| !matches!(o, DatapathOp::Growing { .. }))
+            .collect();
+        assert_eq!(*ops[0], DatapathOp::SetLease(st.lease));
         assert!(
             matches!(
-                blocks.ops[1],
+                ops[1],
                 DatapathOp::Open {
                     block: BlockId { nat_ip: IP, .. },
                     ..

@@ -242,6 +242,9 @@ pub enum DatapathOp {
     Extend { valid_until: Nanos },
     /// The block is not ours: delete its mappings (TCP flows are answered with RSTs).
     Forget { block: BlockId },
+    /// Whether another block on the NAT IP is on its way: a flow that finds no port is then
+    /// held back (dropped, its retransmission finds the block) rather than refused.
+    Growing { nat_ip: Ipv4Addr, growing: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -415,6 +418,8 @@ pub struct Node {
     /// The first moment an unmet want of a block was seen.
     wanting_since: Option<Nanos>,
     shortage: BTreeMap<Ipv4Addr, Shortage>,
+    /// NAT IPs the datapath was last told another block is on its way for.
+    growing: BTreeSet<Ipv4Addr>,
     connected: bool,
     rng: Rng,
     /// The latest `now` handed in.
@@ -448,6 +453,7 @@ impl Node {
             list_at: None,
             wanting_since: None,
             shortage: BTreeMap::new(),
+            growing: BTreeSet::new(),
             connected: false,
             rng,
             now,
@@ -1103,6 +1109,7 @@ impl Node {
         }
         self.plan_releases(now);
         self.plan_claims(now);
+        self.tell_growth(now);
         if self.draining
             && self.phase == Phase::Ready
             && self.held.is_empty()
@@ -1321,6 +1328,41 @@ impl Node {
         }
     }
 
+    /// Tells the datapath which NAT IPs can get another block soon: the node is ready, connected,
+    /// within its lease and below its cap there, and a block of the IP is being claimed, awaits
+    /// the gateway, or was free in the last view. Otherwise a flow that finds no port is refused
+    /// at once (RST / ICMP), as holding it back would only delay the same answer.
+    fn tell_growth(&mut self, now: Nanos) {
+        if self.detached {
+            return; // nothing translates through the maps any more
+        }
+        let able =
+            self.phase == Phase::Ready && !self.draining && self.connected && self.lease_valid(now);
+        for ip in self.cfg.geometry.nat_ips.clone() {
+            let on_its_way =
+                self.held.iter().any(|(b, h)| {
+                    b.nat_ip == ip && matches!(h.state, BlockState::AwaitGateway { .. })
+                }) || self.pending.values().any(
+                    |(op, _)| matches!(op, StoreOp::Claim { block, .. } if block.nat_ip == ip),
+                );
+            let growing = able
+                && (on_its_way
+                    || self.held_on(ip) < self.max_on(ip)
+                        && (self.view.is_none() || !self.free_blocks(ip).is_empty()));
+            if growing != self.growing.contains(&ip) {
+                if growing {
+                    self.growing.insert(ip);
+                } else {
+                    self.growing.remove(&ip);
+                }
+                self.push(DatapathOp::Growing {
+                    nat_ip: ip,
+                    growing,
+                });
+            }
+        }
+    }
+
     /// Whether the latest snapshot is recent enough to pick a free block from.
     fn view_fresh(&self, now: Nanos) -> bool {
         self.view
@@ -1448,10 +1490,22 @@ mod tests {
         drain(n)
     }
 
+    /// The datapath operations queued, but for the growth flags (see [`growth`]).
     fn dp(cmds: &[Command]) -> Vec<DatapathOp> {
         cmds.iter()
             .filter_map(|c| match c {
+                Command::Datapath(DatapathOp::Growing { .. }) => None,
                 Command::Datapath(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The growth flags queued, in order.
+    fn growth(cmds: &[Command]) -> Vec<bool> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Command::Datapath(DatapathOp::Growing { growing, .. }) => Some(*growing),
                 _ => None,
             })
             .collect()
@@ -1663,6 +1717,9 @@ mod tests {
             S,
         );
         assert!(matches!(dp(&c)[..], [DatapathOp::Open { .. }]), "{c:?}");
+        // At its cap, the datapath is told no block is on its way: a flow without a port is
+        // refused at once from now on.
+        assert_eq!(growth(&c), vec![false]);
         // Its one block full, long after the last listing: the cap is the reason, and there is
         // nothing to list or claim for.
         n.handle_usage(&refused, 10 * S);

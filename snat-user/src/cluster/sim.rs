@@ -417,6 +417,8 @@ impl Datapath {
             DatapathOp::Forget { block } => {
                 self.blocks.remove(&block);
             }
+            // Only whether a flow without a port is dropped or answered: no port changes hands.
+            DatapathOp::Growing { .. } => {}
         }
     }
 }

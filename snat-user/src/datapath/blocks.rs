@@ -76,6 +76,11 @@ pub struct Blocks {
     refusals: BTreeMap<Ipv4Addr, u64>,
     /// Free ports for the busiest destination per NAT IP at the last usage read.
     free: BTreeMap<Ipv4Addr, u32>,
+    /// NAT IPs the allocator is getting another block on ([`DatapathOp::Growing`]).
+    growing: BTreeSet<Ipv4Addr>,
+    /// The latest valid-until given (open or extend): how long a growing flag holds, so a
+    /// dead agent's flag lapses with its blocks.
+    fence: Nanos,
 }
 
 /// `CLOCK_BOOTTIME` now, in ns: the clock of [`DatapathOp`] and [`Usage`].
@@ -121,6 +126,8 @@ impl Blocks {
             live: BTreeMap::new(),
             refusals: BTreeMap::new(),
             free: BTreeMap::new(),
+            growing: BTreeSet::new(),
+            fence: 0,
         };
         // Every NAT IP gets its list (ingress tells NAT IPs by it); pinned lists stay as they
         // are, rewritten from the table.
@@ -169,6 +176,10 @@ impl Blocks {
                 Ok(0)
             }
             DatapathOp::Forget { block } => self.forget(block, engine, tables),
+            DatapathOp::Growing { nat_ip, growing } => {
+                self.set_growing(nat_ip, growing)?;
+                Ok(0)
+            }
         }
     }
 
@@ -201,11 +212,26 @@ impl Blocks {
         self.table
             .insert(key, BlockEntry::new(epoch, true, valid_until), 0)
             .doing(|| format!("opening block {block}"))?;
+        self.fence = self.fence.max(valid_until);
         self.write_open(block.nat_ip)?;
         // Destinations found full may have a port now.
         let mut cfg = self.config.get(&0, 0)?;
         cfg.generation = cfg.generation.wrapping_add(1);
         self.config.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    /// Whether a flow that finds no port on `ip` is held back (a block is on its way) rather
+    /// than refused.
+    pub fn set_growing(&mut self, ip: Ipv4Addr, growing: bool) -> Result<(), DatapathError> {
+        let changed = if growing {
+            self.growing.insert(ip)
+        } else {
+            self.growing.remove(&ip)
+        };
+        if changed {
+            self.write_open(ip)?;
+        }
         Ok(())
     }
 
@@ -226,6 +252,7 @@ impl Blocks {
     /// Every held block is valid until `valid_until` (entries first, then the lists that name
     /// them).
     pub fn extend(&mut self, valid_until: Nanos) -> Result<(), DatapathError> {
+        self.fence = valid_until;
         for (key, mut e) in self.entries()? {
             e.valid_until_ns = valid_until;
             self.table
@@ -332,7 +359,8 @@ impl Blocks {
         ip: Ipv4Addr,
         entries: &[(BlockKey, BlockEntry)],
     ) -> Result<(), DatapathError> {
-        let list = open_list(ip, entries, &self.live);
+        let growing = self.growing.contains(&ip).then_some(self.fence);
+        let list = open_list(ip, entries, &self.live, growing);
         self.open
             .insert(ip.octets(), list, 0)
             .doing(|| format!("writing the open blocks of {ip}"))
@@ -506,11 +534,13 @@ fn block_id(k: &BlockKey) -> BlockId {
 
 /// The open list of `ip` from the table `entries`: its OPEN blocks, most live mappings first
 /// (then by index, for a stable order), at most [`MAX_OPEN_BLOCKS`]; valid until the earliest
-/// of theirs (0 when none is open).
+/// of theirs. `growing`: the node is getting another block, until the given fence (which is
+/// then the list's valid-until when no block is open; else 0).
 pub fn open_list(
     ip: Ipv4Addr,
     entries: &[(BlockKey, BlockEntry)],
     live: &BTreeMap<BlockId, u32>,
+    growing: Option<Nanos>,
 ) -> OpenBlocks {
     let mut open: Vec<(u32, u16, u64)> = entries
         .iter()
@@ -531,7 +561,12 @@ pub fn open_list(
     open.truncate(MAX_OPEN_BLOCKS);
     let mut list = OpenBlocks {
         count: open.len() as u32,
-        valid_until_ns: open.iter().map(|o| o.2).min().unwrap_or(0),
+        valid_until_ns: open.iter().map(|o| o.2).min().or(growing).unwrap_or(0),
+        flags: if growing.is_some() {
+            OpenBlocks::GROWING
+        } else {
+            0
+        },
         ..OpenBlocks::default()
     };
     for (slot, o) in list.blocks.iter_mut().zip(&open) {
@@ -632,12 +667,20 @@ mod tests {
             },
             5,
         );
-        let list = open_list(ip, &entries, &live);
+        let list = open_list(ip, &entries, &live, None);
         assert_eq!(list.count, 3);
         assert_eq!(&list.blocks[..3], &[3, 0, 2]);
         assert_eq!(list.valid_until_ns, 400);
-        let none = open_list(Ipv4Addr::new(198, 51, 100, 9), &entries, &live);
+        let none = open_list(Ipv4Addr::new(198, 51, 100, 9), &entries, &live, None);
         assert_eq!((none.count, none.valid_until_ns), (0, 0));
+        assert!(!list.growing() && !none.growing());
+        // Growing: flagged; an empty list holds the flag until the fence.
+        let list = open_list(ip, &entries, &live, Some(700));
+        assert!(list.growing());
+        assert_eq!(list.valid_until_ns, 400);
+        let none = open_list(Ipv4Addr::new(198, 51, 100, 9), &entries, &live, Some(700));
+        assert!(none.growing());
+        assert_eq!((none.count, none.valid_until_ns), (0, 700));
     }
 
     #[test]
