@@ -89,6 +89,28 @@ impl Cluster {
             .egress(&packets::udp((POD, sport), (REMOTE, 53), b"q"))
     }
 
+    /// Mappings the datapath created so far (what the agent gives the usage reads and polls).
+    fn created(&self) -> u64 {
+        [
+            Counter::CreatedTcp,
+            Counter::CreatedUdp,
+            Counter::CreatedIcmp,
+        ]
+        .into_iter()
+        .map(|k| self.dp.count(k))
+        .sum()
+    }
+
+    fn usage(&mut self) -> snat_user::cluster::node::Usage {
+        let created = self.created();
+        self.blocks.usage(&self.tables, created).expect("usage")
+    }
+
+    fn poll(&mut self) -> Vec<snat_user::cluster::node::Pressure> {
+        let created = self.created();
+        self.blocks.poll_pressure(created).expect("poll")
+    }
+
     fn mapping_epoch(&self, sport: u16) -> u32 {
         let key = FlowKey::new(
             6,
@@ -136,7 +158,7 @@ fn new_mappings_pack_into_the_fullest_open_block() {
     }
     c.open(1, 2);
     // The usage read sorts the open list: block 6 holds 10 mappings, block 1 none.
-    let usage = c.blocks.usage(&c.tables).expect("usage");
+    let usage = c.usage();
     let live: Vec<(u16, u32)> = usage
         .blocks
         .iter()
@@ -189,12 +211,12 @@ fn exhaustion_is_exact_over_the_open_blocks_and_ends_when_a_block_opens() {
         Some(1 | 4 | 6)
     ));
     // The allocator hears of the refusal at once.
-    let polled = c.blocks.poll_refused().expect("poll");
+    let polled = c.poll();
     assert!(
         polled.iter().any(|p| p.nat_ip == NAT && p.refused),
         "{polled:?}"
     );
-    let usage = c.blocks.usage(&c.tables).expect("usage");
+    let usage = c.usage();
     let p = usage.pressure.iter().find(|p| p.nat_ip == NAT).unwrap();
     assert_eq!(
         (p.free, p.refused),
@@ -207,6 +229,32 @@ fn exhaustion_is_exact_over_the_open_blocks_and_ends_when_a_block_opens() {
     let (ret, out) = c.udp(1024);
     assert_eq!(ret, PASS, "{:?}", c.dp.nonzero());
     assert_eq!(c.block_of(Seen::parse(&out).udp().source_port), Some(7));
+}
+
+#[test]
+fn the_poll_estimates_free_ports_from_the_mappings_created_since_the_last_read() {
+    // Two open blocks of 8: 16 ports towards one destination.
+    let mut c = cluster("40000:40063", 8);
+    c.open(2, 1);
+    c.open(5, 2);
+    let free = |ps: &[snat_user::cluster::node::Pressure]| {
+        ps.iter()
+            .find(|p| p.nat_ip == NAT)
+            .map(|p| (p.free, p.refused))
+    };
+    assert_eq!(free(&c.usage().pressure), Some((16, false)));
+    assert_eq!(c.poll(), vec![], "nothing changed");
+    for i in 0..5 {
+        c.syn(1000 + i);
+    }
+    // Five mappings later, before any full read: 11 left, by the estimate.
+    assert_eq!(free(&c.poll()), Some((11, false)));
+    assert_eq!(c.poll(), vec![]);
+    // A block opening adds its ports to the estimate at once.
+    c.open(7, 3);
+    assert_eq!(free(&c.poll()), Some((19, false)));
+    // The full read is the truth again: 24 ports, 5 used.
+    assert_eq!(free(&c.usage().pressure), Some((19, false)));
 }
 
 #[test]

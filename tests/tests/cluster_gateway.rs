@@ -94,8 +94,8 @@ fn start_node(n: &Node, etcd: &Etcd, name: &str) -> Agent {
 }
 
 /// Opens `n` connections from `pod` in rounds of 10, 400 ms apart: within the node's headroom
-/// (half a block free, read every 250 ms; a faster burst sees refusals until the next block
-/// opens, see docs/cluster.md "Pressure").
+/// (half a block free), so no SYN waits for a block (a faster burst is held back until the next
+/// block opens and its SYNs retransmitted a second later, see docs/cluster.md "Pressure").
 fn hold(pod: &Netns, n: usize, to: SocketAddrV4, agent: &Agent) -> Vec<TcpClient> {
     let mut held = Vec::new();
     while held.len() < n {

@@ -99,17 +99,21 @@ fn a_node_leases_blocks_as_its_pods_need_them_and_gives_them_back() {
     assert_eq!(c["connected"], true);
     assert!(c["fence_in_seconds"].as_f64().unwrap() > 5.0, "{c}");
 
-    // 150 connections back to back, faster than the node's usage reads (every 250 ms) can see
-    // its block filling: a SYN that finds no port while another block is on its way is held
-    // back, not refused, and its retransmission a second later gets the new block. It grows to
-    // three blocks, and every connection succeeds.
+    // 150 connections at once (a thread each), faster than any read of the node's usage: a
+    // SYN that finds no port while another block is on its way is held back, not refused, and
+    // its retransmission a second later gets the new block. It grows to three blocks, and every
+    // connection succeeds.
     let mut held: Vec<TcpClient> = topo.pods[0].ns.run(move || {
-        (0..150)
+        // Threads made here share the pod's namespace.
+        let threads: Vec<_> = (0..150)
             .map(|i| {
-                TcpClient::connect(to, Duration::from_secs(8))
-                    .unwrap_or_else(|e| panic!("flow {i}: {e}"))
+                std::thread::spawn(move || {
+                    TcpClient::connect(to, Duration::from_secs(8))
+                        .unwrap_or_else(|e| panic!("flow {i}: {e}"))
+                })
             })
-            .collect()
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
     assert!(agent.counter("egress", "drop_awaiting_block") > 0);
     assert_eq!(agent.counter("reject", "rst_sent"), 0);

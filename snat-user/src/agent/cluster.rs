@@ -171,6 +171,17 @@ pub struct AgentBlocks {
     pub blocks: Blocks,
 }
 
+impl AgentBlocks {
+    /// Mappings the datapath has created so far (every protocol and NAT IP).
+    fn created(&self) -> anyhow::Result<u64> {
+        let c = &self.state.counters;
+        use snat_common::Counter;
+        Ok(c.get(Counter::CreatedTcp)?
+            + c.get(Counter::CreatedUdp)?
+            + c.get(Counter::CreatedIcmp)?)
+    }
+}
+
 impl driver::Blocks for AgentBlocks {
     fn apply(&mut self, op: &node::DatapathOp) -> anyhow::Result<()> {
         let engine = lock(&self.state.engine);
@@ -180,15 +191,14 @@ impl driver::Blocks for AgentBlocks {
     }
 
     fn usage(&mut self) -> anyhow::Result<Usage> {
+        let created = self.created()?;
         let tables = lock(&self.state.tables);
-        Ok(self.blocks.usage(&tables)?)
+        Ok(self.blocks.usage(&tables, created)?)
     }
 
-    fn pressure(&mut self) -> anyhow::Result<Usage> {
-        Ok(Usage {
-            blocks: vec![],
-            pressure: self.blocks.poll_refused()?,
-        })
+    fn pressure(&mut self) -> anyhow::Result<Vec<node::Pressure>> {
+        let created = self.created()?;
+        Ok(self.blocks.poll_pressure(created)?)
     }
 }
 

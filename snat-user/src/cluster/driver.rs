@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 
 use super::node::{
-    Command, DatapathOp, Node, OpId, Status, StoreError, StoreOp, StoreReply, Usage,
+    Command, DatapathOp, Node, OpId, Pressure, Status, StoreError, StoreOp, StoreReply, Usage,
 };
 
 /// One store operation, completed or failed within the store's deadline.
@@ -35,9 +35,10 @@ pub trait Blocks {
     fn apply(&mut self, op: &DatapathOp) -> anyhow::Result<()>;
     /// Per-block mapping counts and activity, and the pressure (a full read).
     fn usage(&mut self) -> anyhow::Result<Usage>;
-    /// Only the pressure (cheap: polled every few milliseconds so a refused flow gets a claim
-    /// at once).
-    fn pressure(&mut self) -> anyhow::Result<Usage>;
+    /// What changed in the pressure since the last poll: refusals, a lower estimate of free
+    /// ports (cheap: polled every few milliseconds so a block is claimed before the next full
+    /// read, or at once after a refusal).
+    fn pressure(&mut self) -> anyhow::Result<Vec<Pressure>>;
 }
 
 impl<B: Blocks + ?Sized> Blocks for &mut B {
@@ -47,7 +48,7 @@ impl<B: Blocks + ?Sized> Blocks for &mut B {
     fn usage(&mut self) -> anyhow::Result<Usage> {
         (**self).usage()
     }
-    fn pressure(&mut self) -> anyhow::Result<Usage> {
+    fn pressure(&mut self) -> anyhow::Result<Vec<Pressure>> {
         (**self).pressure()
     }
 }
@@ -147,8 +148,10 @@ pub async fn run<S: Store, B: Blocks>(
                 }
             }
             _ = pressure.tick() => {
-                let u = blocks.pressure().context("reading the datapath's port pressure")?;
-                node.handle_usage(&u, boottime_ns());
+                let p = blocks.pressure().context("reading the datapath's port pressure")?;
+                if !p.is_empty() {
+                    node.handle_pressure(&p, boottime_ns());
+                }
             }
             changed = stop.changed() => {
                 let what = if changed.is_err() { Stop::Keep } else { *stop.borrow() };
@@ -227,17 +230,17 @@ mod tests {
             Ok(())
         }
         fn usage(&mut self) -> anyhow::Result<Usage> {
-            self.pressure()
-        }
-        fn pressure(&mut self) -> anyhow::Result<Usage> {
             Ok(Usage {
                 blocks: vec![],
-                pressure: vec![Pressure {
-                    nat_ip: IP,
-                    free: if self.open() { 64 } else { 0 },
-                    refused: !self.open(),
-                }],
+                pressure: self.pressure()?,
             })
+        }
+        fn pressure(&mut self) -> anyhow::Result<Vec<Pressure>> {
+            Ok(vec![Pressure {
+                nat_ip: IP,
+                free: if self.open() { 64 } else { 0 },
+                refused: !self.open(),
+            }])
         }
     }
 

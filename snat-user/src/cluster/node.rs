@@ -621,6 +621,22 @@ impl Node {
         self.step(now);
     }
 
+    /// A poll between full reads ([`Node::handle_usage`]): a refusal, or a lower estimate of the
+    /// free ports. It never clears a refusal noted (only a full read can say there is room).
+    pub fn handle_pressure(&mut self, pressure: &[Pressure], now: Nanos) {
+        if self.detached {
+            return;
+        }
+        for p in pressure {
+            let e = self.pressure.entry(p.nat_ip).or_insert(*p);
+            *e = Pressure {
+                refused: p.refused || e.refused,
+                ..*p
+            };
+        }
+        self.step(now);
+    }
+
     pub fn handle_usage(&mut self, usage: &Usage, now: Nanos) {
         if self.detached {
             return; // the maps still hold mappings nothing translates any more
@@ -1735,6 +1751,75 @@ mod tests {
             )),
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn a_poll_below_low_water_claims_and_never_clears_a_refusal() {
+        let mut n = ready(0);
+        // The first block, through a full read that shows it empty.
+        n.handle_usage(
+            &Usage {
+                blocks: vec![],
+                pressure: vec![Pressure {
+                    nat_ip: IP,
+                    free: 0,
+                    refused: true,
+                }],
+            },
+            S,
+        );
+        let c = drain(&mut n);
+        let c = answer(&mut n, &c, StoreReply::Listed(snapshot(4, &[], Some(4))), S);
+        let StoreOp::Claim { block: b, .. } = op(&c).1 else {
+            panic!("{c:?}")
+        };
+        let c = answer(&mut n, &c, StoreReply::Claimed { epoch: 5 }, S);
+        answer(
+            &mut n,
+            &c,
+            StoreReply::Listed(snapshot(5, &[(b.index, 7, 5)], Some(5))),
+            S,
+        );
+        let room = |free| Pressure {
+            nat_ip: IP,
+            free,
+            refused: false,
+        };
+        n.handle_usage(
+            &Usage {
+                blocks: vec![],
+                pressure: vec![room(64)],
+            },
+            S,
+        );
+        assert!(!n.wants(IP));
+        // A poll's estimate falls below low water (16): the next block is asked for now.
+        n.handle_pressure(&[room(10)], S);
+        assert!(n.wants(IP));
+        let c = drain(&mut n);
+        assert!(
+            matches!(op(&c).1, StoreOp::List | StoreOp::Claim { .. }),
+            "{c:?}"
+        );
+        // A refusal noted stays through a poll that estimates room; a full read clears it.
+        n.handle_pressure(
+            &[Pressure {
+                nat_ip: IP,
+                free: 0,
+                refused: true,
+            }],
+            S,
+        );
+        n.handle_pressure(&[room(40)], S);
+        assert!(n.wants(IP));
+        n.handle_usage(
+            &Usage {
+                blocks: vec![],
+                pressure: vec![room(40)],
+            },
+            S,
+        );
+        assert!(!n.wants(IP));
     }
 
     #[test]

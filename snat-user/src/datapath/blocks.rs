@@ -74,8 +74,13 @@ pub struct Blocks {
     live: BTreeMap<BlockId, u32>,
     /// Refusals per NAT IP (over protocols and CPUs) at the last read.
     refusals: BTreeMap<Ipv4Addr, u64>,
-    /// Free ports for the busiest destination per NAT IP at the last usage read.
+    /// Free ports for the busiest destination per NAT IP at the last usage read, plus the
+    /// ports of blocks opened since.
     free: BTreeMap<Ipv4Addr, u32>,
+    /// Mappings the datapath had created (all NAT IPs) at the last usage read.
+    created_at_read: u64,
+    /// The estimate of free ports per NAT IP the last poll reported.
+    estimated: BTreeMap<Ipv4Addr, u32>,
     /// NAT IPs the allocator is getting another block on ([`DatapathOp::Growing`]).
     growing: BTreeSet<Ipv4Addr>,
     /// The latest valid-until given (open or extend): how long a growing flag holds, so a
@@ -126,6 +131,8 @@ impl Blocks {
             live: BTreeMap::new(),
             refusals: BTreeMap::new(),
             free: BTreeMap::new(),
+            created_at_read: 0,
+            estimated: BTreeMap::new(),
             growing: BTreeSet::new(),
             fence: 0,
         };
@@ -209,6 +216,13 @@ impl Blocks {
             )));
         }
         let key = BlockKey::new(block.nat_ip.octets(), block.index);
+        if self
+            .entry(&key)?
+            .is_none_or(|e| e.flags & BlockEntry::OPEN == 0)
+        {
+            // Its ports count towards the estimate until the next usage read.
+            *self.free.entry(block.nat_ip).or_default() += self.layout.size();
+        }
         self.table
             .insert(key, BlockEntry::new(epoch, true, valid_until), 0)
             .doing(|| format!("opening block {block}"))?;
@@ -388,19 +402,30 @@ impl Blocks {
         Ok(out)
     }
 
-    /// Per NAT IP: whether a flow was refused for want of a port since the last read, with the
-    /// free ports of the last [`Blocks::usage`]. A few map reads: cheap enough to poll every few
-    /// milliseconds, so the allocator hears of a refusal at once.
-    pub fn poll_refused(&mut self) -> Result<Vec<Pressure>, DatapathError> {
+    /// Per NAT IP, what changed since the last poll: a flow refused for want of a port, or fewer
+    /// free ports by the estimate — the last usage read's free ports (plus blocks opened since)
+    /// less every mapping created since (`created`: the datapath's count over all NAT IPs, so
+    /// the estimate errs low, towards claiming early). A few map reads: cheap enough to poll
+    /// every few milliseconds, so the allocator hears of pressure before the next full read.
+    pub fn poll_pressure(&mut self, created: u64) -> Result<Vec<Pressure>, DatapathError> {
         let now = self.read_refusals()?;
+        let since = u32::try_from(created.saturating_sub(self.created_at_read)).unwrap_or(u32::MAX);
         let mut out = Vec::new();
-        for (&ip, &n) in &now {
+        for &ip in &self.geometry.nat_ips {
             let before = self.refusals.get(&ip).copied().unwrap_or(0);
-            if n != before {
+            let refused = now.get(&ip).copied().unwrap_or(0) != before;
+            let free = self
+                .free
+                .get(&ip)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(since);
+            let last = self.estimated.insert(ip, free);
+            if refused || last != Some(free) {
                 out.push(Pressure {
                     nat_ip: ip,
-                    free: self.free.get(&ip).copied().unwrap_or(0),
-                    refused: true,
+                    free,
+                    refused,
                 });
             }
         }
@@ -412,7 +437,10 @@ impl Blocks {
     /// its live mappings and when one was last seen (in boot time), and per NAT IP the free ports
     /// a new flow to its busiest destination could get in the open blocks, and whether a flow was
     /// refused since the last read. Also re-sorts the open lists, fullest first.
-    pub fn usage(&mut self, tables: &Tables) -> Result<Usage, DatapathError> {
+    /// `created`: the datapath's count of mappings created, read before this call (the base of
+    /// [`Blocks::poll_pressure`]'s estimate).
+    pub fn usage(&mut self, tables: &Tables, created: u64) -> Result<Usage, DatapathError> {
+        self.created_at_read = created;
         let entries = self.entries()?;
         let held: BTreeMap<BlockId, BlockEntry> =
             entries.iter().map(|(k, e)| (block_id(k), *e)).collect();
@@ -471,6 +499,7 @@ impl Blocks {
                 .unwrap_or(0);
             let free = open_ports.saturating_sub(busiest);
             self.free.insert(ip, free);
+            self.estimated.insert(ip, free);
             let before = self.refusals.get(&ip).copied().unwrap_or(0);
             pressure.push(Pressure {
                 nat_ip: ip,
