@@ -29,6 +29,8 @@
 
 #[path = "bench/churn.rs"]
 mod churn;
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "bench/datapath.rs"]
 mod datapath;
 #[path = "bench/dns.rs"]
@@ -196,7 +198,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--only" => {
                 let list = it
                     .next()
-                    .context("--only needs a list: net,exhaustion,datapath,scale,dns")?;
+                    .context("--only needs a list: net,exhaustion,datapath,scale,dns,cluster")?;
                 args.only = Some(list.split(',').map(str::to_owned).collect());
             }
             "--dns-queries" => {
@@ -205,7 +207,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--dns-secs" => args.dns_secs = Some(bounded(&a, it.next(), 1, dns::MAX_SECS)?),
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--quick] [--out DIR] [--only net,exhaustion,datapath,scale,dns]\n\
+                    "usage: bench [--quick] [--out DIR] [--only net,exhaustion,datapath,scale,dns,cluster]\n\
                      \x20            [--dns-queries N (1-{}, default 20000, --quick 2000)]\n\
                      \x20            [--dns-secs S (1-{}, default 60, --quick 10)]\n\
                      Run it with `cargo xtask bench [--quick]` (as root).",
@@ -333,6 +335,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 dns::run(&plan, &mut |r| results.dns.push(r))
             }));
             settle_failure(run, &mut results, "DNS queries: stopped early")?;
+        }
+        check()?;
+        if wants(only, "cluster") {
+            say("cluster mode: three nodes share one NAT IP through snat gateway");
+            let mut measured = cluster::Cluster::default();
+            let run =
+                std::panic::catch_unwind(AssertUnwindSafe(|| cluster::run(&plan, &mut measured)));
+            results.cluster = Some(measured);
+            settle_failure(run, &mut results, "cluster mode: stopped early")?;
         }
         check()
     })();

@@ -87,6 +87,7 @@ pub struct Results {
     pub exhaustion: Option<Exhaustion>,
     pub scale: Vec<scale::Row>,
     pub dns: Vec<crate::dns::Run>,
+    pub cluster: Option<crate::cluster::Cluster>,
     pub elapsed: Duration,
 }
 
@@ -263,6 +264,7 @@ impl Results {
             exhaustion: None,
             scale: Vec::new(),
             dns: Vec::new(),
+            cluster: None,
             elapsed: Duration::ZERO,
         }
     }
@@ -423,6 +425,14 @@ impl Results {
                 "contender": r.contender, "timer": r.timer, "sent": r.sent,
                 "answered": r.answered, "secs": r.secs, "peak": r.peak, "end": r.end,
             })).collect::<Vec<_>>(),
+            "cluster": self.cluster.as_ref().map(|c| json!({
+                "waits_ms": c.waits_ms, "blocks_without_wait": c.no_wait,
+                "probes_sent": c.probes.0, "probes_answered": c.probes.1,
+                "claims_per_node": c.claims, "claims_lost": c.claims_lost,
+                "claim_secs": c.claim_secs, "connections_per_pod": c.conns,
+                "growing_secs": c.growing_secs, "held_secs": c.held_secs,
+                "grown_blocks": c.grown_blocks, "held_back_packets": c.held_back,
+            })),
             "notes": self.notes,
         })
     }
@@ -510,6 +520,7 @@ impl Results {
         self.scale_table(&mut s);
         self.exhaustion_table(&mut s);
         self.dns_table(&mut s);
+        self.cluster_table(&mut s);
         self.method(&mut s);
         if !self.notes.is_empty() {
             let _ = writeln!(s, "## Notes from this run\n");
@@ -1009,6 +1020,77 @@ impl Results {
             );
         }
         s.push('\n');
+    }
+
+    fn cluster_table(&self, s: &mut String) {
+        let _ = writeln!(s, "## 9. Cluster mode: blocks on demand\n");
+        let Some(c) = &self.cluster else {
+            let _ = writeln!(s, "Not measured in this run.\n");
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "Three nodes share one NAT IP behind `snat gateway`, etcd 3.4 (one member) in a \
+             namespace of its own, range {} blocks of 64 (see `tests/examples/bench/cluster.rs`). \
+             Each part has a lab of its own.\n",
+            crate::cluster::blocks_in_range()
+        );
+        let mut w = c.waits_ms.clone();
+        w.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            if w.is_empty() {
+                f64::NAN
+            } else {
+                w[((w.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        let _ = writeln!(
+            s,
+            "- **Pressure → usable new block** (claim in etcd, gateway applied, block open), as a \
+             pod sees it: UDP probes from fresh source ports back to back, each waiting 2 ms for \
+             its answer; a wait runs from the first unanswered probe (held back: \
+             `drop_awaiting_block`) to the first answered one. {} waits: p50 {:.0} ms, p90 {:.0} \
+             ms, p99 {:.0} ms (max {:.0} ms); {} more blocks came before the open ones ran out \
+             (no wait). {} of {} probes answered.",
+            w.len(),
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            w.last().copied().unwrap_or(f64::NAN),
+            c.no_wait,
+            thousands(c.probes.1 as f64),
+            thousands(c.probes.0 as f64)
+        );
+        let total: u64 = c.claims.iter().sum();
+        let _ = writeln!(
+            s,
+            "- **Claims per second, three nodes contending** (all three pods probing at once for \
+             {:.1} s): {} claims ({}), {:.0} per second; {} lost to another node's claim of the \
+             same block.",
+            c.claim_secs,
+            total,
+            c.claims
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" + "),
+            total as f64 / c.claim_secs.max(1e-9),
+            c.claims_lost
+        );
+        let n = 3.0 * c.conns as f64;
+        let _ = writeln!(
+            s,
+            "- **Connections per second while blocks are being claimed**: three pods open {} TCP \
+             connections each at once and hold them: {:.0}/s while the nodes claim {} blocks on \
+             the way ({} SYNs held back and retransmitted), {:.0}/s for the same once the \
+             connections closed and the nodes still hold the blocks: **{:.2}×**.\n",
+            c.conns,
+            n / c.growing_secs.max(1e-9),
+            c.grown_blocks,
+            c.held_back,
+            n / c.held_secs.max(1e-9),
+            c.held_secs / c.growing_secs.max(1e-9)
+        );
     }
 
     fn exhaustion_table(&self, s: &mut String) {

@@ -4,7 +4,8 @@
 
 /// `(program looked up on PATH, Debian package that provides it)`: the nftables baseline, bulk
 /// TCP (iperf3, and `ss` to see its server listen), flushing the node's conntrack table between
-/// nftables runs, offloads, the namespaces and their sysctls (`ip netns exec … sysctl`).
+/// nftables runs, offloads, the namespaces and their sysctls (`ip netns exec … sysctl`), and
+/// etcd for the cluster section.
 pub const BENCH_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("iperf3", "iperf3"),
@@ -13,4 +14,7 @@ pub const BENCH_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("sysctl", "procps"),
+    // Cluster mode: etcd in a namespace of the bench's own.
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
 ];

@@ -1,0 +1,437 @@
+//! Cluster mode (issue 14): three nodes share ONE NAT IP behind a gateway namespace running
+//! `snat gateway`, with etcd (one member, on tmpfs) in a namespace of its own and a server behind
+//! the gateway; port range 32768:65535 cut into 512 blocks of 64. Three figures, each in a lab of
+//! its own:
+//!
+//! 1. **Pressure → usable new block**, as a pod sees it: a pod sends UDP probes to one server port
+//!    back to back, each from a fresh source port (so each takes a port of the node's blocks), and
+//!    waits 2 ms for each answer. When the node's open blocks have no port left, probes go
+//!    unanswered (held back, `drop_awaiting_block`) until the next block is claimed in etcd,
+//!    applied by the gateway and opened; the time from the first unanswered probe to the first
+//!    answered one after it is one sample (2 ms resolution). A block claimed before the open ones
+//!    ran out (the headroom) costs the pod nothing: counted apart.
+//! 2. **Claims per second, three nodes contending**: all three pods probe at once for a fixed
+//!    window; the nodes' successful claims (and claims lost to another node) over the window.
+//! 3. **Connections per second while blocks are being claimed**: the three pods open TCP
+//!    connections at once and hold them, first with one block each (every further block is
+//!    claimed on the way), then again once those connections closed while the nodes still hold
+//!    the blocks (a cool-down of 60 s keeps them): the first pass over the second is the cost of
+//!    growing on demand.
+//!
+//! Network safety: the harness's namespaces and veths only (its per-process prefix), removed on
+//! drop; etcd and the gateway run inside them. Every loop is bounded in count and time.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+use tests::{
+    agent::{snat_bin, Agent},
+    etcd::{Etcd, Link},
+    netns::{unique_prefix, veth, Netns},
+    traffic::{wait_for, TcpClient, TcpServer, UdpServer},
+};
+
+use crate::{say, Plan};
+
+const NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const RANGE: &str = "32768:65535";
+const BLOCK: u32 = 64;
+/// Source ports of the probes: `FIRST_PORT + i`, below the range.
+const FIRST_PORT: u16 = 1024;
+const MAX_PROBES: u32 = 9000;
+
+/// What the section measured.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    /// Pressure → usable block, ms, one per block the pod had to wait for.
+    pub waits_ms: Vec<f64>,
+    /// Blocks claimed before the pod ran out (no wait).
+    pub no_wait: u64,
+    /// Probes sent and answered in part 1.
+    pub probes: (u64, u64),
+    /// Part 2: successful claims per node, claims lost to another node, the window (s).
+    pub claims: Vec<u64>,
+    pub claims_lost: u64,
+    pub claim_secs: f64,
+    /// Part 3: connections per node; seconds for all of them while growing and with the
+    /// blocks held; blocks claimed during the first pass.
+    pub conns: u64,
+    pub growing_secs: f64,
+    pub held_secs: f64,
+    pub grown_blocks: u64,
+    pub held_back: u64,
+}
+
+struct Node {
+    ns: Netns,
+    uplink: String,
+    pod: Netns,
+    pod_addr: Ipv4Addr,
+}
+
+/// A `snat gateway` process, stopped on drop.
+struct GatewayProc(Child, PathBuf);
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// Three nodes, the gateway, etcd and the server (dropped in reverse: agents first).
+struct Lab {
+    agents: Vec<Agent>,
+    _gateway: GatewayProc,
+    _links: Vec<Link>,
+    etcd: Etcd,
+    nodes: Vec<Node>,
+    server: Netns,
+    _gw: Netns,
+}
+
+fn node(p: &str, i: u8, gw: &Netns) -> Node {
+    let ns = Netns::new(&format!("{p}-n{i}"));
+    let uplink = format!("{p}-u{i}");
+    let gw_side = format!("{p}-g{i}");
+    veth(&ns, &uplink, gw, &gw_side);
+    gw.ip(&["addr", "add", &format!("10.77.{i}.1/24"), "dev", &gw_side]);
+    ns.ip(&["addr", "add", &format!("10.77.{i}.2/24"), "dev", &uplink]);
+    ns.ip(&["route", "add", "default", "via", &format!("10.77.{i}.1")]);
+    ns.sysctl("net.ipv4.ip_forward=1");
+    let pod = Netns::new(&format!("{p}-p{i}"));
+    let (pi, ni) = (format!("{p}-pp{i}"), format!("{p}-pn{i}"));
+    veth(&pod, &pi, &ns, &ni);
+    let pod_addr = Ipv4Addr::new(10, 1, i, 2);
+    pod.ip(&["addr", "add", &format!("{pod_addr}/24"), "dev", &pi]);
+    pod.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")]);
+    ns.ip(&["addr", "add", &format!("10.1.{i}.1/24"), "dev", &ni]);
+    Node {
+        ns,
+        uplink,
+        pod,
+        pod_addr,
+    }
+}
+
+impl Lab {
+    /// The lab with `cooldown` (`--block-cooldown`) on every node.
+    fn new(cooldown: &str) -> anyhow::Result<Self> {
+        let p = unique_prefix();
+        let server = Netns::new(&format!("{p}-srv"));
+        let gw = Netns::new(&format!("{p}-gw"));
+        let (s0, g0) = (format!("{p}-s0"), format!("{p}-gs"));
+        veth(&server, &s0, &gw, &g0);
+        server.ip(&["addr", "add", "203.0.113.10/24", "dev", &s0]);
+        server.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        gw.ip(&["addr", "add", "203.0.113.1/24", "dev", &g0]);
+        gw.sysctl("net.ipv4.ip_forward=1");
+        let nodes: Vec<Node> = (1..=3).map(|i| node(&p, i, &gw)).collect();
+        let etcd = Etcd::start(1);
+        let mut links = vec![etcd.connect(&gw)];
+        links.extend(nodes.iter().map(|n| etcd.connect(&n.ns)));
+        let endpoints = etcd.endpoints().join(",");
+        let start = |i: usize| {
+            let n: &Node = &nodes[i];
+            let name = format!("node-{}", i + 1);
+            Agent::start(
+                &n.ns,
+                &n.uplink,
+                &[
+                    "--internal",
+                    "10.1.0.0/16",
+                    "--max-mappings",
+                    "65536",
+                    "--nat-ip",
+                    &NAT.to_string(),
+                    "--port-range",
+                    RANGE,
+                    "--etcd-endpoints",
+                    &endpoints,
+                    "--node-name",
+                    &name,
+                    "--block-cooldown",
+                    cooldown,
+                    "--tcp-fin-timeout",
+                    "1s",
+                ],
+            )
+        };
+        let mut agents = vec![start(0)];
+        // The gateway once the geometry is in etcd; the other nodes once it registered, so
+        // every claim waits for it.
+        let log = std::env::temp_dir().join(format!("{p}-gateway.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &gw.name])
+            .arg(snat_bin())
+            .args(["gateway", "--iface", &g0, "--etcd-endpoints", &endpoints])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting snat gateway")?;
+        let gateway = GatewayProc(child, log.clone());
+        wait_for(Duration::from_secs(15), || {
+            let o = etcd.etcdctl(&["get", "--prefix", "/snat/v1/gateways/", "--keys-only"]);
+            (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(())
+        })
+        .with_context(|| {
+            format!(
+                "the gateway did not register:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+        agents.push(start(1));
+        agents.push(start(2));
+        let lab = Self {
+            agents,
+            _gateway: gateway,
+            _links: links,
+            etcd,
+            nodes,
+            server,
+            _gw: gw,
+        };
+        // Every node at its minimum (one block) before anything is measured.
+        for a in &lab.agents {
+            wait_for(Duration::from_secs(20), || {
+                (open_blocks(a) >= 1).then_some(())
+            })
+            .context("a node got no block within 20 s")?;
+        }
+        Ok(lab)
+    }
+
+    fn server(&self) -> &Netns {
+        &self.server
+    }
+}
+
+fn cluster(a: &Agent) -> Value {
+    a.json("status", &[])["cluster"].clone()
+}
+
+fn open_blocks(a: &Agent) -> u64 {
+    cluster(a)["blocks"].as_array().map_or(0, |b| {
+        b.iter().filter(|b| b["state"] == "open").count() as u64
+    })
+}
+
+/// Claims of the node by result.
+fn claims(a: &Agent, result: &str) -> u64 {
+    cluster(a)["claims"][result].as_u64().unwrap_or(0)
+}
+
+/// One probe: sent at, answered.
+type Probe = (Instant, bool);
+
+/// Probes from `pod` to the server's port 9000 back to back, each from the next source port,
+/// waiting 2 ms for the answer; stops after `want_waits` waits (a run of unanswered probes
+/// ended by an answered one), `max` probes, or at `deadline`.
+fn probe(pod: Ipv4Addr, want_waits: usize, max: u32, deadline: Instant) -> Vec<Probe> {
+    let to = SocketAddrV4::new(SERVER, 9000);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64];
+    let (mut waits, mut waiting) = (0, false);
+    for i in 0..max {
+        if crate::interrupted() || Instant::now() > deadline || waits >= want_waits {
+            break;
+        }
+        let Ok(sock) = UdpSocket::bind(SocketAddrV4::new(pod, FIRST_PORT + i as u16)) else {
+            continue;
+        };
+        let _ = sock.set_read_timeout(Some(Duration::from_millis(2)));
+        let at = Instant::now();
+        if sock.send_to(b"p", to).is_err() {
+            continue;
+        }
+        let answered = sock.recv_from(&mut buf).is_ok();
+        if !answered {
+            waiting = true;
+        } else if waiting {
+            waiting = false;
+            waits += 1;
+        }
+        out.push((at, answered));
+    }
+    out
+}
+
+/// The waits in `probes`: first unanswered probe → first answered one after it, ms.
+fn waits(probes: &[Probe]) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut since = None;
+    for &(at, answered) in probes {
+        match (answered, since) {
+            (false, None) => since = Some(at),
+            (true, Some(t0)) => {
+                out.push(at.duration_since(t0).as_secs_f64() * 1e3);
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Opens `n` TCP connections from each pod at once (a thread per pod); returns them and the
+/// seconds until the last one was up.
+fn connect_all(lab: &Lab, n: u64) -> anyhow::Result<(Vec<TcpClient>, f64)> {
+    let to = SocketAddrV4::new(SERVER, 8080);
+    let started = Instant::now();
+    let handles: Vec<_> = lab
+        .nodes
+        .iter()
+        .map(|node| {
+            node.pod.spawn(move || {
+                (0..n)
+                    .map(|_| TcpClient::connect(to, Duration::from_secs(10)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for h in handles {
+        let conns = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a pod's connections panicked"))?
+            .context("a connection failed")?;
+        all.extend(conns);
+    }
+    Ok((all, started.elapsed().as_secs_f64()))
+}
+
+pub fn run(plan: &Plan, out: &mut Cluster) -> anyhow::Result<()> {
+    let samples = if plan.quick { 8 } else { 30 };
+    // 1. Pressure → usable block, one node growing (the others idle at their minimum).
+    {
+        let lab = Lab::new("20s")?;
+        let _udp = UdpServer::start(lab.server(), SocketAddrV4::new(SERVER, 9000));
+        let before = open_blocks(&lab.agents[0]);
+        let pod = lab.nodes[0].pod_addr;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let probes = lab.nodes[0]
+            .pod
+            .run(move || probe(pod, samples, MAX_PROBES, deadline));
+        let grown = open_blocks(&lab.agents[0]).saturating_sub(before);
+        out.waits_ms = waits(&probes);
+        out.no_wait = grown.saturating_sub(out.waits_ms.len() as u64);
+        out.probes = (
+            probes.len() as u64,
+            probes.iter().filter(|p| p.1).count() as u64,
+        );
+        say(format_args!(
+            "  pressure → usable block: {} waits, {} blocks without one ({} of {} probes answered)",
+            out.waits_ms.len(),
+            out.no_wait,
+            out.probes.1,
+            out.probes.0
+        ));
+        crate::check()?;
+    }
+    // 2. Three nodes claiming at once.
+    {
+        let lab = Lab::new("20s")?;
+        let _udp = UdpServer::start(lab.server(), SocketAddrV4::new(SERVER, 9000));
+        let before: Vec<(u64, u64)> = lab
+            .agents
+            .iter()
+            .map(|a| (claims(a, "ok"), claims(a, "taken")))
+            .collect();
+        let secs = if plan.quick { 3.0 } else { 8.0 };
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs_f64(secs);
+        let handles: Vec<_> = lab
+            .nodes
+            .iter()
+            .map(|n| {
+                let pod = n.pod_addr;
+                n.pod
+                    .spawn(move || probe(pod, usize::MAX, MAX_PROBES, deadline))
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a pod's probes panicked"))?;
+        }
+        out.claim_secs = started.elapsed().as_secs_f64();
+        out.claims = lab
+            .agents
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| claims(a, "ok").saturating_sub(b.0))
+            .collect();
+        out.claims_lost = lab
+            .agents
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| claims(a, "taken").saturating_sub(b.1))
+            .sum();
+        let blocks = lab.etcd.blocks().len();
+        say(format_args!(
+            "  three nodes contending: {:?} claims in {:.1} s ({} lost to another node; {blocks} blocks held)",
+            out.claims, out.claim_secs, out.claims_lost
+        ));
+        crate::check()?;
+    }
+    // 3. Connections while growing, then with the blocks held.
+    {
+        let lab = Lab::new("60s")?;
+        let _tcp = TcpServer::start(lab.server(), SocketAddrV4::new(SERVER, 8080));
+        let n = if plan.quick { 200 } else { 600 };
+        let before: u64 = lab.agents.iter().map(open_blocks).sum();
+        let (conns, growing) = connect_all(&lab, n)?;
+        out.grown_blocks = lab
+            .agents
+            .iter()
+            .map(open_blocks)
+            .sum::<u64>()
+            .saturating_sub(before);
+        out.held_back = lab
+            .agents
+            .iter()
+            .map(|a| a.counter("egress", "drop_awaiting_block"))
+            .sum();
+        drop(conns);
+        // The closed connections' ports free after the FIN timeout (1 s); the blocks stay for
+        // the cool-down (60 s).
+        let freed = wait_for(Duration::from_secs(20), || {
+            lab.agents
+                .iter()
+                .all(|a| a.mappings("tcp") == 0)
+                .then_some(())
+        });
+        if freed.is_none() {
+            bail!("the first pass's connections were still mapped after 20 s");
+        }
+        let (conns, held) = connect_all(&lab, n)?;
+        drop(conns);
+        out.conns = n;
+        out.growing_secs = growing;
+        out.held_secs = held;
+        say(format_args!(
+            "  {n} connections per pod on three pods: {:.0}/s while claiming {} blocks, {:.0}/s with them held",
+            3.0 * n as f64 / growing,
+            out.grown_blocks,
+            3.0 * n as f64 / held
+        ));
+    }
+    Ok(())
+}
+
+/// Blocks in the range (for the report).
+pub fn blocks_in_range() -> u32 {
+    let (lo, hi) = RANGE.split_once(':').expect("lo:hi");
+    let (lo, hi): (u32, u32) = (lo.parse().expect("lo"), hi.parse().expect("hi"));
+    (hi - lo + 1) / BLOCK
+}
