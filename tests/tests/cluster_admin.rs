@@ -4,6 +4,7 @@
 //! endpoint within seconds. Node B's agent is killed with SIGKILL: a release is refused while
 //! B's lease is healthy; with `--dead` B's blocks are quarantined and its lease revoked, and node
 //! A, short of ports, gets one of them only once the cool-down has passed since the release.
+//! Without `--dead`, a release goes ahead once the dead node's lease is within the fence margin.
 
 use std::{
     net::SocketAddrV4,
@@ -23,6 +24,10 @@ use tests::{
 const COOLDOWN: Duration = Duration::from_secs(3);
 
 fn start(topo: &Topology, etcd: &Etcd, name: &str, min_blocks: &str) -> Agent {
+    start_with(topo, etcd, name, min_blocks, "2s")
+}
+
+fn start_with(topo: &Topology, etcd: &Etcd, name: &str, min_blocks: &str, margin: &str) -> Agent {
     let endpoints = etcd.endpoints().join(",");
     let nat = NAT_IP.to_string();
     Agent::start(
@@ -48,7 +53,7 @@ fn start(topo: &Topology, etcd: &Etcd, name: &str, min_blocks: &str) -> Agent {
             "--block-cooldown",
             "3s",
             "--fence-margin",
-            "2s",
+            margin,
         ],
     )
 }
@@ -236,4 +241,46 @@ fn status_lists_the_nodes_and_release_frees_a_dead_nodes_blocks_after_the_cool_d
     assert!(after >= COOLDOWN, "claimed {after:?} after the release");
     drop(held);
     drop(agent_a);
+}
+
+#[test]
+fn without_dead_a_release_waits_for_the_lease_to_be_within_the_fence_margin() {
+    let etcd = Etcd::start(1);
+    let topo = Topology::new(1);
+    let _link = etcd.connect(&topo.node);
+    // A margin of 6 s: the lease is within it for its last 6 s.
+    let agent = start_with(&topo, &etcd, "node-c", "1", "6s");
+    wait_for(Duration::from_secs(15), || {
+        etcd.blocks().values().any(|v| v == "node-c").then_some(())
+    })
+    .unwrap_or_else(|| panic!("blocks: {:?}", etcd.blocks()));
+    agent.kill();
+    let endpoints = etcd.endpoints().join(",");
+    // Within the margin from 5 s left (etcd rounds down: less than 6); 4 leaves the poll slack.
+    let ttl = |st: &Value| node(st, "node-c").and_then(|n| n["ttl_seconds"].as_i64());
+    wait_for(Duration::from_secs(15), || {
+        ttl(&status(&etcd)).filter(|t| *t <= 4).map(|_| ())
+    })
+    .expect("the dead node's lease running down");
+    let (ok, out, err, _) = cluster_cli(
+        &etcd.client,
+        &[
+            "release",
+            "node-c",
+            "--etcd-endpoints",
+            &endpoints,
+            "--block-cooldown",
+            "3s",
+            "--fence-margin",
+            "6s",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("within --fence-margin 6s") && out.contains("quarantined 1 block "),
+        "{out}"
+    );
+    let st = status(&etcd);
+    assert!(node(&st, "node-c").is_none(), "{st:#}");
+    assert_eq!(st["quarantined"].as_array().unwrap().len(), 1, "{st:#}");
 }

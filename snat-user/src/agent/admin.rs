@@ -198,8 +198,9 @@ async fn release_async(r: &ReleaseSettings) -> anyhow::Result<()> {
     } else {
         let list: Vec<String> = moved.iter().map(ToString::to_string).collect();
         println!(
-            "quarantined {} blocks ({}) under lease {} for {q_ttl}s (--block-cooldown {} + --fence-margin {margin}): no node claims them before it ends",
+            "quarantined {} block{} ({}) under lease {} for {q_ttl}s (--block-cooldown {} + --fence-margin {margin}): no node claims them before it ends",
             moved.len(),
+            if moved.len() == 1 { "" } else { "s" },
             list.join(", "),
             lease_hex(quarantine.id),
             Human(r.cooldown),
