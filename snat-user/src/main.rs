@@ -17,6 +17,7 @@ use snat_user::{
         cli::{
             AgentArgs, Cli, Command, ConnsArgs, PlanArgs, RunArgs, SetArgs, SetWhat, TopArgs, TopBy,
         },
+        cluster::{ClusterWhat, EtcdAccess, ReleaseSettings},
         duration::Human,
         file::expand_config_file,
         plan::{self as planner, Plan, Space},
@@ -63,6 +64,14 @@ fn main() -> ExitCode {
         Command::Gateway(args) => snat_user::settings::cluster::GatewaySettings::validate(&args)
             .map_err(anyhow::Error::from)
             .and_then(|g| agent::gateway::run(&g)),
+        Command::Cluster(c) => match c.what {
+            ClusterWhat::Status(a) => EtcdAccess::validate(&a.etcd)
+                .map_err(anyhow::Error::from)
+                .and_then(|e| agent::admin::status(&e, a.json)),
+            ClusterWhat::Release(a) => ReleaseSettings::validate(&a)
+                .map_err(anyhow::Error::from)
+                .and_then(|r| agent::admin::release(&r)),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

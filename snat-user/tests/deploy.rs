@@ -1,6 +1,7 @@
 //! The Kubernetes manifests in `deploy/kubernetes/` cannot be applied on this machine (no
 //! cluster); this test parses them and checks every field the agent relies on, and that the
-//! agent's own parser accepts the command line, config file and plan they carry.
+//! agent's own parser accepts the command line, config file and plan they carry: `snat.yaml`
+//! (fixed slices of a plan) and `snat-cluster.yaml` (cluster mode: the agents and the gateway).
 
 use std::{ffi::OsString, path::PathBuf};
 
@@ -8,16 +9,24 @@ use clap::{CommandFactory as _, Parser as _};
 use serde_yaml::Value;
 use snat_user::settings::{
     cli::{Cli, Command},
+    cluster::{Cluster, GatewaySettings},
     file::expand_config_file,
     plan::Plan,
+    MetricsAddr,
 };
 
-fn docs() -> Vec<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/snat.yaml");
-    let text = std::fs::read_to_string(&path).expect("deploy/kubernetes/snat.yaml");
+fn docs_of(file: &str) -> Vec<Value> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/kubernetes")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_yaml::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).expect("YAML document"))
         .collect()
+}
+
+fn docs() -> Vec<Value> {
+    docs_of("snat.yaml")
 }
 
 use serde::Deserialize as _;
@@ -173,4 +182,194 @@ fn rbac_lets_the_init_container_read_nodes_and_nothing_else() {
         binding["subjects"][0]["namespace"],
         ds["metadata"]["namespace"]
     );
+}
+
+/// The object of `kind` called `name`.
+fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the manifests"))
+}
+
+fn mounts(c: &Value) -> Vec<(String, String)> {
+    c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_owned(),
+                m["mountPath"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The value after `flag` in `args`.
+fn arg_of(args: &[String], flag: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// Endpoints as the Secret's `endpoints` key would hold them.
+const ENDPOINTS: &str = "https://10.0.0.5:2379,https://10.0.0.6:2379,https://10.0.0.7:2379";
+
+/// Checks what cluster mode's containers (agent and gateway) share: hostNetwork, the node name
+/// from the downward API, the endpoints from the Secret `snat-etcd`, the TLS files from the same
+/// Secret mounted where the flags look, and only the agent's capabilities. Returns the args with
+/// Kubernetes' `$(VAR)` references expanded (the node `node-1`, [`ENDPOINTS`]) and the files
+/// moved under `dir` (with stand-ins for the Secret's files), for the agent's own parser.
+fn cluster_container(ds: &Value, dir: &std::path::Path) -> Vec<String> {
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true, "{:?}", ds["metadata"]["name"]);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let c = &pod["containers"][0];
+    let env = |name: &str| -> &Value {
+        c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no env {name}"))
+    };
+    assert_eq!(
+        env("NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    let secret = &env("ETCD_ENDPOINTS")["valueFrom"]["secretKeyRef"];
+    assert_eq!(secret["name"], "snat-etcd");
+    assert_eq!(secret["key"], "endpoints");
+    let args = strs(&c["args"]);
+    assert_eq!(
+        arg_of(&args, "--etcd-endpoints").as_deref(),
+        Some("$(ETCD_ENDPOINTS)")
+    );
+
+    // The TLS files are the Secret's, where it is mounted.
+    let mount = mounts(c)
+        .into_iter()
+        .find(|(name, _)| name == "etcd-client")
+        .expect("the etcd-client Secret mounted")
+        .1;
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "etcd-client")
+        .expect("the etcd-client volume");
+    assert_eq!(volume["secret"]["secretName"], "snat-etcd");
+    let items: Vec<String> = volume["secret"]["items"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|i| i["path"].as_str().unwrap().to_owned())
+        .collect();
+    for flag in ["--etcd-ca", "--etcd-cert", "--etcd-key"] {
+        let file = arg_of(&args, flag).unwrap_or_else(|| panic!("no {flag}"));
+        let (at, name) = file.rsplit_once('/').unwrap();
+        assert_eq!(at, mount, "{flag} {file}");
+        assert!(items.iter().any(|i| i == name), "{flag} {file}: {items:?}");
+    }
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    let mut add = strs(&sc["capabilities"]["add"]);
+    add.sort();
+    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON"]);
+    let port = c["ports"][0]["containerPort"].as_u64().unwrap();
+    assert_eq!(
+        arg_of(&args, "--metrics-addr"),
+        Some(format!("0.0.0.0:{port}"))
+    );
+
+    // Stand-ins for the Secret's files, and the args as Kubernetes expands them.
+    let files = dir.join(mount.trim_start_matches("/etc/snat/"));
+    std::fs::create_dir_all(&files).unwrap();
+    for i in &items {
+        std::fs::write(files.join(i), "stand-in for the Secret's PEM\n").unwrap();
+    }
+    args.iter()
+        .map(|a| {
+            a.replace("$(NODE_NAME)", "node-1")
+                .replace("$(ETCD_ENDPOINTS)", ENDPOINTS)
+                .replace("/etc/snat/", &format!("{}/", dir.display()))
+        })
+        .collect()
+}
+
+fn parse(args: Vec<String>) -> Command {
+    let argv: Vec<OsString> = std::iter::once("snat".to_owned())
+        .chain(args)
+        .map(OsString::from)
+        .collect();
+    let known: Vec<String> = Cli::command()
+        .find_subcommand("run")
+        .unwrap()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
+    let argv = expand_config_file(argv, &known).expect("the ConfigMap's snat.toml");
+    Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("the container's args {argv:?}: {e}"))
+        .command
+}
+
+#[test]
+fn the_cluster_daemonset_names_each_node_from_the_downward_api_and_reaches_etcd_through_a_secret() {
+    let docs = docs_of("snat-cluster.yaml");
+    let ds = named(&docs, "DaemonSet", "snat-cluster");
+    let dir = std::env::temp_dir().join(format!("snat-deploy-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cm = named(&docs, "ConfigMap", "snat-cluster");
+    std::fs::write(
+        dir.join("snat.toml"),
+        cm["data"]["snat.toml"].as_str().unwrap(),
+    )
+    .unwrap();
+    let args = cluster_container(ds, &dir);
+    assert_eq!(args[0], "run");
+    assert!(args.contains(&"--keep-state".to_owned()));
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert!(mounts(c).contains(&("bpffs".into(), "/sys/fs/bpf".into())));
+    assert!(mounts(c).contains(&("config".into(), "/etc/snat".into())));
+
+    let Command::Run(run) = parse(args) else {
+        panic!("not `snat run`")
+    };
+    assert_eq!(run.iface, "eth0");
+    assert!(run.plan.is_none(), "cluster mode, not a plan");
+    let cluster = Cluster::validate(&run.cluster)
+        .expect("valid cluster flags")
+        .expect("cluster mode");
+    assert_eq!(cluster.node_name, "node-1");
+    assert_eq!(cluster.endpoints.len(), 3);
+    assert!(cluster.tls.is_some(), "TLS to etcd");
+    assert!(!run.nat_ips.is_empty(), "the shared NAT IPs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_gateway_runs_on_labelled_nodes_under_their_name_with_the_same_secret() {
+    let docs = docs_of("snat-cluster.yaml");
+    let ds = named(&docs, "DaemonSet", "snat-gateway");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"]["snat.io/gateway"], "true");
+    let dir = std::env::temp_dir().join(format!("snat-deploy-gateway-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let args = cluster_container(ds, &dir);
+    assert_eq!(arg_of(&args, "--name").as_deref(), Some("node-1"));
+    let Command::Gateway(a) = parse(args) else {
+        panic!("not `snat gateway`")
+    };
+    let g = GatewaySettings::validate(&a).expect("valid gateway flags");
+    assert_eq!(g.name, "node-1");
+    assert_eq!(g.endpoints.len(), 3);
+    assert!(g.tls.is_some());
+    assert_eq!(
+        g.metrics_addr,
+        "0.0.0.0:9470".parse::<MetricsAddr>().unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

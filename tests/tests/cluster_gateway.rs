@@ -211,6 +211,48 @@ fn two_nodes_share_one_nat_ip_through_the_gateway() {
     ]);
     let v: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
     assert!(v["applied_revision"].as_i64().unwrap() > 0, "{v}");
+
+    // The gateway's /metrics (default address, in its namespace): connected, the routes, the
+    // replies it forwarded (every connection's SYN-ACK and echo at least), and no lag once the
+    // store is quiet.
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let scrape = || {
+        gw.run(|| {
+            let r = tests::http::get("127.0.0.1:9470".parse().unwrap(), "/metrics");
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.text()
+        })
+    };
+    let text = wait_for(Duration::from_secs(10), || {
+        let t = scrape();
+        (metric(&t, "snat_gateway_applied_revision_lag") == 0.0).then_some(t)
+    })
+    .unwrap_or_else(|| panic!("the gateway's lag stayed above 0:\n{}", scrape()));
+    assert_eq!(metric(&text, "snat_gateway_connected"), 1.0);
+    assert!(
+        metric(&text, "snat_gateway_routes") >= 7.0,
+        "5 + 2 blocks:\n{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "snat_gateway_packets_total{result=\"forwarded_tcp\"}"
+        ) >= 800.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "snat_gateway_published_revision")
+            >= v["applied_revision"].as_i64().unwrap() as f64,
+        "{text}"
+    );
+    assert!(
+        text.contains("snat_gateway_packets_total{result=\"drop_no_route\"}"),
+        "{text}"
+    );
     drop(agent_a);
     drop(agent_b);
 }

@@ -1,6 +1,6 @@
 //! Cluster mode's etcd store (`snat_user::cluster::store`) against a real etcd 3.4.23 (Debian's),
 //! one member or three, in namespaces of the test's own: every operation, claims racing from two
-//! clients, releases by epoch, leases expiring, a watch across an etcd restart and a compaction,
+//! clients, releases by epoch, leases expiring, blocks moved under a quarantine lease, a watch across an etcd restart and a compaction,
 //! and a three-member cluster losing its leader.
 //!
 //! The clients run on threads inside client namespaces ([`tests::etcd::block_on`]), each with a
@@ -13,8 +13,8 @@ use std::{
 };
 
 use snat_user::cluster::store::{
-    BlockId, Change, Claim, ConfigOutcome, Key, LeaseTtl, NodeValue, Outcome, Registration,
-    Release, Revoked, Store, StoreError, Timeouts, Watch, WatchEvent,
+    BlockId, BlockValue, Change, Claim, ConfigOutcome, Key, LeaseTtl, Moved, NodeValue, Outcome,
+    Registration, Release, Revoked, Store, StoreError, Timeouts, Watch, WatchEvent,
 };
 use tests::{
     etcd::{block_on, spawn_block_on, Etcd},
@@ -443,6 +443,100 @@ fn an_expired_lease_deletes_its_blocks_and_keep_alive_answers_zero() {
             0,
             "new stream"
         );
+    });
+}
+
+/// `snat cluster release`'s store step: blocks move under another lease only while each is
+/// still the claim of its epoch under the old one; moved keys keep their epoch, outlive the old
+/// lease's revocation and go when the new lease ends (never earlier than its TTL).
+#[test]
+fn moved_blocks_keep_their_epoch_survive_the_old_lease_and_end_with_the_new_one() {
+    let etcd = Etcd::start(1);
+    let endpoints = etcd.endpoints();
+    block_on(&etcd.client, move || async move {
+        let store = connect(&endpoints).await;
+        let node = store.grant(30).await.unwrap().id;
+        let mut epochs = Vec::new();
+        for i in 0..2 {
+            match store
+                .claim_block(block(i), "a", NODE_A, node)
+                .await
+                .unwrap()
+            {
+                Claim::Claimed { epoch, .. } => epochs.push(epoch),
+                other => panic!("{other:?}"),
+            }
+        }
+        let quarantine = store.grant(3).await.unwrap().id;
+        let value = |lease| BlockValue {
+            node: "a".into(),
+            address: NODE_A,
+            lease,
+        };
+        // A wrong epoch (a block released and claimed again since the read) moves nothing,
+        // not even the other block of the transaction.
+        let stale = [
+            (block(0), epochs[0], value(quarantine)),
+            (block(1), epochs[1] + 100, value(quarantine)),
+        ];
+        assert!(matches!(
+            store.move_blocks(&stale, node, quarantine).await.unwrap(),
+            Moved::Changed { .. }
+        ));
+        assert!(store
+            .list()
+            .await
+            .unwrap()
+            .blocks
+            .values()
+            .all(|r| r.lease == node));
+        // The right epochs under the right lease: both move, epochs kept.
+        let moves = [
+            (block(0), epochs[0], value(quarantine)),
+            (block(1), epochs[1], value(quarantine)),
+        ];
+        assert!(matches!(
+            store.move_blocks(&moves, node, quarantine).await.unwrap(),
+            Moved::Moved { .. }
+        ));
+        // Moving again from the old lease finds them gone from it: nothing changes.
+        assert!(matches!(
+            store.move_blocks(&moves, node, quarantine).await.unwrap(),
+            Moved::Changed { .. }
+        ));
+        let moved_at = Instant::now();
+        assert_eq!(store.revoke(node).await.unwrap(), Revoked::Revoked);
+        let snap = store.list().await.unwrap();
+        assert_eq!(snap.blocks.len(), 2, "the old lease's revocation left them");
+        for (i, r) in snap.blocks.values().enumerate() {
+            assert_eq!(r.create_revision, epochs[i]);
+            assert_eq!(r.lease, quarantine);
+            assert_eq!(r.value, value(quarantine));
+        }
+        // No claim while they are quarantined.
+        let other = store.grant(30).await.unwrap().id;
+        assert!(matches!(
+            store
+                .claim_block(block(0), "b", NODE_B, other)
+                .await
+                .unwrap(),
+            Claim::Taken { .. }
+        ));
+        let freed = loop {
+            if store.list().await.unwrap().blocks.is_empty() {
+                break moved_at.elapsed();
+            }
+            assert!(moved_at.elapsed() < Duration::from_secs(15), "never freed");
+            sleep(Duration::from_millis(50)).await;
+        };
+        assert!(freed >= Duration::from_secs(2), "freed after {freed:?}");
+        assert!(matches!(
+            store
+                .claim_block(block(0), "b", NODE_B, other)
+                .await
+                .unwrap(),
+            Claim::Claimed { .. }
+        ));
     });
 }
 

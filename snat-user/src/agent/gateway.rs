@@ -4,9 +4,14 @@
 //! under a lease of its own, the revision whose routes are in place: nodes open a claimed block
 //! only once every registered gateway has published its claim's revision or a later one. Cut
 //! off from etcd it says so and keeps its last routes until it reconnects; after a compaction it
-//! re-reads the blocks and applies the difference.
+//! re-reads the blocks and applies the difference. It serves Prometheus `/metrics`
+//! (`--metrics-addr`): its applied, published and the store's revision, whether it reaches etcd,
+//! the routes it holds and its datapath's counters.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use log::{debug, info, warn};
@@ -19,8 +24,42 @@ use crate::{
         store::{self, Change, Key, Value, WatchEvent},
     },
     datapath::gateway::Gateway,
-    settings::{cluster::GatewaySettings, AttachChoice},
+    serve::{
+        metrics::{encode_families, gateway_families, GatewayFigures},
+        scrape,
+    },
+    settings::{cluster::GatewaySettings, AttachChoice, MetricsAddr},
 };
+
+/// How often the gateway reads the store's revision (for the lag and the connected gauge).
+const REVISION_POLL: Duration = Duration::from_secs(2);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves `/metrics` from the gateway's figures and its datapath's counters (read at each
+/// scrape; one read at a time).
+fn serve_metrics(
+    listener: std::net::TcpListener,
+    gw: Arc<Mutex<Gateway>>,
+    figures: Arc<Mutex<GatewayFigures>>,
+) -> anyhow::Result<()> {
+    let scrapes = scrape::Scrapes::new(Duration::ZERO, move |_| {
+        let mut f = lock(&figures).clone();
+        f.packets = lock(&gw)
+            .counters()
+            .map_err(|e| format!("reading the gateway's counters: {e}"))?
+            .into_iter()
+            .map(|(c, n)| (c.name(), n))
+            .collect();
+        let text = encode_families(gateway_families(&f)).map_err(|e| format!("{e:#}"))?;
+        Ok(text.into())
+    });
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(scrape::serve(listener, scrapes));
+    Ok(())
+}
 
 /// The owners of every block of `geometry` in a snapshot.
 fn owners(s: &store::Snapshot, geometry: &Geometry) -> Vec<(BlockId, Owner)> {
@@ -58,6 +97,12 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
     let store = store::Store::connect(&g.endpoints, tls.as_ref(), store::Timeouts::default())
         .await
         .with_context(|| format!("--etcd-endpoints {endpoints}"))?;
+    if let MetricsAddr::On(a) = g.metrics_addr {
+        if !a.ip().is_loopback() {
+            warn!("--metrics-addr {a} is not a loopback address: anyone who can reach it can read the gateway's /metrics (NAT IPs' counters, revisions); to restrict it, serve it on loopback behind a local scraper, or firewall the port");
+        }
+    }
+    let metrics_listener = scrape::bind(g.metrics_addr)?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     // The geometry the first node wrote.
@@ -99,8 +144,17 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
     let ops = routes.reset(snapshot.revision, owners(&snapshot, &geometry));
     gw.apply(&ops)?;
     let mode = gw.attach(&g.iface, AttachChoice::Auto)?;
+    let gw = Arc::new(Mutex::new(gw));
+    let figures = Arc::new(Mutex::new(GatewayFigures {
+        store_revision: snapshot.revision,
+        connected: true,
+        ..GatewayFigures::default()
+    }));
+    if let Some(listener) = metrics_listener {
+        serve_metrics(listener, gw.clone(), figures.clone())?;
+    }
     info!(
-        "snat gateway on {} ({mode:?}): NAT IPs {}, ports {}, {} blocks routed at revision {}",
+        "snat gateway on {} ({mode:?}): NAT IPs {}, ports {}, {} blocks routed at revision {}, metrics {}",
         g.iface,
         geometry
             .nat_ips
@@ -110,7 +164,11 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
             .join(","),
         geometry.port_range,
         routes.table().len(),
-        snapshot.revision
+        snapshot.revision,
+        match g.metrics_addr {
+            MetricsAddr::On(addr) => format!("http://{addr}/metrics"),
+            MetricsAddr::Off => "off".into(),
+        }
     );
     let ttl = g.lease_ttl.as_secs() as i64;
     let mut lease = store
@@ -120,19 +178,34 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
         .id;
     let mut keeper = store.keeper(lease);
     let mut publish = routes.to_publish();
-    let mut watch = store.watch("blocks/", snapshot.revision + 1);
+    // The whole prefix, not only the blocks: every revision of the store then reaches the
+    // applied revision (changes to other keys route nothing), so its lag behind the store is
+    // what is really not yet applied.
+    let mut watch = store.watch("", snapshot.revision + 1);
     let mut keepalive = tokio::time::interval(g.lease_ttl / 3);
     keepalive.tick().await;
+    let mut poll = tokio::time::interval(REVISION_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected = true;
+    let mut published = 0;
     loop {
         if let Some(rev) = publish {
             match store.put_gateway(&g.name, rev, lease).await {
                 Ok(_) => {
                     debug!("published applied revision {rev}");
                     publish = None;
+                    published = rev;
                 }
                 Err(e) => warn!("publishing applied revision {rev}: {e}"),
             }
+        }
+        {
+            let mut f = lock(&figures);
+            f.applied_revision = routes.applied();
+            f.store_revision = f.store_revision.max(routes.applied());
+            f.published_revision = published;
+            f.routes = routes.table().len() as u64;
+            f.connected = connected;
         }
         tokio::select! {
             ev = watch.next() => match ev {
@@ -155,7 +228,7 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                         .collect();
                     let ops = routes.apply(revision, ch);
                     debug!("revision {revision}: {} route changes", ops.len());
-                    if let Err(e) = gw.apply(&ops) {
+                    if let Err(e) = lock(&gw).apply(&ops) {
                         warn!("applying {} route changes: {e}", ops.len());
                     }
                     publish = routes.to_publish().or(publish);
@@ -174,7 +247,7 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                     match store.list().await {
                         Ok(s) => {
                             let ops = routes.reset(s.revision, owners(&s, &geometry));
-                            if let Err(e) = gw.apply(&ops) {
+                            if let Err(e) = lock(&gw).apply(&ops) {
                                 warn!("applying {} route changes: {e}", ops.len());
                             }
                             publish = routes.to_publish().or(publish);
@@ -202,12 +275,28 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                 Ok(_) => {}
                 Err(e) => warn!("keeping the gateway's lease: {e}"),
             },
+            _ = poll.tick() => match store.revision().await {
+                Ok(rev) => {
+                    let mut f = lock(&figures);
+                    f.store_revision = f.store_revision.max(rev);
+                    if !connected {
+                        info!("etcd answers again");
+                    }
+                    connected = true;
+                }
+                Err(e) => {
+                    if connected {
+                        warn!("cut off from etcd ({e}): keeping the last routes ({} blocks)", routes.table().len());
+                    }
+                    connected = false;
+                }
+            },
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }
     info!("stopping: detaching and unregistering");
-    gw.detach();
+    lock(&gw).detach();
     let _ = store.revoke(lease).await;
     Ok(())
 }

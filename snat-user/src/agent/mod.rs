@@ -37,6 +37,7 @@ use crate::{
     },
 };
 
+pub mod admin;
 mod cluster;
 pub mod gateway;
 

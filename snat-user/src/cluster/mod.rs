@@ -11,10 +11,13 @@
 //! - [`gateway`]: the gateway's block → node routes, from the store's snapshot and watch;
 //! - [`store`]: etcd: the keys, values and transactions, leases and the watch (the one module
 //!   that talks to it);
-//! - [`driver`]: the tokio loop that runs a node against a store and the datapath (traits).
+//! - [`driver`]: the tokio loop that runs a node against a store and the datapath (traits);
+//! - [`admin`]: what `snat cluster status` shows of a snapshot, and how `snat cluster release`
+//!   frees a dead node's blocks through the cool-down.
 //!
 //! Nothing but the driver does IO.
 
+pub mod admin;
 pub mod driver;
 pub mod gateway;
 pub mod geometry;

@@ -531,6 +531,20 @@ pub enum Release {
     },
 }
 
+/// Blocks moved by one transaction of [`Store::move_blocks`]: two compares each, within etcd's
+/// default `--max-txn-ops` of 128.
+pub const MOVE_CHUNK: usize = 64;
+
+/// Result of [`Store::move_blocks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// Every block moved; `revision` is the last transaction's.
+    Moved { revision: i64 },
+    /// A block of a chunk was no longer that claim under that lease: that chunk moved nothing
+    /// (earlier chunks did). Read the store again and move what is still there.
+    Changed { revision: i64 },
+}
+
 impl Store {
     /// Connects to `endpoints` (`http://IP:PORT`, or `https://…` with `tls`). Connections are
     /// made lazily and re-made by the client; this only checks the settings.
@@ -791,6 +805,51 @@ impl Store {
         })
     }
 
+    /// Moves `blocks` (each with its epoch and its new value) from lease `from` to lease `to`, in
+    /// one transaction per [`MOVE_CHUNK`] blocks that applies only if every block of the chunk
+    /// is still the claim of its epoch under `from` (txn: create_revision == epoch and lease ==
+    /// from, for each → put with `to`). A key that moves keeps its create revision (its epoch):
+    /// it is rewritten, not re-created. `snat cluster release` moves a dead node's blocks under
+    /// a quarantine lease of the cool-down's length this way, before it revokes the node's.
+    pub async fn move_blocks(
+        &self,
+        blocks: &[(BlockId, i64, BlockValue)],
+        from: LeaseId,
+        to: LeaseId,
+    ) -> Result<Moved, StoreError> {
+        let mut last = 0;
+        for chunk in blocks.chunks(MOVE_CHUNK) {
+            let mut compares = Vec::with_capacity(chunk.len() * 2);
+            let mut puts = Vec::with_capacity(chunk.len());
+            for (block, epoch, value) in chunk {
+                let key = Key::Block(*block).path();
+                compares.push(Compare::create_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    *epoch,
+                ));
+                compares.push(Compare::lease(key.as_str(), CompareOp::Equal, from));
+                puts.push(TxnOp::put(
+                    key.as_str(),
+                    encode(value),
+                    Some(PutOptions::new().with_lease(to)),
+                ));
+            }
+            let txn = Txn::new().when(compares).and_then(puts);
+            let resp = self
+                .call("move blocks", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            last = revision(&resp);
+            if !resp.succeeded() {
+                return Ok(Moved::Changed { revision: last });
+            }
+        }
+        Ok(Moved::Moved { revision: last })
+    }
+
     /// Publishes the revision gateway `name` has applied, under the gateway's `lease`.
     pub async fn put_gateway(
         &self,
@@ -810,6 +869,23 @@ impl Store {
                 let (key, value) = (key.clone(), value.clone());
                 let options = PutOptions::new().with_lease(lease);
                 async move { c.put(key, value, Some(options)).await }
+            })
+            .await?;
+        Ok(resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision))
+    }
+
+    /// The store's current revision (a linearizable read of one key's count: small, whatever
+    /// the prefix holds).
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let resp = self
+            .call("read revision", |mut c| async move {
+                c.get(
+                    Key::Config.path(),
+                    Some(GetOptions::new().with_count_only()),
+                )
+                .await
             })
             .await?;
         Ok(resp

@@ -441,6 +441,71 @@ fn cluster_families(c: &ClusterReport, out: &mut Vec<MetricFamily>) {
     out.push(short.0);
 }
 
+/// What `snat gateway`'s `/metrics` shows: its place in the store's history and its
+/// datapath's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayFigures {
+    /// Every change up to this revision is in the gateway's routes.
+    pub applied_revision: i64,
+    /// The applied revision last published to etcd (what the nodes wait for).
+    pub published_revision: i64,
+    /// The store's revision at the gateway's last request to it.
+    pub store_revision: i64,
+    /// The last request to etcd (or the watch) worked.
+    pub connected: bool,
+    /// Blocks routed to a node.
+    pub routes: u64,
+    /// Every datapath counter by its name (`forwarded_tcp`, `drop_no_route`, …).
+    pub packets: Vec<(&'static str, u64)>,
+}
+
+/// The gateway's families.
+pub fn gateway_families(g: &GatewayFigures) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let gauge = |name: &str, help: &str, v: f64| Family::new(name, help, GAUGE).gauge(&[], v).0;
+    let mut packets = Family::new(
+        "snat_gateway_packets_total",
+        "Packets the gateway's datapath saw, by result: forwarded_* (sent to the node holding the port's block), pass_* (not for a NAT IP), drop_* (drop_no_route: a port in no held block).",
+        COUNTER,
+    );
+    for (result, n) in &g.packets {
+        packets = packets.counter(&[("result", result)], *n);
+    }
+    vec![
+        gauge(
+            "snat_gateway_applied_revision",
+            "The etcd revision up to which every block change is in the gateway's routes.",
+            g.applied_revision as f64,
+        ),
+        gauge(
+            "snat_gateway_published_revision",
+            "The applied revision last published in etcd (nodes open a claimed block once every gateway published its claim's revision).",
+            g.published_revision as f64,
+        ),
+        gauge(
+            "snat_gateway_store_revision",
+            "The store's revision at the gateway's last request to etcd.",
+            g.store_revision as f64,
+        ),
+        gauge(
+            "snat_gateway_applied_revision_lag",
+            "Revisions the store is ahead of the applied revision (writes outside /snat/v1/ count until the watch's next progress notification).",
+            (g.store_revision - g.applied_revision).max(0) as f64,
+        ),
+        gauge(
+            "snat_gateway_connected",
+            "1 while the gateway reaches etcd; 0 when cut off (it keeps its last routes).",
+            if g.connected { 1.0 } else { 0.0 },
+        ),
+        gauge(
+            "snat_gateway_routes",
+            "Blocks the gateway routes to a node.",
+            g.routes as f64,
+        ),
+        packets.0,
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -539,5 +604,46 @@ mod tests {
                 "missing {line:?} in:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn encodes_the_gateways_revisions_routes_and_packets() {
+        let g = GatewayFigures {
+            applied_revision: 40,
+            published_revision: 38,
+            store_revision: 43,
+            connected: true,
+            routes: 7,
+            packets: vec![("forwarded_tcp", 812), ("drop_no_route", 3)],
+        };
+        let text = encode_families(gateway_families(&g)).unwrap();
+        for line in [
+            "# TYPE snat_gateway_applied_revision gauge",
+            "snat_gateway_applied_revision 40",
+            "snat_gateway_published_revision 38",
+            "snat_gateway_store_revision 43",
+            "snat_gateway_applied_revision_lag 3",
+            "snat_gateway_connected 1",
+            "snat_gateway_routes 7",
+            "# TYPE snat_gateway_packets_total counter",
+            "snat_gateway_packets_total{result=\"forwarded_tcp\"} 812",
+            "snat_gateway_packets_total{result=\"drop_no_route\"} 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        // A store read before the watch caught up never shows a negative lag.
+        let behind = GatewayFigures {
+            applied_revision: 50,
+            store_revision: 43,
+            ..g
+        };
+        let text = encode_families(gateway_families(&behind)).unwrap();
+        assert!(
+            text.contains("snat_gateway_applied_revision_lag 0\n"),
+            "{text}"
+        );
     }
 }

@@ -48,6 +48,9 @@ pub enum Command {
     /// Cluster mode's return path: on the box the NAT IPs' traffic reaches, forward each reply
     /// to the node holding its port's block, following the blocks in etcd (needs root).
     Gateway(super::cluster::GatewayArgs),
+    /// Cluster mode's state in etcd: `status` lists nodes, blocks, gateways and free blocks;
+    /// `release NODE` frees a dead node's blocks through the cool-down.
+    Cluster(super::cluster::ClusterCommand),
 }
 
 impl Command {
@@ -63,6 +66,7 @@ impl Command {
             Command::Cleanup(_) => "cleanup",
             Command::Plan(_) => "plan",
             Command::Gateway(_) => "gateway",
+            Command::Cluster(_) => "cluster",
         }
     }
 }

@@ -7,7 +7,10 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use super::duration::{self, Human};
+use super::{
+    duration::{self, Human},
+    MetricsAddr,
+};
 
 /// `snat run`'s cluster flags (flattened into `RunArgs`).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -356,6 +359,10 @@ pub struct GatewayArgs {
     pub etcd_cert: Option<PathBuf>,
     #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_ca"])]
     pub etcd_key: Option<PathBuf>,
+    /// Prometheus endpoint (`/metrics`) of the gateway: applied revision and its lag, routes,
+    /// replies forwarded and dropped; `off` serves none.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9470")]
+    pub metrics_addr: MetricsAddr,
 }
 
 /// `snat gateway`'s settings, validated.
@@ -367,35 +374,17 @@ pub struct GatewaySettings {
     pub name: String,
     pub lease_ttl: Duration,
     pub tls: Option<Tls>,
+    pub metrics_addr: MetricsAddr,
 }
 
 impl GatewaySettings {
     pub fn validate(a: &GatewayArgs) -> Result<Self, ClusterError> {
-        let mut https = None;
-        for e in &a.etcd_endpoints {
-            let secure = endpoint_is_https(e)?;
-            if https.is_some_and(|h| h != secure) {
-                return Err(ClusterError::MixedSchemes);
-            }
-            https = Some(secure);
-        }
-        let tls = match (&a.etcd_ca, &a.etcd_cert, &a.etcd_key, https == Some(true)) {
-            (None, _, _, true) => {
-                return Err(ClusterError::HttpsWithoutCa(a.etcd_endpoints[0].clone()))
-            }
-            (Some(_), _, _, false) => return Err(ClusterError::TlsOverHttp),
-            (Some(ca), Some(cert), Some(key), true) => {
-                readable("etcd-ca", ca)?;
-                readable("etcd-cert", cert)?;
-                readable("etcd-key", key)?;
-                Some(Tls {
-                    ca: ca.clone(),
-                    cert: cert.clone(),
-                    key: key.clone(),
-                })
-            }
-            _ => None,
-        };
+        let (endpoints, tls) = etcd_access(
+            &a.etcd_endpoints,
+            a.etcd_ca.as_ref(),
+            a.etcd_cert.as_ref(),
+            a.etcd_key.as_ref(),
+        )?;
         if !valid_node_name(&a.name) {
             return Err(ClusterError::NodeName(a.name.clone()));
         }
@@ -407,12 +396,159 @@ impl GatewaySettings {
             return Err(ClusterError::LeaseTtl(Human(ttl).to_string()));
         }
         Ok(Self {
-            endpoints: a.etcd_endpoints.clone(),
+            endpoints,
             iface: a.iface.clone(),
             nat_ips: a.nat_ips.clone(),
             name: a.name.clone(),
             lease_ttl: ttl,
             tls,
+            metrics_addr: a.metrics_addr,
+        })
+    }
+}
+
+/// Checks etcd endpoints and TLS files the way every cluster command takes them: http:// or
+/// https:// URLs of one scheme, https exactly when a CA is given, and the files readable.
+fn etcd_access(
+    endpoints: &[String],
+    ca: Option<&PathBuf>,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+) -> Result<(Vec<String>, Option<Tls>), ClusterError> {
+    let mut https = None;
+    for e in endpoints {
+        let secure = endpoint_is_https(e)?;
+        if https.is_some_and(|h| h != secure) {
+            return Err(ClusterError::MixedSchemes);
+        }
+        https = Some(secure);
+    }
+    let tls = match (ca, cert, key, https == Some(true)) {
+        (None, _, _, true) => return Err(ClusterError::HttpsWithoutCa(endpoints[0].clone())),
+        (Some(_), _, _, false) => return Err(ClusterError::TlsOverHttp),
+        (Some(ca), Some(cert), Some(key), true) => {
+            readable("etcd-ca", ca)?;
+            readable("etcd-cert", cert)?;
+            readable("etcd-key", key)?;
+            Some(Tls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+        }
+        _ => None,
+    };
+    Ok((endpoints.to_vec(), tls))
+}
+
+/// How the cluster commands reach etcd (`--etcd-endpoints` and the TLS files).
+#[derive(clap::Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// The etcd cluster the nodes lease their blocks from (comma-separated or repeated).
+    #[arg(
+        long,
+        value_name = "URL[,URL…]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate for https:// endpoints (with --etcd-cert and --etcd-key).
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_key"])]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_cert", "etcd_ca"])]
+    pub etcd_key: Option<PathBuf>,
+}
+
+/// [`EtcdArgs`], checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdAccess {
+    pub endpoints: Vec<String>,
+    pub tls: Option<Tls>,
+}
+
+impl EtcdAccess {
+    pub fn validate(a: &EtcdArgs) -> Result<Self, ClusterError> {
+        let (endpoints, tls) = etcd_access(
+            &a.etcd_endpoints,
+            a.etcd_ca.as_ref(),
+            a.etcd_cert.as_ref(),
+            a.etcd_key.as_ref(),
+        )?;
+        Ok(Self { endpoints, tls })
+    }
+}
+
+/// `snat cluster …`: look at and repair the cluster's state in etcd.
+#[derive(clap::Args, Debug)]
+pub struct ClusterCommand {
+    #[command(subcommand)]
+    pub what: ClusterWhat,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClusterWhat {
+    /// Nodes (address, lease and its time left), their blocks (NAT IP, index, ports, epoch),
+    /// quarantined blocks, gateways and their applied revision, free blocks per NAT IP.
+    Status(ClusterStatusArgs),
+    /// Free a dead node's blocks through the cool-down: they are quarantined for
+    /// --block-cooldown + --fence-margin, then free; the node's lease is revoked. Refused while
+    /// the node's lease has more than --fence-margin left, unless --dead says the node is off.
+    Release(ClusterReleaseArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ClusterStatusArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Print JSON (stable: fields are only ever added).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ClusterReleaseArgs {
+    /// The node whose blocks to free (its --node-name).
+    #[arg(value_name = "NODE")]
+    pub node: String,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// The node is dead (powered off, its uplink down): it sends nothing any more. Releases
+    /// even while its lease is healthy; the blocks still rest for the cool-down.
+    #[arg(long)]
+    pub dead: bool,
+    /// The cluster's --block-cooldown (the agents' value: a smaller one here breaks the rule).
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = duration::parse)]
+    pub block_cooldown: Duration,
+    /// The cluster's --fence-margin (the agents' value).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration::parse)]
+    pub fence_margin: Duration,
+}
+
+/// `snat cluster release`'s settings, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseSettings {
+    pub node: String,
+    pub etcd: EtcdAccess,
+    pub dead: bool,
+    pub cooldown: Duration,
+    pub fence_margin: Duration,
+}
+
+impl ReleaseSettings {
+    pub fn validate(a: &ClusterReleaseArgs) -> Result<Self, ClusterError> {
+        if !valid_node_name(&a.node) {
+            return Err(ClusterError::NodeName(a.node.clone()));
+        }
+        Ok(Self {
+            node: a.node.clone(),
+            etcd: EtcdAccess::validate(&a.etcd)?,
+            dead: a.dead,
+            cooldown: a.block_cooldown,
+            fence_margin: a.fence_margin,
         })
     }
 }
