@@ -178,21 +178,21 @@ fn status_lists_the_nodes_and_release_frees_a_dead_nodes_blocks_after_the_cool_d
 
     // B's agent dies; its lease is still healthy: a release is refused.
     agent_b.kill();
-    let release = |extra: &[&str]| {
+    let release = |timers: [&str; 2], extra: &[&str]| {
         let mut args = vec![
             "release",
             "node-b",
             "--etcd-endpoints",
             &endpoints,
             "--block-cooldown",
-            "3s",
+            timers[0],
             "--fence-margin",
-            "2s",
+            timers[1],
         ];
         args.extend_from_slice(extra);
         cluster_cli(&etcd.client, &args)
     };
-    let (ok, _, err, _) = release(&[]);
+    let (ok, _, err, _) = release(["3s", "2s"], &[]);
     assert!(!ok, "released a node with a healthy lease");
     assert!(
         err.contains("more than --fence-margin 2s") && err.contains("--dead"),
@@ -200,12 +200,17 @@ fn status_lists_the_nodes_and_release_frees_a_dead_nodes_blocks_after_the_cool_d
     );
     assert_eq!(etcd.blocks(), before, "a refused release changes nothing");
 
-    // On --dead: quarantined, the lease revoked.
+    // On --dead: quarantined, the lease revoked. The command's timers are shorter than the
+    // node's (3 s + 2 s, published with its record): the node's win.
     let released_at = Instant::now();
-    let (ok, out, err, _) = release(&["--dead"]);
+    let (ok, out, err, _) = release(["1s", "1s"], &["--dead"]);
     assert!(ok, "{err}");
     assert!(
         out.contains("quarantined 2 blocks") && out.contains("revoked lease"),
+        "{out}"
+    );
+    assert!(
+        out.contains("using the stricter of each") && out.contains("for 5s"),
         "{out}"
     );
     let st = status(&etcd);

@@ -13,8 +13,8 @@ use std::{
 };
 
 use snat_user::cluster::store::{
-    BlockId, BlockValue, Change, Claim, ConfigOutcome, Key, LeaseTtl, Moved, NodeValue, Outcome,
-    Registration, Release, Revoked, Store, StoreError, Timeouts, Watch, WatchEvent,
+    BlockId, BlockValue, Change, Claim, ConfigOutcome, Key, LeaseTtl, Moved, NodeTimers, NodeValue,
+    Outcome, Registration, Release, Revoked, Store, StoreError, Timeouts, Watch, WatchEvent,
 };
 use tests::{
     etcd::{block_on, spawn_block_on, Etcd},
@@ -25,6 +25,18 @@ use tokio::time::{sleep, timeout, Instant};
 const NAT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const NODE_B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+/// A node's record with the default timers.
+fn node_value(address: Ipv4Addr, lease: i64) -> NodeValue {
+    NodeValue {
+        address,
+        lease,
+        timers: Some(NodeTimers::new(
+            Duration::from_secs(20),
+            Duration::from_secs(5),
+        )),
+    }
+}
 
 fn block(index: u16) -> BlockId {
     BlockId {
@@ -120,22 +132,25 @@ fn every_store_operation_against_etcd_3_4() {
 
         // Nodes: registered once; a second registration learns the holder's lease.
         let other = store.grant(30).await.unwrap();
-        let reg = store.register_node("a", NODE_A, lease.id).await.unwrap();
+        let reg = store
+            .register_node("a", &node_value(NODE_A, lease.id))
+            .await
+            .unwrap();
         assert!(matches!(reg, Registration::Registered { .. }), "{reg:?}");
-        match store.register_node("a", NODE_B, other.id).await.unwrap() {
+        match store
+            .register_node("a", &node_value(NODE_B, other.id))
+            .await
+            .unwrap()
+        {
             Registration::Taken { record } => {
-                assert_eq!(
-                    record.value,
-                    NodeValue {
-                        address: NODE_A,
-                        lease: lease.id
-                    }
-                );
+                assert_eq!(record.value, node_value(NODE_A, lease.id));
                 assert_eq!(record.lease, lease.id, "the key is on the node's lease");
             }
             r => panic!("second registration: {r:?}"),
         }
-        let bad = store.register_node("a/b", NODE_A, lease.id).await;
+        let bad = store
+            .register_node("a/b", &node_value(NODE_A, lease.id))
+            .await;
         assert!(
             matches!(&bad, Err(e @ StoreError::Invalid { .. }) if e.outcome() == Outcome::NotApplied),
             "{bad:?}"
@@ -376,7 +391,10 @@ fn an_expired_lease_deletes_its_blocks_and_keep_alive_answers_zero() {
         let store = connect(&endpoints).await;
         let lease = store.grant(3).await.unwrap();
         assert_eq!(lease.ttl_s, 3);
-        store.register_node("a", NODE_A, lease.id).await.unwrap();
+        store
+            .register_node("a", &node_value(NODE_A, lease.id))
+            .await
+            .unwrap();
         for i in 0..3 {
             let claim = store
                 .claim_block(block(i), "a", NODE_A, lease.id)
@@ -690,7 +708,10 @@ fn three_members_keep_serving_when_the_leader_is_killed() {
     let client = spawn_block_on(&etcd.client, move || async move {
         let store = connect(&endpoints).await;
         let lease = store.grant(10).await.unwrap();
-        store.register_node("a", NODE_A, lease.id).await.unwrap();
+        store
+            .register_node("a", &node_value(NODE_A, lease.id))
+            .await
+            .unwrap();
         let Claim::Claimed { epoch: epoch0, .. } = store
             .claim_block(block(0), "a", NODE_A, lease.id)
             .await

@@ -106,7 +106,6 @@ async fn release_async(r: &ReleaseSettings) -> anyhow::Result<()> {
     let endpoints = r.etcd.endpoints.join(",");
     let (store, snapshot) = connect_and_read(&r.etcd).await?;
     let name = &r.node;
-    let margin = Human(r.fence_margin);
     let Some(node) = snapshot.nodes.get(name) else {
         let left = snapshot
             .blocks
@@ -121,11 +120,25 @@ async fn release_async(r: &ReleaseSettings) -> anyhow::Result<()> {
     };
     let lease = node.value.lease;
     let hex = lease_hex(lease);
+    // The node's own timers, published with its record, win where they are stricter.
+    let timers = admin::ReleaseTimers::new(r.cooldown, r.fence_margin, node.value.timers);
+    if let Some(t) = node.value.timers {
+        if (t.cooldown(), t.fence_margin()) != (r.cooldown, r.fence_margin) {
+            println!(
+                "node {name} runs on --block-cooldown {} --fence-margin {} (its record), this command on {} and {}: using the stricter of each",
+                Human(t.cooldown()),
+                Human(t.fence_margin()),
+                Human(r.cooldown),
+                Human(r.fence_margin)
+            );
+        }
+    }
+    let margin = Human(timers.fenced_within);
     let ttl = store
         .time_to_live(lease)
         .await
         .with_context(|| format!("reading the time left of node {name}'s lease {hex}"))?;
-    let ttl_before = match admin::decide(ttl, r.fence_margin, r.dead) {
+    let ttl_before = match admin::decide(ttl, timers.fenced_within, r.dead) {
         Verdict::LeaseGone => {
             println!("node {name}'s lease {hex} has ended: its blocks went with it and are free");
             return Ok(());
@@ -144,7 +157,7 @@ async fn release_async(r: &ReleaseSettings) -> anyhow::Result<()> {
     };
 
     // Move the node's blocks under a quarantine lease, until none is left under its own.
-    let q_ttl = admin::quarantine_ttl(r.cooldown, r.fence_margin);
+    let q_ttl = admin::quarantine_ttl(timers.cooldown, timers.margin);
     let quarantine = store
         .grant(q_ttl)
         .await
@@ -198,12 +211,13 @@ async fn release_async(r: &ReleaseSettings) -> anyhow::Result<()> {
     } else {
         let list: Vec<String> = moved.iter().map(ToString::to_string).collect();
         println!(
-            "quarantined {} block{} ({}) under lease {} for {q_ttl}s (--block-cooldown {} + --fence-margin {margin}): no node claims them before it ends",
+            "quarantined {} block{} ({}) under lease {} for {q_ttl}s (cool-down {} + fence margin {}): no node claims them before it ends",
             moved.len(),
             if moved.len() == 1 { "" } else { "s" },
             list.join(", "),
             lease_hex(quarantine.id),
-            Human(r.cooldown),
+            Human(timers.cooldown),
+            Human(timers.margin),
         );
     }
     match revoked {

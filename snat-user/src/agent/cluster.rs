@@ -49,6 +49,8 @@ pub struct Etcd {
     pub store: store::Store,
     pub name: String,
     pub address: Ipv4Addr,
+    /// Published with the node's record, for `snat cluster release`.
+    pub timers: store::NodeTimers,
 }
 
 fn outcome(e: &store::StoreError) -> node::StoreError {
@@ -86,7 +88,14 @@ impl Etcd {
             },
             StoreOp::Register { lease } => {
                 match s
-                    .register_node(&self.name, self.address, lease)
+                    .register_node(
+                        &self.name,
+                        &store::NodeValue {
+                            address: self.address,
+                            lease,
+                            timers: Some(self.timers),
+                        },
+                    )
                     .await
                     .map_err(e)?
                 {
@@ -341,6 +350,7 @@ pub async fn start(
         store,
         name: c.node_name.clone(),
         address,
+        timers: store::NodeTimers::new(c.cooldown, c.fence_margin),
     };
     let blocks = AgentBlocks {
         state: state.clone(),

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::{
     geometry::{BlockId, Geometry},
-    store::{BlockValue, LeaseId, LeaseTtl, Record, Snapshot},
+    store::{BlockValue, LeaseId, LeaseTtl, NodeTimers, Record, Snapshot},
 };
 
 /// A lease as etcdctl shows it (hex).
@@ -451,6 +451,34 @@ pub fn decide(ttl: LeaseTtl, margin: Duration, dead: bool) -> Verdict {
     }
 }
 
+/// The timers a release of one node runs on: the flags given to `snat cluster release`, made
+/// stricter by the ones the node published with its record (its own fence runs on those).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReleaseTimers {
+    /// The node counts as fenced only with this little time left on its lease.
+    pub fenced_within: Duration,
+    /// The quarantine lasts this cool-down plus `margin`.
+    pub cooldown: Duration,
+    pub margin: Duration,
+}
+
+impl ReleaseTimers {
+    pub fn new(cooldown: Duration, margin: Duration, recorded: Option<NodeTimers>) -> Self {
+        match recorded {
+            None => Self {
+                fenced_within: margin,
+                cooldown,
+                margin,
+            },
+            Some(t) => Self {
+                fenced_within: margin.min(t.fence_margin()),
+                cooldown: cooldown.max(t.cooldown()),
+                margin: margin.max(t.fence_margin()),
+            },
+        }
+    }
+}
+
 /// TTL in whole seconds of the quarantine lease: the cool-down, plus the margin (etcd may end a
 /// lease early by up to the margin, as for the nodes' leases), rounded up.
 pub fn quarantine_ttl(cooldown: Duration, margin: Duration) -> i64 {
@@ -537,6 +565,7 @@ mod tests {
                     NodeValue {
                         address: Ipv4Addr::new(10, 0, 0, addr),
                         lease,
+                        timers: None,
                     },
                     2,
                     lease,
@@ -734,6 +763,25 @@ mod tests {
         assert_eq!(quarantine_ttl(s(3), s(2)), 5);
         assert_eq!(quarantine_ttl(Duration::from_millis(2500), s(1)), 4);
         assert_eq!(quarantine_ttl(Duration::ZERO, Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn the_nodes_own_timers_win_where_they_are_stricter() {
+        let s = Duration::from_secs;
+        // No record (an older agent): the command's flags.
+        let t = ReleaseTimers::new(s(20), s(5), None);
+        assert_eq!((t.fenced_within, t.cooldown, t.margin), (s(5), s(20), s(5)));
+        // The node runs a longer cool-down and a larger margin: a longer quarantine, and it
+        // counts as fenced only within the smaller margin.
+        let t = ReleaseTimers::new(s(20), s(5), Some(NodeTimers::new(s(60), s(10))));
+        assert_eq!(
+            (t.fenced_within, t.cooldown, t.margin),
+            (s(5), s(60), s(10))
+        );
+        assert_eq!(quarantine_ttl(t.cooldown, t.margin), 70);
+        // Shorter timers on the node never shorten the command's.
+        let t = ReleaseTimers::new(s(20), s(5), Some(NodeTimers::new(s(3), s(2))));
+        assert_eq!((t.fenced_within, t.cooldown, t.margin), (s(2), s(20), s(5)));
     }
 
     #[test]

@@ -134,11 +134,40 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The value of `nodes/<name>`: where replies for the node's blocks go, and its lease.
+/// The value of `nodes/<name>`: where replies for the node's blocks go, its lease, and the
+/// timers its fence runs on (absent in records of agents before they were published).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeValue {
     pub address: Ipv4Addr,
     pub lease: LeaseId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timers: Option<NodeTimers>,
+}
+
+/// A node's `--block-cooldown` and `--fence-margin`: what `snat cluster release` must honour
+/// for its blocks, whatever its own flags say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTimers {
+    pub cooldown_ms: u64,
+    pub fence_margin_ms: u64,
+}
+
+impl NodeTimers {
+    pub fn new(cooldown: Duration, fence_margin: Duration) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Self {
+            cooldown_ms: ms(cooldown),
+            fence_margin_ms: ms(fence_margin),
+        }
+    }
+
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_millis(self.cooldown_ms)
+    }
+
+    pub fn fence_margin(&self) -> Duration {
+        Duration::from_millis(self.fence_margin_ms)
+    }
 }
 
 /// The value of `blocks/<nat_ip>/<index>`: the node holding the block, its address, its lease.
@@ -722,16 +751,16 @@ impl Store {
     pub async fn register_node(
         &self,
         name: &str,
-        address: Ipv4Addr,
-        lease: LeaseId,
+        value: &NodeValue,
     ) -> Result<Registration, StoreError> {
+        let lease = value.lease;
         const OP: &str = "register node";
         check_name(name).map_err(|reason| StoreError::Invalid {
             op: OP,
             detail: format!("node name {name:?} {reason}"),
         })?;
         let key = Key::Node(name.to_owned()).path();
-        let value = encode(&NodeValue { address, lease });
+        let value = encode(value);
         let resp = self.create_or_get(OP, &key, &value, Some(lease)).await?;
         if resp.succeeded() {
             return Ok(Registration::Registered {
@@ -1373,13 +1402,23 @@ mod tests {
 
     #[test]
     fn values_have_their_json_shape() {
-        let node = NodeValue {
+        let mut node = NodeValue {
             address: Ipv4Addr::new(10, 0, 0, 1),
             lease: 7_587_869_462_913_456_129,
+            timers: None,
         };
+        // A record of an agent before the timers were published still reads.
         assert_eq!(
             encode(&node),
             r#"{"address":"10.0.0.1","lease":7587869462913456129}"#
+        );
+        node.timers = Some(NodeTimers::new(
+            Duration::from_secs(20),
+            Duration::from_millis(5500),
+        ));
+        assert_eq!(
+            encode(&node),
+            r#"{"address":"10.0.0.1","lease":7587869462913456129,"timers":{"cooldown_ms":20000,"fence_margin_ms":5500}}"#
         );
         let blk = BlockValue {
             node: "n1".into(),
