@@ -13,10 +13,12 @@
 //! 2. **Claims per second, three nodes contending**: all three pods probe at once for a fixed
 //!    window; the nodes' successful claims (and claims lost to another node) over the window.
 //! 3. **Connections per second while blocks are being claimed**: the three pods open TCP
-//!    connections at once and hold them, first with one block each (every further block is
-//!    claimed on the way), then again once those connections closed while the nodes still hold
-//!    the blocks (a cool-down of 60 s keeps them): the first pass over the second is the cost of
-//!    growing on demand.
+//!    connections at once and hold them, in two labs set up side by side: one whose nodes start
+//!    from one block each (every further block is claimed on the way), one whose nodes hold
+//!    enough blocks from the start (`--min-blocks`). Rounds alternate between the two (the order
+//!    rotating), so the machine's drift hits both alike; between rounds the connections close
+//!    and the growing lab's blocks go back (cool-down 2 s). The first over the second is the
+//!    cost of growing on demand.
 //!
 //! Network safety: the harness's namespaces and veths only (its per-process prefix), removed on
 //! drop; etcd and the gateway run inside them. Every loop is bounded in count and time.
@@ -28,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use serde_json::Value;
 use tests::{
     agent::{snat_bin, Agent},
@@ -60,12 +62,12 @@ pub struct Cluster {
     pub claims: Vec<u64>,
     pub claims_lost: u64,
     pub claim_secs: f64,
-    /// Part 3: connections per node; seconds for all of them while growing and with the
-    /// blocks held; blocks claimed during the first pass.
+    /// Part 3: connections per node; seconds for all of them per round, while growing and with
+    /// the blocks held; blocks claimed and packets held back per growing round.
     pub conns: u64,
-    pub growing_secs: f64,
-    pub held_secs: f64,
-    pub grown_blocks: u64,
+    pub growing_secs: Vec<f64>,
+    pub held_secs: Vec<f64>,
+    pub grown_blocks: Vec<u64>,
     pub held_back: u64,
 }
 
@@ -124,8 +126,9 @@ fn node(p: &str, i: u8, gw: &Netns) -> Node {
 }
 
 impl Lab {
-    /// The lab with `cooldown` (`--block-cooldown`) on every node.
-    fn new(cooldown: &str) -> anyhow::Result<Self> {
+    /// The lab with `cooldown` (`--block-cooldown`) and `min_blocks` (`--min-blocks`) on every
+    /// node.
+    fn new(cooldown: &str, min_blocks: u16) -> anyhow::Result<Self> {
         let p = unique_prefix();
         let server = Netns::new(&format!("{p}-srv"));
         let gw = Netns::new(&format!("{p}-gw"));
@@ -161,6 +164,8 @@ impl Lab {
                     &name,
                     "--block-cooldown",
                     cooldown,
+                    "--min-blocks",
+                    &min_blocks.to_string(),
                     "--tcp-fin-timeout",
                     "1s",
                 ],
@@ -202,18 +207,27 @@ impl Lab {
             server,
             _gw: gw,
         };
-        // Every node at its minimum (one block) before anything is measured.
-        for a in &lab.agents {
-            wait_for(Duration::from_secs(20), || {
-                (open_blocks(a) >= 1).then_some(())
-            })
-            .context("a node got no block within 20 s")?;
-        }
+        // Every node at its minimum before anything is measured.
+        lab.settle(u64::from(min_blocks))?;
         Ok(lab)
     }
 
     fn server(&self) -> &Netns {
         &self.server
+    }
+
+    /// Waits until no node maps a connection and each holds exactly `blocks` open blocks.
+    fn settle(&self, blocks: u64) -> anyhow::Result<()> {
+        wait_for(Duration::from_secs(30), || {
+            self.agents
+                .iter()
+                .all(|a| a.mappings("tcp") == 0 && open_blocks(a) == blocks)
+                .then_some(())
+        })
+        .with_context(|| {
+            let held: Vec<u64> = self.agents.iter().map(open_blocks).collect();
+            format!("the nodes did not settle at {blocks} blocks each within 30 s: {held:?}")
+        })
     }
 }
 
@@ -315,7 +329,7 @@ pub fn run(plan: &Plan, out: &mut Cluster) -> anyhow::Result<()> {
     let samples = if plan.quick { 8 } else { 30 };
     // 1. Pressure → usable block, one node growing (the others idle at their minimum).
     {
-        let lab = Lab::new("20s")?;
+        let lab = Lab::new("20s", 1)?;
         let _udp = UdpServer::start(lab.server(), SocketAddrV4::new(SERVER, 9000));
         let before = open_blocks(&lab.agents[0]);
         let pod = lab.nodes[0].pod_addr;
@@ -341,7 +355,7 @@ pub fn run(plan: &Plan, out: &mut Cluster) -> anyhow::Result<()> {
     }
     // 2. Three nodes claiming at once.
     {
-        let lab = Lab::new("20s")?;
+        let lab = Lab::new("20s", 1)?;
         let _udp = UdpServer::start(lab.server(), SocketAddrV4::new(SERVER, 9000));
         let before: Vec<(u64, u64)> = lab
             .agents
@@ -384,47 +398,62 @@ pub fn run(plan: &Plan, out: &mut Cluster) -> anyhow::Result<()> {
         ));
         crate::check()?;
     }
-    // 3. Connections while growing, then with the blocks held.
+    // 3. Connections while growing, against the same with the blocks held, interleaved.
     {
-        let lab = Lab::new("60s")?;
-        let _tcp = TcpServer::start(lab.server(), SocketAddrV4::new(SERVER, 8080));
-        let n = if plan.quick { 200 } else { 600 };
-        let before: u64 = lab.agents.iter().map(open_blocks).sum();
-        let (conns, growing) = connect_all(&lab, n)?;
-        out.grown_blocks = lab
-            .agents
-            .iter()
-            .map(open_blocks)
-            .sum::<u64>()
-            .saturating_sub(before);
-        out.held_back = lab
-            .agents
-            .iter()
-            .map(|a| a.counter("egress", "drop_awaiting_block"))
-            .sum();
-        drop(conns);
-        // The closed connections' ports free after the FIN timeout (1 s); the blocks stay for
-        // the cool-down (60 s).
-        let freed = wait_for(Duration::from_secs(20), || {
-            lab.agents
-                .iter()
-                .all(|a| a.mappings("tcp") == 0)
-                .then_some(())
-        });
-        if freed.is_none() {
-            bail!("the first pass's connections were still mapped after 20 s");
-        }
-        let (conns, held) = connect_all(&lab, n)?;
-        drop(conns);
+        let n: u64 = if plan.quick { 200 } else { 600 };
+        // Enough blocks for n connections, and one spare.
+        let enough = u16::try_from(n.div_ceil(u64::from(BLOCK)) + 1).unwrap_or(u16::MAX);
+        let growing = Lab::new("2s", 1)?;
+        let held = Lab::new("2s", enough)?;
+        let _servers = [&growing, &held]
+            .map(|l| TcpServer::start(l.server(), SocketAddrV4::new(SERVER, 8080)));
+        let rounds = if plan.quick { 2 } else { 3 };
         out.conns = n;
-        out.growing_secs = growing;
-        out.held_secs = held;
-        say(format_args!(
-            "  {n} connections per pod on three pods: {:.0}/s while claiming {} blocks, {:.0}/s with them held",
-            3.0 * n as f64 / growing,
-            out.grown_blocks,
-            3.0 * n as f64 / held
-        ));
+        for round in 0..rounds {
+            for k in 0..2 {
+                crate::check()?;
+                let grow = (k + round) % 2 == 0;
+                let lab = if grow { &growing } else { &held };
+                let before: u64 = lab.agents.iter().map(open_blocks).sum();
+                let drops = |lab: &Lab| -> u64 {
+                    lab.agents
+                        .iter()
+                        .map(|a| a.counter("egress", "drop_awaiting_block"))
+                        .sum()
+                };
+                let dropped = drops(lab);
+                let (conns, secs) = connect_all(lab, n)?;
+                let grown = lab
+                    .agents
+                    .iter()
+                    .map(open_blocks)
+                    .sum::<u64>()
+                    .saturating_sub(before);
+                drop(conns);
+                if grow {
+                    out.growing_secs.push(secs);
+                    out.grown_blocks.push(grown);
+                    out.held_back += drops(lab) - dropped;
+                    // Back to one block each: the closed connections' ports free after the FIN
+                    // timeout, the emptied blocks go back after the cool-down.
+                    lab.settle(1)?;
+                } else {
+                    out.held_secs.push(secs);
+                    lab.settle(u64::from(enough))?;
+                }
+                say(format_args!(
+                    "  round {}/{rounds}, {}: {n} connections per pod on three pods in {secs:.2} s ({:.0}/s){}",
+                    round + 1,
+                    if grow { "growing" } else { "blocks held" },
+                    3.0 * n as f64 / secs,
+                    if grow {
+                        format!(", {grown} blocks claimed")
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+        }
     }
     Ok(())
 }
