@@ -73,7 +73,7 @@ impl Timers {
             keepalive_every: lease_ttl / 6,
             retry: Duration::from_millis(250),
             list_max_age: Duration::from_secs(1),
-            gateway_poll: Duration::from_millis(20),
+            gateway_poll: Duration::from_millis(5),
         }
     }
 
@@ -138,6 +138,8 @@ pub enum StoreOp {
     },
     /// Read the whole prefix: blocks, nodes, gateways.
     List,
+    /// Read only the gateways' records (what a claimed block waits for: cheap to poll).
+    Gateways,
     /// Create `blocks/<ip>/<index>` with the lease if absent.
     Claim {
         block: BlockId,
@@ -161,6 +163,8 @@ pub enum StoreReply {
         lease: LeaseId,
         ttl_s: u32,
     },
+    /// The gateways' records, with the applied revision each published.
+    Gateways(Vec<GatewayRecord>),
     /// A keep-alive's answer: the TTL etcd restarted the lease with, 0 when it is gone.
     Alive {
         ttl_s: u32,
@@ -415,6 +419,8 @@ pub struct Node {
     retry_at: Option<Nanos>,
     backoff: Duration,
     list_at: Option<Nanos>,
+    /// When to read the gateways' records again (a claimed block awaits them).
+    gateways_at: Option<Nanos>,
     /// The first moment an unmet want of a block was seen.
     wanting_since: Option<Nanos>,
     shortage: BTreeMap<Ipv4Addr, Shortage>,
@@ -451,6 +457,7 @@ impl Node {
             retry_at: None,
             backoff,
             list_at: None,
+            gateways_at: None,
             wanting_since: None,
             shortage: BTreeMap::new(),
             growing: BTreeSet::new(),
@@ -472,7 +479,12 @@ impl Node {
         if self.phase == Phase::Failed {
             return None;
         }
-        let mut t = [self.keepalive_at, self.retry_at, self.list_at]
+        let mut t = [
+            self.keepalive_at,
+            self.retry_at,
+            self.list_at,
+            self.gateways_at,
+        ]
             .into_iter()
             .flatten()
             .min();
@@ -604,6 +616,12 @@ impl Node {
             self.list_at = None;
             self.list(now);
         }
+        if self.gateways_at.is_some_and(|t| t <= now) {
+            self.gateways_at = None;
+            if !self.pending.values().any(|(op, _)| *op == StoreOp::Gateways) {
+                self.send(StoreOp::Gateways, now);
+            }
+        }
         let due: Vec<(BlockId, i64)> = self
             .held
             .iter()
@@ -716,6 +734,19 @@ impl Node {
             (StoreOp::List, Err(_)) => {
                 self.list_at = Some(now + ns(self.cfg.timers.retry));
             }
+            (StoreOp::Gateways, Ok(StoreReply::Gateways(gateways))) => {
+                // Newer than the snapshot's: only the gateways' part of the view changes.
+                match &mut self.view {
+                    Some((_, snap)) => {
+                        snap.gateways = gateways;
+                        self.open_applied(now);
+                    }
+                    None => self.list(now),
+                }
+            }
+            (StoreOp::Gateways, Err(_)) => {
+                self.gateways_at = Some(now + ns(self.cfg.timers.retry));
+            }
             (StoreOp::Claim { block, lease }, Ok(StoreReply::Claimed { epoch })) => {
                 *self.stats.claims.entry("ok").or_default() += 1;
                 if self.lease == Some(lease) && !self.held.contains_key(&block) {
@@ -730,7 +761,12 @@ impl Node {
                         },
                     );
                     self.reset_backoff();
-                    self.list(now);
+                    // Whether the gateways have applied it yet: their records are enough.
+                    if self.view.is_some() {
+                        self.send(StoreOp::Gateways, now);
+                    } else {
+                        self.list(now);
+                    }
                 }
             }
             (StoreOp::Claim { block, .. }, Ok(StoreReply::ClaimTaken)) => {
@@ -1053,8 +1089,11 @@ impl Node {
             }
             self.push(op);
         }
-        if waiting && self.list_at.is_none() && !self.listing() {
-            self.list_at = Some(now + ns(self.cfg.timers.gateway_poll));
+        if waiting
+            && self.gateways_at.is_none()
+            && !self.pending.values().any(|(op, _)| *op == StoreOp::Gateways)
+        {
+            self.gateways_at = Some(now + ns(self.cfg.timers.gateway_poll));
         }
     }
 
@@ -1527,6 +1566,14 @@ mod tests {
             .collect()
     }
 
+    /// The one gateway's record, at revision `applied`.
+    fn applied(applied: i64) -> StoreReply {
+        StoreReply::Gateways(vec![GatewayRecord {
+            name: "gw".into(),
+            applied,
+        }])
+    }
+
     fn snapshot(revision: i64, blocks: &[(u16, LeaseId, i64)], applied: Option<i64>) -> Snapshot {
         Snapshot {
             revision,
@@ -1722,16 +1769,9 @@ mod tests {
         n.handle_usage(&refused, S);
         let c = drain(&mut n);
         let c = answer(&mut n, &c, StoreReply::Listed(snapshot(4, &[], Some(4))), S);
-        let StoreOp::Claim { block: b, .. } = op(&c).1 else {
-            panic!("{c:?}")
-        };
+        assert!(matches!(op(&c).1, StoreOp::Claim { .. }), "{c:?}");
         let c = answer(&mut n, &c, StoreReply::Claimed { epoch: 5 }, S);
-        let c = answer(
-            &mut n,
-            &c,
-            StoreReply::Listed(snapshot(5, &[(b.index, 7, 5)], Some(5))),
-            S,
-        );
+        let c = answer(&mut n, &c, applied(5), S);
         assert!(matches!(dp(&c)[..], [DatapathOp::Open { .. }]), "{c:?}");
         // At its cap, the datapath is told no block is on its way: a flow without a port is
         // refused at once from now on.
@@ -1770,16 +1810,9 @@ mod tests {
         );
         let c = drain(&mut n);
         let c = answer(&mut n, &c, StoreReply::Listed(snapshot(4, &[], Some(4))), S);
-        let StoreOp::Claim { block: b, .. } = op(&c).1 else {
-            panic!("{c:?}")
-        };
+        assert!(matches!(op(&c).1, StoreOp::Claim { .. }), "{c:?}");
         let c = answer(&mut n, &c, StoreReply::Claimed { epoch: 5 }, S);
-        answer(
-            &mut n,
-            &c,
-            StoreReply::Listed(snapshot(5, &[(b.index, 7, 5)], Some(5))),
-            S,
-        );
+        answer(&mut n, &c, applied(5), S);
         let room = |free| Pressure {
             nat_ip: IP,
             free,
@@ -1844,24 +1877,16 @@ mod tests {
         };
         assert_eq!(n.shortage().get(&IP), Some(&Shortage::ClaimPending));
         let c = answer(&mut n, &c, StoreReply::Claimed { epoch: 5 }, S);
-        assert_eq!(op(&c).1, StoreOp::List);
-        // The gateway is still at revision 4: nothing opens, the node polls again.
-        let c = answer(
-            &mut n,
-            &c,
-            StoreReply::Listed(snapshot(5, &[(b.index, 7, 5)], Some(4))),
-            S,
-        );
+        // Only the gateways' records are read (not the whole prefix).
+        assert_eq!(op(&c).1, StoreOp::Gateways);
+        // The gateway is still at revision 4: nothing opens, the node polls again in 5 ms.
+        let c = answer(&mut n, &c, applied(4), S);
         assert_eq!(dp(&c), vec![]);
-        assert_eq!(n.poll_timeout(), Some(S + 20_000_000));
-        n.handle_timeout(S + 20_000_000);
+        assert_eq!(n.poll_timeout(), Some(S + 5_000_000));
+        n.handle_timeout(S + 5_000_000);
         let c = drain(&mut n);
-        let c = answer(
-            &mut n,
-            &c,
-            StoreReply::Listed(snapshot(6, &[(b.index, 7, 5)], Some(6))),
-            S + 30_000_000,
-        );
+        assert_eq!(op(&c).1, StoreOp::Gateways);
+        let c = answer(&mut n, &c, applied(6), S + 6_000_000);
         assert_eq!(
             dp(&c),
             vec![DatapathOp::Open {

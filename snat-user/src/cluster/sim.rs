@@ -234,6 +234,7 @@ impl Etcd {
                 }
             }
             StoreOp::List => StoreReply::Listed(self.snapshot()),
+            StoreOp::Gateways => StoreReply::Gateways(self.snapshot().gateways),
             StoreOp::Claim { block, lease } => {
                 let key = Key::Block(*block);
                 if self.kv.contains_key(&key) {

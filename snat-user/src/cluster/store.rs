@@ -924,9 +924,17 @@ impl Store {
 
     /// Everything under [`PREFIX`], in one (linearizable) range read.
     pub async fn list(&self) -> Result<Snapshot, StoreError> {
+        self.list_under("").await
+    }
+
+    /// The keys under `PREFIX + sub` only (e.g. `"gateways/"`), as a snapshot with the rest
+    /// empty: a cheap read of one kind of record.
+    pub async fn list_under(&self, sub: &str) -> Result<Snapshot, StoreError> {
+        let prefix = format!("{PREFIX}{sub}");
         let resp = self
-            .call("list", |mut c| async move {
-                c.get(PREFIX, Some(GetOptions::new().with_prefix())).await
+            .call("list", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
         let mut snapshot = Snapshot {
