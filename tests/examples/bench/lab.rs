@@ -83,9 +83,7 @@ impl Contender {
             Contender::Snat => format!(
                 "snat agent on the node's uplink: `snat run --internal {POD_CIDR} --port-range {PORT_RANGE} --ingress tc` (other flags default)"
             ),
-            Contender::SnatXdp => format!(
-                "the same with `--ingress xdp`: replies translated in XDP (native mode on the veth) in front of TC, which takes the replies XDP leaves it"
-            ),
+            Contender::SnatXdp => "the same with `--ingress xdp`: replies translated in XDP (native mode on the veth) in front of TC, which takes the replies XDP leaves it".to_owned(),
         }
     }
 

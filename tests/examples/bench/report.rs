@@ -927,13 +927,13 @@ impl Results {
             );
             let _ = writeln!(
                 s,
-                "\nOf the {} replies the snat xdp agent counted by the end of the windows, XDP left \
-                 {} ({:.1} %) to TC untouched (`xdp.deferred_to_tc`: TCP or UDP checksums still \
-                 pending offload, as senders on veths with checksum offload leave them) and \
-                 translated or passed the rest itself.\n",
-                thousands(i),
+                "\nBy the end of the windows the snat xdp agent's XDP program had left {} frames \
+                 to TC untouched (`xdp.deferred_to_tc`: TCP or UDP checksums still pending \
+                 offload, as senders on veths with checksum offload leave them); its ingress \
+                 results, XDP's and TC's together (TC counts after GRO, merged frames once), \
+                 were {}.\n",
                 thousands(d),
-                if i > 0.0 { d / i * 100.0 } else { 0.0 }
+                thousands(i)
             );
         }
     }

@@ -241,18 +241,17 @@ pub fn rate_phase(plan: &Plan, labs: &mut [Lab], results: &mut Results) -> anyho
             say(format_args!("  {key} Gbit/s: {}", line.join(", ")));
         }
         // What the XDP path left to TC, for the report.
-        for (lab, active) in labs.iter().zip(&actives) {
+        for active in &actives {
             if let Some(agent) = &active.agent {
-                let _ = lab;
                 let stats = agent.stats();
                 let get = |g: &str, n: &str| stats["counters"][g][n].as_u64().unwrap_or(0);
                 if stats["ingress"]
                     .as_str()
                     .is_some_and(|p| p.starts_with("xdp"))
                 {
-                    let ingress: u64 = stats["counters"]["ingress"]
-                        .as_object()
-                        .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
+                    let ingress: u64 = stats["counters"]["ingress"].as_object().map_or(0, |m| {
+                        m.values().filter_map(serde_json::Value::as_u64).sum()
+                    });
                     results.push(
                         "xdp.deferred",
                         Contender::SnatXdp,
