@@ -128,11 +128,19 @@ pub enum Counter {
     /// A mapping's expiry event did not fit in `SNAT_EXPIRY_EVENTS` (the controller then walks
     /// every mapping once).
     ExpiryEventsLost,
+    // The XDP reply path (`--ingress xdp`): besides the packet's result (counted where it was
+    // decided, in XDP or in TC).
+    /// A reply whose TCP or UDP checksum may still be pending offload (a local sender's
+    /// CHECKSUM_PARTIAL skb, as over a veth): left untouched by XDP for TC, whose helpers know.
+    XdpDeferred,
+    /// XDP could not put its mark in front of the frame (the driver gives no metadata room): left
+    /// untouched for TC.
+    XdpNoMetadata,
 }
 
 impl Counter {
     /// Number of counters (the size of `SNAT_COUNTERS`).
-    pub const COUNT: u32 = Counter::ExpiryEventsLost as u32 + 1;
+    pub const COUNT: u32 = Counter::XdpNoMetadata as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -202,6 +210,8 @@ impl Counter {
         Counter::AllocBlockClosed,
         Counter::EgressDropAwaitingBlock,
         Counter::ExpiryEventsLost,
+        Counter::XdpDeferred,
+        Counter::XdpNoMetadata,
     ];
 
     /// The counter's index in `SNAT_COUNTERS`.
@@ -210,7 +220,7 @@ impl Counter {
         self as u32
     }
 
-    /// Stable `(group, detail)` names: group is `egress`, `ingress`, `alloc` or `reject`; detail names the
+    /// Stable `(group, detail)` names: group is `egress`, `ingress`, `alloc`, `reject` or `xdp`; detail names the
     /// result (`translated_tcp`, `drop_exhausted_udp`, …). Metrics and the CLI print these.
     pub const fn labels(self) -> (&'static str, &'static str) {
         use Counter::*;
@@ -281,6 +291,8 @@ impl Counter {
             AllocBlockClosed => ("alloc", "block_closed"),
             EgressDropAwaitingBlock => ("egress", "drop_awaiting_block"),
             ExpiryEventsLost => ("alloc", "expiry_events_lost"),
+            XdpDeferred => ("xdp", "deferred_to_tc"),
+            XdpNoMetadata => ("xdp", "no_metadata"),
         }
     }
 }

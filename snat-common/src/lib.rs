@@ -27,6 +27,13 @@ unsafe impl aya::Pod for StateHeader {}
 pub const PROG_EGRESS: &str = "snat_egress";
 /// Name of the TC ingress program (translates replies internet → pod).
 pub const PROG_INGRESS: &str = "snat_ingress";
+/// Name of the XDP program on the uplink (`snat run --ingress xdp`): translates replies before
+/// TC, leaving to `snat_ingress` only the frames it marks as not decided (see [`XDP_DONE`]).
+pub const PROG_XDP: &str = "snat_xdp";
+/// The 4 bytes of XDP metadata `snat_xdp` puts in front of a frame it decided (translated,
+/// passed or counted): `snat_ingress` then leaves the frame alone. Any other metadata (or none)
+/// means TC decides, as without XDP.
+pub const XDP_DONE: u32 = 0x534e_5844;
 /// Name of the release program: never attached; the controller runs it with
 /// `BPF_PROG_TEST_RUN` on a batch of expired mappings so that removals and use counts change in
 /// the kernel, atomically with respect to the datapath.

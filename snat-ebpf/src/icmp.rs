@@ -6,10 +6,9 @@
 //! outer address change into the IPv4 checksum, so the one's complement sum of the whole packet is
 //! unchanged and a `CHECKSUM_COMPLETE` `skb->csum` stays valid without help.
 
-use aya_ebpf::programs::TcContext;
 use snat_common::{csum, flow::proto, FlowKey};
 
-use crate::packet::{l4_check_offset, read, Ipv4, Side};
+use crate::packet::{l4_check_offset, read, Ipv4, Packet, Side};
 
 /// ICMP types snat translates.
 pub mod kind {
@@ -32,7 +31,7 @@ pub const fn is_error(t: u8) -> bool {
 /// The source and destination addresses of the IPv4 header an ICMP error quotes, when at least
 /// that much of it is there (even if too little of the datagram follows for [`Inner::parse`]).
 #[inline(always)]
-pub fn quoted_addrs(ctx: &TcContext, outer: &Ipv4) -> Option<([u8; 4], [u8; 4])> {
+pub fn quoted_addrs<C: Packet>(ctx: &C, outer: &Ipv4) -> Option<([u8; 4], [u8; 4])> {
     if outer.l4_len(ctx) < 8 + 20 {
         return None;
     }
@@ -89,7 +88,7 @@ impl Inner {
     /// Parses the datagram quoted by the ICMP error in `outer`. `None` when it is too short, not
     /// IPv4, a non-first fragment, or a protocol snat does not map.
     #[inline(always)]
-    pub fn parse(ctx: &TcContext, outer: &Ipv4) -> Option<Self> {
+    pub fn parse<C: Packet>(ctx: &C, outer: &Ipv4) -> Option<Self> {
         let icmp = outer.l4();
         let quoted = outer.l4_len(ctx).checked_sub(8)?;
         let ip = icmp + 8;
@@ -132,7 +131,12 @@ impl Inner {
     /// updating the embedded IPv4 checksum, the embedded L4 checksum when it was quoted, and the
     /// ICMP checksum.
     #[inline(always)]
-    pub fn rewrite(&self, ctx: &TcContext, side: Side, new: ([u8; 4], [u8; 2])) -> Result<(), i64> {
+    pub fn rewrite<C: Packet>(
+        &self,
+        ctx: &C,
+        side: Side,
+        new: ([u8; 4], [u8; 2]),
+    ) -> Result<(), i64> {
         let (addr_off, old_addr, old_port) = match side {
             Side::Src => (self.ip + 12, self.src, self.sport),
             Side::Dst => (self.ip + 16, self.dst, self.dport),
@@ -164,12 +168,12 @@ impl Inner {
                 _ => csum::replace16(old, op, np),
             };
             icmp_c = csum::replace16(icmp_c, old, new_c);
-            ctx.store(off, &new_c.to_be_bytes(), 0)?;
+            ctx.store(off, &new_c.to_be_bytes())?;
         }
-        ctx.store(addr_off, &new.0, 0)?;
-        ctx.store(port_off, &new.1, 0)?;
-        ctx.store(self.ip + 10, &ip_c_new.to_be_bytes(), 0)?;
-        ctx.store(icmp_check, &icmp_c.to_be_bytes(), 0)?;
+        ctx.store(addr_off, &new.0)?;
+        ctx.store(port_off, &new.1)?;
+        ctx.store(self.ip + 10, &ip_c_new.to_be_bytes())?;
+        ctx.store(icmp_check, &icmp_c.to_be_bytes())?;
         Ok(())
     }
 }

@@ -5,8 +5,14 @@
 //! the pod last advertised (`snat_common::tcp::check_remote`); one outside it is still
 //! translated, for the pod's own stack to judge (a challenge ACK, RFC 5961), and counted
 //! (`rst_out_of_window`, `fin_out_of_window`), but changes nothing in the mapping.
+//!
+//! The same code runs in both reply paths, generic over the [`Packet`] it reads and rewrites:
+//! the TC program `snat_ingress` and the XDP program `snat_xdp` (`--ingress xdp`, see `xdp`).
+//! Only one thing differs: XDP cannot update a checksum still pending offload, so a TCP or UDP
+//! reply whose checksum may be one is left to TC, untouched ([`Counter::XdpDeferred`]), before
+//! anything about its mapping is read or changed.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use snat_common::{
     flow::proto,
     tcp::{self, check_remote, header, PodSide, Remote},
@@ -18,12 +24,12 @@ use crate::{
     icmp::{self, kind, Inner},
     mapping::{self, Reverse},
     maps::{expiry_event, fragments_of, remember_fragments},
-    packet::{read, rewrite_addr, rewrite_endpoint, Ipv4, Side, Tcp, ETH_P_IP_BE},
+    packet::{l4_check_offset, read, rewrite_addr, rewrite_endpoint, Ipv4, Packet, Side, Tcp},
     verdict::Verdict,
 };
 
-pub fn run(ctx: &TcContext) -> Verdict {
-    if ctx.skb.protocol() != ETH_P_IP_BE {
+pub fn run<C: Packet>(ctx: &C) -> Verdict {
+    if !ctx.is_ipv4() {
         return Ok(Counter::IngressPassNotIpv4);
     }
     let Ok(ip) = Ipv4::read(ctx) else {
@@ -64,8 +70,8 @@ fn now() -> u64 {
 /// header) to the internal endpoint of its reverse half `o` (pointer `p`): refreshes the half,
 /// rewrites the packet, and remembers a first fragment's translation for the fragments after it.
 #[inline(always)]
-fn deliver(
-    ctx: &TcContext,
+fn deliver<C: Packet>(
+    ctx: &C,
     ip: &Ipv4,
     p: *mut Origin,
     o: &Reverse,
@@ -91,13 +97,16 @@ fn deliver(
 }
 
 #[inline(always)]
-fn tcp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+fn tcp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
     if ip.l4_len(ctx) < 20 {
         return Ok(Counter::IngressPassUnparsed);
     }
     let Ok(t) = Tcp::read(ctx, ip.l4()) else {
         return Ok(Counter::IngressPassUnparsed);
     };
+    if ctx.checksum_pending(ip, ip.l4() + l4_check_offset(proto::TCP)) {
+        return Ok(Counter::XdpDeferred);
+    }
     let key = FlowKey::new(proto::TCP, ip.src, t.sport, ip.dst, t.dport);
     let Some((p, o)) = mapping::reverse(&key) else {
         return block::no_mapping(ip.dst, t.dport).map_err(Into::into);
@@ -159,13 +168,16 @@ fn remote_flags(key: &FlowKey, p: *mut Origin, o: &Reverse, t: &Tcp) -> Counter 
 }
 
 #[inline(always)]
-fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+fn udp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
     if ip.l4_len(ctx) < 8 {
         return Ok(Counter::IngressPassUnparsed);
     }
     let Ok(head) = read::<[u8; 4]>(ctx, ip.l4()) else {
         return Ok(Counter::IngressPassUnparsed);
     };
+    if ctx.checksum_pending(ip, ip.l4() + l4_check_offset(proto::UDP)) {
+        return Ok(Counter::XdpDeferred);
+    }
     let dport = [head[2], head[3]];
     let key = FlowKey::new(proto::UDP, ip.src, [0; 2], ip.dst, dport);
     let Some((p, o)) = mapping::reverse(&key) else {
@@ -177,7 +189,7 @@ fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 }
 
 #[inline(always)]
-fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+fn icmp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
     if ip.l4_len(ctx) < 8 {
         return Ok(Counter::IngressPassUnparsed);
     }
@@ -204,7 +216,7 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 /// put back to the internal endpoint; the outer destination (the NAT IP) too. Errors do not
 /// refresh the mapping (RFC 5508).
 #[inline(always)]
-fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+fn icmp_error<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
     let Some(inner) = Inner::parse(ctx, ip) else {
         return Ok(Counter::IngressPassUnparsed);
     };
@@ -227,7 +239,7 @@ fn icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 /// fragment went to. One that overtook its first fragment cannot be placed (it names no port)
 /// and is left to the node, which drops what it cannot reassemble.
 #[inline(always)]
-fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+fn later_fragment<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
     let Some(addr) = fragments_of(&ip.frag_key(), now()) else {
         return Ok(Counter::IngressPassUnparsed);
     };

@@ -3,6 +3,8 @@
 //! - `snat_egress` translates the source of packets from internal CIDRs to a NAT ip:port;
 //! - `snat_create`, tail-called by egress for a flow without a mapping, creates it;
 //! - `snat_ingress` translates replies back to the internal endpoint;
+//! - `snat_xdp` does the same in XDP, before TC (`--ingress xdp`), leaving `snat_ingress` what it
+//!   cannot do;
 //! - `snat_release` removes expired mappings for the controller (run, never attached);
 //! - `snat_guard` is left on egress by a stopped agent: it drops what egress would translate;
 //! - `snat_gateway` runs on a cluster's gateway, not on a node: it forwards each reply to the node
@@ -51,12 +53,20 @@ mod reject;
 mod release;
 #[cfg(target_arch = "bpf")]
 mod verdict;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+    use aya_ebpf::{
+        bindings::TC_ACT_UNSPEC,
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
 
-    use crate::{create, egress, gateway, guard, ingress, maps::count, release, verdict::Verdict};
+    use crate::{
+        create, egress, gateway, guard, ingress, maps::count, release, verdict::Verdict, xdp,
+    };
 
     /// Counts the verdict and turns it into a TC action: passed and translated packets go on to
     /// the next program or the stack (`TC_ACT_UNSPEC`, TCX "next"); the others are shot or, when
@@ -99,7 +109,20 @@ mod programs {
         reason = "#[classifier] hands the context over by value"
     )]
     pub fn snat_ingress(ctx: TcContext) -> i32 {
+        if xdp::decided(&ctx) {
+            return TC_ACT_UNSPEC;
+        }
         action(ingress::run(&ctx))
+    }
+
+    /// The reply path in XDP (`--ingress xdp`), in front of `snat_ingress`.
+    #[xdp]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[xdp] hands the context over by value"
+    )]
+    pub fn snat_xdp(ctx: XdpContext) -> u32 {
+        xdp::run(&ctx)
     }
 
     #[classifier]

@@ -1,18 +1,26 @@
-//! Reading and rewriting packet fields.
+//! Reading and rewriting packet fields, on either kind of packet a program sees: a TC skb or an
+//! XDP buffer ([`Packet`]).
 //!
-//! Reads go through [`read`], which uses direct packet access when the bytes are in the linear
-//! part of the skb and falls back to `bpf_skb_load_bytes` otherwise, so callers never hold packet
-//! pointers across helpers that may move the data. Writes go through the kernel helpers
+//! On TC, reads use direct packet access when the bytes are in the linear part of the skb and
+//! fall back to `bpf_skb_load_bytes` otherwise, so callers never hold packet pointers across
+//! helpers that may move the data. Writes go through the kernel helpers
 //! (`bpf_skb_store_bytes`, `bpf_l3/l4_csum_replace`), which unclone the skb and keep
 //! `skb->csum` (CHECKSUM_COMPLETE) and pending offload (CHECKSUM_PARTIAL) right.
+//!
+//! On XDP there are no such helpers and no skb state to keep: the frame is linear and written
+//! in place, and every checksum is updated with RFC 1624 arithmetic (`snat_common::csum`). What
+//! XDP cannot see is whether a frame's L4 checksum is still pending offload (a local sender's
+//! CHECKSUM_PARTIAL skb arriving over a veth): such a checksum field holds the pseudo-header
+//! sum, not a checksum, and RFC 1624 would corrupt it. [`Packet::checksum_pending`] recognises
+//! the field by that value and the XDP program leaves those frames to TC (see `xdp`).
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{bpf_ktime_get_coarse_ns, generated::bpf_loop},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use network_types::ip::Ipv4Hdr;
-use snat_common::{flow::proto, Counter};
+use snat_common::{csum, flow::proto, Counter};
 
 use crate::maps::remember_fragments;
 
@@ -32,18 +40,210 @@ pub mod ip {
     pub const OFFSET: u16 = 0x1fff;
 }
 
-/// The packet's bytes at `off`, copied out. `T` must be at least 2 bytes: for one byte at a
-/// variable offset LLVM folds the bounds check into a form the verifier does not accept.
+/// A packet a program reads and rewrites: the bytes from the Ethernet header on, and the two
+/// rewrites snat makes with their checksum updates.
+pub trait Packet {
+    /// Bytes of the frame, from the Ethernet header.
+    fn frame_len(&self) -> usize;
+
+    /// Whether the frame carries IPv4 (untagged, EtherType 0x0800).
+    fn is_ipv4(&self) -> bool;
+
+    /// The packet's bytes at `off`, copied out. `T` must be at least 2 bytes: for one byte at a
+    /// variable offset LLVM folds the bounds check into a form the verifier does not accept.
+    fn read<T: Copy>(&self, off: usize) -> Result<T, i64>;
+
+    /// Writes `v` at `off`, nothing else (no checksum).
+    fn store<T>(&self, off: usize, v: &T) -> Result<(), i64>;
+
+    /// Rewrites one endpoint of a TCP, UDP or ICMP query packet: the address in the IPv4 header
+    /// and the port (TCP/UDP, `port_off` 0 for source or 2 for destination) or echo identifier
+    /// (ICMP, `port_off` 4), fixing the IPv4 checksum and the L4 checksum incrementally. A UDP
+    /// checksum of 0 stays 0.
+    fn rewrite_endpoint(
+        &self,
+        l4: usize,
+        l4_proto: u8,
+        side: Side,
+        port_off: usize,
+        old: Nat,
+        new: Nat,
+    ) -> Result<(), i64>;
+
+    /// Rewrites the source or destination address of the IPv4 header and its checksum (nothing
+    /// else: the caller fixes any checksum that covers the address through a pseudo-header).
+    fn rewrite_addr(&self, side: Side, old: [u8; 4], new: [u8; 4]) -> Result<(), i64>;
+
+    /// Whether the TCP or UDP checksum of `ip` (the field at `check_off`) may still be pending
+    /// offload. Only the skb knows for sure, and the TC helpers update either kind right, so on
+    /// TC never; on XDP when the field holds what a pending one holds (`csum::may_be_partial`).
+    fn checksum_pending(&self, ip: &Ipv4, check_off: usize) -> bool;
+}
+
+/// The packet's bytes at `off`, copied out (see [`Packet::read`]).
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, i64> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + size_of::<T>() <= end {
-        // SAFETY: the range lies inside the linear packet data (checked above); the read is
-        // unaligned because packet fields have no alignment guarantee.
-        Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
-    } else {
-        ctx.load::<T>(off)
+pub fn read<T: Copy>(ctx: &impl Packet, off: usize) -> Result<T, i64> {
+    ctx.read(off)
+}
+
+/// Direct access to `size` bytes at `off` of the linear data `[start, end)`, if they are there.
+#[inline(always)]
+fn direct(start: usize, end: usize, off: usize, size: usize) -> Option<usize> {
+    (start + off + size <= end).then_some(start + off)
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
+    }
+
+    #[inline(always)]
+    fn is_ipv4(&self) -> bool {
+        self.skb.protocol() == ETH_P_IP_BE
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Result<T, i64> {
+        match direct(self.data(), self.data_end(), off, size_of::<T>()) {
+            // SAFETY: the range lies inside the linear packet data (checked by `direct`); the
+            // read is unaligned because packet fields have no alignment guarantee.
+            Some(at) => Ok(unsafe { core::ptr::read_unaligned(at as *const T) }),
+            None => self.load::<T>(off),
+        }
+    }
+
+    #[inline(always)]
+    fn store<T>(&self, off: usize, v: &T) -> Result<(), i64> {
+        TcContext::store(self, off, v, 0)
+    }
+
+    #[inline(always)]
+    fn rewrite_endpoint(
+        &self,
+        l4: usize,
+        l4_proto: u8,
+        side: Side,
+        port_off: usize,
+        old: Nat,
+        new: Nat,
+    ) -> Result<(), i64> {
+        let check = l4 + l4_check_offset(l4_proto);
+        let mangled = if l4_proto == proto::UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        if old.0 != new.0 {
+            if l4_proto != proto::ICMP {
+                // TCP and UDP checksums cover the addresses through the pseudo-header.
+                let (from, to) = (
+                    u64::from(u32::from_ne_bytes(old.0)),
+                    u64::from(u32::from_ne_bytes(new.0)),
+                );
+                self.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)?;
+            }
+            Packet::rewrite_addr(self, side, old.0, new.0)?;
+        }
+        if old.1 != new.1 {
+            let (from, to) = (
+                u64::from(u16::from_ne_bytes(old.1)),
+                u64::from(u16::from_ne_bytes(new.1)),
+            );
+            self.l4_csum_replace(check, from, to, mangled | 2)?;
+            TcContext::store(self, l4 + port_off, &new.1, 0)?;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_addr(&self, side: Side, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
+        let (from, to) = (
+            u64::from(u32::from_ne_bytes(old)),
+            u64::from(u32::from_ne_bytes(new)),
+        );
+        self.l3_csum_replace(ETH_LEN + ip::CHECK, from, to, 4)?;
+        TcContext::store(self, side.addr_off(), &new, 0)
+    }
+
+    #[inline(always)]
+    fn checksum_pending(&self, _ip: &Ipv4, _check_off: usize) -> bool {
+        false
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
+    #[inline(always)]
+    fn is_ipv4(&self) -> bool {
+        Packet::read::<[u8; 2]>(self, 12) == Ok([0x08, 0x00])
+    }
+
+    #[inline(always)]
+    fn read<T: Copy>(&self, off: usize) -> Result<T, i64> {
+        let at = direct(self.data(), self.data_end(), off, size_of::<T>()).ok_or(-1)?;
+        // SAFETY: the range lies inside the frame (checked by `direct`; snat's XDP program does
+        // not take multi-buffer frames, so the frame is all linear); unaligned, as above.
+        Ok(unsafe { core::ptr::read_unaligned(at as *const T) })
+    }
+
+    #[inline(always)]
+    fn store<T>(&self, off: usize, v: &T) -> Result<(), i64> {
+        let at = direct(self.data(), self.data_end(), off, size_of::<T>()).ok_or(-1)?;
+        // SAFETY: as in `read`; the frame is this program's to write.
+        unsafe { core::ptr::write_unaligned(at as *mut T, core::ptr::read(v)) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_endpoint(
+        &self,
+        l4: usize,
+        l4_proto: u8,
+        side: Side,
+        port_off: usize,
+        old: Nat,
+        new: Nat,
+    ) -> Result<(), i64> {
+        let check = l4 + l4_check_offset(l4_proto);
+        let c: [u8; 2] = Packet::read(self, check)?;
+        let c = csum::rewrite_l4(l4_proto, u16::from_be_bytes(c), old, new);
+        Packet::store(self, check, &c.to_be_bytes())?;
+        if old.1 != new.1 {
+            Packet::store(self, l4 + port_off, &new.1)?;
+        }
+        if old.0 != new.0 {
+            Packet::rewrite_addr(self, side, old.0, new.0)?;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_addr(&self, side: Side, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
+        let off = ETH_LEN + ip::CHECK;
+        let c: [u8; 2] = Packet::read(self, off)?;
+        let c = csum::replace32(u16::from_be_bytes(c), old, new);
+        Packet::store(self, off, &c.to_be_bytes())?;
+        Packet::store(self, side.addr_off(), &new)
+    }
+
+    #[inline(always)]
+    fn checksum_pending(&self, ip: &Ipv4, check_off: usize) -> bool {
+        let Ok(c) = Packet::read::<[u8; 2]>(self, check_off) else {
+            // Unreadable here: TC reads what XDP cannot.
+            return true;
+        };
+        let check = u16::from_be_bytes(c);
+        if ip.proto == proto::UDP && check == 0 {
+            return false; // no checksum at all
+        }
+        let len = ip.l4_len(self);
+        len > usize::from(u16::MAX)
+            || csum::may_be_partial(check, ip.src, ip.dst, ip.proto, len as u16)
     }
 }
 
@@ -63,7 +263,7 @@ pub struct Ipv4 {
 
 impl Ipv4 {
     #[inline(always)]
-    pub fn read(ctx: &TcContext) -> Result<Self, i64> {
+    pub fn read<C: Packet>(ctx: &C) -> Result<Self, i64> {
         let h: Ipv4Hdr = read(ctx, ETH_LEN)?;
         Ok(Self {
             version: h.vihl >> 4,
@@ -80,8 +280,8 @@ impl Ipv4 {
     /// Version 4, a header of 20–60 bytes, and a total length that fits the header and the
     /// frame. (`tot_len` 0 is accepted: IPv4 BIG TCP super-packets carry it.)
     #[inline(always)]
-    pub fn valid(&self, ctx: &TcContext) -> bool {
-        let frame = ctx.len() as usize;
+    pub fn valid<C: Packet>(&self, ctx: &C) -> bool {
+        let frame = ctx.frame_len();
         let tot = usize::from(self.tot_len);
         self.version == 4
             && self.ihl >= 20
@@ -120,9 +320,9 @@ impl Ipv4 {
 
     /// Bytes after the IP header according to `tot_len` (or to the frame when it is 0).
     #[inline(always)]
-    pub fn l4_len(&self, ctx: &TcContext) -> usize {
+    pub fn l4_len<C: Packet>(&self, ctx: &C) -> usize {
         if self.tot_len == 0 {
-            (ctx.len() as usize).saturating_sub(self.l4())
+            ctx.frame_len().saturating_sub(self.l4())
         } else {
             usize::from(self.tot_len).saturating_sub(self.ihl)
         }
@@ -146,7 +346,7 @@ pub struct Tcp {
 
 impl Tcp {
     #[inline(always)]
-    pub fn read(ctx: &TcContext, l4: usize) -> Result<Self, i64> {
+    pub fn read<C: Packet>(ctx: &C, l4: usize) -> Result<Self, i64> {
         let h: [u8; 16] = read(ctx, l4)?;
         Ok(Self {
             sport: [h[0], h[1]],
@@ -286,56 +486,22 @@ impl Side {
     }
 }
 
-/// Rewrites one endpoint of a TCP, UDP or ICMP query packet: the address in the IPv4 header and
-/// the port (TCP/UDP, `port_off` 0 for source or 2 for destination) or echo identifier (ICMP,
-/// `port_off` 4), fixing the IPv4 checksum and the L4 checksum incrementally. A UDP checksum of 0
-/// stays 0 (`BPF_F_MARK_MANGLED_0`).
+/// Rewrites one endpoint of a packet (see [`Packet::rewrite_endpoint`]).
 #[inline(always)]
-pub fn rewrite_endpoint(
-    ctx: &TcContext,
+pub fn rewrite_endpoint<C: Packet>(
+    ctx: &C,
     l4: usize,
     l4_proto: u8,
     side: Side,
     port_off: usize,
-    old: ([u8; 4], [u8; 2]),
-    new: ([u8; 4], [u8; 2]),
+    old: Nat,
+    new: Nat,
 ) -> Result<(), i64> {
-    let check = l4 + l4_check_offset(l4_proto);
-    let mangled = if l4_proto == proto::UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    if old.0 != new.0 {
-        if l4_proto != proto::ICMP {
-            // TCP and UDP checksums cover the addresses through the pseudo-header.
-            let (from, to) = (
-                u64::from(u32::from_ne_bytes(old.0)),
-                u64::from(u32::from_ne_bytes(new.0)),
-            );
-            ctx.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)?;
-        }
-        rewrite_addr(ctx, side, old.0, new.0)?;
-    }
-    if old.1 != new.1 {
-        let (from, to) = (
-            u64::from(u16::from_ne_bytes(old.1)),
-            u64::from(u16::from_ne_bytes(new.1)),
-        );
-        ctx.l4_csum_replace(check, from, to, mangled | 2)?;
-        ctx.store(l4 + port_off, &new.1, 0)?;
-    }
-    Ok(())
+    ctx.rewrite_endpoint(l4, l4_proto, side, port_off, old, new)
 }
 
-/// Rewrites the source or destination address of the IPv4 header and its checksum (nothing else:
-/// the caller fixes any checksum that covers the address through a pseudo-header).
+/// Rewrites an address of the IPv4 header (see [`Packet::rewrite_addr`]).
 #[inline(always)]
-pub fn rewrite_addr(ctx: &TcContext, side: Side, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
-    let (from, to) = (
-        u64::from(u32::from_ne_bytes(old)),
-        u64::from(u32::from_ne_bytes(new)),
-    );
-    ctx.l3_csum_replace(ETH_LEN + ip::CHECK, from, to, 4)?;
-    ctx.store(side.addr_off(), &new, 0)
+pub fn rewrite_addr<C: Packet>(ctx: &C, side: Side, old: [u8; 4], new: [u8; 4]) -> Result<(), i64> {
+    ctx.rewrite_addr(side, old, new)
 }

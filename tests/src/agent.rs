@@ -29,6 +29,25 @@ pub fn snat_bin() -> PathBuf {
     p
 }
 
+/// The reply path the agents under test use: `$SNAT_TEST_INGRESS` (`tc`, `xdp`, `xdp-native`,
+/// `xdp-generic`; set by `cargo xtask test` for its second pass), else the agent's default.
+pub fn test_ingress() -> Option<String> {
+    std::env::var("SNAT_TEST_INGRESS")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
+/// `args` with `--ingress <$SNAT_TEST_INGRESS>` added, unless they choose a path themselves.
+pub fn with_test_ingress<'a>(args: &[&'a str], ingress: &'a Option<String>) -> Vec<&'a str> {
+    let mut out = args.to_vec();
+    if let Some(path) = ingress {
+        if !args.contains(&"--ingress") {
+            out.extend(["--ingress", path.as_str()]);
+        }
+    }
+    out
+}
+
 /// `snat cleanup` of `topo`'s uplink and its pins under `bpffs`, in the node's namespace; it must
 /// succeed.
 pub fn cleanup(topo: &Topology, bpffs: &BpfFs) {
@@ -63,7 +82,8 @@ impl Agent {
         Self::start(&topo.node, &topo.uplink, &args)
     }
 
-    /// Starts `snat run --iface <iface> <args…>` in `ns` and waits until it answers.
+    /// Starts `snat run --iface <iface> <args…>` in `ns` and waits until it answers (with
+    /// `--ingress $SNAT_TEST_INGRESS` when that is set and `args` do not choose).
     pub fn start(ns: &Netns, iface: &str, args: &[&str]) -> Self {
         Self::start_wrapped(ns, &[], iface, args)
     }
@@ -74,13 +94,15 @@ impl Agent {
         let log = std::env::temp_dir().join(format!("{}-snat.log", ns.name));
         let stats_file = std::env::temp_dir().join(format!("{}-snat-stats.json", ns.name));
         let _ = std::fs::remove_file(&stats_file);
+        let ingress = test_ingress();
+        let args = with_test_ingress(args, &ingress);
         let out = std::fs::File::create(&log).expect("creating the agent log");
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
             .args(wrapper)
             .arg(snat_bin())
             .args(["run", "--iface", iface])
-            .args(args)
+            .args(&args)
             .arg("--stats-file")
             .arg(&stats_file)
             .stdin(Stdio::null())

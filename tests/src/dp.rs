@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use clap::Parser as _;
 use snat_common::{tcp::Phase, Counter, FlowKey};
 use snat_user::{
-    datapath::{Counters, Engine, Tables},
+    datapath::{Counters, Engine, Tables, XdpRun},
     settings::{
         cli::{Cli, Command},
         Interface, Settings,
@@ -22,6 +22,9 @@ pub const PASS: i32 = -1;
 pub const SHOT: i32 = 2;
 /// `TC_ACT_REDIRECT`.
 pub const REDIRECT: i32 = 7;
+/// XDP actions.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
 pub const POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 pub const NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 pub const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -55,10 +58,38 @@ impl Dp {
             .expect("running egress")
     }
 
+    /// The reply path: TC ingress, or with `$SNAT_TEST_INGRESS` naming XDP, the XDP program
+    /// and then TC ingress on what XDP left it (as attached: TC leaves a frame XDP marked
+    /// decided alone); the verdict in TC's terms (XDP's pass and drop as `PASS` and `SHOT`).
     pub fn ingress(&self, frame: &[u8]) -> (i32, Vec<u8>) {
+        if crate::agent::test_ingress().is_some_and(|p| p.starts_with("xdp")) {
+            self.ingress_xdp(frame)
+        } else {
+            self.ingress_tc(frame)
+        }
+    }
+
+    /// TC ingress alone.
+    pub fn ingress_tc(&self, frame: &[u8]) -> (i32, Vec<u8>) {
         self.engine
             .test_run(snat_common::PROG_INGRESS, frame)
             .expect("running ingress")
+    }
+
+    /// XDP, then TC ingress on what XDP left it, as attached with `--ingress xdp`.
+    pub fn ingress_xdp(&self, frame: &[u8]) -> (i32, Vec<u8>) {
+        let run = self.xdp(frame);
+        match run.action {
+            XDP_DROP => (SHOT, run.frame),
+            XDP_PASS if run.decided() => (PASS, run.frame),
+            XDP_PASS => self.ingress_tc(&run.frame),
+            other => panic!("unexpected XDP action {other}"),
+        }
+    }
+
+    /// The XDP program alone.
+    pub fn xdp(&self, frame: &[u8]) -> XdpRun {
+        self.engine.test_run_xdp(frame).expect("running XDP")
     }
 
     /// Runs `frame` through egress, expects it translated, and returns what came out.

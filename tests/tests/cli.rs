@@ -50,6 +50,11 @@ fn bad_input_is_refused_with_the_value_and_the_fix_and_nothing_is_attached() {
         .unwrap();
     std::fs::write(&plan_file, out.stdout).unwrap();
     let plan = plan_file.to_str().unwrap().to_owned();
+    // An Ethernet device whose driver has no native XDP (a bridge), in the node's namespace.
+    let bridge = format!("{}-br", topo.prefix);
+    topo.node
+        .ip(&["link", "add", "name", &bridge, "type", "bridge"]);
+    topo.node.ip(&["link", "set", "dev", &bridge, "up"]);
     let before = snat_programs();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -108,6 +113,23 @@ fn bad_input_is_refused_with_the_value_and_the_fix_and_nothing_is_attached() {
         (
             vec!["--iface", "lo", "--internal", POD_CIDR],
             "not Ethernet",
+        ),
+        (
+            vec![
+                "--iface",
+                &bridge,
+                "--internal",
+                POD_CIDR,
+                "--nat-ip",
+                "198.51.100.1",
+                "--ingress",
+                "xdp-native",
+            ],
+            "has no native XDP",
+        ),
+        (
+            vec!["--iface", &up, "--internal", POD_CIDR, "--ingress", "ebpf"],
+            "[possible values: tc, xdp, xdp-native, xdp-generic]",
         ),
         (
             vec![

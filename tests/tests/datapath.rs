@@ -363,3 +363,48 @@ fn each_pod_keeps_one_nat_ip_across_protocols_and_flows() {
     assert!(agent.mappings("tcp") >= 20);
     leaks.assert_no_leak();
 }
+
+/// `ethtool -K <dev> tx on|off` in `ns`.
+fn tx_checksum(ns: &tests::netns::Netns, dev: &str, on: bool) {
+    ns.exec(&["ethtool", "-K", dev, "tx", if on { "on" } else { "off" }]);
+}
+
+/// With `--ingress xdp`, replies with real checksums are translated in XDP, and replies whose
+/// checksum is still pending offload (the server's stack left it to the hardware, as senders on
+/// veths do) are left to TC, whose helpers keep them right: also when the node must then finish
+/// the checksum itself (its link to the pod has no checksum offload). The data arrives intact
+/// either way.
+#[test]
+fn xdp_translates_real_checksums_and_leaves_pending_ones_to_tc() {
+    let topo = Topology::new(1);
+    let agent = agent(&topo, &["--ingress", "xdp"]);
+    let _tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let echo = |seed: u64| {
+        let data = payload(1 << 20, seed);
+        let want = fingerprint(&data);
+        let got = topo.pods[0].ns.run(move || {
+            let mut c = TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+                .expect("connect");
+            fingerprint(&c.echo(&data).expect("echo"))
+        });
+        assert_eq!(got, want, "1 MB echo {seed}");
+    };
+    let deferred = || agent.counter("xdp", "deferred_to_tc");
+    let translated = || agent.counter("ingress", "translated_tcp");
+
+    // No offload anywhere: every checksum is real, XDP translates every reply.
+    topo.set_offload(false);
+    echo(1);
+    assert_eq!(deferred(), 0);
+    let by_xdp = translated();
+    assert!(by_xdp > 100, "{by_xdp}");
+
+    // The server offloads, the node's link to the pod does not.
+    tx_checksum(&topo.server, &format!("{}-sr", topo.prefix), true);
+    tx_checksum(&topo.router, &format!("{}-rs", topo.prefix), true);
+    tx_checksum(&topo.router, &topo.router_uplink, true);
+    echo(2);
+    assert!(deferred() > 100, "{}", deferred());
+    assert!(translated() > by_xdp);
+    assert_eq!(agent.json("status", &[])["ingress"], "xdp-native");
+}

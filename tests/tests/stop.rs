@@ -210,3 +210,83 @@ fn on_stop_open_gives_the_node_its_routing_back() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(leaks.counts().1 >= 10, "{:?}", leaks.counts());
 }
+
+/// How the uplink's XDP program is attached, as `ip link` shows it: `xdp` (native),
+/// `xdpgeneric`, or `None`.
+fn xdp_on(topo: &Topology) -> Option<&'static str> {
+    let out = topo
+        .node
+        .exec(&["ip", "-d", "link", "show", "dev", &topo.uplink]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if text.contains(" xdpgeneric ") || text.contains("prog/xdpgeneric") {
+        Some("xdpgeneric")
+    } else if text.contains(" xdp ") || text.contains("prog/xdp ") {
+        Some("xdp")
+    } else {
+        None
+    }
+}
+
+/// The XDP reply path's whole life on the uplink: attached in native mode on a veth and pinned,
+/// kept by `--keep-state` and taken over by the next agent (atomically, the same link), taken
+/// away by a plain stop (the guard stays on egress) and by an agent that wants `--ingress tc`,
+/// and by `snat cleanup`.
+#[test]
+fn the_xdp_program_is_pinned_taken_over_and_removed_like_the_tc_ones() {
+    let topo = Topology::new(1);
+    let bpffs = BpfFs::new(&topo.prefix);
+    let _tcp = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let pin = bpffs.path.join(&topo.uplink).join("link_snat_xdp_native");
+
+    let first = agent(&topo, &bpffs, &["--ingress", "xdp", "--keep-state"]);
+    assert_eq!(xdp_on(&topo), Some("xdp"), "native XDP on a veth");
+    assert!(pin.exists(), "the XDP link is pinned");
+    assert_eq!(first.json("status", &[])["ingress"], "xdp-native");
+    assert!(connects(&topo, Duration::from_secs(3)));
+    let (status, _) = first.stop();
+    assert!(status.success());
+    assert_eq!(
+        xdp_on(&topo),
+        Some("xdp"),
+        "--keep-state leaves XDP attached"
+    );
+
+    let second = agent(&topo, &bpffs, &["--ingress", "xdp"]);
+    assert!(
+        second.log().contains("taking over the XDP link"),
+        "{}",
+        second.log()
+    );
+    assert!(connects(&topo, Duration::from_secs(3)));
+    let metrics = second.scrape(&topo.node);
+    assert!(
+        metrics.contains("snat_ingress_path{path=\"xdp\",mode=\"native\"} 1"),
+        "{metrics}"
+    );
+    let (status, _) = second.stop();
+    assert!(status.success());
+    assert_eq!(xdp_on(&topo), None, "a plain stop takes XDP away");
+    assert!(!pin.exists());
+    assert_eq!(guard_ids().len(), 1, "the guard stays on egress");
+
+    // Generic mode on request; an agent that wants TC takes a kept XDP program away.
+    let third = agent(&topo, &bpffs, &["--ingress", "xdp-generic", "--keep-state"]);
+    assert_eq!(xdp_on(&topo), Some("xdpgeneric"));
+    assert!(connects(&topo, Duration::from_secs(3)));
+    drop(third);
+    let fourth = agent(&topo, &bpffs, &["--ingress", "tc", "--keep-state"]);
+    assert_eq!(
+        xdp_on(&topo),
+        None,
+        "--ingress tc removed the kept XDP program"
+    );
+    assert!(connects(&topo, Duration::from_secs(3)));
+    drop(fourth);
+
+    let fifth = agent(&topo, &bpffs, &["--ingress", "xdp", "--keep-state"]);
+    drop(fifth);
+    assert_eq!(xdp_on(&topo), Some("xdp"));
+    cleanup(&topo, &bpffs);
+    assert_eq!(xdp_on(&topo), None, "snat cleanup takes XDP away");
+    assert!(!bpffs.path.join(&topo.uplink).exists());
+}

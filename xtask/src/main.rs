@@ -58,7 +58,8 @@ enum Task {
     /// release build; `lint` (unless --skip-lint); host unit tests
     /// (`cargo test --workspace --exclude tests`); the namespace integration tests
     /// (`cargo test -p tests -- --test-threads=1 [TEST_ARGS]`, with SNAT_BIN set to the built
-    /// binary).
+    /// binary); then the translation suites again on the reply path that is not the default
+    /// (SNAT_TEST_INGRESS=xdp: every agent runs with `--ingress xdp`).
     Test(TestArgs),
     /// Install the tools the demo uses (ping, iproute2, procps) if missing, build, then run the
     /// demo (as root)
@@ -235,12 +236,30 @@ fn lint_passes() -> anyhow::Result<()> {
 }
 
 /// The stages of `cargo xtask test`, in order.
-const TEST_STAGES: [&str; 5] = [
+const TEST_STAGES: [&str; 6] = [
     "test tools",
     "build",
     "lint",
     "unit tests",
     "integration tests",
+    "other reply path",
+];
+
+/// The reply path `snat run` does not use by default (`--ingress`), and the suites run again on
+/// it: the translation itself both ways (BPF_PROG_TEST_RUN and namespaces), ICMP errors and
+/// path MTU, fragments, malformed packets, offloads, stop and restart, cluster fences. About two
+/// minutes on two cores.
+const OTHER_INGRESS: &str = "xdp";
+const OTHER_INGRESS_SUITES: [&str; 9] = [
+    "test_run",
+    "correctness",
+    "findings",
+    "fragments",
+    "malformed",
+    "datapath",
+    "stop",
+    "restart",
+    "cluster_gateway",
 ];
 
 /// `cargo xtask test`: every stage in order, stopping at the first that fails.
@@ -272,6 +291,21 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
                 .args(["test", "-p", "tests", "--", "--test-threads=1"])
                 .args(&args.test_args)
                 .env("SNAT_BIN", &bin)
+                .current_dir(root),
+        )
+    })?;
+    stages.run("other reply path", || {
+        let mut cargo = cmd::cargo();
+        cargo.args(["test", "-p", "tests"]);
+        for suite in OTHER_INGRESS_SUITES {
+            cargo.args(["--test", suite]);
+        }
+        cmd::run(
+            cargo
+                .args(["--", "--test-threads=1"])
+                .args(&args.test_args)
+                .env("SNAT_BIN", &bin)
+                .env("SNAT_TEST_INGRESS", OTHER_INGRESS)
                 .current_dir(root),
         )
     })?;

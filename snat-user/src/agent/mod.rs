@@ -20,7 +20,7 @@ use crate::{
         netdev,
         pins::{self, Pins},
         reservation::HostReservation,
-        AttachMode, Counters, Engine, NatPool, Tables,
+        xdp_features, AttachMode, Counters, Engine, IngressPath, NatPool, Tables,
     },
     serve::{
         self,
@@ -29,7 +29,9 @@ use crate::{
         report::{Report, Snapshot},
         scrape, PoolChange,
     },
-    settings::{check_nat_ips, check_reserved, EbpfLog, MetricsAddr, OnStop, Settings},
+    settings::{
+        check_nat_ips, check_reserved, EbpfLog, IngressChoice, MetricsAddr, OnStop, Settings,
+    },
     tables::{
         expiry::{self, Sweeper},
         usage::{self, Saturation},
@@ -61,6 +63,8 @@ pub struct AgentState {
     refusals: Refusals,
     /// Cluster mode: the block allocator's latest status (written by its driver).
     cluster: Mutex<Option<Arc<Mutex<Status>>>>,
+    /// Where replies are translated, as attached.
+    ingress: IngressPath,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -88,6 +92,7 @@ impl AgentState {
             guard_dropped: self.guard_dropped,
             control_refused: self.refusals.snapshot(&control::Request::NAMES),
             cluster: lock(&self.cluster).as_ref().map(|st| lock(st).clone()),
+            ingress: Some(self.ingress.label().to_owned()),
         })
     }
 
@@ -187,6 +192,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         warn!("{w}");
     }
     let metrics_listener = scrape::bind(settings.metrics_addr)?;
+    check_ingress(settings)?;
 
     // State a previous agent pinned is checked before anything changes.
     let (pins, pin_warnings) = Pins::prepare(&settings.pin_dir, &settings.iface.name)?;
@@ -235,7 +241,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         (None, found.unwrap_or_default())
     };
     engine.write_state(pins::header(settings.max_mappings, &reserved_before))?;
-    let mode = engine.attach(settings.attach)?;
+    let mode = engine.attach(settings.attach, settings.ingress)?;
+    let ingress = engine.ingress_path();
     // A stop guard the previous agent left was replaced by the attach: what did it drop?
     let guard_dropped = pins.take_guard_drops();
     let state = Arc::new(AgentState {
@@ -248,6 +255,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         saturation: Mutex::new(Saturation::default()),
         refusals: Refusals::default(),
         cluster: Mutex::new(None),
+        ingress,
         settings: RwLock::new(settings.clone()),
         reservation: Mutex::new(reservation),
         engine: Mutex::new(engine),
@@ -259,12 +267,13 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         info!("running on {slice}");
     }
     info!(
-        "snat running on {} ({}): NAT IPs {}, ports {}, internal {}, metrics {}",
+        "snat running on {} ({}, replies through {}): NAT IPs {}, ports {}, internal {}, metrics {}",
         settings.iface.name,
         match mode {
             AttachMode::Tcx => "tcx",
             AttachMode::Clsact { .. } => "clsact",
         },
+        ingress.label(),
         comma_list(&settings.nat_ips),
         settings.port_range,
         comma_list(&settings.internal),
@@ -347,6 +356,29 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     }
     info!("final figures:\n{}", render::render_stats(&summary));
     served
+}
+
+/// `--ingress xdp-native` on an interface whose driver the kernel says has no native XDP is
+/// refused here, before anything is loaded or attached. (A kernel too old to say lets the
+/// attach decide.)
+fn check_ingress(settings: &Settings) -> anyhow::Result<()> {
+    if settings.ingress != IngressChoice::XdpNative {
+        return Ok(());
+    }
+    match xdp_features::native(settings.iface.index) {
+        Ok(Some(false)) => anyhow::bail!(
+            "--ingress xdp-native: the driver of {} has no native XDP (the kernel's xdp-features of the interface lack basic XDP); use --ingress xdp (generic XDP there) or --ingress tc",
+            settings.iface.name
+        ),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!(
+                "could not ask the kernel whether {} has native XDP ({e}); trying to attach",
+                settings.iface.name
+            );
+            Ok(())
+        }
+    }
 }
 
 /// What a stop leaves on the uplink: everything (`--keep-state`), the stop guard and nothing else

@@ -9,6 +9,9 @@ pub enum DatapathError {
     /// `--attach tcx` on a kernel without TCX links.
     #[error("--attach tcx needs kernel >= 6.6; use --attach clsact or auto")]
     NoTcx(#[source] Box<DatapathError>),
+    /// The XDP program could not be attached in any mode `--ingress` allows (the kernel's reasons).
+    #[error("{0}; --ingress tc translates replies without XDP")]
+    Xdp(String),
     /// The NAT pool was handed out already.
     #[error("the NAT pool was already taken")]
     PoolTaken,

@@ -14,6 +14,7 @@ pub mod netdev;
 pub mod pins;
 pub mod reservation;
 pub mod tables;
+pub mod xdp_features;
 
 use std::{io, os::fd::AsFd as _, process::Command};
 
@@ -26,7 +27,8 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         tc::{self, SchedClassifierLinkId, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
+        xdp::{XdpLink, XdpLinkId},
+        LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -41,13 +43,13 @@ use snat_common::{
     MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_EXPIRY_EVENTS, MAP_FREE_PORTS, MAP_FWD,
     MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV,
     MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE,
-    PROG_EGRESS, PROG_GUARD, PROG_INGRESS, PROG_RELEASE, SLOT_CREATE,
+    PROG_EGRESS, PROG_GUARD, PROG_INGRESS, PROG_RELEASE, PROG_XDP, SLOT_CREATE, XDP_DONE,
 };
 
 use self::error::{no_map, no_program, Doing as _};
 use crate::{
     cluster::geometry::Geometry,
-    settings::{AttachChoice, Settings},
+    settings::{AttachChoice, IngressChoice, Settings},
 };
 
 pub use self::{
@@ -71,6 +73,62 @@ pub enum AttachMode {
     Clsact { added_qdisc: bool },
 }
 
+/// Where replies are translated, as attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressPath {
+    /// The TC ingress program only.
+    Tc,
+    /// XDP in the driver, in front of TC.
+    XdpNative,
+    /// Generic (skb) XDP, in front of TC.
+    XdpGeneric,
+}
+
+impl IngressPath {
+    /// As `status` and the metrics name it: `tc`, `xdp-native`, `xdp-generic`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            IngressPath::Tc => "tc",
+            IngressPath::XdpNative => "xdp-native",
+            IngressPath::XdpGeneric => "xdp-generic",
+        }
+    }
+
+    const fn xdp_mode(self) -> XdpMode {
+        match self {
+            IngressPath::XdpGeneric => XdpMode::Skb,
+            _ => XdpMode::Driver,
+        }
+    }
+
+    /// The name of its pinned link (`Pins::link`): the mode is in it, since a link's mode cannot
+    /// change when the next agent swaps its program in.
+    const fn link_name(self) -> &'static str {
+        match self {
+            IngressPath::XdpGeneric => "snat_xdp_generic",
+            _ => "snat_xdp_native",
+        }
+    }
+
+    const XDP: [IngressPath; 2] = [IngressPath::XdpNative, IngressPath::XdpGeneric];
+}
+
+/// What `BPF_PROG_TEST_RUN` of the XDP program gave: its action, the frame it left, and the
+/// mark it left in front of it for TC (`None`: no metadata).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpRun {
+    pub action: u32,
+    pub frame: Vec<u8>,
+    pub mark: Option<u32>,
+}
+
+impl XdpRun {
+    /// Whether XDP decided the packet (TC leaves it alone).
+    pub fn decided(&self) -> bool {
+        self.mark == Some(XDP_DONE)
+    }
+}
+
 pub struct Engine {
     ebpf: Ebpf,
     /// Where links are pinned (TCX), if state is pinned.
@@ -83,6 +141,8 @@ pub struct Engine {
     iface: String,
     mode: Option<AttachMode>,
     links: Vec<(&'static str, SchedClassifierLinkId)>,
+    /// The XDP program's link, when replies go through XDP.
+    xdp: Option<(XdpLinkId, IngressPath)>,
     /// Cluster mode: the geometry the programs were loaded for, and second handles on the
     /// configuration and the refusal counts (which other owners take) for [`Blocks`].
     cluster: Option<(Geometry, Map, Map)>,
@@ -171,6 +231,12 @@ impl Engine {
             prog.load()
                 .doing(|| format!("loading program {name} into the kernel"))?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROG_XDP)
+            .ok_or_else(|| no_program(PROG_XDP))?
+            .try_into()?;
+        xdp.load()
+            .doing(|| format!("loading program {PROG_XDP} into the kernel"))?;
         // Egress hands flows without a mapping to the allocation program by a tail call.
         let create: &SchedClassifier = ebpf
             .program(PROG_CREATE)
@@ -229,6 +295,7 @@ impl Engine {
             iface: settings.iface.name.clone(),
             mode: None,
             links: Vec::new(),
+            xdp: None,
             pins: pins.cloned(),
             programs_pin,
             keep: false,
@@ -266,8 +333,28 @@ impl Engine {
     }
 
     /// Attaches ingress, then egress (so replies are translated as soon as mappings exist): with
-    /// TCX links, or as cls_bpf filters on a clsact qdisc; `auto` tries TCX first.
-    pub fn attach(&mut self, choice: AttachChoice) -> Result<AttachMode, DatapathError> {
+    /// TCX links, or as cls_bpf filters on a clsact qdisc; `auto` tries TCX first. Then, with
+    /// `--ingress xdp…`, the XDP program in front of TC ingress (which keeps translating what XDP
+    /// leaves it, and everything while XDP is not there yet).
+    pub fn attach(
+        &mut self,
+        choice: AttachChoice,
+        ingress: IngressChoice,
+    ) -> Result<AttachMode, DatapathError> {
+        let mode = self.attach_tc(choice)?;
+        self.attach_xdp(ingress)?;
+        if let (Some(pins), Some(ours)) = (&self.pins, &self.programs_pin) {
+            pins.remove_other_programs(ours);
+        }
+        Ok(mode)
+    }
+
+    /// Where replies are translated, as attached.
+    pub fn ingress_path(&self) -> IngressPath {
+        self.xdp.as_ref().map_or(IngressPath::Tc, |(_, path)| *path)
+    }
+
+    fn attach_tc(&mut self, choice: AttachChoice) -> Result<AttachMode, DatapathError> {
         if choice != AttachChoice::Clsact {
             match self.attach_all(true) {
                 Ok(()) => {
@@ -302,12 +389,100 @@ impl Engine {
         Ok(mode)
     }
 
-    /// Once this agent's programs run on the uplink: what a previous agent left for the time
-    /// without one (a stop guard filter, its pinned program array) goes.
+    /// Once this agent's TC programs run on the uplink: what a previous agent left for the time
+    /// without one (a stop guard filter) goes. (Its pinned program array goes once the XDP
+    /// program, which may be the previous agent's until then, is replaced too.)
     fn attached(&self) {
         let _ = remove_guard_filter(&self.iface);
-        if let (Some(pins), Some(ours)) = (&self.pins, &self.programs_pin) {
-            pins.remove_other_programs(ours);
+    }
+
+    /// Puts the XDP program in front of TC ingress when `choice` asks for it, trying native mode
+    /// first for `xdp`: a previous agent's pinned XDP link of an accepted mode gets this
+    /// program swapped in (atomically), one of another mode goes (TC ingress, attached already,
+    /// translates meanwhile). With `tc`, a previous agent's XDP link goes.
+    fn attach_xdp(&mut self, choice: IngressChoice) -> Result<(), DatapathError> {
+        let wanted: &[IngressPath] = match choice {
+            IngressChoice::Tc => &[],
+            IngressChoice::Xdp => &IngressPath::XDP,
+            IngressChoice::XdpNative => &[IngressPath::XdpNative],
+            IngressChoice::XdpGeneric => &[IngressPath::XdpGeneric],
+        };
+        let iface = self.iface.clone();
+        let pins = self.pins.clone();
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_XDP)
+            .ok_or_else(|| no_program(PROG_XDP))?
+            .try_into()?;
+        if let Some(pins) = &pins {
+            for path in IngressPath::XDP {
+                let pin = pins.link(path.link_name());
+                if !pin.exists() {
+                    continue;
+                }
+                if wanted.contains(&path) {
+                    info!(
+                        "taking over the XDP link ({}) a previous agent pinned at {}",
+                        path.label(),
+                        pin.display()
+                    );
+                    let pinned = PinnedLink::from_pin(&pin)
+                        .doing(|| format!("opening {}", pin.display()))?;
+                    let link = XdpLink::try_from(FdLink::from(pinned))?;
+                    let id = prog.attach_to_link(link).doing(|| {
+                        "swapping this agent's XDP program into its pinned link".into()
+                    })?;
+                    self.xdp = Some((id, path));
+                    return Ok(());
+                }
+                info!(
+                    "removing a previous agent's XDP program ({}) from {iface}",
+                    path.label()
+                );
+                if let Err(e) = std::fs::remove_file(&pin) {
+                    warn!("removing {}: {e}", pin.display());
+                }
+            }
+        }
+        let mut failed = None;
+        for &path in wanted {
+            match prog.attach(&iface, path.xdp_mode()) {
+                Ok(id) => {
+                    let id = match &pins {
+                        Some(pins) => {
+                            let pin = pins.link(path.link_name());
+                            let link = FdLink::try_from(prog.take_link(id)?)?;
+                            link.pin(&pin)
+                                .doing(|| format!("pinning the XDP link at {}", pin.display()))?;
+                            let pinned = PinnedLink::from_pin(&pin)
+                                .doing(|| format!("opening {}", pin.display()))?;
+                            prog.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)
+                                .doing(|| "taking the pinned XDP link".into())?
+                        }
+                        None => id,
+                    };
+                    if failed.is_some() {
+                        warn!(
+                            "native XDP failed on {iface}, so replies go through generic XDP ({})",
+                            failed
+                                .map(|e: anyhow::Error| format!("{e:#}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    self.xdp = Some((id, path));
+                    return Ok(());
+                }
+                Err(e) => {
+                    failed = Some(anyhow::Error::from(e).context(format!(
+                        "attaching {PROG_XDP} to {iface} ({})",
+                        path.label()
+                    )));
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(DatapathError::Xdp(format!("{e:#}"))),
+            None => Ok(()),
         }
     }
 
@@ -442,8 +617,24 @@ impl Engine {
         self.keep = true;
     }
 
-    /// Detaches both programs (egress first) and removes the clsact qdisc if snat added it.
+    /// Detaches every program (XDP first, then egress, then TC ingress) and removes the clsact
+    /// qdisc if snat added it.
     pub fn detach(&mut self) {
+        if let Some((id, path)) = self.xdp.take() {
+            if let Some(pins) = &self.pins {
+                // Unpinned first, or the link (and the program) would stay.
+                let _ = std::fs::remove_file(pins.link(path.link_name()));
+            }
+            let prog: Option<&mut Xdp> = self
+                .ebpf
+                .program_mut(PROG_XDP)
+                .and_then(|p| p.try_into().ok());
+            if let Some(prog) = prog {
+                if let Err(e) = prog.detach(id) {
+                    warn!("detaching {PROG_XDP} from {}: {e}", self.iface);
+                }
+            }
+        }
         while let Some((name, id)) = self.links.pop() {
             if let Some(pins) = &self.pins {
                 // Unpinned first, or the link (and the program) would stay.
@@ -542,6 +733,41 @@ impl Engine {
             .doing(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
+    }
+
+    /// Runs the XDP program once on `packet` with `BPF_PROG_TEST_RUN` (nothing needs to be
+    /// attached): its action, the frame it left, and its mark for TC.
+    pub fn test_run_xdp(&self, packet: &[u8]) -> Result<XdpRun, DatapathError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROG_XDP)
+            .ok_or_else(|| no_program(PROG_XDP))?
+            .try_into()?;
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex; the kernel wants data_end to be the frame's length.
+        let mut ctx_in = [0u8; 24];
+        ctx_in[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        let mut ctx_out = [0u8; 24];
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..TestRunOptions::default()
+            })
+            .doing(|| format!("BPF_PROG_TEST_RUN of {PROG_XDP}"))?;
+        out.truncate(result.data_size_out as usize);
+        // The output starts at the metadata; `data` is its length.
+        let meta = u32::from_ne_bytes([ctx_out[0], ctx_out[1], ctx_out[2], ctx_out[3]]) as usize;
+        let mark = (meta == 4 && out.len() >= 4)
+            .then(|| u32::from_ne_bytes([out[0], out[1], out[2], out[3]]));
+        Ok(XdpRun {
+            action: result.return_value,
+            frame: out.get(meta..).unwrap_or_default().to_vec(),
+            mark,
+        })
     }
 
     /// Removes the mappings of `entries` that are still as idle as when they were read, with

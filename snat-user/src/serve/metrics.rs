@@ -126,6 +126,27 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
         }
     }
     out.push(packets.0);
+    if let Some(path) = &r.ingress {
+        let (kind, mode) = path.split_once('-').unwrap_or((path.as_str(), ""));
+        out.push(
+            Family::new(
+                "snat_ingress_path",
+                "Where replies are translated: path tc, or xdp (in front of TC) in mode native or generic; always 1.",
+                GAUGE,
+            )
+            .gauge(&[("path", kind), ("mode", mode)], 1.0)
+            .0,
+        );
+    }
+    let mut xdp = Family::new(
+        "snat_xdp_packets_total",
+        "Replies the XDP path left to TC untouched: deferred_to_tc (a TCP or UDP checksum pending offload, as from a local sender over a veth), no_metadata (the driver gave no room for XDP's mark).",
+        COUNTER,
+    );
+    for (result, n) in r.counters.get("xdp").into_iter().flatten() {
+        xdp = xdp.counter(&[("result", result)], *n);
+    }
+    out.push(xdp.0);
     let alloc = r.counters.get("alloc");
     let get = |name: &str| alloc.and_then(|a| a.get(name)).copied().unwrap_or(0);
     let mut created = Family::new("snat_mappings_created_total", "Mappings created.", COUNTER);
@@ -524,7 +545,12 @@ mod tests {
             "alloc".to_owned(),
             BTreeMap::from([("created_tcp".to_owned(), 3), ("port_scan".to_owned(), 1)]),
         );
+        counters.insert(
+            "xdp".to_owned(),
+            BTreeMap::from([("deferred_to_tc".to_owned(), 5)]),
+        );
         let r = Report {
+            ingress: Some("xdp-generic".into()),
             pools: vec![Pool {
                 nat_ip: "198.51.100.1".into(),
                 proto: Proto::Tcp,
@@ -574,6 +600,8 @@ mod tests {
             "snat_allocation_duration_seconds_count 3",
             "snat_control_refused_total{command=\"set\"} 2",
             "snat_control_refused_total{command=\"status\"} 0",
+            "snat_ingress_path{path=\"xdp\",mode=\"generic\"} 1",
+            "snat_xdp_packets_total{result=\"deferred_to_tc\"} 5",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -19,6 +19,17 @@ pub fn render_status(r: &Report) -> String {
     if let Some(slice) = &r.slice {
         let _ = writeln!(out, "plan slice: {slice}");
     }
+    if let Some(path) = &r.ingress {
+        let _ = writeln!(
+            out,
+            "replies: {}",
+            match path.as_str() {
+                "xdp-native" => "XDP, native mode (TC for checksums pending offload)",
+                "xdp-generic" => "XDP, generic mode (TC for checksums pending offload)",
+                _ => "TC",
+            }
+        );
+    }
     if let Some(c) = &r.cluster {
         let _ = writeln!(
             out,

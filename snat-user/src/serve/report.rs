@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub control_refused: BTreeMap<String, u64>,
     /// The block allocator, in cluster mode.
     pub cluster: Option<Status>,
+    /// Where replies are translated (`tc`, `xdp-native`, `xdp-generic`), when attached.
+    pub ingress: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -54,6 +56,10 @@ pub struct Report {
     pub iface: String,
     pub nat_ips: Vec<String>,
     pub port_range: String,
+    /// Where replies are translated: `tc`, or `xdp-native` / `xdp-generic` (XDP in front of
+    /// TC, which takes what XDP leaves it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<String>,
     /// The plan slice this node runs on (`snat run --plan`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slice: Option<String>,
@@ -389,6 +395,7 @@ impl Report {
             iface: settings.iface.name.clone(),
             nat_ips: settings.nat_ips.iter().map(ToString::to_string).collect(),
             port_range: settings.port_range.to_string(),
+            ingress: s.ingress.clone(),
             slice: settings.slice.clone(),
             pools,
             mappings: by_proto(&view.mappings),
@@ -551,8 +558,10 @@ mod tests {
             guard_dropped: Some(9),
             control_refused: BTreeMap::from([("set".to_owned(), 1)]),
             cluster: None,
+            ingress: Some("xdp-native".to_owned()),
         };
         let r = Report::build(&settings, snapshot);
+        assert_eq!(r.ingress.as_deref(), Some("xdp-native"));
 
         assert_eq!(
             (r.iface.as_str(), r.port_range.as_str()),

@@ -8,7 +8,7 @@ use super::{
     cidr::Ipv4Cidr,
     duration,
     ports::{PortList, PortRange},
-    udp_ports, AttachChoice, EbpfLog, IpPooling, MetricsAddr, OnExhaustion, OnStop,
+    udp_ports, AttachChoice, EbpfLog, IngressChoice, IpPooling, MetricsAddr, OnExhaustion, OnStop,
     MAX_METRICS_MIN_INTERVAL,
 };
 
@@ -339,6 +339,14 @@ pub struct RunArgs {
     /// for older kernels or tools that expect them), or `auto` (TCX, else clsact).
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub attach: AttachChoice,
+
+    /// Where replies are translated back to the pods: `tc` (the TC ingress program), or XDP on
+    /// the uplink before TC: `xdp` (native where the driver supports it, else generic),
+    /// `xdp-native` (refused where the driver has no native XDP) or `xdp-generic`. With XDP the
+    /// TC program stays attached for the replies XDP leaves to it (checksums pending offload).
+    /// docs/benchmarks.md compares the two on veth.
+    #[arg(long, value_name = "PATH", default_value = "tc")]
+    pub ingress: IngressChoice,
 
     /// Kernel-side log level. `off` compiles logging out of the loaded programs.
     #[arg(long, value_name = "LEVEL", default_value = "off")]

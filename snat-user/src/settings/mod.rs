@@ -101,6 +101,26 @@ pub enum AttachChoice {
     Clsact,
 }
 
+/// Where replies are translated (`--ingress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IngressChoice {
+    /// The TC ingress program (`snat_ingress`).
+    Tc,
+    /// XDP in front of TC: native (in the driver) where the driver supports it, else generic.
+    Xdp,
+    /// XDP in the driver only; refused on an interface whose driver has no native XDP.
+    XdpNative,
+    /// Generic (skb) XDP, on any interface.
+    XdpGeneric,
+}
+
+impl IngressChoice {
+    /// Whether replies go through XDP.
+    pub const fn xdp(self) -> bool {
+        !matches!(self, IngressChoice::Tc)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EbpfLog {
     Off,
@@ -165,6 +185,8 @@ pub struct Settings {
     pub gc_interval: Duration,
     pub ebpf_log: EbpfLog,
     pub attach: AttachChoice,
+    /// Where replies are translated (`--ingress`).
+    pub ingress: IngressChoice,
     pub metrics_addr: MetricsAddr,
     pub top_sources: usize,
     pub policy: Policy,
@@ -347,6 +369,7 @@ impl Settings {
             gc_interval: args.gc_interval,
             ebpf_log: args.ebpf_log,
             attach: args.attach,
+            ingress: args.ingress,
             metrics_addr: args.metrics_addr,
             top_sources: args.top_sources,
             policy,

@@ -32,11 +32,12 @@ use std::net::Ipv4Addr;
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{HashMap, MapData};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use clap::Parser as _;
 use snat_common::{
     flow::{proto, release_result},
-    Counter, FlowKey, DEFAULT_MAX_MAPPINGS, MAP_FULL, PROG_EGRESS, PROG_INGRESS,
+    Counter, FlowKey, DEFAULT_MAX_MAPPINGS, MAP_FULL, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
+    XDP_DONE,
 };
 use snat_user::{
     datapath::{Counters, Engine, NatPool},
@@ -152,6 +153,29 @@ fn run(
         r.duration.as_nanos() as f64,
         r.data_size_out as usize,
     ))
+}
+
+/// Runs the XDP program once on `frame`: (action, ns, whether it marked the frame decided).
+fn run_xdp(engine: &mut Engine, frame: &[u8], out: &mut [u8]) -> anyhow::Result<(u32, f64, bool)> {
+    let prog: &Xdp = engine
+        .ebpf_mut()
+        .program(PROG_XDP)
+        .ok_or_else(|| anyhow!("program {PROG_XDP} missing"))?
+        .try_into()?;
+    let mut ctx_in = [0u8; 24];
+    ctx_in[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    let mut ctx_out = [0u8; 24];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
+            ..TestRunOptions::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {PROG_XDP}"))?;
+    let decided = ctx_out[0..4] == 4u32.to_ne_bytes() && out[0..4] == XDP_DONE.to_ne_bytes();
+    Ok((r.return_value, r.duration.as_nanos() as f64, decided))
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -273,6 +297,21 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
         let mut r = row(name, ns, overhead);
         r.target = Some(TARGET_ESTABLISHED);
         rows.push(r);
+    }
+    // The same reply through the XDP program (`--ingress xdp`), which translates it in place.
+    {
+        crate::check()?;
+        let name = "ingress in XDP (`--ingress xdp`), established TCP (64-byte ACK)";
+        let frame = packets::tcp((REMOTE, 80), (NAT, nat_port), ACK, b"");
+        let mut ns = Vec::with_capacity(n_est);
+        for _ in 0..n_est {
+            let (action, d, decided) = run_xdp(&mut engine, &frame, &mut out)?;
+            if action != 2 || !decided {
+                bail!("{name}: action {action}, decided {decided}");
+            }
+            ns.push(d);
+        }
+        rows.push(row(name, ns, overhead));
     }
 
     // New mappings towards one destination whose range is more and more claimed.

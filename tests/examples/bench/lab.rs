@@ -36,17 +36,20 @@ pub enum Contender {
     NftRange,
     /// nftables `masquerade to :32768-65535 fully-random`.
     NftRandom,
-    /// The snat agent on the uplink, `--port-range 32768:65535`.
+    /// The snat agent on the uplink, `--port-range 32768:65535` (replies through TC).
     Snat,
+    /// The same with `--ingress xdp`: replies through XDP in front of TC.
+    SnatXdp,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 5] = [
+    pub const ALL: [Contender; 6] = [
         Contender::None,
         Contender::NftMasq,
         Contender::NftRange,
         Contender::NftRandom,
         Contender::Snat,
+        Contender::SnatXdp,
     ];
     pub const NFT: [Contender; 3] = [
         Contender::NftMasq,
@@ -62,6 +65,7 @@ impl Contender {
             Contender::NftRange => "nft range",
             Contender::NftRandom => "nft range random",
             Contender::Snat => "snat",
+            Contender::SnatXdp => "snat xdp",
         }
     }
 
@@ -77,8 +81,9 @@ impl Contender {
                 self.nft_rule("<uplink>").unwrap_or_default()
             ),
             Contender::Snat => format!(
-                "snat agent on the node's uplink: `snat run --internal {POD_CIDR} --port-range {PORT_RANGE}` (other flags default)"
+                "snat agent on the node's uplink: `snat run --internal {POD_CIDR} --port-range {PORT_RANGE} --ingress tc` (other flags default)"
             ),
+            Contender::SnatXdp => "the same with `--ingress xdp`: replies translated in XDP (native mode on the veth) in front of TC, which takes the replies XDP leaves it".to_owned(),
         }
     }
 
@@ -215,11 +220,19 @@ impl Lab {
                     );
                 }
             }
-            Contender::Snat => {
+            Contender::Snat | Contender::SnatXdp => {
+                let ingress = if c == Contender::SnatXdp { "xdp" } else { "tc" };
                 active.agent = Some(Agent::start(
                     &self.topo.node,
                     &self.topo.uplink,
-                    &["--internal", POD_CIDR, "--port-range", PORT_RANGE],
+                    &[
+                        "--internal",
+                        POD_CIDR,
+                        "--port-range",
+                        PORT_RANGE,
+                        "--ingress",
+                        ingress,
+                    ],
                 ));
             }
         }

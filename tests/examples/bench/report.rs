@@ -516,6 +516,7 @@ impl Results {
         self.snat_alloc(&mut s);
         self.udp_table(&mut s);
         self.bulk_table(&mut s);
+        self.reply_tables(&mut s);
         self.datapath_table(&mut s);
         self.scale_table(&mut s);
         self.exhaustion_table(&mut s);
@@ -842,6 +843,110 @@ impl Results {
              `sum_sent.retransmits`) summed over all {} windows of a contender.\n",
             self.plan.rate_reps
         );
+    }
+
+    /// The reply direction for every contender, then snat's two reply paths side by side on
+    /// every network figure of this run.
+    fn reply_tables(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "## 4b. The reply direction, and snat's reply paths (TC or XDP)\n\n\
+             **UDP replies**: pod 0 sends one datagram to the server, which then sends 64-byte \
+             frames back to the endpoint it came from as fast as it can for {} s (pinned to one \
+             CPU, pod 0's receiver to the other); packets per second received by the pod. \
+             **Bulk replies**: `iperf3 -c <server> -R -t {}`, the server sending to pod 0. \
+             Both interleaved with sections 3 and 4, {} windows per contender.\n",
+            self.plan.udp_secs, self.plan.bulk_secs, self.plan.rate_reps
+        );
+        let _ = writeln!(
+            s,
+            "| contender | UDP replies | × none | bulk replies Gbit/s | × none | retransmits (total) |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for c in Contender::ALL {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                c.label(),
+                self.cell("udpR.rx", c, kpps),
+                times(self.ratios("udpR.rx", c).0),
+                self.cell("bulkR.gbps", c, fixed2),
+                times(self.ratios("bulkR.gbps", c).0),
+                self.total("bulkR.retrans", c)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n**snat xdp against snat (TC)**, the same run: the ratio of the medians, xdp / tc \
+             (above 1: XDP better; for churn, the mean of the per-burst ratios).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| figure | snat (TC) | snat xdp | xdp / tc |\n|---|---:|---:|---:|"
+        );
+        let (tc, xdp) = (Contender::Snat, Contender::SnatXdp);
+        for (key, what) in ["churn1", "churnN"].iter().zip([
+            "churn, one destination (conn/s)",
+            "churn, many destinations (conn/s)",
+        ]) {
+            let per_burst: Vec<(f64, f64)> = (1..=self.plan.bursts)
+                .map(|b| {
+                    let k = format!("{key}.burst{b}");
+                    (self.med(&k, tc), self.med(&k, xdp))
+                })
+                .filter(|(a, b)| a.is_finite() && b.is_finite() && *a > 0.0)
+                .collect();
+            if per_burst.is_empty() {
+                continue;
+            }
+            let mean = |f: &dyn Fn(&(f64, f64)) -> f64| {
+                per_burst.iter().map(f).sum::<f64>() / per_burst.len() as f64
+            };
+            let _ = writeln!(
+                s,
+                "| {what}, mean over bursts | {} | {} | {} |",
+                thousands(mean(&|p| p.0)),
+                thousands(mean(&|p| p.1)),
+                times(mean(&|p| p.1 / p.0))
+            );
+        }
+        for (key, what, fmt) in [
+            (
+                "udp1.rx",
+                "UDP pod → server, one flow (pps)",
+                kpps as fn(f64) -> String,
+            ),
+            ("udpN.rx", "UDP pod → server, many flows (pps)", kpps),
+            ("udpR.rx", "UDP replies server → pod (pps)", kpps),
+            ("bulk.gbps", "bulk pod → server (Gbit/s)", fixed2),
+            ("bulkR.gbps", "bulk replies server → pod (Gbit/s)", fixed2),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {what} | {} | {} | {} |",
+                self.cell(key, tc, fmt),
+                self.cell(key, xdp, fmt),
+                times(self.med(key, xdp) / self.med(key, tc))
+            );
+        }
+        if let (Some(d), Some(i)) = (
+            self.samples("xdp.deferred", xdp),
+            self.samples("xdp.ingress", xdp),
+        ) {
+            let (d, i) = (
+                d.last().copied().unwrap_or(0.0),
+                i.last().copied().unwrap_or(0.0),
+            );
+            let _ = writeln!(
+                s,
+                "\nBy the end of the windows the snat xdp agent's XDP program had left {} frames \
+                 to TC untouched (`xdp.deferred_to_tc`: TCP or UDP checksums still pending \
+                 offload, as senders on veths with checksum offload leave them); its ingress \
+                 results, XDP's and TC's together (TC counts after GRO, merged frames once), \
+                 were {}.\n",
+                thousands(d),
+                thousands(i)
+            );
+        }
     }
 
     fn datapath_table(&self, s: &mut String) {
@@ -1276,7 +1381,9 @@ impl Results {
     fn churn_svg(&self) -> String {
         const W: f64 = 1000.0;
         const H: f64 = 470.0;
-        const COLORS: [&str; 5] = ["#444444", "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c"];
+        const COLORS: [&str; 6] = [
+            "#444444", "#1f77b4", "#ff7f0e", "#d62728", "#2ca02c", "#9467bd",
+        ];
         let bursts = self.plan.bursts;
         let mut s = String::new();
         let _ = writeln!(
@@ -1386,7 +1493,7 @@ impl Results {
         // Legend.
         let ly = H - 50.0;
         for (ci, c) in Contender::ALL.iter().enumerate() {
-            let lx = 70.0 + ci as f64 * 185.0;
+            let lx = 70.0 + ci as f64 * 155.0;
             let _ = writeln!(
                 s,
                 "<line x1=\"{lx:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{}\" stroke-width=\"3\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",

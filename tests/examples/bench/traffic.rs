@@ -6,7 +6,9 @@
 //! - Packet rate and bulk ([`rate_phase`], every contender set up at once, short windows
 //!   alternating between them): UDP with small (64-byte frame) datagrams, one flow and many
 //!   flows, from our own sender (`sendmmsg`) in pod 0 to our own receiver (`recvmmsg`, polling)
-//!   on the server, counting what arrives; bulk TCP with iperf3, offloads on.
+//!   on the server, counting what arrives; bulk TCP with iperf3, offloads on. And the reply
+//!   direction, where the NAT's reply path (TC or XDP) does the work: UDP from the server to
+//!   the endpoint a pod's datagram opened (`udpR`), and bulk TCP from the server (`iperf3 -R`).
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
@@ -34,6 +36,8 @@ const CHECK_PORT: u16 = 7070;
 const ONE_PORT: u16 = 8080;
 const MANY_BASE: u16 = 8100;
 const UDP_BASE: u16 = 9000;
+/// The server's port for the reply-direction UDP workload.
+const UDP_REPLY_PORT: u16 = 9100;
 const IPERF_PORT: u16 = 5201;
 /// UDP payload: 14 + 20 + 8 + 22 = a 64-byte frame.
 const UDP_PAYLOAD: usize = 22;
@@ -210,12 +214,53 @@ pub fn rate_phase(plan: &Plan, labs: &mut [Lab], results: &mut Results) -> anyho
             crate::check()?;
             let k = (i + rep) % n;
             let c = Contender::ALL[k];
-            let (gbps, retrans) = bulk(&labs[k], plan.bulk_secs)?;
-            results.push("bulk.gbps", c, gbps);
-            results.push("bulk.retrans", c, retrans);
-            line.push(format!("{} {gbps:.2}", c.label()));
+            let u = udp_reply_rate(&labs[k], plan.udp_secs)?;
+            if u.received == 0 {
+                bail!(
+                    "{}: UDP replies: nothing received ({} datagrams sent)",
+                    c.label(),
+                    u.sent
+                );
+            }
+            results.push("udpR.rx", c, u.rx_rate);
+            results.push("udpR.tx", c, u.tx_rate);
+            line.push(format!("{} {:.0}", c.label(), u.rx_rate / 1e3));
         }
-        say(format_args!("  bulk Gbit/s: {}", line.join(", ")));
+        say(format_args!("  udpR kpps: {}", line.join(", ")));
+        for (key, reverse) in [("bulk", false), ("bulkR", true)] {
+            let mut line = Vec::new();
+            for i in 0..n {
+                crate::check()?;
+                let k = (i + rep) % n;
+                let c = Contender::ALL[k];
+                let (gbps, retrans) = bulk(&labs[k], plan.bulk_secs, reverse)?;
+                results.push(&format!("{key}.gbps"), c, gbps);
+                results.push(&format!("{key}.retrans"), c, retrans);
+                line.push(format!("{} {gbps:.2}", c.label()));
+            }
+            say(format_args!("  {key} Gbit/s: {}", line.join(", ")));
+        }
+        // What the XDP path left to TC, for the report.
+        for active in &actives {
+            if let Some(agent) = &active.agent {
+                let stats = agent.stats();
+                let get = |g: &str, n: &str| stats["counters"][g][n].as_u64().unwrap_or(0);
+                if stats["ingress"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("xdp"))
+                {
+                    let ingress: u64 = stats["counters"]["ingress"].as_object().map_or(0, |m| {
+                        m.values().filter_map(serde_json::Value::as_u64).sum()
+                    });
+                    results.push(
+                        "xdp.deferred",
+                        Contender::SnatXdp,
+                        get("xdp", "deferred_to_tc") as f64,
+                    );
+                    results.push("xdp.ingress", Contender::SnatXdp, ingress as f64);
+                }
+            }
+        }
     }
     drop(iperf);
     drop(actives);
@@ -430,6 +475,129 @@ fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<Ud
     })
 }
 
+/// The reply direction: pod 0 sends one datagram to the server, which then sends 64-byte
+/// datagrams back to the endpoint it came from (the NAT's, or the pod's under `none`) as fast as
+/// it can; pod 0 counts what arrives. Every datagram crosses the node's reply path.
+fn udp_reply_rate(lab: &Lab, secs: f64) -> anyhow::Result<UdpWindow> {
+    let received = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut server = Looper::new();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    {
+        let (stop, sent) = (server.stop.clone(), sent.clone());
+        server.threads.push(lab.topo.server.spawn(move || {
+            pin_to_cpu(0);
+            let sock = UdpSocket::bind(SocketAddrV4::new(SERVER, UDP_REPLY_PORT))
+                .expect("binding the UDP replier");
+            let _ = ready_tx.send(());
+            sock.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("a read timeout");
+            let mut first = [0u8; 64];
+            let Ok((_, peer)) = sock.recv_from(&mut first) else {
+                return;
+            };
+            sock.connect(peer)
+                .expect("connecting to the pod's endpoint");
+            let mut payload = [0u8; UDP_PAYLOAD];
+            let mut iov = libc::iovec {
+                iov_base: payload.as_mut_ptr().cast(),
+                iov_len: payload.len(),
+            };
+            // SAFETY: all-zero mmsghdr are valid; the pointers are set below.
+            let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; UDP_BATCH];
+            for m in &mut msgs {
+                m.msg_hdr.msg_iov = &raw mut iov;
+                m.msg_hdr.msg_iovlen = 1;
+            }
+            let fd = sock.as_raw_fd();
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: the headers point at a live payload; the socket is connected.
+                let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, 0) };
+                if n > 0 {
+                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("UDP replier did not start")?;
+    let mut pod = Looper::new();
+    {
+        let (stop, received) = (pod.stop.clone(), received.clone());
+        pod.threads.push(lab.pods()[0].spawn(move || {
+            pin_to_cpu(1);
+            let sock = UdpSocket::bind("0.0.0.0:0").expect("binding the pod's socket");
+            sock.connect(SocketAddrV4::new(SERVER, UDP_REPLY_PORT))
+                .expect("connecting the pod's socket");
+            set_int_opt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                8 << 20,
+            );
+            let _ = sock.send(b"open");
+            let fd = sock.as_raw_fd();
+            let mut bufs = vec![[0u8; 64]; 64];
+            let mut iovs: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                })
+                .collect();
+            // SAFETY: all-zero mmsghdr are valid; the pointers are set below.
+            let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; 64];
+            for (j, m) in msgs.iter_mut().enumerate() {
+                m.msg_hdr.msg_iov = &raw mut iovs[j];
+                m.msg_hdr.msg_iovlen = 1;
+            }
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: the headers point at live buffers of the stated sizes.
+                let n = unsafe {
+                    libc::recvmmsg(
+                        fd,
+                        msgs.as_mut_ptr(),
+                        msgs.len() as u32,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                    )
+                };
+                if n > 0 {
+                    received.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let limit = Instant::now() + Duration::from_secs_f64(secs + 10.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let (rx0, tx0, t0) = (
+        received.load(Ordering::Relaxed),
+        sent.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    while t0.elapsed().as_secs_f64() < secs && !crate::interrupted() && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (rx1, tx1, dt) = (
+        received.load(Ordering::Relaxed),
+        sent.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+    );
+    server.stop();
+    std::thread::sleep(Duration::from_millis(50));
+    pod.stop();
+    crate::check()?;
+    settle();
+    Ok(UdpWindow {
+        rx_rate: (rx1 - rx0) as f64 / dt,
+        tx_rate: (tx1 - tx0) as f64 / dt,
+        received: received.load(Ordering::Relaxed),
+        sent: sent.load(Ordering::Relaxed),
+        bad_source: 0,
+    })
+}
+
 /// An iperf3 server in the lab's server namespace, listening before this returns.
 fn iperf_server(lab: &Lab) -> anyhow::Result<ChildGuard> {
     let port = IPERF_PORT.to_string();
@@ -458,24 +626,18 @@ fn iperf_server(lab: &Lab) -> anyhow::Result<ChildGuard> {
     }
 }
 
-/// Bulk TCP from pod 0 to the lab's iperf3 server (one stream, offloads on): Gbit/s received
-/// and the sender's retransmissions.
-fn bulk(lab: &Lab, secs: u32) -> anyhow::Result<(f64, f64)> {
+/// Bulk TCP from pod 0 to the lab's iperf3 server, or from the server to pod 0 (`reverse`,
+/// `iperf3 -R`) (one stream, offloads on): Gbit/s received and the sender's retransmissions.
+fn bulk(lab: &Lab, secs: u32, reverse: bool) -> anyhow::Result<(f64, f64)> {
     let port = IPERF_PORT.to_string();
+    let secs_arg = secs.to_string();
+    let server = SERVER.to_string();
+    let mut args = vec!["iperf3", "-c", &server, "-p", &port, "-t", &secs_arg, "-J"];
+    if reverse {
+        args.push("-R");
+    }
     let out = run_bounded(
-        ns_command(
-            lab.pods()[0],
-            &[
-                "iperf3",
-                "-c",
-                &SERVER.to_string(),
-                "-p",
-                &port,
-                "-t",
-                &secs.to_string(),
-                "-J",
-            ],
-        ),
+        ns_command(lab.pods()[0], &args),
         None,
         Duration::from_secs(u64::from(secs) + 20),
     )?;
