@@ -404,8 +404,9 @@ impl Blocks {
 
     /// Per NAT IP, what changed since the last poll: a flow refused for want of a port, or fewer
     /// free ports by the estimate — the last usage read's free ports (plus blocks opened since)
-    /// less every mapping created since (`created`: the datapath's count over all NAT IPs, so
-    /// the estimate errs low, towards claiming early). A few map reads: cheap enough to poll
+    /// less every mapping created since (`created`: a running count over all NAT IPs, the agent's
+    /// net of its releases; a count below the read's counts as none, so the estimate never rises
+    /// above the read and errs low, towards claiming early). A few map reads: cheap enough to poll
     /// every few milliseconds, so the allocator hears of pressure before the next full read.
     pub fn poll_pressure(&mut self, created: u64) -> Result<Vec<Pressure>, DatapathError> {
         let now = self.read_refusals()?;
