@@ -106,9 +106,9 @@ impl Etcd {
                 }
             }
             StoreOp::List => StoreReply::Listed(snapshot(s.list().await.map_err(e)?)),
-            StoreOp::Gateways => StoreReply::Gateways(
-                snapshot(s.list_under("gateways/").await.map_err(e)?).gateways,
-            ),
+            StoreOp::Gateways => {
+                StoreReply::Gateways(snapshot(s.list_under("gateways/").await.map_err(e)?).gateways)
+            }
             StoreOp::Claim { block, lease } => {
                 match s
                     .claim_block(block, &self.name, self.address, lease)

@@ -485,9 +485,9 @@ impl Node {
             self.list_at,
             self.gateways_at,
         ]
-            .into_iter()
-            .flatten()
-            .min();
+        .into_iter()
+        .flatten()
+        .min();
         let mut at = |x: Nanos| t = Some(t.map_or(x, |t| t.min(x)));
         let cooldown = ns(self.cfg.timers.cooldown);
         for h in self.held.values() {
@@ -618,7 +618,11 @@ impl Node {
         }
         if self.gateways_at.is_some_and(|t| t <= now) {
             self.gateways_at = None;
-            if !self.pending.values().any(|(op, _)| *op == StoreOp::Gateways) {
+            if !self
+                .pending
+                .values()
+                .any(|(op, _)| *op == StoreOp::Gateways)
+            {
                 self.send(StoreOp::Gateways, now);
             }
         }
@@ -1091,7 +1095,10 @@ impl Node {
         }
         if waiting
             && self.gateways_at.is_none()
-            && !self.pending.values().any(|(op, _)| *op == StoreOp::Gateways)
+            && !self
+                .pending
+                .values()
+                .any(|(op, _)| *op == StoreOp::Gateways)
         {
             self.gateways_at = Some(now + ns(self.cfg.timers.gateway_poll));
         }

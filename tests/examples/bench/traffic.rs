@@ -446,29 +446,14 @@ fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<Ud
             }
         }));
     }
-    // Warm up, then count over the window.
-    let limit = Instant::now() + Duration::from_secs_f64(secs + 10.0);
-    std::thread::sleep(Duration::from_millis(300));
-    let (rx0, tx0, t0) = (
-        received.load(Ordering::Relaxed),
-        sent.load(Ordering::Relaxed),
-        Instant::now(),
-    );
-    while t0.elapsed().as_secs_f64() < secs && !crate::interrupted() && Instant::now() < limit {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (rx1, tx1, dt) = (
-        received.load(Ordering::Relaxed),
-        sent.load(Ordering::Relaxed),
-        t0.elapsed().as_secs_f64(),
-    );
+    let (rx_rate, tx_rate) = window_rates(&received, &sent, secs);
     senders.stop();
     std::thread::sleep(Duration::from_millis(50));
     receivers.stop();
     crate::check()?;
     Ok(UdpWindow {
-        rx_rate: (rx1 - rx0) as f64 / dt,
-        tx_rate: (tx1 - tx0) as f64 / dt,
+        rx_rate,
+        tx_rate,
         received: received.load(Ordering::Relaxed),
         sent: sent.load(Ordering::Relaxed),
         bad_source: bad_source.load(Ordering::Relaxed),
@@ -569,29 +554,15 @@ fn udp_reply_rate(lab: &Lab, secs: f64) -> anyhow::Result<UdpWindow> {
             }
         }));
     }
-    let limit = Instant::now() + Duration::from_secs_f64(secs + 10.0);
-    std::thread::sleep(Duration::from_millis(300));
-    let (rx0, tx0, t0) = (
-        received.load(Ordering::Relaxed),
-        sent.load(Ordering::Relaxed),
-        Instant::now(),
-    );
-    while t0.elapsed().as_secs_f64() < secs && !crate::interrupted() && Instant::now() < limit {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (rx1, tx1, dt) = (
-        received.load(Ordering::Relaxed),
-        sent.load(Ordering::Relaxed),
-        t0.elapsed().as_secs_f64(),
-    );
+    let (rx_rate, tx_rate) = window_rates(&received, &sent, secs);
     server.stop();
     std::thread::sleep(Duration::from_millis(50));
     pod.stop();
     crate::check()?;
     settle();
     Ok(UdpWindow {
-        rx_rate: (rx1 - rx0) as f64 / dt,
-        tx_rate: (tx1 - tx0) as f64 / dt,
+        rx_rate,
+        tx_rate,
         received: received.load(Ordering::Relaxed),
         sent: sent.load(Ordering::Relaxed),
         bad_source: 0,
@@ -657,4 +628,24 @@ fn bulk(lab: &Lab, secs: u32, reverse: bool) -> anyhow::Result<(f64, f64)> {
         .as_f64()
         .unwrap_or(0.0);
     Ok((bps / 1e9, retrans))
+}
+
+/// After a 300 ms warm-up, the rates (per second) at which `received` and `sent` grow over a
+/// window of `secs` (cut short by a stop signal, and bounded at `secs + 10` s in all).
+fn window_rates(received: &AtomicU64, sent: &AtomicU64, secs: f64) -> (f64, f64) {
+    let limit = Instant::now() + Duration::from_secs_f64(secs + 10.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let (rx0, tx0, t0) = (
+        received.load(Ordering::Relaxed),
+        sent.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    while t0.elapsed().as_secs_f64() < secs && !crate::interrupted() && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    (
+        (received.load(Ordering::Relaxed) - rx0) as f64 / dt,
+        (sent.load(Ordering::Relaxed) - tx0) as f64 / dt,
+    )
 }
