@@ -449,6 +449,56 @@ fn agents_killed_and_stopped_keep_to_their_fence() {
     let mut b = fx.hold(1, 20);
     let mut c = fx.hold(2, 20);
 
+    // SIGSTOP past the fence, SIGCONT before the lease ends: node-a's blocks are suspended
+    // (nothing leaves from them), then resume under the same lease with their mappings.
+    let a_blocks: Vec<u16> = fx.blocks_of(0).into_iter().collect();
+    let a_epochs = fx.c.block_epochs();
+    let n = &fx.c.nodes[0];
+    let stream = UdpStream::start(&n.pod, n.pod_addr);
+    std::thread::sleep(Duration::from_millis(300));
+    fx.signal(0, libc::SIGSTOP);
+    let valid_until = fx.c.nodes[0]
+        .pinned_blocks()
+        .values()
+        .map(|v| v.1)
+        .max()
+        .expect("pinned blocks");
+    fx.until("node-a's valid-until to pass", 10, || {
+        (boottime_ns() > valid_until + 1_500_000_000).then_some(())
+    });
+    let resumed_at = boottime_ns();
+    fx.signal(0, libc::SIGCONT);
+    fx.until("node-a to resume", 5, || {
+        let st = cluster_status(fx.agent(0));
+        (st["suspended"] == false && st["fence_in_seconds"].as_f64().unwrap_or(0.0) > 5.0)
+            .then_some(())
+    });
+    assert!(stream.stop() > 300);
+    echo_all(&mut a, "node-a after its suspension");
+    let slack = fx.logs[0].uncertainty();
+    for (port, runs) in fx.logs[0].sent() {
+        if !block_of(port).is_some_and(|b| a_blocks.contains(&b)) {
+            continue;
+        }
+        for r in runs {
+            assert!(
+                r.1 <= valid_until + slack || r.0 >= resumed_at,
+                "node-a sent from port {port} at {:.3}-{:.3} s, between its valid-until {:.3} s \
+                 and its resumption {:.3} s",
+                secs(r.0),
+                secs(r.1),
+                secs(valid_until),
+                secs(resumed_at)
+            );
+        }
+    }
+    let last = fx.logs[0]
+        .last_sent_in(&a_blocks)
+        .expect("node-a sent from its blocks");
+    assert!(last >= resumed_at, "node-a's stream did not resume");
+    assert_eq!(fx.c.block_epochs(), a_epochs, "a suspension cost blocks");
+    assert_eq!(cluster_status(fx.agent(0))["leases_lost"], 0);
+
     // kill -9 and a quick restart with the same flags: the pinned programs translate meanwhile,
     // the new agent keeps the lease alive and adopts the blocks; no flow notices.
     let b_blocks = fx.agent(1).json("status", &[])["cluster"]["blocks"].clone();
