@@ -222,6 +222,8 @@ impl Cluster {
     /// Starts `snat gateway` on the gateway's uplink and waits until it has registered.
     pub fn start_gateway(&mut self, extra: &[&str]) {
         assert!(self.gateway.is_none(), "a gateway runs already");
+        // Published from a list after this revision: the gateway routes what etcd has now.
+        let since = self.etcd.revision();
         let log = std::env::temp_dir().join(format!("{}-gateway.log", self.prefix));
         let out = std::fs::File::create(&log).expect("the gateway's log");
         let child = Command::new("ip")
@@ -236,12 +238,21 @@ impl Cluster {
             .stderr(out)
             .spawn()
             .expect("spawning snat gateway");
-        let since = self.etcd.revision();
         self.gateway = Some(GatewayProc { child, log });
         wait_for(Duration::from_secs(15), || {
             self.gateway_applied().filter(|&a| a >= since).map(|_| ())
         })
-        .unwrap_or_else(|| panic!("the gateway did not register:\n{}", self.gateway_log()));
+        .unwrap_or_else(|| {
+            let o = self
+                .etcd
+                .etcdctl(&["get", "--prefix", "/snat/v1/", "-w", "json"]);
+            panic!(
+                "the gateway did not publish revision {since} or later:\n{}\netcd: {}{}",
+                self.gateway_log(),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
     }
 
     /// Stops the gateway with `signal` and waits for it.
@@ -379,8 +390,12 @@ pub fn held(agent: &Agent) -> BTreeMap<u16, String> {
 
 /// Opens `n` connections from `pod` in rounds of 15, 400 ms apart: within the node's headroom
 /// (half a block free, read every 250 ms; a faster burst sees refusals until the next block
-/// opens, see docs/cluster.md "Pressure"). Every one must succeed.
-pub fn hold(pod: &Netns, n: usize, to: SocketAddrV4, agent: &Agent) -> Vec<TcpClient> {
+/// opens, see docs/cluster.md "Pressure"). The first failure ends it: which flow, and why.
+pub fn try_hold(
+    pod: &Netns,
+    n: usize,
+    to: SocketAddrV4,
+) -> Result<Vec<TcpClient>, (Vec<TcpClient>, io::Error)> {
     let mut held = Vec::new();
     while held.len() < n {
         let k = (n - held.len()).min(15);
@@ -389,20 +404,27 @@ pub fn hold(pod: &Netns, n: usize, to: SocketAddrV4, agent: &Agent) -> Vec<TcpCl
                 .map(|_| TcpClient::connect(to, Duration::from_secs(3)))
                 .collect()
         });
-        for (i, c) in got.into_iter().enumerate() {
+        for c in got {
             match c {
                 Ok(c) => held.push(c),
-                Err(e) => panic!(
-                    "flow {} of {n}: {e}\nstatus: {}\nstats: {}",
-                    held.len() + i,
-                    cluster_status(agent),
-                    agent.stats()
-                ),
+                Err(e) => return Err((held, e)),
             }
         }
         std::thread::sleep(Duration::from_millis(400));
     }
-    held
+    Ok(held)
+}
+
+/// [`try_hold`]: every one must succeed.
+pub fn hold(pod: &Netns, n: usize, to: SocketAddrV4, agent: &Agent) -> Vec<TcpClient> {
+    try_hold(pod, n, to).unwrap_or_else(|(held, e)| {
+        panic!(
+            "flow {} of {n}: {e}\nstatus: {}\nstats: {}",
+            held.len(),
+            cluster_status(agent),
+            agent.stats()
+        )
+    })
 }
 
 /// Echoes a message over every connection (from the test's thread: the sockets exist already)

@@ -26,7 +26,7 @@ use serde_json::Value;
 use tests::{
     agent::{snat_bin, Agent},
     cluster::{
-        assert_no_overlap, block_of, boottime_ns, cluster_status, echo_all, held, hold, sink,
+        assert_no_overlap, block_of, boottime_ns, cluster_status, echo_all, held, sink, try_hold,
         Cluster, PortLog, HOP_MTU, NAT, ROUTER, SERVER,
     },
     netns::Netns,
@@ -167,7 +167,17 @@ impl Fixture {
 
     /// Opens `n` connections from node `i`'s pod; every one must succeed.
     fn hold(&self, i: usize, n: usize) -> Vec<TcpClient> {
-        hold(&self.c.nodes[i].pod, n, TCP, self.agent(i))
+        try_hold(&self.c.nodes[i].pod, n, TCP).unwrap_or_else(|(held, e)| {
+            panic!(
+                "{}: flow {} of {n}: {e}\nblocks in etcd: {:?}\n{}\n{}: {}",
+                self.name(i),
+                held.len(),
+                self.c.block_epochs(),
+                self.statuses(),
+                self.name(i),
+                self.agent(i).stats()["counters"]
+            )
+        })
     }
 
     /// The blocks etcd says node `i` holds.
