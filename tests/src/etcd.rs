@@ -236,6 +236,18 @@ impl Etcd {
         self.wait_healthy();
     }
 
+    /// Starts every member that is not running (after [`Etcd::kill`] of all of them, say: a
+    /// member alone has no quorum, so the health check waits for all) and waits until the
+    /// cluster is healthy.
+    pub fn restart_stopped(&mut self) {
+        for i in 0..self.members.len() {
+            if !self.members[i].is_running() {
+                self.spawn(i);
+            }
+        }
+        self.wait_healthy();
+    }
+
     /// `etcdctl --endpoints <running members> <args>` in the etcd namespace, whatever its exit
     /// status.
     pub fn etcdctl(&self, args: &[&str]) -> Output {

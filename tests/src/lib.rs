@@ -7,6 +7,7 @@
 //! route or program ever touches the root namespace.
 
 pub mod agent;
+pub mod cluster;
 pub mod dp;
 pub mod etcd;
 pub mod forge;

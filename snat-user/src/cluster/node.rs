@@ -670,7 +670,15 @@ impl Node {
                 h.observed = now;
             }
         }
-        for p in &usage.pressure {
+        // While suspended, the datapath counts no port of the fenced blocks as free and refuses
+        // every new flow: that is the fence, not demand. The pressure from before stands until
+        // a report of the resumed blocks, or the node would claim a block it does not need.
+        let pressure = if self.suspended(now) {
+            &[][..]
+        } else {
+            &usage.pressure[..]
+        };
+        for p in pressure {
             let e = self.pressure.entry(p.nat_ip).or_insert(*p);
             // A refusal stays noted until a report says there is room again.
             let refused = p.refused || (e.refused && p.free == 0);
@@ -1708,6 +1716,83 @@ mod tests {
             }]
         );
         assert!(!n.suspended(79 * S) && n.suspended(80 * S));
+    }
+
+    #[test]
+    fn a_suspension_is_not_demand_for_another_block() {
+        // The datapath counts a block past its valid-until as closed, so a report read while the
+        // node is suspended says no port is free: that is the fence, not the pods. The three-node
+        // suite found a node SIGSTOPped past its fence claiming a block it did not need as soon
+        // as its keep-alive succeeded again.
+        let mut n = ready(0);
+        n.held.insert(
+            block(0),
+            Held {
+                epoch: 3,
+                state: BlockState::Open { since: 0 },
+                live: 10,
+                last_active: 0,
+                observed: 0,
+            },
+        );
+        let report = |free, refused| Usage {
+            blocks: vec![BlockUse {
+                block: block(0),
+                live: 10,
+                last_active: 0,
+            }],
+            pressure: vec![Pressure {
+                nat_ip: IP,
+                free,
+                refused,
+            }],
+        };
+        n.handle_usage(&report(54, false), S);
+        assert!(n.shortage().is_empty(), "{:?}", n.shortage());
+        // Valid until 65 s: suspended at 70 s, the datapath refuses and counts nothing free.
+        n.handle_usage(&report(0, true), 70 * S);
+        assert!(n.suspended(70 * S));
+        drain(&mut n);
+        // The keep-alive sent at 71 s succeeds: resumed, and the pods want no more than before.
+        n.handle_timeout(71 * S);
+        let c = drain(&mut n);
+        let ka = c
+            .iter()
+            .find_map(|c| match c {
+                Command::Store {
+                    id,
+                    op: StoreOp::KeepAlive { .. },
+                } => Some(*id),
+                _ => None,
+            })
+            .expect("a keep-alive");
+        n.handle_store(ka, Ok(StoreReply::Alive { ttl_s: 90 }), 71 * S);
+        assert!(!n.suspended(71 * S));
+        let c = drain(&mut n);
+        assert!(n.shortage().is_empty(), "{:?}", n.shortage());
+        // A fresh snapshot with free blocks: still no claim.
+        let list = n
+            .pending
+            .iter()
+            .find(|(_, (op, _))| *op == StoreOp::List)
+            .map(|(id, _)| *id)
+            .expect("a list");
+        n.handle_store(
+            list,
+            Ok(StoreReply::Listed(snapshot(20, &[(0, 7, 3)], None))),
+            71 * S,
+        );
+        let c2 = drain(&mut n);
+        assert!(
+            !c.iter().chain(&c2).any(|c| matches!(
+                c,
+                Command::Store {
+                    op: StoreOp::Claim { .. },
+                    ..
+                }
+            )),
+            "{c:?} {c2:?}"
+        );
     }
 
     #[test]
