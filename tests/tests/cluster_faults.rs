@@ -151,8 +151,10 @@ impl Fixture {
                 let a = self.agents[i].as_ref()?;
                 let (ok, out, _) = a.cli(&["status", "--iface", &self.c.nodes[i].uplink, "--json"]);
                 let v: Value = serde_json::from_str(&out).unwrap_or_default();
+                // Its mappings too: what keeps a block from going back.
+                let (_, conns, _) = a.cli(&["conns", "--iface", &self.c.nodes[i].uplink]);
                 Some(format!(
-                    "{}: {}",
+                    "{}: {}\n{conns}",
                     self.name(i),
                     if ok {
                         v["cluster"].to_string()
@@ -408,11 +410,13 @@ fn busy_and_quiet_nodes_share_the_range_on_demand_with_icmp_through_the_gateway(
     }
 
     // The busy node closes: its blocks go back after the FIN timeout and the cool-down, but
-    // for its minimum of one.
+    // for what its last mappings (the ping's and the traceroute's, minutes of UDP timeout) need
+    // with headroom: its empty blocks close while twice the low water (64 ports) stays free,
+    // so 3 mappings keep two blocks (one would leave 61).
     let a_had = fx.blocks_of(0);
     drop(a);
     fx.until("node-a to give its blocks back", 20, || {
-        (fx.blocks_of(0).len() == 1).then_some(())
+        (fx.blocks_of(0).len() <= 2).then_some(())
     });
     // Another node grows into them. A node that wants a block picks it from a view of etcd up
     // to a second old (`list_max_age`): one taken just before the releases says the range is

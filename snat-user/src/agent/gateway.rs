@@ -280,7 +280,8 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                     let mut f = lock(&figures);
                     f.store_revision = f.store_revision.max(rev);
                     if !connected {
-                        info!("etcd answers again");
+                        // The watch may take longer to come back: say it once, here or there.
+                        info!("reconnected to etcd (it answers again)");
                     }
                     connected = true;
                 }

@@ -1267,6 +1267,7 @@ impl Node {
                             // Still ours: cheaper than a claim.
                             reopened = true;
                             self.opened(ip);
+                            free = free.saturating_add(bs);
                             self.set_state(block, BlockState::Open { since: now });
                             self.push(DatapathOp::Open {
                                 block,
@@ -1300,6 +1301,11 @@ impl Node {
                     }
                     _ => {}
                 }
+            }
+            // The ports of the blocks closed here are gone until the next report says
+            // otherwise: a later step before it must not close more on the old figure.
+            if let Some(p) = self.pressure.get_mut(&ip) {
+                p.free = p.free.min(free);
             }
         }
     }
@@ -1986,6 +1992,49 @@ mod tests {
                 epoch: 5,
                 valid_until: 65 * S
             }]
+        );
+    }
+
+    #[test]
+    fn empty_blocks_close_down_to_the_headroom_and_no_further_before_the_next_read() {
+        let mut n = ready(0);
+        n.keepalive_at = None;
+        for (index, live) in [(2, 40), (3, 0), (4, 0)] {
+            n.held.insert(
+                block(index),
+                Held {
+                    epoch: 5,
+                    state: BlockState::Open { since: 0 },
+                    live,
+                    last_active: S,
+                    observed: S,
+                },
+            );
+        }
+        // 192 ports, 40 in use: one empty block closes (88 left), the other stays (24 would be
+        // under a block plus twice the low water of 16).
+        n.handle_usage(
+            &Usage {
+                blocks: vec![],
+                pressure: vec![Pressure {
+                    nat_ip: IP,
+                    free: 152,
+                    refused: false,
+                }],
+            },
+            2 * S,
+        );
+        let closed: Vec<DatapathOp> = dp(&drain(&mut n));
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        // More steps before the next read (a timer, a store answer) close nothing more on the
+        // old figure.
+        n.handle_timeout(3 * S);
+        n.handle_pressure(&[], 3 * S);
+        assert!(
+            !dp(&drain(&mut n))
+                .iter()
+                .any(|o| matches!(o, DatapathOp::Close { .. })),
+            "closed below the headroom"
         );
     }
 
