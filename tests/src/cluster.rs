@@ -196,18 +196,30 @@ impl Cluster {
 
     /// `snat run` on node `i` (0-based) with the cluster's flags and `extra` ones (timers).
     pub fn start_agent(&self, i: usize, extra: &[&str]) -> Agent {
+        self.start_agent_on(i, RANGE, 4096, extra)
+    }
+
+    /// [`Cluster::start_agent`] on another port range, with room for `max_mappings`.
+    pub fn start_agent_on(
+        &self,
+        i: usize,
+        range: &str,
+        max_mappings: u32,
+        extra: &[&str],
+    ) -> Agent {
         let n = &self.nodes[i];
         let endpoints = self.etcd.endpoints().join(",");
         let nat = NAT.to_string();
+        let max = max_mappings.to_string();
         let mut args = vec![
             "--internal",
             "10.1.0.0/16",
             "--max-mappings",
-            "4096",
+            &max,
             "--nat-ip",
             &nat,
             "--port-range",
-            RANGE,
+            range,
             "--etcd-endpoints",
             &endpoints,
             "--node-name",

@@ -20,29 +20,25 @@
 //!    and the growing lab's blocks go back (cool-down 2 s). The first over the second is the
 //!    cost of growing on demand.
 //!
-//! Network safety: the harness's namespaces and veths only (its per-process prefix), removed on
+//! The topology is the test harness's (`tests::cluster`, with a router hop of MTU 1280 behind the
+//! gateway). Network safety: the harness's namespaces and veths only (its per-process prefix), removed on
 //! drop; etcd and the gateway run inside them. Every loop is bounded in count and time.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use serde_json::Value;
 use tests::{
-    agent::{snat_bin, Agent},
-    etcd::{Etcd, Link},
-    netns::{unique_prefix, veth, Netns},
+    agent::Agent,
+    cluster::{Cluster as Topology, SERVER},
+    netns::Netns,
     traffic::{wait_for, TcpClient, TcpServer, UdpServer},
 };
 
 use crate::{say, Plan};
-
-const NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const RANGE: &str = "32768:65535";
 const BLOCK: u32 = 64;
 /// Source ports of the probes: `FIRST_PORT + i`, below the range.
@@ -71,149 +67,41 @@ pub struct Cluster {
     pub held_back: u64,
 }
 
-struct Node {
-    ns: Netns,
-    uplink: String,
-    pod: Netns,
-    pod_addr: Ipv4Addr,
-}
-
-/// A `snat gateway` process, stopped on drop.
-struct GatewayProc(Child, PathBuf);
-
-impl Drop for GatewayProc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
-/// Three nodes, the gateway, etcd and the server (dropped in reverse: agents first).
+/// Three nodes, the gateway, etcd and the server (the test harness's topology,
+/// `tests::cluster`); the agents drop first.
 struct Lab {
     agents: Vec<Agent>,
-    _gateway: GatewayProc,
-    _links: Vec<Link>,
-    etcd: Etcd,
-    nodes: Vec<Node>,
-    server: Netns,
-    _gw: Netns,
-}
-
-fn node(p: &str, i: u8, gw: &Netns) -> Node {
-    let ns = Netns::new(&format!("{p}-n{i}"));
-    let uplink = format!("{p}-u{i}");
-    let gw_side = format!("{p}-g{i}");
-    veth(&ns, &uplink, gw, &gw_side);
-    gw.ip(&["addr", "add", &format!("10.77.{i}.1/24"), "dev", &gw_side]);
-    ns.ip(&["addr", "add", &format!("10.77.{i}.2/24"), "dev", &uplink]);
-    ns.ip(&["route", "add", "default", "via", &format!("10.77.{i}.1")]);
-    ns.sysctl("net.ipv4.ip_forward=1");
-    let pod = Netns::new(&format!("{p}-p{i}"));
-    let (pi, ni) = (format!("{p}-pp{i}"), format!("{p}-pn{i}"));
-    veth(&pod, &pi, &ns, &ni);
-    let pod_addr = Ipv4Addr::new(10, 1, i, 2);
-    pod.ip(&["addr", "add", &format!("{pod_addr}/24"), "dev", &pi]);
-    pod.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")]);
-    ns.ip(&["addr", "add", &format!("10.1.{i}.1/24"), "dev", &ni]);
-    Node {
-        ns,
-        uplink,
-        pod,
-        pod_addr,
-    }
+    c: Topology,
 }
 
 impl Lab {
     /// The lab with `cooldown` (`--block-cooldown`) and `min_blocks` (`--min-blocks`) on every
     /// node.
     fn new(cooldown: &str, min_blocks: u16) -> anyhow::Result<Self> {
-        let p = unique_prefix();
-        let server = Netns::new(&format!("{p}-srv"));
-        let gw = Netns::new(&format!("{p}-gw"));
-        let (s0, g0) = (format!("{p}-s0"), format!("{p}-gs"));
-        veth(&server, &s0, &gw, &g0);
-        server.ip(&["addr", "add", "203.0.113.10/24", "dev", &s0]);
-        server.ip(&["route", "add", "default", "via", "203.0.113.1"]);
-        gw.ip(&["addr", "add", "203.0.113.1/24", "dev", &g0]);
-        gw.sysctl("net.ipv4.ip_forward=1");
-        let nodes: Vec<Node> = (1..=3).map(|i| node(&p, i, &gw)).collect();
-        let etcd = Etcd::start(1);
-        let mut links = vec![etcd.connect(&gw)];
-        links.extend(nodes.iter().map(|n| etcd.connect(&n.ns)));
-        let endpoints = etcd.endpoints().join(",");
-        let start = |i: usize| {
-            let n: &Node = &nodes[i];
-            let name = format!("node-{}", i + 1);
-            Agent::start(
-                &n.ns,
-                &n.uplink,
-                &[
-                    "--internal",
-                    "10.1.0.0/16",
-                    "--max-mappings",
-                    "65536",
-                    "--nat-ip",
-                    &NAT.to_string(),
-                    "--port-range",
-                    RANGE,
-                    "--etcd-endpoints",
-                    &endpoints,
-                    "--node-name",
-                    &name,
-                    "--block-cooldown",
-                    cooldown,
-                    "--min-blocks",
-                    &min_blocks.to_string(),
-                    "--tcp-fin-timeout",
-                    "1s",
-                ],
-            )
-        };
-        let mut agents = vec![start(0)];
-        // The gateway once the geometry is in etcd; the other nodes once it registered, so
-        // every claim waits for it.
-        let log = std::env::temp_dir().join(format!("{p}-gateway.log"));
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &gw.name])
-            .arg(snat_bin())
-            .args(["gateway", "--iface", &g0, "--etcd-endpoints", &endpoints])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting snat gateway")?;
-        let gateway = GatewayProc(child, log.clone());
-        wait_for(Duration::from_secs(15), || {
-            let o = etcd.etcdctl(&["get", "--prefix", "/snat/v1/gateways/", "--keys-only"]);
-            (!String::from_utf8_lossy(&o.stdout).trim().is_empty()).then_some(())
-        })
-        .with_context(|| {
-            format!(
-                "the gateway did not register:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        })?;
-        agents.push(start(1));
-        agents.push(start(2));
-        let lab = Self {
-            agents,
-            _gateway: gateway,
-            _links: links,
-            etcd,
-            nodes,
-            server,
-            _gw: gw,
-        };
+        let mut c = Topology::new(3, 1);
+        let min = min_blocks.to_string();
+        let flags = [
+            "--block-cooldown",
+            cooldown,
+            "--min-blocks",
+            &min,
+            "--tcp-fin-timeout",
+            "1s",
+        ];
+        // The first node writes the geometry the gateway waits for; the others start once it
+        // has registered, so every claim waits for it.
+        let mut agents = vec![c.start_agent_on(0, RANGE, 65536, &flags)];
+        c.start_gateway(&[]);
+        agents.push(c.start_agent_on(1, RANGE, 65536, &flags));
+        agents.push(c.start_agent_on(2, RANGE, 65536, &flags));
+        let lab = Self { agents, c };
         // Every node at its minimum before anything is measured.
         lab.settle(u64::from(min_blocks))?;
         Ok(lab)
     }
 
     fn server(&self) -> &Netns {
-        &self.server
+        &self.c.server
     }
 
     /// Waits until no node maps a connection and each holds exactly `blocks` open blocks.
@@ -304,6 +192,7 @@ fn connect_all(lab: &Lab, n: u64) -> anyhow::Result<(Vec<TcpClient>, f64)> {
     let to = SocketAddrV4::new(SERVER, 8080);
     let started = Instant::now();
     let handles: Vec<_> = lab
+        .c
         .nodes
         .iter()
         .map(|node| {
@@ -332,9 +221,9 @@ pub fn run(plan: &Plan, out: &mut Cluster) -> anyhow::Result<()> {
         let lab = Lab::new("20s", 1)?;
         let _udp = UdpServer::start(lab.server(), SocketAddrV4::new(SERVER, 9000));
         let before = open_blocks(&lab.agents[0]);
-        let pod = lab.nodes[0].pod_addr;
+        let pod = lab.c.nodes[0].pod_addr;
         let deadline = Instant::now() + Duration::from_secs(60);
-        let probes = lab.nodes[0]
+        let probes = lab.c.nodes[0]
             .pod
             .run(move || probe(pod, samples, MAX_PROBES, deadline));
         let grown = open_blocks(&lab.agents[0]).saturating_sub(before);
@@ -366,6 +255,7 @@ pub fn run(plan: &Plan, out: &mut Cluster) -> anyhow::Result<()> {
         let started = Instant::now();
         let deadline = started + Duration::from_secs_f64(secs);
         let handles: Vec<_> = lab
+            .c
             .nodes
             .iter()
             .map(|n| {
@@ -391,7 +281,7 @@ pub fn run(plan: &Plan, out: &mut Cluster) -> anyhow::Result<()> {
             .zip(&before)
             .map(|(a, b)| claims(a, "taken").saturating_sub(b.1))
             .sum();
-        let blocks = lab.etcd.blocks().len();
+        let blocks = lab.c.etcd.blocks().len();
         say(format_args!(
             "  three nodes contending: {:?} claims in {:.1} s ({} lost to another node; {blocks} blocks held)",
             out.claims, out.claim_secs, out.claims_lost
