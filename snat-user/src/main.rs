@@ -71,6 +71,9 @@ fn main() -> ExitCode {
             ClusterWhat::Release(a) => ReleaseSettings::validate(&a)
                 .map_err(anyhow::Error::from)
                 .and_then(|r| agent::admin::release(&r)),
+            ClusterWhat::ForgetGateway(a) => EtcdAccess::validate(&a.etcd)
+                .map_err(anyhow::Error::from)
+                .and_then(|e| agent::admin::forget_gateway(&e, &a.name)),
         },
     };
     match result {

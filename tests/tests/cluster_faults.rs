@@ -875,11 +875,62 @@ fn the_gateway_cut_off_from_etcd_keeps_its_routes_and_catches_up_and_survives_a_
     // The gateway is killed and started again: it reads the blocks and routes them; the flows
     // carry on (TCP retransmits what the gap lost).
     fx.c.stop_gateway(libc::SIGKILL);
-    fx.c.start_gateway(&[]);
+    fx.c.start_gateway(&["--lease-ttl", "5s"]);
     for (i, c) in conns.iter_mut().enumerate() {
         echo_all(c, &format!("node {i} after the gateway's restart"));
     }
     echo_all(&mut a_new, "node-a after the gateway's restart");
     drop((conns, a_more, a_new));
+
+    // Killed for good, its lease lapses (5 s): it stays known, so a block node-a claims now
+    // waits for it (the block's replies would have no route) until an operator forgets it.
+    fx.c.stop_gateway(libc::SIGKILL);
+    let etcd_cli = |args: &[&str]| {
+        let endpoints = fx.c.etcd.endpoints().join(",");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &fx.c.etcd.client.name])
+            .arg(snat_bin())
+            .arg("cluster")
+            .args(args)
+            .args(["--etcd-endpoints", &endpoints])
+            .output()
+            .expect("snat cluster");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    fx.until("the gateway's lease to lapse", 15, || {
+        etcd_cli(&["status"])
+            .1
+            .contains("known but absent")
+            .then_some(())
+    });
+    // Fresh UDP flows from node-a's pod (each a mapping; no answer comes back without the
+    // gateway) until it wants a block.
+    let pod_addr = fx.c.nodes[0].pod_addr;
+    fx.c.nodes[0].pod.run(move || {
+        for port in 20000..20100u16 {
+            if let Ok(s) = UdpSocket::bind((pod_addr, port)) {
+                let _ = s.send_to(b"fill", SocketAddrV4::new(SERVER, 9));
+            }
+        }
+    });
+    let waiting = fx.until("node-a's claim to wait for the absent gateway", 10, || {
+        held(fx.agent(0))
+            .into_iter()
+            .find(|(_, s)| s == "awaiting-gateway")
+            .map(|(b, _)| b)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(held(fx.agent(0))[&waiting], "awaiting-gateway");
+    let (ok, out, err) = etcd_cli(&["forget-gateway", "gateway"]);
+    assert!(ok && out.contains("forgotten"), "{out}{err}");
+    fx.until(
+        "node-a's block to open once the gateway is forgotten",
+        10,
+        || (held(fx.agent(0)).get(&waiting).map(String::as_str) == Some("open")).then_some(()),
+    );
     fx.finish();
 }

@@ -97,6 +97,26 @@ fn under(s: &Snapshot, lease: LeaseId) -> Vec<BlockId> {
         .collect()
 }
 
+/// `snat cluster forget-gateway NAME`: the nodes stop waiting for a gateway gone for good.
+pub fn forget_gateway(etcd: &EtcdAccess, name: &str) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let (store, snapshot) = connect_and_read(etcd).await?;
+        if snapshot.gateways.contains_key(name) {
+            bail!("gateway {name} is live (its lease is held): stop it instead (a stop on purpose unregisters it)");
+        }
+        if !snapshot.known_gateways.contains(name) {
+            let known: Vec<&str> = snapshot.known_gateways.iter().map(String::as_str).collect();
+            bail!("no gateway {name:?} is known to the cluster (known: {known:?})");
+        }
+        store
+            .set_known_gateway(name, false)
+            .await
+            .with_context(|| format!("forgetting gateway {name}"))?;
+        println!("gateway {name} forgotten: the nodes no longer wait for it before using a new block");
+        Ok(())
+    })
+}
+
 /// `snat cluster release NODE [--dead]`.
 pub fn release(r: &ReleaseSettings) -> anyhow::Result<()> {
     runtime()?.block_on(release_async(r))

@@ -107,7 +107,12 @@ impl Etcd {
             }
             StoreOp::List => StoreReply::Listed(snapshot(s.list().await.map_err(e)?)),
             StoreOp::Gateways => {
-                StoreReply::Gateways(snapshot(s.list_under("gateways/").await.map_err(e)?).gateways)
+                // `gateways/` and `gateways-known/` in one read.
+                let snap = snapshot(s.list_under("gateways").await.map_err(e)?);
+                StoreReply::Gateways {
+                    live: snap.gateways,
+                    known: snap.known_gateways,
+                }
             }
             StoreOp::Claim { block, lease } => {
                 match s
@@ -173,6 +178,7 @@ fn snapshot(s: store::Snapshot) -> Snapshot {
                 applied: r.value.applied_revision,
             })
             .collect(),
+        known_gateways: s.known_gateways.into_iter().collect(),
     }
 }
 

@@ -188,6 +188,7 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected = true;
     let mut published = 0;
+    let mut known = false;
     loop {
         if let Some(rev) = publish {
             match store.put_gateway(&g.name, rev, lease).await {
@@ -195,6 +196,14 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
                     debug!("published applied revision {rev}");
                     publish = None;
                     published = rev;
+                    // Known from now on, beyond its lease: cut off longer than the lease,
+                    // it is still waited for, so no node uses a block it has not routed.
+                    if !known {
+                        match store.set_known_gateway(&g.name, true).await {
+                            Ok(()) => known = true,
+                            Err(e) => warn!("marking the gateway known: {e}"),
+                        }
+                    }
                 }
                 Err(e) => warn!("publishing applied revision {rev}: {e}"),
             }
@@ -298,6 +307,13 @@ async fn serve(g: &GatewaySettings) -> anyhow::Result<()> {
     }
     info!("stopping: detaching and unregistering");
     lock(&gw).detach();
+    // Gone on purpose: the nodes stop waiting for it.
+    if let Err(e) = store.set_known_gateway(&g.name, false).await {
+        warn!(
+            "unregistering {}: {e} (the nodes wait for it until `snat cluster forget-gateway {}`)",
+            g.name, g.name
+        );
+    }
     let _ = store.revoke(lease).await;
     Ok(())
 }

@@ -43,6 +43,9 @@ pub struct ClusterStatus {
     /// release`, or their node's name is gone): nobody uses them; free when the lease ends.
     pub quarantined: Vec<QuarantinedView>,
     pub gateways: Vec<GatewayView>,
+    /// Gateways known to the cluster without a live record (cut off past their lease, or dead
+    /// without leaving): no node uses a new block until they are back or forgotten.
+    pub absent_gateways: Vec<String>,
     /// Per NAT IP of the geometry: blocks held, quarantined and free.
     pub nat_ips: Vec<NatIpView>,
     /// Keys under `/snat/v1/` that are not snat's or do not decode.
@@ -233,6 +236,12 @@ pub fn status(s: &Snapshot, leases: &BTreeMap<LeaseId, LeaseTtl>) -> ClusterStat
             lag: (s.revision - r.value.applied_revision).max(0),
         })
         .collect();
+    let absent_gateways = s
+        .known_gateways
+        .iter()
+        .filter(|k| !s.gateways.contains_key(*k))
+        .cloned()
+        .collect();
     let nat_ips = g.map_or_else(Vec::new, |g| {
         g.nat_ips
             .iter()
@@ -261,6 +270,7 @@ pub fn status(s: &Snapshot, leases: &BTreeMap<LeaseId, LeaseTtl>) -> ClusterStat
         nodes,
         quarantined,
         gateways,
+        absent_gateways,
         nat_ips,
         unreadable,
     }
@@ -390,6 +400,12 @@ pub fn render(st: &ClusterStatus) -> String {
             ]);
         }
         table(&mut out, &rows);
+    }
+    for name in &st.absent_gateways {
+        let _ = writeln!(
+            out,
+            "gateway {name}: known but absent (cut off from etcd past its lease, or dead): no node uses a new block until it is back, or `snat cluster forget-gateway {name}`"
+        );
     }
     if !st.nat_ips.is_empty() {
         out.push('\n');

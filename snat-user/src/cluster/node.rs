@@ -163,8 +163,12 @@ pub enum StoreReply {
         lease: LeaseId,
         ttl_s: u32,
     },
-    /// The gateways' records, with the applied revision each published.
-    Gateways(Vec<GatewayRecord>),
+    /// The gateways' live records (the applied revision each published) and the names of
+    /// every known gateway.
+    Gateways {
+        live: Vec<GatewayRecord>,
+        known: Vec<String>,
+    },
     /// A keep-alive's answer: the TTL etcd restarted the lease with, 0 when it is gone.
     Alive {
         ttl_s: u32,
@@ -206,6 +210,9 @@ pub struct Snapshot {
     pub nodes: Vec<NodeRecord>,
     pub blocks: Vec<BlockRecord>,
     pub gateways: Vec<GatewayRecord>,
+    /// Gateways that registered and have not left on purpose; one without a live record (its
+    /// lease lapsed: cut off from etcd) is still waited for.
+    pub known_gateways: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -746,11 +753,12 @@ impl Node {
             (StoreOp::List, Err(_)) => {
                 self.list_at = Some(now + ns(self.cfg.timers.retry));
             }
-            (StoreOp::Gateways, Ok(StoreReply::Gateways(gateways))) => {
+            (StoreOp::Gateways, Ok(StoreReply::Gateways { live, known })) => {
                 // Newer than the snapshot's: only the gateways' part of the view changes.
                 match &mut self.view {
                     Some((_, snap)) => {
-                        snap.gateways = gateways;
+                        snap.gateways = live;
+                        snap.known_gateways = known;
                         self.open_applied(now);
                     }
                     None => self.list(now),
@@ -1071,7 +1079,17 @@ impl Node {
     /// Opens claimed blocks the gateways have applied; polls again for the others.
     fn open_applied(&mut self, now: Nanos) {
         let Some((_, snap)) = &self.view else { return };
-        let applied = snap.gateways.iter().map(|g| g.applied).min();
+        // A known gateway without a live record (cut off past its lease) has applied nothing
+        // we can see: wait for it.
+        let absent = snap
+            .known_gateways
+            .iter()
+            .any(|k| !snap.gateways.iter().any(|g| &g.name == k));
+        let applied = if absent {
+            Some(i64::MIN)
+        } else {
+            snap.gateways.iter().map(|g| g.applied).min()
+        };
         let valid_until = self.valid_until();
         let mut waiting = false;
         let mut opened = Vec::new();
@@ -1589,10 +1607,13 @@ mod tests {
 
     /// The one gateway's record, at revision `applied`.
     fn applied(applied: i64) -> StoreReply {
-        StoreReply::Gateways(vec![GatewayRecord {
-            name: "gw".into(),
-            applied,
-        }])
+        StoreReply::Gateways {
+            live: vec![GatewayRecord {
+                name: "gw".into(),
+                applied,
+            }],
+            known: vec!["gw".into()],
+        }
     }
 
     fn snapshot(revision: i64, blocks: &[(u16, LeaseId, i64)], applied: Option<i64>) -> Snapshot {
@@ -1618,6 +1639,7 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
+            known_gateways: applied.map(|_| "gw".into()).into_iter().collect(),
         }
     }
 
@@ -1984,7 +2006,22 @@ mod tests {
         n.handle_timeout(S + 5_000_000);
         let c = drain(&mut n);
         assert_eq!(op(&c).1, StoreOp::Gateways);
-        let c = answer(&mut n, &c, applied(6), S + 6_000_000);
+        // Its lease lapsed (cut off from etcd longer than its TTL): no live record, but it is
+        // known, so the block still waits.
+        let c = answer(
+            &mut n,
+            &c,
+            StoreReply::Gateways {
+                live: vec![],
+                known: vec!["gw".into()],
+            },
+            S + 6_000_000,
+        );
+        assert_eq!(dp(&c), vec![]);
+        n.handle_timeout(S + 11_000_000);
+        let c = drain(&mut n);
+        assert_eq!(op(&c).1, StoreOp::Gateways);
+        let c = answer(&mut n, &c, applied(6), S + 12_000_000);
         assert_eq!(
             dp(&c),
             vec![DatapathOp::Open {

@@ -234,7 +234,10 @@ impl Etcd {
                 }
             }
             StoreOp::List => StoreReply::Listed(self.snapshot()),
-            StoreOp::Gateways => StoreReply::Gateways(self.snapshot().gateways),
+            StoreOp::Gateways => StoreReply::Gateways {
+                live: self.snapshot().gateways,
+                known: self.snapshot().known_gateways,
+            },
             StoreOp::Claim { block, lease } => {
                 let key = Key::Block(*block);
                 if self.kv.contains_key(&key) {

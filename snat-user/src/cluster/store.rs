@@ -79,6 +79,9 @@ pub enum Key {
     Node(String),
     Block(BlockId),
     Gateway(String),
+    /// A gateway that registered once and has not left on purpose: its lease may have lapsed
+    /// (cut off from etcd), but the nodes still wait for it before they use a new block.
+    KnownGateway(String),
 }
 
 impl Key {
@@ -89,6 +92,7 @@ impl Key {
             Self::Node(name) => format!("{PREFIX}nodes/{name}"),
             Self::Block(b) => format!("{PREFIX}blocks/{}/{}", b.nat_ip, b.index),
             Self::Gateway(name) => format!("{PREFIX}gateways/{name}"),
+            Self::KnownGateway(name) => format!("{PREFIX}gateways-known/{name}"),
         }
     }
 
@@ -104,6 +108,9 @@ impl Key {
         } else if let Some(name) = rest.strip_prefix("gateways/") {
             check_name(name).ok()?;
             Self::Gateway(name.to_owned())
+        } else if let Some(name) = rest.strip_prefix("gateways-known/") {
+            check_name(name).ok()?;
+            Self::KnownGateway(name.to_owned())
         } else if let Some(block) = rest.strip_prefix("blocks/") {
             let (ip, index) = block.split_once('/')?;
             Self::Block(BlockId {
@@ -191,6 +198,8 @@ pub enum Value {
     Node(NodeValue),
     Block(BlockValue),
     Gateway(GatewayValue),
+    /// `gateways-known/<name>`: what it carries does not matter, its presence does.
+    KnownGateway,
 }
 
 /// A value with etcd's bookkeeping for its key.
@@ -262,6 +271,7 @@ pub fn decode(key: &Key, bytes: &[u8]) -> Result<Value, String> {
         Key::Node(_) => Value::Node(json(bytes)?),
         Key::Block(_) => Value::Block(json(bytes)?),
         Key::Gateway(_) => Value::Gateway(json(bytes)?),
+        Key::KnownGateway(_) => Value::KnownGateway,
     })
 }
 
@@ -294,6 +304,8 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Record<NodeValue>>,
     pub blocks: BTreeMap<BlockId, Record<BlockValue>>,
     pub gateways: BTreeMap<String, Record<GatewayValue>>,
+    /// Gateways that registered and have not left on purpose (live or not).
+    pub known_gateways: std::collections::BTreeSet<String>,
     /// Keys under the prefix that are not ours or do not decode; listed, never dropped silently.
     pub unreadable: Vec<Unreadable>,
 }
@@ -312,6 +324,9 @@ impl Snapshot {
             }
             (Key::Gateway(name), Value::Gateway(v)) => {
                 self.gateways.insert(name, record.with(v));
+            }
+            (Key::KnownGateway(name), Value::KnownGateway) => {
+                self.known_gateways.insert(name);
             }
             // decode() gives each key its own kind of value.
             (key, _) => self.unreadable.push(Unreadable {
@@ -903,6 +918,31 @@ impl Store {
         Ok(resp
             .header()
             .map_or(0, etcd_client::ResponseHeader::revision))
+    }
+
+    /// Marks gateway `name` known (`known: true`, a key without a lease: it outlives a lapse of
+    /// the gateway's lease) or gone on purpose (`false`: the key deleted).
+    pub async fn set_known_gateway(&self, name: &str, known: bool) -> Result<(), StoreError> {
+        const OP: &str = "mark gateway known";
+        check_name(name).map_err(|reason| StoreError::Invalid {
+            op: OP,
+            detail: format!("gateway name {name:?} {reason}"),
+        })?;
+        let key = Key::KnownGateway(name.to_owned()).path();
+        if known {
+            self.call(OP, |mut c| {
+                let key = key.clone();
+                async move { c.put(key, "{}", None).await }
+            })
+            .await?;
+        } else {
+            self.call(OP, |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// The store's current revision (a linearizable read of one key's count: small, whatever

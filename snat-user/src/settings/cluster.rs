@@ -498,6 +498,20 @@ pub enum ClusterWhat {
     /// --block-cooldown + --fence-margin, then free; the node's lease is revoked. Refused while
     /// the node's lease has more than --fence-margin left, unless --dead says the node is off.
     Release(ClusterReleaseArgs),
+    /// Stop waiting for a gateway that is gone for good (its host removed): a gateway that
+    /// registered once is waited for before any node uses a new block, even after its lease
+    /// lapsed, until it comes back, stops on purpose, or is forgotten here. Refused while it
+    /// is live.
+    ForgetGateway(ClusterForgetGatewayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ClusterForgetGatewayArgs {
+    /// The gateway's --name.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(clap::Args, Debug)]
