@@ -653,7 +653,8 @@ impl Node {
     /// A poll between full reads ([`Node::handle_usage`]): a refusal, or a lower estimate of the
     /// free ports. It never clears a refusal noted (only a full read can say there is room).
     pub fn handle_pressure(&mut self, pressure: &[Pressure], now: Nanos) {
-        if self.detached {
+        // Suspended, the refusals are the fence's, not demand (see `handle_usage`).
+        if self.detached || self.suspended(now) {
             return;
         }
         for p in pressure {
@@ -1777,8 +1778,10 @@ mod tests {
         };
         n.handle_usage(&report(54, false), S);
         assert!(n.shortage().is_empty(), "{:?}", n.shortage());
-        // Valid until 65 s: suspended at 70 s, the datapath refuses and counts nothing free.
+        // Valid until 65 s: suspended at 70 s, the datapath refuses and counts nothing free,
+        // in its full reads and in its 5 ms polls alike.
         n.handle_usage(&report(0, true), 70 * S);
+        n.handle_pressure(&report(0, true).pressure, 70 * S);
         assert!(n.suspended(70 * S));
         drain(&mut n);
         // The keep-alive sent at 71 s succeeds: resumed, and the pods want no more than before.
