@@ -24,7 +24,7 @@ use std::{
     collections::BTreeMap,
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -624,45 +624,9 @@ fn nat_port(ip: &[u8]) -> Option<u16> {
 /// (only `ETH_P_ALL` sockets see what the host sends), with kernel receive timestamps
 /// (`SO_TIMESTAMPNS`) and a 20 ms receive timeout.
 fn timestamped_packet_socket(iface: &std::ffi::CStr) -> OwnedFd {
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2); owned below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
-    // SAFETY: a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = crate::traffic::packet_socket(iface, libc::ETH_P_ALL);
     crate::traffic::set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
     crate::traffic::set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 20_000,
-    };
-    // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as u32,
-        )
-    };
-    // SAFETY: `iface` is NUL-terminated.
-    let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
-    assert_ne!(index, 0, "no interface {iface:?}");
-    // SAFETY: all-zero is a valid sockaddr_ll; we fill the fields bind needs.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
-    sll.sll_ifindex = index as i32;
-    // SAFETY: binding our socket to a valid sockaddr_ll of the stated size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sll).cast(),
-            size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
     fd
 }
 

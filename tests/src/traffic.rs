@@ -346,10 +346,11 @@ pub struct LeakWatch {
     bg: Background,
 }
 
-/// An `AF_PACKET` socket receiving every IPv4 packet on `iface` (in the calling thread's
+/// An `AF_PACKET` socket receiving every packet of ethertype `ethertype` (`ETH_P_IP`, or
+/// `ETH_P_ALL`: only those see what the host sends) on `iface` (in the calling thread's
 /// namespace), with the 20 ms receive timeout of [`raw_socket`].
-fn packet_socket(iface: &std::ffi::CStr) -> OwnedFd {
-    let proto = (libc::ETH_P_IP as u16).to_be();
+pub fn packet_socket(iface: &std::ffi::CStr, ethertype: i32) -> OwnedFd {
+    let proto = (ethertype as u16).to_be();
     let fd = raw_socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto));
     // SAFETY: `iface` is NUL-terminated.
     let index = unsafe { libc::if_nametoindex(iface.as_ptr()) };
@@ -377,7 +378,7 @@ impl LeakWatch {
         let c = counts.clone();
         let iface = std::ffi::CString::new(iface).expect("iface name");
         let bg = Background::start(ns, move |ready, stop| {
-            let fd = packet_socket(&iface);
+            let fd = packet_socket(&iface, libc::ETH_P_IP);
             ready();
             let mut buf = [0u8; 128];
             while !stop.load(Ordering::Relaxed) {
@@ -450,7 +451,7 @@ impl Capture {
         let p = packets.clone();
         let iface = std::ffi::CString::new(iface).expect("iface name");
         let bg = Background::start(ns, move |ready, stop| {
-            let fd = packet_socket(&iface);
+            let fd = packet_socket(&iface, libc::ETH_P_IP);
             ready();
             let mut buf = [0u8; 512];
             while !stop.load(Ordering::Relaxed) {
