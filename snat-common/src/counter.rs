@@ -136,11 +136,23 @@ pub enum Counter {
     /// XDP could not put its mark in front of the frame (the driver gives no metadata room): left
     /// untouched for TC.
     XdpNoMetadata,
+    // Hairpinning (`--hairpin on`): the second half of a pod's packet to a NAT endpoint, after
+    // its source was translated (counted among the egress results).
+    /// Translated to the pod whose mapping owns the NAT endpoint and sent to its interface.
+    HairpinDeliveredTcp,
+    HairpinDeliveredUdp,
+    /// No mapping of that NAT endpoint accepts packets from this one (as a remote host would be
+    /// filtered): dropped.
+    HairpinDropFiltered,
+    /// No route to the pod, or the redirect failed: dropped.
+    HairpinDropNoRoute,
+    /// The delivering program could not be reached (not in `SNAT_PROGRAMS`): dropped.
+    HairpinDropNoDeliverer,
 }
 
 impl Counter {
     /// Number of counters (the size of `SNAT_COUNTERS`).
-    pub const COUNT: u32 = Counter::XdpNoMetadata as u32 + 1;
+    pub const COUNT: u32 = Counter::HairpinDropNoDeliverer as u32 + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT as usize] = [
@@ -212,6 +224,11 @@ impl Counter {
         Counter::ExpiryEventsLost,
         Counter::XdpDeferred,
         Counter::XdpNoMetadata,
+        Counter::HairpinDeliveredTcp,
+        Counter::HairpinDeliveredUdp,
+        Counter::HairpinDropFiltered,
+        Counter::HairpinDropNoRoute,
+        Counter::HairpinDropNoDeliverer,
     ];
 
     /// The counter's index in `SNAT_COUNTERS`.
@@ -220,7 +237,7 @@ impl Counter {
         self as u32
     }
 
-    /// Stable `(group, detail)` names: group is `egress`, `ingress`, `alloc`, `reject` or `xdp`; detail names the
+    /// Stable `(group, detail)` names: group is `egress`, `ingress`, `alloc`, `reject`, `xdp` or `hairpin`; detail names the
     /// result (`translated_tcp`, `drop_exhausted_udp`, …). Metrics and the CLI print these.
     pub const fn labels(self) -> (&'static str, &'static str) {
         use Counter::*;
@@ -293,6 +310,11 @@ impl Counter {
             ExpiryEventsLost => ("alloc", "expiry_events_lost"),
             XdpDeferred => ("xdp", "deferred_to_tc"),
             XdpNoMetadata => ("xdp", "no_metadata"),
+            HairpinDeliveredTcp => ("hairpin", "delivered_tcp"),
+            HairpinDeliveredUdp => ("hairpin", "delivered_udp"),
+            HairpinDropFiltered => ("hairpin", "drop_filtered"),
+            HairpinDropNoRoute => ("hairpin", "drop_no_route"),
+            HairpinDropNoDeliverer => ("hairpin", "drop_no_deliverer"),
         }
     }
 }

@@ -46,6 +46,18 @@ pub const PROG_CREATE: &str = "snat_create";
 pub const MAP_PROGRAMS: &str = "SNAT_PROGRAMS";
 /// Slot of [`PROG_CREATE`] in [`MAP_PROGRAMS`].
 pub const SLOT_CREATE: u32 = 0;
+/// Name of the hairpin program (`snat run --hairpin on`): TC ingress on the pods' interfaces, it
+/// translates the source of a pod's packet to a NAT IP and port in the range, as egress would,
+/// and hands it to [`PROG_HAIRPIN_DELIVER`].
+pub const PROG_HAIRPIN: &str = "snat_hairpin";
+/// Name of the second half of hairpinning, reached only by a tail call (never attached): the
+/// packet, now from a NAT endpoint to a NAT endpoint, is translated as a reply to the mapping
+/// that owns its destination and sent to that pod's interface, or dropped.
+pub const PROG_HAIRPIN_DELIVER: &str = "snat_hairpin_deliver";
+/// Slot of [`PROG_HAIRPIN_DELIVER`] in [`MAP_PROGRAMS`].
+pub const SLOT_HAIRPIN_DELIVER: u32 = 1;
+/// Slots of [`MAP_PROGRAMS`].
+pub const PROGRAM_SLOTS: u32 = 2;
 
 /// Array\[1\] of [`Config`]: which NAT IP set is live.
 pub const MAP_CONFIG: &str = "SNAT_CONFIG";

@@ -16,7 +16,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
-use snat_common::{flow::proto, Config, Counter, FlowKey, MAX_POOL_TRIES, SLOT_CREATE};
+use snat_common::{
+    flow::proto, Config, Counter, FlowKey, MAX_POOL_TRIES, SLOT_CREATE, SLOT_HAIRPIN_DELIVER,
+};
 
 use crate::{
     alloc::{self, AllocError, Created, Syn},
@@ -43,8 +45,12 @@ pub struct Pending {
     pub paired: [u8; 4],
     /// `bpf_ktime_get_ns` when egress handed the packet over: the allocation's time.
     pub started: u64,
+    /// The packet is the hairpin program's (a pod's packet to a NAT endpoint): once translated,
+    /// it goes on to `snat_hairpin_deliver` instead of out.
+    pub hairpin: bool,
 }
 
+#[inline(always)]
 pub fn run(ctx: &TcContext) -> Verdict {
     let p = SNAT_PENDING
         .get_ptr_mut(0)
@@ -61,11 +67,18 @@ pub fn run(ctx: &TcContext) -> Verdict {
         (pending.ip.src, key.src_port),
         nat,
     )?;
-    Ok(match key.proto {
+    let translated = match key.proto {
         proto::TCP => Counter::EgressTranslatedTcp,
         proto::UDP => Counter::EgressTranslatedUdp,
         _ => Counter::EgressTranslatedIcmp,
-    })
+    };
+    if pending.hairpin {
+        count(translated);
+        // SAFETY: a tail call from the program's own frame; on success delivery goes on there.
+        unsafe { SNAT_PROGRAMS.tail_call(ctx, SLOT_HAIRPIN_DELIVER) };
+        return Err(Counter::HairpinDropNoDeliverer.into());
+    }
+    Ok(translated)
 }
 
 /// Creates the mapping of the new flow `pending.key` on the NAT IP of `pending.attempt`; tries the

@@ -36,7 +36,7 @@ use crate::{
 };
 
 #[inline(always)]
-fn internal(addr: [u8; 4]) -> bool {
+pub fn internal(addr: [u8; 4]) -> bool {
     SNAT_INTERNAL.get(Key::new(32, addr)).is_some()
 }
 
@@ -64,8 +64,8 @@ pub fn run(ctx: &TcContext) -> Verdict {
         return later_fragment(ctx, &ip);
     }
     match ip.proto {
-        proto::TCP => tcp(ctx, &ip),
-        proto::UDP => udp(ctx, &ip),
+        proto::TCP => tcp(ctx, &ip, false),
+        proto::UDP => udp(ctx, &ip, false),
         proto::ICMP => icmp(ctx, &ip),
         _ => Err(Counter::EgressDropUnsupportedProto.into()),
     }
@@ -147,7 +147,8 @@ impl Segment {
 }
 
 /// The NAT endpoint of `key`'s existing mapping (refreshed); a flow without one goes on to
-/// `snat_create` (see [`pend`]; `rport` is its real remote port).
+/// `snat_create` (see [`pend`]; `rport` is its real remote port; `hairpin`: the packet is the
+/// hairpin program's, which `snat_create` hands on to delivery).
 #[inline(always)]
 fn mapping(
     ctx: &TcContext,
@@ -155,6 +156,7 @@ fn mapping(
     key: &FlowKey,
     rport: [u8; 2],
     seg: Option<&Segment>,
+    hairpin: bool,
 ) -> Result<Nat, Stop> {
     if let Some((p, m)) = mapping::forward(key) {
         block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
@@ -196,6 +198,7 @@ fn mapping(
             syn,
             attempt: 0,
             paired: [0; 4],
+            hairpin,
             // SAFETY: helper without preconditions.
             started: unsafe { bpf_ktime_get_ns() },
         },
@@ -270,8 +273,9 @@ fn track(ctx: &TcContext, key: &FlowKey, p: *mut Mapping, m: &Forward, seg: &Seg
     }
 }
 
+/// A pod's TCP segment: translated through its mapping, or handed to `snat_create`.
 #[inline(always)]
-fn tcp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+pub fn tcp(ctx: &TcContext, ip: &Ipv4, hairpin: bool) -> Verdict {
     let l4 = ip.l4();
     let avail = ip.l4_len(ctx);
     let t = Tcp::read(ctx, l4).map_err(|_| Counter::EgressDropMalformed)?;
@@ -280,13 +284,14 @@ fn tcp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     }
     let key = FlowKey::new(proto::TCP, ip.src, t.sport, ip.dst, t.dport);
     let seg = Segment { tcp: t, l4 };
-    let nat = mapping(ctx, ip, &key, t.dport, Some(&seg))?;
+    let nat = mapping(ctx, ip, &key, t.dport, Some(&seg), hairpin)?;
     translate(ctx, ip, proto::TCP, (ip.src, t.sport), nat)?;
     Ok(Counter::EgressTranslatedTcp)
 }
 
+/// A pod's UDP datagram: translated through its mapping, or handed to `snat_create`.
 #[inline(always)]
-fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
+pub fn udp(ctx: &TcContext, ip: &Ipv4, hairpin: bool) -> Verdict {
     let l4 = ip.l4();
     let avail = ip.l4_len(ctx);
     let head: [u8; 8] = read(ctx, l4).map_err(|_| Counter::EgressDropMalformed)?;
@@ -297,7 +302,7 @@ fn udp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     }
     let (sport, dport) = ([head[0], head[1]], [head[2], head[3]]);
     let key = FlowKey::new(proto::UDP, ip.src, sport, ip.dst, [0; 2]);
-    let nat = mapping(ctx, ip, &key, dport, None)?;
+    let nat = mapping(ctx, ip, &key, dport, None, hairpin)?;
     translate(ctx, ip, proto::UDP, (ip.src, sport), nat)?;
     Ok(Counter::EgressTranslatedUdp)
 }
@@ -313,7 +318,7 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         kind::ECHO_REQUEST => {
             let id = [head[4], head[5]];
             let key = FlowKey::new(proto::ICMP, ip.src, id, ip.dst, [0; 2]);
-            let nat = mapping(ctx, ip, &key, [0; 2], None)?;
+            let nat = mapping(ctx, ip, &key, [0; 2], None, false)?;
             translate(ctx, ip, proto::ICMP, (ip.src, id), nat)?;
             Ok(Counter::EgressTranslatedIcmp)
         }

@@ -5,6 +5,8 @@
 //! - `snat_ingress` translates replies back to the internal endpoint;
 //! - `snat_xdp` does the same in XDP, before TC (`--ingress xdp`), leaving `snat_ingress` what it
 //!   cannot do;
+//! - `snat_hairpin`, on the pods' interfaces (`--hairpin on`), sends a pod's packet to a NAT
+//!   endpoint to the pod holding it, translated both ways (through `snat_hairpin_deliver`);
 //! - `snat_release` removes expired mappings for the controller (run, never attached);
 //! - `snat_guard` is left on egress by a stopped agent: it drops what egress would translate;
 //! - `snat_gateway` runs on a cluster's gateway, not on a node: it forwards each reply to the node
@@ -36,6 +38,8 @@ mod gateway_maps;
 #[cfg(target_arch = "bpf")]
 mod guard;
 #[cfg(target_arch = "bpf")]
+mod hairpin;
+#[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod index;
@@ -65,7 +69,8 @@ mod programs {
     };
 
     use crate::{
-        create, egress, gateway, guard, ingress, maps::count, release, verdict::Verdict, xdp,
+        create, egress, gateway, guard, hairpin, ingress, maps::count, release, verdict::Verdict,
+        xdp,
     };
 
     /// Counts the verdict and turns it into a TC action: passed and translated packets go on to
@@ -113,6 +118,29 @@ mod programs {
             return TC_ACT_UNSPEC;
         }
         action(ingress::run(&ctx))
+    }
+
+    /// Hairpinning, first step: TC ingress on a pod's interface (see `hairpin`).
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_hairpin(ctx: TcContext) -> i32 {
+        match hairpin::run(&ctx) {
+            Some(verdict) => action(verdict),
+            None => TC_ACT_UNSPEC,
+        }
+    }
+
+    /// Hairpinning, second step: tail-called by `snat_hairpin` or `snat_create`, never attached.
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_hairpin_deliver(ctx: TcContext) -> i32 {
+        hairpin::deliver(&ctx)
     }
 
     /// The reply path in XDP (`--ingress xdp`), in front of `snat_ingress`.

@@ -20,8 +20,8 @@ use snat_common::{
     flow::{use_count, Endpoint, FragKey, FragValue, FRAG_TIMEOUT_NS},
     Config, Counter, FlowKey, FullMark, Ipv4Octets, Mapping, NatIp, Origin, PoolKey, RejectWindow,
     StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_FULL_DESTINATIONS,
-    MAX_HOST_ECHOES, MAX_HOT_DESTINATIONS, MAX_NAT_IPS, REFUSAL_WINDOW_NS, REFUSED_FLOWS,
-    REFUSING_SOURCES,
+    MAX_HOST_ECHOES, MAX_HOT_DESTINATIONS, MAX_NAT_IPS, PROGRAM_SLOTS, REFUSAL_WINDOW_NS,
+    REFUSED_FLOWS, REFUSING_SOURCES,
 };
 
 use crate::{alloc::ScanState, create::Pending, index::FreePorts};
@@ -176,9 +176,10 @@ pub static SNAT_HOST_ECHO: LruHashMap<FlowKey, u64> =
 #[map]
 pub static SNAT_GUARD_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Filled by the controller: slot `SLOT_CREATE` holds `snat_create`.
+/// Filled by the controller: slot `SLOT_CREATE` holds `snat_create`, `SLOT_HAIRPIN_DELIVER`
+/// `snat_hairpin_deliver`.
 #[map]
-pub static SNAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static SNAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAM_SLOTS, 0);
 
 /// The packet egress hands to `snat_create` with its tail call (on the same CPU, which a TC
 /// program does not leave before the tail call runs).

@@ -6,7 +6,8 @@
 //! ("communication administratively prohibited"), quoting it. The answer is redirected to the
 //! uplink's ingress, so the node routes it back to the pod like any reply; it carries the
 //! destination's address as its source (a node address would be a martian on ingress) and never
-//! leaves the node. Answers are rate-limited per CPU (`Config::reject_per_sec`); above the rate,
+//! leaves the node. A refused hairpin flow (the hairpin program, on a pod's interface) is
+//! answered straight back out of that interface. Answers are rate-limited per CPU (`Config::reject_per_sec`); above the rate,
 //! and for headers snat does not rewrite (IPv4 options, GSO), the packet is only dropped.
 
 use aya_ebpf::{
@@ -82,10 +83,18 @@ pub fn answer(ctx: &TcContext, ip: &Ipv4, cfg: &Config, now: u64) -> Option<i32>
     // SAFETY: the program's own context; resetting the checksum state makes the stack verify the
     // checksums written above instead of trusting stale offload metadata.
     unsafe { bpf_csum_level(ctx.skb.skb, u64::from(BPF_CSUM_LEVEL_RESET)) };
-    // SAFETY: reading the device index of our own context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: redirecting to the ingress of the device the packet is on.
-    let action = unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) };
+    // SAFETY: reading the device indices of our own context.
+    let (ifindex, arrived) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
+    // On the uplink's egress the answer is "received" on the uplink, and the stack routes it to
+    // the pod; on a pod's interface (the hairpin program, TC ingress: the packet arrived on the
+    // device it is on) it goes straight back out of it.
+    let flags = if arrived == ifindex {
+        0
+    } else {
+        u64::from(BPF_F_INGRESS)
+    };
+    // SAFETY: redirecting to the device the packet is on.
+    let action = unsafe { bpf_redirect(ifindex, flags) };
     if action != i64::from(TC_ACT_REDIRECT) {
         count(Counter::RejectFailed);
         return None;

@@ -595,6 +595,64 @@ impl UdpEcho {
     }
 }
 
+/// A TCP connection from `local` (bound first, with `SO_REUSEADDR`) to `to`, given up after
+/// `timeout`: what a simultaneous open needs (each side's port known before it connects).
+pub fn tcp_connect_from(
+    local: SocketAddrV4,
+    to: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: setsockopt(2) with a valid timeval of the stated size (SO_SNDTIMEO bounds connect).
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        )
+    };
+    for (addr, bind) in [(local, true), (to, false)] {
+        let sa = sockaddr(addr);
+        let len = size_of::<libc::sockaddr_in>() as u32;
+        // SAFETY: a valid sockaddr_in of the stated size.
+        let rc = unsafe {
+            if bind {
+                libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len)
+            } else {
+                libc::connect(fd.as_raw_fd(), (&raw const sa).cast(), len)
+            }
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let stream = TcpStream::from(fd);
+    // SO_SNDTIMEO was for the connect only.
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
 /// Sets an integer socket option, panicking with the error if it fails.
 pub fn set_int_opt(fd: &impl AsRawFd, level: i32, name: i32, value: i32) {
     // SAFETY: setsockopt(2) on our socket with a valid int of the stated size.

@@ -17,6 +17,7 @@ use crate::{
     cluster::{driver, node::Status},
     datapath::{
         events::ExpiryEvents,
+        hairpin::{self, LinkEvents},
         netdev,
         pins::{self, Pins},
         reservation::HostReservation,
@@ -30,7 +31,9 @@ use crate::{
         scrape, PoolChange,
     },
     settings::{
-        check_nat_ips, check_reserved, EbpfLog, IngressChoice, MetricsAddr, OnStop, Settings,
+        check_nat_ips, check_reserved,
+        pod_iface::{self, PodIface},
+        EbpfLog, IngressChoice, MetricsAddr, OnStop, Settings,
     },
     tables::{
         expiry::{self, Sweeper},
@@ -93,6 +96,11 @@ impl AgentState {
             control_refused: self.refusals.snapshot(&control::Request::NAMES),
             cluster: lock(&self.cluster).as_ref().map(|st| lock(st).clone()),
             ingress: Some(self.ingress.label().to_owned()),
+            hairpin: if self.settings().hairpin.is_empty() {
+                None
+            } else {
+                Some(lock(&self.engine).hairpin_ifaces())
+            },
         })
     }
 
@@ -241,8 +249,26 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         (None, found.unwrap_or_default())
     };
     engine.write_state(pins::header(settings.max_mappings, &reserved_before))?;
+    // Hairpinning: the pods' interfaces are watched from before the first look at them, so none
+    // that appears in between is missed.
+    let link_events = if settings.hairpin.is_empty() {
+        None
+    } else {
+        Some(LinkEvents::open().context("watching the node's interfaces for --pod-iface")?)
+    };
     let mode = engine.attach(settings.attach, settings.ingress)?;
     let ingress = engine.ingress_path();
+    if link_events.is_some() {
+        sync_pod_ifaces(&mut engine, &settings.hairpin, settings.iface.index);
+        let on = engine.hairpin_ifaces();
+        info!(
+            "hairpinning on {} interface(s) matching {}{}{}",
+            on.len(),
+            comma_list(&settings.hairpin),
+            if on.is_empty() { "" } else { ": " },
+            on.join(", ")
+        );
+    }
     // A stop guard the previous agent left was replaced by the attach: what did it drop?
     let guard_dropped = pins.take_guard_drops();
     let state = Arc::new(AgentState {
@@ -297,6 +323,26 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
             .name("snat-gc".into())
             .spawn(move || gc_loop(&state, &stop))?
     };
+    let pod_ifaces = match link_events {
+        Some(events) => {
+            let (state, stop) = (state.clone(), stop.clone());
+            let (patterns, uplink) = (settings.hairpin.clone(), settings.iface.index);
+            Some(
+                std::thread::Builder::new()
+                    .name("snat-pod-ifaces".into())
+                    .spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            events.wait(POD_IFACE_POLL);
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            sync_pod_ifaces(&mut lock(&state.engine), &patterns, uplink);
+                        }
+                    })?,
+            )
+        }
+        None => None,
+    };
     let served = runtime.block_on(async {
         if let Some(listener) = metrics_listener {
             let scrapes = scrape::Scrapes::of_agent(settings.metrics_min_interval, state.clone());
@@ -339,6 +385,9 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     gc.thread().unpark();
     let _ = gc.join();
+    if let Some(t) = pod_ifaces {
+        let _ = t.join();
+    }
     if let Some(r) = running.as_mut().filter(|_| settings.keep_state) {
         // The lease and the pinned blocks carry over to the next agent.
         runtime.block_on(r.finish(driver::Stop::Keep));
@@ -426,6 +475,27 @@ fn stop_datapath(state: &AgentState, settings: &Settings, pins: &Pins) {
         if let Some(r) = lock(&state.reservation).as_mut() {
             r.keep();
         }
+    }
+}
+
+/// How long the pod interface watcher waits for a link notification before it looks anyway
+/// (and checks whether to stop).
+const POD_IFACE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Puts the hairpin program on the interfaces matching `patterns` (never `uplink`) that lack
+/// it, and forgets those gone.
+fn sync_pod_ifaces(engine: &mut Engine, patterns: &[PodIface], uplink: u32) {
+    match hairpin::interfaces() {
+        Ok(all) => {
+            let sync = engine.sync_hairpin(&pod_iface::select(patterns, &all, uplink));
+            for name in sync.attached {
+                log::debug!("hairpinning on {name}");
+            }
+            for name in sync.gone {
+                log::debug!("{name} is gone (hairpinning there ended with it)");
+            }
+        }
+        Err(e) => warn!("listing the node's interfaces for --pod-iface: {e}"),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod counters;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod hairpin;
 pub mod nat_pool;
 pub mod netdev;
 pub mod pins;
@@ -143,6 +144,8 @@ pub struct Engine {
     links: Vec<(&'static str, SchedClassifierLinkId)>,
     /// The XDP program's link, when replies go through XDP.
     xdp: Option<(XdpLinkId, IngressPath)>,
+    /// The hairpin program's links on the pods' interfaces (`--hairpin on`).
+    hairpin: hairpin::HairpinLinks,
     /// Cluster mode: the geometry the programs were loaded for, and second handles on the
     /// configuration and the refusal counts (which other owners take) for [`Blocks`].
     cluster: Option<(Geometry, Map, Map)>,
@@ -250,6 +253,9 @@ impl Engine {
         programs
             .set(SLOT_CREATE, &create_fd, 0)
             .doing(|| "installing the allocation program for egress".into())?;
+        if !settings.hairpin.is_empty() {
+            hairpin::load(&mut ebpf)?;
+        }
         // A program array is emptied when its last user reference goes: pinned, it keeps the
         // allocation program reachable while the programs outlive this process. Each agent pins
         // its own (older ones are removed once this one is attached, see `attach`), so an egress
@@ -296,6 +302,7 @@ impl Engine {
             mode: None,
             links: Vec::new(),
             xdp: None,
+            hairpin: hairpin::HairpinLinks::default(),
             pins: pins.cloned(),
             programs_pin,
             keep: false,
@@ -617,9 +624,10 @@ impl Engine {
         self.keep = true;
     }
 
-    /// Detaches every program (XDP first, then egress, then TC ingress) and removes the clsact
-    /// qdisc if snat added it.
+    /// Detaches every program (the hairpin program, XDP, then egress, then TC ingress) and
+    /// removes the clsact qdisc if snat added it.
     pub fn detach(&mut self) {
+        self.detach_hairpin();
         if let Some((id, path)) = self.xdp.take() {
             if let Some(pins) = &self.pins {
                 // Unpinned first, or the link (and the program) would stay.

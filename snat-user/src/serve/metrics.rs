@@ -147,6 +147,15 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
         xdp = xdp.counter(&[("result", result)], *n);
     }
     out.push(xdp.0);
+    let mut hairpin = Family::new(
+        "snat_hairpin_packets_total",
+        "Pods' packets to a NAT endpoint (--hairpin on), after their source was translated (counted in snat_packets_total as egress): delivered_tcp/udp to the pod holding the endpoint, drop_filtered (that mapping never sent to the sender's endpoint), drop_no_route, drop_no_deliverer.",
+        COUNTER,
+    );
+    for (result, n) in r.counters.get("hairpin").into_iter().flatten() {
+        hairpin = hairpin.counter(&[("result", result)], *n);
+    }
+    out.push(hairpin.0);
     let alloc = r.counters.get("alloc");
     let get = |name: &str| alloc.and_then(|a| a.get(name)).copied().unwrap_or(0);
     let mut created = Family::new("snat_mappings_created_total", "Mappings created.", COUNTER);

@@ -30,6 +30,15 @@ pub fn render_status(r: &Report) -> String {
             }
         );
     }
+    if let Some(ifaces) = &r.hairpin {
+        let _ = writeln!(
+            out,
+            "hairpinning: on {} pod interface(s){}{}",
+            ifaces.len(),
+            if ifaces.is_empty() { "" } else { ": " },
+            ifaces.join(", ")
+        );
+    }
     if let Some(c) = &r.cluster {
         let _ = writeln!(
             out,

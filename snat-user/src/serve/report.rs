@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub cluster: Option<Status>,
     /// Where replies are translated (`tc`, `xdp-native`, `xdp-generic`), when attached.
     pub ingress: Option<String>,
+    /// `--hairpin on`: the pods' interfaces the hairpin program is on.
+    pub hairpin: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -60,6 +62,9 @@ pub struct Report {
     /// TC, which takes what XDP leaves it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress: Option<String>,
+    /// `--hairpin on`: the pods' interfaces hairpinning runs on (absent: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hairpin: Option<Vec<String>>,
     /// The plan slice this node runs on (`snat run --plan`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slice: Option<String>,
@@ -396,6 +401,7 @@ impl Report {
             nat_ips: settings.nat_ips.iter().map(ToString::to_string).collect(),
             port_range: settings.port_range.to_string(),
             ingress: s.ingress.clone(),
+            hairpin: s.hairpin.clone(),
             slice: settings.slice.clone(),
             pools,
             mappings: by_proto(&view.mappings),
@@ -559,9 +565,11 @@ mod tests {
             control_refused: BTreeMap::from([("set".to_owned(), 1)]),
             cluster: None,
             ingress: Some("xdp-native".to_owned()),
+            hairpin: Some(vec!["cali1".to_owned()]),
         };
         let r = Report::build(&settings, snapshot);
         assert_eq!(r.ingress.as_deref(), Some("xdp-native"));
+        assert_eq!(r.hairpin, Some(vec!["cali1".to_owned()]));
 
         assert_eq!(
             (r.iface.as_str(), r.port_range.as_str()),

@@ -7,9 +7,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use super::{
     cidr::Ipv4Cidr,
     duration,
+    pod_iface::PodIface,
     ports::{PortList, PortRange},
-    udp_ports, AttachChoice, EbpfLog, IngressChoice, IpPooling, MetricsAddr, OnExhaustion, OnStop,
-    MAX_METRICS_MIN_INTERVAL,
+    udp_ports, AttachChoice, EbpfLog, Hairpin, IngressChoice, IpPooling, MetricsAddr, OnExhaustion,
+    OnStop, MAX_METRICS_MIN_INTERVAL,
 };
 
 /// snat: an eBPF egress NAT for Linux nodes.
@@ -347,6 +348,21 @@ pub struct RunArgs {
     /// docs/benchmarks.md compares the two on veth.
     #[arg(long, value_name = "PATH", default_value = "tc")]
     pub ingress: IngressChoice,
+
+    /// Hairpinning (RFC 4787 REQ-9, RFC 5382 REQ-8): a pod's TCP or UDP packet to a NAT IP and
+    /// a port of the range reaches the pod whose mapping holds that port, from the sender's own
+    /// NAT endpoint (and is dropped when that mapping never sent to it, as a remote host's would
+    /// be). Needs --pod-iface: the NAT IP is the node's own address, so such a packet arrives on
+    /// the pod's interface and never reaches the uplink. Off by default: it puts a program on
+    /// every pod's interface, and pods of one cluster reach each other by their own addresses.
+    #[arg(long, value_name = "on|off", default_value = "off")]
+    pub hairpin: Hairpin,
+
+    /// With --hairpin on: the node's interfaces towards the pods, by name or by a prefix ending
+    /// in `*` (repeatable), e.g. `cali*` (Calico), `lxc*` (Cilium), `veth*`, or a bridge such as
+    /// `cni0`. snat attaches to each matching interface as it appears (never to the uplink).
+    #[arg(long = "pod-iface", value_name = "NAME|PREFIX*")]
+    pub pod_ifaces: Vec<PodIface>,
 
     /// Kernel-side log level. `off` compiles logging out of the loaded programs.
     #[arg(long, value_name = "LEVEL", default_value = "off")]

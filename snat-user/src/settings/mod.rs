@@ -13,6 +13,7 @@ pub mod duration;
 pub mod file;
 pub mod group;
 pub mod plan;
+pub mod pod_iface;
 pub mod ports;
 pub mod udp_ports;
 
@@ -121,6 +122,13 @@ impl IngressChoice {
     }
 }
 
+/// `--hairpin`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Hairpin {
+    Off,
+    On,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EbpfLog {
     Off,
@@ -187,6 +195,9 @@ pub struct Settings {
     pub attach: AttachChoice,
     /// Where replies are translated (`--ingress`).
     pub ingress: IngressChoice,
+    /// `--hairpin on`: the pods' interfaces (`--pod-iface`) the hairpin program goes on; empty:
+    /// off.
+    pub hairpin: Vec<pod_iface::PodIface>,
     pub metrics_addr: MetricsAddr,
     pub top_sources: usize,
     pub policy: Policy,
@@ -264,6 +275,19 @@ pub enum ConfigError {
     ClusterNatIp,
     #[error(transparent)]
     UdpPorts(#[from] PortListError),
+    #[error("--hairpin on needs --pod-iface: name the node's interfaces towards the pods (e.g. --pod-iface 'cali*'), where a pod's packet to the NAT IP arrives")]
+    HairpinNoPodIface,
+    #[error("--pod-iface {0} is only used with --hairpin on: add --hairpin on, or leave --pod-iface out")]
+    PodIfaceWithoutHairpin(pod_iface::PodIface),
+    #[error("--pod-iface {pattern} matches the uplink {uplink}: snat's hairpin program goes on the pods' interfaces only; name them more narrowly")]
+    PodIfaceUplink {
+        pattern: pod_iface::PodIface,
+        uplink: String,
+    },
+    #[error("--hairpin on needs TCX links (kernel >= 6.6) on the pods' interfaces: drop --attach clsact, or run without --hairpin")]
+    HairpinClsact,
+    #[error("--hairpin on is not supported in cluster mode (--etcd-endpoints): a NAT port may be held by another node, which this node's pods cannot be hairpinned to; run without --hairpin")]
+    HairpinCluster,
 }
 
 impl Settings {
@@ -351,6 +375,7 @@ impl Settings {
             .as_deref()
             .map(Group::resolve)
             .transpose()?;
+        let hairpin = check_hairpin(args, &iface, cluster.is_some())?;
         let mut exclude = args.exclude.clone();
         for c in &args.internal {
             if !exclude.contains(c) {
@@ -370,6 +395,7 @@ impl Settings {
             ebpf_log: args.ebpf_log,
             attach: args.attach,
             ingress: args.ingress,
+            hairpin,
             metrics_addr: args.metrics_addr,
             top_sources: args.top_sources,
             policy,
@@ -454,6 +480,36 @@ pub fn check_reserved(range: PortRange, reserved: &PortList) -> Result<(), Confi
         }),
         None => Ok(()),
     }
+}
+
+/// `--hairpin` and `--pod-iface`: the patterns to attach the hairpin program by (empty: off).
+fn check_hairpin(
+    args: &RunArgs,
+    uplink: &Interface,
+    cluster: bool,
+) -> Result<Vec<pod_iface::PodIface>, ConfigError> {
+    if args.hairpin == Hairpin::Off {
+        return match args.pod_ifaces.first() {
+            Some(p) => Err(ConfigError::PodIfaceWithoutHairpin(p.clone())),
+            None => Ok(Vec::new()),
+        };
+    }
+    if args.pod_ifaces.is_empty() {
+        return Err(ConfigError::HairpinNoPodIface);
+    }
+    if let Some(p) = args.pod_ifaces.iter().find(|p| p.matches(&uplink.name)) {
+        return Err(ConfigError::PodIfaceUplink {
+            pattern: p.clone(),
+            uplink: uplink.name.clone(),
+        });
+    }
+    if args.attach == AttachChoice::Clsact {
+        return Err(ConfigError::HairpinClsact);
+    }
+    if cluster {
+        return Err(ConfigError::HairpinCluster);
+    }
+    Ok(args.pod_ifaces.clone())
 }
 
 /// Checks a set of NAT IPs: 1..=64 distinct usable addresses, none inside an internal CIDR.
