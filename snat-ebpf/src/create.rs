@@ -26,7 +26,7 @@ use crate::{
         count, count_in_pool, count_refusal, time_allocation, SNAT_CONFIG, SNAT_OVERFLOW,
         SNAT_PENDING, SNAT_PROGRAMS,
     },
-    packet::{translate, Ipv4, Nat},
+    packet::{translate_new, Ipv4, Nat},
     reject,
     verdict::{Stop, Verdict},
 };
@@ -60,7 +60,7 @@ pub fn run(ctx: &TcContext) -> Verdict {
     let pending = unsafe { &mut *p };
     let nat = new_mapping(ctx, pending)?;
     let key = &pending.key;
-    translate(
+    translate_new(
         ctx,
         &pending.ip,
         key.proto,
