@@ -13,6 +13,7 @@ pub mod counter;
 pub mod csum;
 pub mod flow;
 pub mod gateway;
+pub mod ip6;
 pub mod pool;
 pub mod tcp;
 
