@@ -188,6 +188,67 @@ fn tcp_simultaneous_open_between_two_pods_through_the_nat_ip() {
     assert_eq!(agent.mappings("tcp"), 2);
 }
 
+/// With checksum offload off everywhere, every hop computes and verifies real checksums: a
+/// hairpinned datagram or segment whose checksums were left wrong would be dropped.
+#[test]
+fn hairpinned_packets_carry_checksums_the_receiver_verifies() {
+    let topo = Topology::new(2);
+    topo.set_offload(false);
+    let agent = hairpin_agent(&topo);
+    let (a_addr, b_addr) = (topo.pods[0].addr, topo.pods[1].addr);
+    // Ports in the range are kept: each side knows the other's NAT endpoint.
+    let a = topo.pods[0]
+        .ns
+        .run(move || UdpSocket::bind(SocketAddrV4::new(a_addr, 40300)).expect("bind a"));
+    let b = topo.pods[1]
+        .ns
+        .run(move || UdpSocket::bind(SocketAddrV4::new(b_addr, 40400)).expect("bind b"));
+    let (a_nat, b_nat) = (
+        SocketAddrV4::new(NAT_IP, 40300),
+        SocketAddrV4::new(NAT_IP, 40400),
+    );
+    a.send_to(b"punch", b_nat).expect("send");
+    let data = payload(1200, 3);
+    b.send_to(&data, a_nat).expect("send");
+    let (got, from) = recv(&a, Duration::from_secs(2)).expect("B's datagram");
+    assert_eq!((fingerprint(&got), from), (fingerprint(&data), b_nat));
+    // TCP both ways, 256 KB, in segments the receiver checks one by one.
+    let connect = |ns: &Netns, local, to| {
+        ns.spawn(move || tcp_connect_from(local, to, Duration::from_secs(10)))
+    };
+    let a_tcp = connect(
+        &topo.pods[0].ns,
+        SocketAddrV4::new(a_addr, 40301),
+        SocketAddrV4::new(NAT_IP, 40401),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let b_tcp = connect(
+        &topo.pods[1].ns,
+        SocketAddrV4::new(b_addr, 40401),
+        SocketAddrV4::new(NAT_IP, 40301),
+    );
+    let mut a_tcp = a_tcp.join().expect("thread").expect("a connects");
+    let mut b_tcp = b_tcp.join().expect("thread").expect("b connects");
+    let data = payload(256 << 10, 5);
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        a_tcp.write_all(&sent).expect("a writes");
+        a_tcp.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    b_tcp
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    b_tcp.read_to_end(&mut got).expect("b reads");
+    writer.join().expect("a's thread");
+    assert_eq!(
+        (got.len(), fingerprint(&got)),
+        (data.len(), fingerprint(&data))
+    );
+    // Without offload there are no GSO bursts: one count per segment.
+    assert!(agent.counter("hairpin", "delivered_tcp") > 150);
+}
+
 #[test]
 fn without_hairpin_a_pods_packet_to_the_nat_ip_is_the_nodes() {
     let topo = Topology::new(1);
