@@ -26,7 +26,7 @@ use crate::{
         count, count_in_pool, count_refusal, time_allocation, SNAT_CONFIG, SNAT_OVERFLOW,
         SNAT_PENDING, SNAT_PROGRAMS,
     },
-    packet::{translate_new, Ipv4, Nat},
+    packet::{translate_with, Ipv4, Nat},
     reject,
     verdict::{Stop, Verdict},
 };
@@ -60,12 +60,13 @@ pub fn run(ctx: &TcContext) -> Verdict {
     let pending = unsafe { &mut *p };
     let nat = new_mapping(ctx, pending)?;
     let key = &pending.key;
-    translate_new(
+    translate_with(
         ctx,
         &pending.ip,
         key.proto,
         (pending.ip.src, key.src_port),
         nat,
+        true,
     )?;
     let translated = match key.proto {
         proto::TCP => Counter::EgressTranslatedTcp,

@@ -539,22 +539,10 @@ pub fn translate(
     translate_with(ctx, ip, p, old, nat, false)
 }
 
-/// [`translate`] in `snat_create`, with the rewrite that needs the least stack
-/// ([`rewrite_with_helpers`]).
+/// [`translate`], the endpoint rewritten with [`rewrite_with_helpers`] when `lean` (in
+/// `snat_create`: the rewrite that needs the least stack).
 #[inline(always)]
-pub fn translate_new(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    p: u8,
-    old: ([u8; 4], [u8; 2]),
-    nat: Nat,
-) -> Result<(), Counter> {
-    translate_with(ctx, ip, p, old, nat, true)
-}
-
-/// [`translate`], the endpoint rewritten with [`rewrite_with_helpers`] when `lean`.
-#[inline(always)]
-fn translate_with(
+pub fn translate_with(
     ctx: &TcContext,
     ip: &Ipv4,
     p: u8,

@@ -85,16 +85,21 @@ fn raw_socket(domain: i32, kind: i32, proto: i32) -> OwnedFd {
 
 /// Sets `SO_RCVTIMEO` on `fd`: a receive waits at most `timeout`.
 fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) {
+    set_timeout_opt(fd, libc::SO_RCVTIMEO, timeout);
+}
+
+/// Sets the socket timeout option `name` (`SO_RCVTIMEO`, `SO_SNDTIMEO`) of `fd` to `timeout`.
+fn set_timeout_opt(fd: &OwnedFd, name: i32, timeout: Duration) {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
     };
-    // SAFETY: setting SO_RCVTIMEO from a valid timeval on our socket.
+    // SAFETY: setting a timeout option from a valid timeval on our socket.
     unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
+            name,
             (&raw const tv).cast(),
             size_of::<libc::timeval>() as u32,
         )
@@ -618,20 +623,8 @@ pub fn tcp_connect_from(
     // SAFETY: a fresh descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     set_int_opt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1);
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: setsockopt(2) with a valid timeval of the stated size (SO_SNDTIMEO bounds connect).
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&raw const tv).cast(),
-            size_of::<libc::timeval>() as u32,
-        )
-    };
+    // SO_SNDTIMEO bounds the connect.
+    set_timeout_opt(&fd, libc::SO_SNDTIMEO, timeout);
     for (addr, bind) in [(local, true), (to, false)] {
         let sa = sockaddr(addr);
         let len = size_of::<libc::sockaddr_in>() as u32;

@@ -12,7 +12,6 @@ use std::{
 };
 
 use aya::{
-    maps::ProgramArray,
     programs::{
         tc::{SchedClassifierLinkId, TcAttachOptions},
         LinkOrder, SchedClassifier, TcAttachType,
@@ -20,12 +19,9 @@ use aya::{
     Ebpf,
 };
 use log::warn;
-use snat_common::{MAP_PROGRAMS, PROG_HAIRPIN, PROG_HAIRPIN_DELIVER, SLOT_HAIRPIN_DELIVER};
+use snat_common::{PROG_HAIRPIN, PROG_HAIRPIN_DELIVER, SLOT_HAIRPIN_DELIVER};
 
-use super::{
-    error::{no_map, no_program, Doing as _},
-    DatapathError, Engine,
-};
+use super::{install_tail_call, load_classifiers, DatapathError, Engine};
 
 /// The hairpin program's links, by interface index.
 #[derive(Default)]
@@ -46,27 +42,13 @@ pub struct HairpinSync {
 /// Loads both hairpin programs into the kernel and puts the delivering one in its slot of the
 /// program array.
 pub(super) fn load(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    for name in [PROG_HAIRPIN, PROG_HAIRPIN_DELIVER] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| no_program(name))?
-            .try_into()?;
-        prog.load()
-            .doing(|| format!("loading program {name} into the kernel"))?;
-    }
-    let deliver: &SchedClassifier = ebpf
-        .program(PROG_HAIRPIN_DELIVER)
-        .ok_or_else(|| no_program(PROG_HAIRPIN_DELIVER))?
-        .try_into()?;
-    let fd = deliver.fd()?.try_clone()?;
-    let mut programs: ProgramArray<_> = ProgramArray::try_from(
-        ebpf.map_mut(MAP_PROGRAMS)
-            .ok_or_else(|| no_map(MAP_PROGRAMS))?,
-    )?;
-    programs
-        .set(SLOT_HAIRPIN_DELIVER, &fd, 0)
-        .doing(|| "installing the hairpin delivery program".into())?;
-    Ok(())
+    load_classifiers(ebpf, &[PROG_HAIRPIN, PROG_HAIRPIN_DELIVER])?;
+    install_tail_call(
+        ebpf,
+        PROG_HAIRPIN_DELIVER,
+        SLOT_HAIRPIN_DELIVER,
+        "the hairpin delivery program",
+    )
 }
 
 impl Engine {

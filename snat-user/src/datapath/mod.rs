@@ -220,20 +220,16 @@ impl Engine {
             .override_global(GLOBAL_BLOCK_COUNT, &count, true)
             .load(EBPF_OBJECT)
             .doing(|| "loading the eBPF object (are you root?)".into())?;
-        for name in [
-            PROG_CREATE,
-            PROG_INGRESS,
-            PROG_EGRESS,
-            PROG_RELEASE,
-            PROG_GUARD,
-        ] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| no_program(name))?
-                .try_into()?;
-            prog.load()
-                .doing(|| format!("loading program {name} into the kernel"))?;
-        }
+        load_classifiers(
+            &mut ebpf,
+            &[
+                PROG_CREATE,
+                PROG_INGRESS,
+                PROG_EGRESS,
+                PROG_RELEASE,
+                PROG_GUARD,
+            ],
+        )?;
         let xdp: &mut Xdp = ebpf
             .program_mut(PROG_XDP)
             .ok_or_else(|| no_program(PROG_XDP))?
@@ -241,18 +237,12 @@ impl Engine {
         xdp.load()
             .doing(|| format!("loading program {PROG_XDP} into the kernel"))?;
         // Egress hands flows without a mapping to the allocation program by a tail call.
-        let create: &SchedClassifier = ebpf
-            .program(PROG_CREATE)
-            .ok_or_else(|| no_program(PROG_CREATE))?
-            .try_into()?;
-        let create_fd = create.fd()?.try_clone()?;
-        let mut programs: ProgramArray<_> = ProgramArray::try_from(
-            ebpf.map_mut(MAP_PROGRAMS)
-                .ok_or_else(|| no_map(MAP_PROGRAMS))?,
+        install_tail_call(
+            &mut ebpf,
+            PROG_CREATE,
+            SLOT_CREATE,
+            "the allocation program for egress",
         )?;
-        programs
-            .set(SLOT_CREATE, &create_fd, 0)
-            .doing(|| "installing the allocation program for egress".into())?;
         if !settings.hairpin.is_empty() {
             hairpin::load(&mut ebpf)?;
         }
@@ -830,6 +820,42 @@ fn dup_map(data: &MapData, name: &str) -> Result<MapData, DatapathError> {
         .try_clone_to_owned()
         .doing(|| format!("duplicating the descriptor of {name}"))?;
     Ok(MapData::from_fd(fd)?)
+}
+
+/// Loads the TC programs `names` into the kernel.
+fn load_classifiers(ebpf: &mut Ebpf, names: &[&str]) -> Result<(), DatapathError> {
+    for &name in names {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| no_program(name))?
+            .try_into()?;
+        prog.load()
+            .doing(|| format!("loading program {name} into the kernel"))?;
+    }
+    Ok(())
+}
+
+/// Puts the loaded program `name` (`what`, for errors) in `slot` of `SNAT_PROGRAMS`, for the
+/// programs that tail-call it.
+fn install_tail_call(
+    ebpf: &mut Ebpf,
+    name: &str,
+    slot: u32,
+    what: &str,
+) -> Result<(), DatapathError> {
+    let prog: &SchedClassifier = ebpf
+        .program(name)
+        .ok_or_else(|| no_program(name))?
+        .try_into()?;
+    let fd = prog.fd()?.try_clone()?;
+    let mut programs: ProgramArray<_> = ProgramArray::try_from(
+        ebpf.map_mut(MAP_PROGRAMS)
+            .ok_or_else(|| no_map(MAP_PROGRAMS))?,
+    )?;
+    programs
+        .set(slot, &fd, 0)
+        .doing(|| format!("installing {what}"))?;
+    Ok(())
 }
 
 /// A second handle on the map `name`, still in `ebpf`.
