@@ -181,23 +181,48 @@ pub fn rewrite_with_helpers(
     if old.0 != new.0 {
         if l4_proto != proto::ICMP {
             // TCP and UDP checksums cover the addresses through the pseudo-header.
-            let (from, to) = (
-                u64::from(u32::from_ne_bytes(old.0)),
-                u64::from(u32::from_ne_bytes(new.0)),
-            );
-            ctx.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)?;
+            l4_csum_addr(ctx, check, mangled, old.0, new.0)?;
         }
         Packet::rewrite_addr(ctx, side, old.0, new.0)?;
     }
     if old.1 != new.1 {
-        let (from, to) = (
-            u64::from(u16::from_ne_bytes(old.1)),
-            u64::from(u16::from_ne_bytes(new.1)),
-        );
-        ctx.l4_csum_replace(check, from, to, mangled | 2)?;
+        l4_csum_port(ctx, check, mangled, old.1, new.1)?;
         TcContext::store(ctx, l4 + port_off, &new.1, 0)?;
     }
     Ok(())
+}
+
+/// Updates the TCP/UDP checksum at `check` for an address change (through the pseudo-header,
+/// so a checksum pending offload is updated as one).
+#[inline(always)]
+fn l4_csum_addr(
+    ctx: &TcContext,
+    check: usize,
+    mangled: u64,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), i64> {
+    let (from, to) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
+    ctx.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)
+}
+
+/// Updates the L4 checksum at `check` for a port (or identifier) change.
+#[inline(always)]
+fn l4_csum_port(
+    ctx: &TcContext,
+    check: usize,
+    mangled: u64,
+    old: [u8; 2],
+    new: [u8; 2],
+) -> Result<(), i64> {
+    let (from, to) = (
+        u64::from(u16::from_ne_bytes(old)),
+        u64::from(u16::from_ne_bytes(new)),
+    );
+    ctx.l4_csum_replace(check, from, to, mangled | 2)
 }
 
 /// Bytes from the IPv4 checksum to the end of the ports of a header without options: checksum,
@@ -221,18 +246,10 @@ fn rewrite_tcp_udp(
     let at = ETH_LEN + ip::CHECK;
     let mut head: [u8; HEAD_SPAN] = ctx.read(at)?;
     if old.0 != new.0 {
-        let (from, to) = (
-            u64::from(u32::from_ne_bytes(old.0)),
-            u64::from(u32::from_ne_bytes(new.0)),
-        );
-        ctx.l4_csum_replace(check, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)?;
+        l4_csum_addr(ctx, check, mangled, old.0, new.0)?;
     }
     if old.1 != new.1 {
-        let (from, to) = (
-            u64::from(u16::from_ne_bytes(old.1)),
-            u64::from(u16::from_ne_bytes(new.1)),
-        );
-        ctx.l4_csum_replace(check, from, to, mangled | 2)?;
+        l4_csum_port(ctx, check, mangled, old.1, new.1)?;
     }
     let ip_check = csum::replace32(u16::from_be_bytes([head[0], head[1]]), old.0, new.0);
     let (addr, port) = match side {
