@@ -6,14 +6,16 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddrV4, UdpSocket},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tests::{
     agent::Agent,
     netns::{veth, Netns},
     topo::{Topology, NAT_IP, POD_CIDR, SERVER},
-    traffic::{fingerprint, payload, tcp_connect_from, udp_ask, wait_for, UdpServer},
+    traffic::{
+        fingerprint, payload, tcp_connect_from, udp_ask, wait_for, TcpClient, TcpServer, UdpServer,
+    },
 };
 
 const RANGE: &str = "40000:40999";
@@ -247,6 +249,50 @@ fn hairpinned_packets_carry_checksums_the_receiver_verifies() {
     );
     // Without offload there are no GSO bursts: one count per segment.
     assert!(agent.counter("hairpin", "delivered_tcp") > 150);
+}
+
+/// A hairpin flow is refused like any other (here `--max-ports-per-source 1`), and with the
+/// default `--on-exhaustion reject` the pod's connect fails at once: the RST goes straight back
+/// out of its own interface.
+#[test]
+fn a_refused_hairpin_connect_is_answered_on_the_pods_interface() {
+    let topo = Topology::new(1);
+    let pods = format!("{}-n*", topo.prefix);
+    let agent = Agent::for_pods(
+        &topo,
+        4096,
+        &[
+            "--port-range",
+            RANGE,
+            "--hairpin",
+            "on",
+            "--pod-iface",
+            &pods,
+            "--max-ports-per-source",
+            "1",
+        ],
+    );
+    let server = SocketAddrV4::new(SERVER, 8080);
+    let _server = TcpServer::start(&topo.server, server);
+    let addr = topo.pods[0].addr;
+    let (kept, refused) = topo.pods[0].ns.run(move || {
+        let kept = TcpClient::connect(server, Duration::from_secs(5)).expect("first flow");
+        let started = Instant::now();
+        let refused = tcp_connect_from(
+            SocketAddrV4::new(addr, 5555),
+            SocketAddrV4::new(NAT_IP, 40999),
+            Duration::from_secs(5),
+        )
+        .map(|_| ())
+        .map_err(|e| (e.kind(), started.elapsed()));
+        (kept, refused)
+    });
+    let (kind, took) = refused.expect_err("the source's one port is taken");
+    assert_eq!(kind, std::io::ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_secs(1), "answered at once ({took:?})");
+    assert_eq!(agent.counter("egress", "drop_source_cap"), 1);
+    assert!(agent.counter("reject", "rst_sent") >= 1);
+    drop(kept);
 }
 
 #[test]
