@@ -15,6 +15,8 @@ pub struct Ipv4Cidr {
 pub enum CidrError {
     #[error("invalid CIDR {0:?}: write an IPv4 network like 10.244.0.0/16")]
     Syntax(String),
+    #[error("{0:?} is an IPv6 network: snat translates IPv4 only for now (IPv6 NAT is not built yet) and leaves the pods' IPv6 traffic as the node routes it; give only IPv4 CIDRs")]
+    Ipv6(String),
     #[error("invalid CIDR {0:?}: the prefix length must be 0..=32")]
     Prefix(String),
     #[error("invalid CIDR {input:?}: host bits are set; did you mean {network}?")]
@@ -57,6 +59,9 @@ impl FromStr for Ipv4Cidr {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (a, l) = s.split_once('/').unwrap_or((s, "32"));
+        if a.parse::<std::net::Ipv6Addr>().is_ok() {
+            return Err(CidrError::Ipv6(s.to_owned()));
+        }
         let addr: Ipv4Addr = a.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
         let len: u8 = l.parse().map_err(|_| CidrError::Syntax(s.to_owned()))?;
         if len > 32 {
@@ -95,6 +100,18 @@ impl fmt::Display for Ipv4Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_network_is_named_as_such() {
+        assert_eq!(
+            "fd00:10::/64".parse::<Ipv4Cidr>(),
+            Err(CidrError::Ipv6("fd00:10::/64".into()))
+        );
+        assert_eq!(
+            "2001:db8::1".parse::<Ipv4Cidr>(),
+            Err(CidrError::Ipv6("2001:db8::1".into()))
+        );
+    }
 
     #[test]
     fn cidrs() {

@@ -98,7 +98,7 @@ pub struct PlanArgs {
     pub ips: Option<u32>,
 
     /// The NAT IPs, so the plan can be given to `snat run --plan`; repeat for each.
-    #[arg(long = "nat-ip", value_name = "IP")]
+    #[arg(long = "nat-ip", value_name = "IP", value_parser = nat_ip)]
     pub nat_ips: Vec<Ipv4Addr>,
 
     /// SNAT ports each node holds over all NAT IPs (Azure's allocatedOutboundPorts). Default:
@@ -213,7 +213,7 @@ pub struct RunArgs {
 
     /// A public/outbound NAT IP (frontend IP) to translate to; repeat for several. Each pod
     /// address is paired with one of them (paired pooling). Default: the interface's primary IPv4.
-    #[arg(long = "nat-ip", value_name = "IP")]
+    #[arg(long = "nat-ip", value_name = "IP", value_parser = nat_ip)]
     pub nat_ips: Vec<Ipv4Addr>,
 
     /// Internal (pod) CIDR whose sources are translated; repeat for several. Required.
@@ -433,4 +433,15 @@ fn metrics_min_interval(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// A `--nat-ip`: an IPv4 address (an IPv6 one is named as such).
+fn nat_ip(s: &str) -> Result<Ipv4Addr, String> {
+    if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err(format!(
+            "{s} is an IPv6 address: snat translates IPv4 only for now (IPv6 NAT is not built yet); give IPv4 NAT IPs"
+        ));
+    }
+    s.parse()
+        .map_err(|e| format!("{e}: write an IPv4 address like 203.0.113.7"))
 }
