@@ -17,7 +17,7 @@ use crate::{
     cluster::{driver, node::Status},
     datapath::{
         events::ExpiryEvents,
-        hairpin::{self, LinkEvents},
+        hairpin::{self, HairpinSync, LinkEvents},
         netdev,
         pins::{self, Pins},
         reservation::HostReservation,
@@ -259,7 +259,9 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let mode = engine.attach(settings.attach, settings.ingress)?;
     let ingress = engine.ingress_path();
     if link_events.is_some() {
-        sync_pod_ifaces(&mut engine, &settings.hairpin, settings.iface.index);
+        if let Some(wanted) = pod_ifaces(&settings.hairpin, settings.iface.index) {
+            log_sync(engine.sync_hairpin(&wanted));
+        }
         let on = engine.hairpin_ifaces();
         info!(
             "hairpinning on {} interface(s) matching {}{}{}",
@@ -336,7 +338,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
                             if stop.load(Ordering::Relaxed) {
                                 break;
                             }
-                            sync_pod_ifaces(&mut lock(&state.engine), &patterns, uplink);
+                            // Listed before the engine is locked (the sweeper needs it).
+                            if let Some(wanted) = pod_ifaces(&patterns, uplink) {
+                                log_sync(lock(&state.engine).sync_hairpin(&wanted));
+                            }
                         }
                     })?,
             )
@@ -482,20 +487,25 @@ fn stop_datapath(state: &AgentState, settings: &Settings, pins: &Pins) {
 /// (and checks whether to stop).
 const POD_IFACE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Puts the hairpin program on the interfaces matching `patterns` (never `uplink`) that lack
-/// it, and forgets those gone.
-fn sync_pod_ifaces(engine: &mut Engine, patterns: &[PodIface], uplink: u32) {
+/// The interfaces matching `patterns` now (never `uplink`), or `None` (warned) if they cannot
+/// be listed.
+fn pod_ifaces(patterns: &[PodIface], uplink: u32) -> Option<Vec<(String, u32)>> {
     match hairpin::interfaces() {
-        Ok(all) => {
-            let sync = engine.sync_hairpin(&pod_iface::select(patterns, &all, uplink));
-            for name in sync.attached {
-                log::debug!("hairpinning on {name}");
-            }
-            for name in sync.gone {
-                log::debug!("{name} is gone (hairpinning there ended with it)");
-            }
+        Ok(all) => Some(pod_iface::select(patterns, &all, uplink)),
+        Err(e) => {
+            warn!("listing the node's interfaces for --pod-iface: {e}");
+            None
         }
-        Err(e) => warn!("listing the node's interfaces for --pod-iface: {e}"),
+    }
+}
+
+/// Logs what a hairpin sync changed.
+fn log_sync(sync: HairpinSync) {
+    for name in sync.attached {
+        log::debug!("hairpinning on {name}");
+    }
+    for name in sync.gone {
+        log::debug!("{name} is gone (hairpinning there ended with it)");
     }
 }
 
