@@ -115,7 +115,14 @@ fn a_node_leases_blocks_as_its_pods_need_them_and_gives_them_back() {
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
-    assert!(agent.counter("egress", "drop_awaiting_block") > 0);
+    // Whether any SYN had to be held back depends on how the 150 race the agent's 5 ms
+    // pressure poll (in one CI run the claims kept ahead of all of them); the holding back
+    // itself is pinned by `blocks.rs` on crafted packets. What must hold either way: no flow
+    // was refused.
+    eprintln!(
+        "SYNs held back while a block was on its way: {}",
+        agent.counter("egress", "drop_awaiting_block")
+    );
     assert_eq!(agent.counter("reject", "rst_sent"), 0);
     let held_blocks = blocks(&agent);
     assert_eq!(held_blocks.len(), 3, "{held_blocks:?}");
