@@ -20,21 +20,30 @@ use tests::{
 
 const RANGE: &str = "40000:40999";
 
-/// Starts the agent with hairpinning on the pods' interfaces of `topo` (`<prefix>-n*`).
-fn hairpin_agent(topo: &Topology) -> Agent {
+/// Starts the agent with hairpinning on the pods' interfaces of `topo` (`<prefix>-n*`) and the
+/// `extra` flags.
+fn hairpin_agent(topo: &Topology, extra: &[&str]) -> Agent {
     let pods = format!("{}-n*", topo.prefix);
-    Agent::for_pods(
-        topo,
-        4096,
-        &[
-            "--port-range",
-            RANGE,
-            "--hairpin",
-            "on",
-            "--pod-iface",
-            &pods,
-        ],
-    )
+    let mut args = vec![
+        "--port-range",
+        RANGE,
+        "--hairpin",
+        "on",
+        "--pod-iface",
+        &pods,
+    ];
+    args.extend_from_slice(extra);
+    Agent::for_pods(topo, 4096, &args)
+}
+
+/// Connects from `local` to `to` on a thread in `ns` (see `tcp_connect_from`), so both sides of
+/// a simultaneous open can be under way at once.
+fn connect_in(
+    ns: &Netns,
+    local: SocketAddrV4,
+    to: SocketAddrV4,
+) -> std::thread::JoinHandle<std::io::Result<std::net::TcpStream>> {
+    ns.spawn(move || tcp_connect_from(local, to, Duration::from_secs(10)))
 }
 
 /// Receives one datagram within `wait`: (payload, sender).
@@ -51,7 +60,7 @@ fn recv(sock: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddrV4)> {
 #[test]
 fn udp_mappings_of_two_pods_reach_each_other_through_the_nat_ip() {
     let topo = Topology::new(2);
-    let agent = hairpin_agent(&topo);
+    let agent = hairpin_agent(&topo, &[]);
     let server = SocketAddrV4::new(SERVER, 3478);
     let _stun = UdpServer::start(&topo.server, server);
     let (a_addr, b_addr) = (topo.pods[0].addr, topo.pods[1].addr);
@@ -139,7 +148,7 @@ fn udp_mappings_of_two_pods_reach_each_other_through_the_nat_ip() {
 #[test]
 fn tcp_simultaneous_open_between_two_pods_through_the_nat_ip() {
     let topo = Topology::new(2);
-    let agent = hairpin_agent(&topo);
+    let agent = hairpin_agent(&topo, &[]);
     // Ports inside the range are kept (docs/behaviour.md), so each side knows the other's NAT
     // endpoint before it connects: a simultaneous open, as TCP hole punching does it.
     let (a_port, b_port) = (40100, 40200);
@@ -151,12 +160,9 @@ fn tcp_simultaneous_open_between_two_pods_through_the_nat_ip() {
         SocketAddrV4::new(NAT_IP, a_port),
         SocketAddrV4::new(NAT_IP, b_port),
     );
-    let connect = |ns: &Netns, local, to| {
-        ns.spawn(move || tcp_connect_from(local, to, Duration::from_secs(10)))
-    };
-    let a = connect(&topo.pods[0].ns, a_local, b_nat);
+    let a = connect_in(&topo.pods[0].ns, a_local, b_nat);
     std::thread::sleep(Duration::from_millis(200));
-    let b = connect(&topo.pods[1].ns, b_local, a_nat);
+    let b = connect_in(&topo.pods[1].ns, b_local, a_nat);
     let mut a = a.join().expect("a's thread").expect("a connects");
     let mut b = b.join().expect("b's thread").expect("b connects");
     assert_eq!(a.peer_addr().expect("peer"), b_nat.into());
@@ -196,7 +202,7 @@ fn tcp_simultaneous_open_between_two_pods_through_the_nat_ip() {
 fn hairpinned_packets_carry_checksums_the_receiver_verifies() {
     let topo = Topology::new(2);
     topo.set_offload(false);
-    let agent = hairpin_agent(&topo);
+    let agent = hairpin_agent(&topo, &[]);
     let (a_addr, b_addr) = (topo.pods[0].addr, topo.pods[1].addr);
     // Ports in the range are kept: each side knows the other's NAT endpoint.
     let a = topo.pods[0]
@@ -215,16 +221,13 @@ fn hairpinned_packets_carry_checksums_the_receiver_verifies() {
     let (got, from) = recv(&a, Duration::from_secs(2)).expect("B's datagram");
     assert_eq!((fingerprint(&got), from), (fingerprint(&data), b_nat));
     // TCP both ways, 256 KB, in segments the receiver checks one by one.
-    let connect = |ns: &Netns, local, to| {
-        ns.spawn(move || tcp_connect_from(local, to, Duration::from_secs(10)))
-    };
-    let a_tcp = connect(
+    let a_tcp = connect_in(
         &topo.pods[0].ns,
         SocketAddrV4::new(a_addr, 40301),
         SocketAddrV4::new(NAT_IP, 40401),
     );
     std::thread::sleep(Duration::from_millis(200));
-    let b_tcp = connect(
+    let b_tcp = connect_in(
         &topo.pods[1].ns,
         SocketAddrV4::new(b_addr, 40401),
         SocketAddrV4::new(NAT_IP, 40301),
@@ -257,21 +260,7 @@ fn hairpinned_packets_carry_checksums_the_receiver_verifies() {
 #[test]
 fn a_refused_hairpin_connect_is_answered_on_the_pods_interface() {
     let topo = Topology::new(1);
-    let pods = format!("{}-n*", topo.prefix);
-    let agent = Agent::for_pods(
-        &topo,
-        4096,
-        &[
-            "--port-range",
-            RANGE,
-            "--hairpin",
-            "on",
-            "--pod-iface",
-            &pods,
-            "--max-ports-per-source",
-            "1",
-        ],
-    );
+    let agent = hairpin_agent(&topo, &["--max-ports-per-source", "1"]);
     let server = SocketAddrV4::new(SERVER, 8080);
     let _server = TcpServer::start(&topo.server, server);
     let addr = topo.pods[0].addr;
