@@ -22,6 +22,10 @@ pub enum Counter {
     EgressDropFragment,
     EgressDropUnsupportedProto,
     EgressDropIcmpType,
+    /// An internal IPv6 packet whose extension headers snat does not walk (ESP, AH, a routing
+    /// header with segments left, too many headers): its ports cannot be found, so it cannot
+    /// leave translated.
+    EgressDropExtHeaders,
     EgressDropTcpNotSyn,
     EgressDropIcmpErrorNoMapping,
     EgressDropNoNatIp,
@@ -168,6 +172,7 @@ impl Counter {
         Counter::EgressDropFragment,
         Counter::EgressDropUnsupportedProto,
         Counter::EgressDropIcmpType,
+        Counter::EgressDropExtHeaders,
         Counter::EgressDropTcpNotSyn,
         Counter::EgressDropIcmpErrorNoMapping,
         Counter::EgressDropNoNatIp,
@@ -254,6 +259,7 @@ impl Counter {
             EgressDropFragment => ("egress", "drop_fragment"),
             EgressDropUnsupportedProto => ("egress", "drop_unsupported_proto"),
             EgressDropIcmpType => ("egress", "drop_icmp_type"),
+            EgressDropExtHeaders => ("egress", "drop_ext_headers"),
             EgressDropTcpNotSyn => ("egress", "drop_tcp_not_syn"),
             EgressDropIcmpErrorNoMapping => ("egress", "drop_icmp_error_no_mapping"),
             EgressDropNoNatIp => ("egress", "drop_no_nat_ip"),

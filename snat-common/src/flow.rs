@@ -10,9 +10,68 @@
 //!   inserted first (with `BPF_NOEXIST`: that insert *is* the port claim) and removed last, so a
 //!   forward entry never exists without the claim that makes its NAT port unique.
 
-use core::net::Ipv4Addr;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytemuck::{Pod, Zeroable};
+
+/// An address as the maps hold it, in network byte order: `[u8; 4]` (IPv4) or `[u8; 16]`
+/// (IPv6). The map types below are generic over it; each family has its own maps, so IPv4 keys
+/// stay as small as they were before IPv6 came (`FlowKey` is 16 bytes, `FlowKey6` 40).
+pub trait Addr:
+    Copy + Default + PartialEq + Eq + core::hash::Hash + core::fmt::Debug + Pod + 'static
+{
+    /// Bytes that complete [`MappingOf`] and [`OriginOf`] to a multiple of 8 without implicit
+    /// padding (none for IPv4, 4 for IPv6).
+    type Tail: Copy + Default + PartialEq + Eq + core::fmt::Debug + Pod;
+    /// The all-zero address.
+    const ZERO: Self;
+    /// The address as the standard library's type.
+    fn ip(self) -> IpAddr;
+    /// Four bytes that depend on every byte of the address (for hashing it onto a NAT IP).
+    fn folded(self) -> [u8; 4];
+}
+
+impl Addr for [u8; 4] {
+    type Tail = [u8; 0];
+    const ZERO: Self = [0; 4];
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(self))
+    }
+    #[inline(always)]
+    fn folded(self) -> [u8; 4] {
+        self
+    }
+}
+
+impl Addr for [u8; 16] {
+    type Tail = [u8; 4];
+    const ZERO: Self = [0; 16];
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from(self))
+    }
+    #[inline(always)]
+    fn folded(self) -> [u8; 4] {
+        let w: [u32; 4] = bytemuck::cast(self);
+        (w[0] ^ w[1] ^ w[2] ^ w[3]).to_ne_bytes()
+    }
+}
+
+/// Implements `bytemuck::{Zeroable, Pod}` (and `aya::Pod` for userspace) for the IPv4 and IPv6
+/// instances of a generic map type. Sound because each instance is `repr(C)` of byte arrays and
+/// integers whose size assertion below shows no implicit padding.
+macro_rules! pod_instances {
+    ($($t:ty),* $(,)?) => {
+        $(
+            // SAFETY: see the macro's doc.
+            unsafe impl Zeroable for $t {}
+            // SAFETY: see the macro's doc.
+            unsafe impl Pod for $t {}
+            #[cfg(feature = "user")]
+            // SAFETY: as above.
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
 
 /// IP protocol numbers snat translates.
 pub mod proto {
@@ -114,27 +173,31 @@ impl core::str::FromStr for Proto {
 /// | UDP   | port                   | 0 (any port of the IP) | remote ip                |
 /// | ICMP  | echo identifier        | 0                      | remote ip                |
 ///
-/// Aligned to 8 bytes, so the datapath compares keys as two words.
+/// Aligned to 8 bytes, so the datapath compares keys as words (two for IPv4, five for IPv6).
 #[repr(C, align(8))]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct FlowKey {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKeyOf<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
     pub proto: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FlowKey>() == 16);
+/// An IPv4 flow (`SNAT_FWD`, `SNAT_REV`).
+pub type FlowKey = FlowKeyOf<[u8; 4]>;
+/// An IPv6 flow (`SNAT_FWD6`, `SNAT_REV6`).
+pub type FlowKey6 = FlowKeyOf<[u8; 16]>;
+const _: () = assert!(size_of::<FlowKey>() == 16 && size_of::<FlowKey6>() == 40);
 
-impl FlowKey {
+impl<A: Addr> FlowKeyOf<A> {
     /// A key from addresses and ports in network byte order.
     #[inline(always)]
     pub const fn new(
         proto: u8,
-        src_addr: [u8; 4],
+        src_addr: A,
         src_port: [u8; 2],
-        dst_addr: [u8; 4],
+        dst_addr: A,
         dst_port: [u8; 2],
     ) -> Self {
         Self {
@@ -145,12 +208,6 @@ impl FlowKey {
             proto,
             _pad: [0; 3],
         }
-    }
-
-    /// The key as two words (for comparing keys without a byte-by-byte loop).
-    #[inline(always)]
-    pub fn words(&self) -> [u64; 2] {
-        bytemuck::cast(*self)
     }
 
     /// The remote port as it belongs in a key of `proto`: TCP keeps it, UDP and ICMP use 0.
@@ -165,20 +222,46 @@ impl FlowKey {
 
     /// The reverse key a forward key `self` gets once mapped to `nat_addr:nat_port`.
     #[inline(always)]
-    pub const fn reply(&self, nat_addr: [u8; 4], nat_port: [u8; 2]) -> Self {
+    pub const fn reply(&self, nat_addr: A, nat_port: [u8; 2]) -> Self {
         Self::new(self.proto, self.dst_addr, self.dst_port, nat_addr, nat_port)
     }
 
     /// The forward key whose reverse key is `self`, given the internal endpoint it maps to.
     #[inline(always)]
-    pub const fn forward(&self, origin: &Origin) -> Self {
+    pub const fn forward(&self, origin: &OriginOf<A>) -> Self {
         self.forward_to(origin.addr, origin.port)
     }
 
     /// The forward key whose reverse key is `self`, for the internal endpoint `addr:port`.
     #[inline(always)]
-    pub const fn forward_to(&self, addr: [u8; 4], port: [u8; 2]) -> Self {
+    pub const fn forward_to(&self, addr: A, port: [u8; 2]) -> Self {
         Self::new(self.proto, addr, port, self.src_addr, self.src_port)
+    }
+
+    pub const fn src_port(&self) -> u16 {
+        u16::from_be_bytes(self.src_port)
+    }
+
+    pub const fn dst_port(&self) -> u16 {
+        u16::from_be_bytes(self.dst_port)
+    }
+
+    /// The source address, whichever the family.
+    pub fn src_ip(&self) -> IpAddr {
+        self.src_addr.ip()
+    }
+
+    /// The destination address, whichever the family.
+    pub fn dst_ip(&self) -> IpAddr {
+        self.dst_addr.ip()
+    }
+}
+
+impl FlowKey {
+    /// The key as two words (for comparing keys without a byte-by-byte loop).
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 2] {
+        bytemuck::cast(*self)
     }
 
     pub fn src(&self) -> Ipv4Addr {
@@ -188,13 +271,21 @@ impl FlowKey {
     pub fn dst(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.dst_addr)
     }
+}
 
-    pub const fn src_port(&self) -> u16 {
-        u16::from_be_bytes(self.src_port)
+impl FlowKey6 {
+    /// The key as five words (see [`FlowKey::words`]).
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 5] {
+        bytemuck::cast(*self)
     }
 
-    pub const fn dst_port(&self) -> u16 {
-        u16::from_be_bytes(self.dst_port)
+    pub fn src(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.src_addr)
+    }
+
+    pub fn dst(&self) -> Ipv6Addr {
+        Ipv6Addr::from(self.dst_addr)
     }
 }
 
@@ -207,13 +298,13 @@ impl FlowKey {
 /// aligned 16-bit store each, so concurrent writers never lose each other's update and a reopen
 /// never has to clear the other direction's flags (see [`crate::tcp`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Mapping {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingOf<A: Addr> {
     /// The forward key this value belongs to. The kernel recycles a deleted element for the next
     /// insert at once, so a reader compares this with the key it looked up (after copying the
     /// value out) and treats a mismatch as "no mapping".
-    pub key: FlowKey,
-    pub nat_addr: [u8; 4],
+    pub key: FlowKeyOf<A>,
+    pub nat_addr: A,
     pub nat_port: [u8; 2],
     /// TCP connection epoch on this mapping: 1 for the first connection, bumped by a reopen.
     pub epoch: u16,
@@ -247,24 +338,36 @@ pub struct Mapping {
     /// ([`crate::block`]); a packet passes only while the block is held under this epoch. 0
     /// outside cluster mode.
     pub block_epoch: u32,
+    pub _tail: A::Tail,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last outbound packet.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Mapping>() == 64);
+/// An IPv4 mapping's forward half (`SNAT_FWD`).
+pub type Mapping = MappingOf<[u8; 4]>;
+/// An IPv6 mapping's forward half (`SNAT_FWD6`).
+pub type Mapping6 = MappingOf<[u8; 16]>;
+const _: () = assert!(size_of::<Mapping>() == 64 && size_of::<Mapping6>() == 104);
 // The datapath reads these fields as whole words (`mapping` in snat-ebpf): keep them aligned.
-const _: () = assert!(
-    core::mem::offset_of!(Mapping, nat_addr) % 4 == 0
-        && core::mem::offset_of!(Mapping, nat_port) % 2 == 0
-        && core::mem::offset_of!(Mapping, ack) % 4 == 0
-        && core::mem::offset_of!(Mapping, window) % 2 == 0
-        && core::mem::offset_of!(Mapping, isn_next) % 4 == 0
-        && core::mem::offset_of!(Mapping, block_epoch) % 4 == 0
-);
+macro_rules! assert_mapping_aligned {
+    ($t:ty) => {
+        const _: () = assert!(
+            core::mem::offset_of!($t, nat_addr) % 4 == 0
+                && core::mem::offset_of!($t, nat_port) % 2 == 0
+                && core::mem::offset_of!($t, ack) % 4 == 0
+                && core::mem::offset_of!($t, window) % 2 == 0
+                && core::mem::offset_of!($t, isn_next) % 4 == 0
+                && core::mem::offset_of!($t, block_epoch) % 4 == 0
+                && core::mem::offset_of!($t, last_seen_ns) % 8 == 0
+        );
+    };
+}
+assert_mapping_aligned!(Mapping);
+assert_mapping_aligned!(Mapping6);
 
-impl Mapping {
+impl<A: Addr> MappingOf<A> {
     /// A new mapping of `key` to `nat_addr:nat_port`, made at `now` (TCP state empty, epoch 1).
     #[inline(always)]
-    pub const fn new(key: FlowKey, nat_addr: [u8; 4], nat_port: [u8; 2], now: u64) -> Self {
+    pub fn new(key: FlowKeyOf<A>, nat_addr: A, nat_port: [u8; 2], now: u64) -> Self {
         Self {
             key,
             nat_addr,
@@ -282,8 +385,33 @@ impl Mapping {
             release: 0,
             created_s: (now / 1_000_000_000) as u32,
             block_epoch: 0,
+            _tail: A::Tail::default(),
             last_seen_ns: now,
         }
+    }
+
+    /// Makes `self` [`MappingOf::new`]`(key, nat_addr, nat_port, now)` field by field, in place
+    /// (the datapath's IPv6 values are too big to build on its stack first).
+    #[inline(always)]
+    pub fn init(&mut self, key: &FlowKeyOf<A>, nat_addr: A, nat_port: [u8; 2], now: u64) {
+        self.key = *key;
+        self.nat_addr = nat_addr;
+        self.nat_port = nat_port;
+        self.epoch = 1;
+        self.syn = 0;
+        self.fin = 0;
+        self.rst = 0;
+        self.acked = 0;
+        self.ack = [0; 4];
+        self.window = [0; 2];
+        self.wscale = 0;
+        self._pad = 0;
+        self.isn_next = [0; 4];
+        self.release = 0;
+        self.created_s = (now / 1_000_000_000) as u32;
+        self.block_epoch = 0;
+        self._tail = A::Tail::default();
+        self.last_seen_ns = now;
     }
 
     /// When the mapping was made, `CLOCK_MONOTONIC_COARSE` ns (to the second).
@@ -291,8 +419,9 @@ impl Mapping {
         self.created_s as u64 * 1_000_000_000
     }
 
-    pub fn nat_addr(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.nat_addr)
+    /// The NAT address, whichever the family.
+    pub fn nat_ip(&self) -> IpAddr {
+        self.nat_addr.ip()
     }
 
     pub const fn nat_port(&self) -> u16 {
@@ -330,15 +459,21 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    pub fn nat_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.nat_addr)
+    }
+}
+
 /// The reverse half of a mapping: the internal endpoint replies go back to, and what the remote
 /// side has done. Its TCP flags are written by ingress only, stamped with the epoch of the forward
 /// half they belong to (see [`Mapping`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Origin {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginOf<A: Addr> {
     /// The reverse key this value belongs to (see [`Mapping::key`]).
-    pub key: FlowKey,
-    pub addr: [u8; 4],
+    pub key: FlowKeyOf<A>,
+    pub addr: A,
     pub port: [u8; 2],
     /// Epoch (of the forward half) in which the remote sent a SYN, FIN, RST (0: never).
     pub syn: u16,
@@ -346,19 +481,27 @@ pub struct Origin {
     pub rst: u16,
     /// See [`Mapping::release`].
     pub release: u32,
+    pub _tail: A::Tail,
     /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last inbound packet (or of creation).
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Origin>() == 40);
+/// An IPv4 mapping's reverse half (`SNAT_REV`).
+pub type Origin = OriginOf<[u8; 4]>;
+/// An IPv6 mapping's reverse half (`SNAT_REV6`).
+pub type Origin6 = OriginOf<[u8; 16]>;
+const _: () = assert!(size_of::<Origin>() == 40 && size_of::<Origin6>() == 80);
 const _: () = assert!(
-    core::mem::offset_of!(Origin, addr) % 4 == 0 && core::mem::offset_of!(Origin, port) % 2 == 0
+    core::mem::offset_of!(Origin, addr) % 4 == 0
+        && core::mem::offset_of!(Origin, port) % 2 == 0
+        && core::mem::offset_of!(Origin6, port) % 2 == 0
+        && core::mem::offset_of!(Origin6, last_seen_ns) % 8 == 0
 );
 
-impl Origin {
+impl<A: Addr> OriginOf<A> {
     /// The reverse half of a new mapping whose reply key is `key`, for the internal endpoint
     /// `addr:port`.
     #[inline(always)]
-    pub const fn new(key: FlowKey, addr: [u8; 4], port: [u8; 2], now: u64) -> Self {
+    pub fn new(key: FlowKeyOf<A>, addr: A, port: [u8; 2], now: u64) -> Self {
         Self {
             key,
             addr,
@@ -367,12 +510,29 @@ impl Origin {
             fin: 0,
             rst: 0,
             release: 0,
+            _tail: A::Tail::default(),
             last_seen_ns: now,
         }
     }
 
-    pub fn addr(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.addr)
+    /// Makes `self` [`OriginOf::new`]`(*key, addr, port, now)` in place (see
+    /// [`MappingOf::init`]).
+    #[inline(always)]
+    pub fn init(&mut self, key: &FlowKeyOf<A>, addr: A, port: [u8; 2], now: u64) {
+        self.key = *key;
+        self.addr = addr;
+        self.port = port;
+        self.syn = 0;
+        self.fin = 0;
+        self.rst = 0;
+        self.release = 0;
+        self._tail = A::Tail::default();
+        self.last_seen_ns = now;
+    }
+
+    /// The internal address, whichever the family.
+    pub fn ip(&self) -> IpAddr {
+        self.addr.ip()
     }
 
     pub const fn port(&self) -> u16 {
@@ -399,27 +559,41 @@ impl Origin {
     }
 }
 
+impl Origin {
+    pub fn addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.addr)
+    }
+}
+
+pod_instances!(FlowKey, FlowKey6, Mapping, Mapping6, Origin, Origin6);
+
 /// One NAT IP and the part of its port space this node may hand out (inclusive bounds,
 /// host byte order: they are numbers to count with, not wire fields).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct NatIp {
-    pub addr: [u8; 4],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatIpOf<A> {
+    pub addr: A,
     pub port_min: u16,
     pub port_max: u16,
     /// [`NatIp::LOCAL`] and future flags.
     pub flags: u16,
     pub _pad: u16,
 }
-const _: () = assert!(size_of::<NatIp>() == 12);
+/// An IPv4 NAT IP (`SNAT_NAT_IPS`).
+pub type NatIp = NatIpOf<[u8; 4]>;
+/// An IPv6 NAT IP (`SNAT_NAT_IPS6`).
+pub type NatIp6 = NatIpOf<[u8; 16]>;
+const _: () = assert!(size_of::<NatIp>() == 12 && size_of::<NatIp6>() == 24);
 
 impl NatIp {
-    /// The address is one of the node's own: skip ports a local socket uses.
-    pub const LOCAL: u16 = 1;
-
     pub fn addr(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.addr)
     }
+}
+
+impl<A> NatIpOf<A> {
+    /// The address is one of the node's own: skip ports a local socket uses.
+    pub const LOCAL: u16 = 1;
 
     /// How many ports the range holds: 1..=65,536, never 0 (the datapath divides by it). The
     /// controller only writes ranges with `port_min <= port_max`.
@@ -449,42 +623,46 @@ pub mod use_kind {
 /// release program subtracts one when the mapping goes; the controller only writes
 /// `DESTINATION_SOURCES` and removes counts that stay at zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct UseKey {
-    pub src: [u8; 4],
-    pub nat: [u8; 4],
-    pub dst: [u8; 4],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UseKeyOf<A> {
+    pub src: A,
+    pub nat: A,
+    pub dst: A,
     pub dport: [u8; 2],
     pub proto: u8,
     pub kind: u8,
 }
-const _: () = assert!(size_of::<UseKey>() == 16);
+/// A count of IPv4 mappings (`SNAT_USE`).
+pub type UseKey = UseKeyOf<[u8; 4]>;
+/// A count of IPv6 mappings (`SNAT_USE6`).
+pub type UseKey6 = UseKeyOf<[u8; 16]>;
+const _: () = assert!(size_of::<UseKey>() == 16 && size_of::<UseKey6>() == 52);
 
-impl UseKey {
+impl<A: Addr> UseKeyOf<A> {
     /// The three counts a mapping of `fwd` on `nat` adds to: (source, destination, pair).
     #[inline(always)]
-    pub const fn of_mapping(fwd: &FlowKey, nat: [u8; 4]) -> [UseKey; 3] {
+    pub const fn of_mapping(fwd: &FlowKeyOf<A>, nat: A) -> [Self; 3] {
         let (src, dst, dport, proto) = (fwd.src_addr, fwd.dst_addr, fwd.dst_port, fwd.proto);
         [
-            UseKey {
+            Self {
                 src,
-                nat: [0; 4],
-                dst: [0; 4],
+                nat: A::ZERO,
+                dst: A::ZERO,
                 dport: [0; 2],
                 proto,
                 kind: use_kind::SOURCE,
             },
-            UseKey {
-                src: [0; 4],
+            Self {
+                src: A::ZERO,
                 nat,
                 dst,
                 dport,
                 proto,
                 kind: use_kind::DESTINATION,
             },
-            UseKey {
+            Self {
                 src,
-                nat: [0; 4],
+                nat: A::ZERO,
                 dst,
                 dport,
                 proto,
@@ -493,15 +671,41 @@ impl UseKey {
         ]
     }
 
+    /// Writes [`UseKeyOf::of_mapping`] into `keys` in place (see [`MappingOf::init`]).
+    #[inline(always)]
+    pub fn init_of_mapping(keys: &mut [Self; 3], fwd: &FlowKeyOf<A>, nat: A) {
+        let [source, dest, pair] = keys;
+        source.src = fwd.src_addr;
+        source.nat = A::ZERO;
+        source.dst = A::ZERO;
+        source.dport = [0; 2];
+        source.proto = fwd.proto;
+        source.kind = use_kind::SOURCE;
+        dest.src = A::ZERO;
+        dest.nat = nat;
+        dest.dst = fwd.dst_addr;
+        dest.dport = fwd.dst_port;
+        dest.proto = fwd.proto;
+        dest.kind = use_kind::DESTINATION;
+        pair.src = fwd.src_addr;
+        pair.nat = A::ZERO;
+        pair.dst = fwd.dst_addr;
+        pair.dport = fwd.dst_port;
+        pair.proto = fwd.proto;
+        pair.kind = use_kind::SOURCE_DESTINATION;
+    }
+
     /// The controller's hint key for a destination count key.
     #[inline(always)]
-    pub const fn sources_of(dest: &UseKey) -> UseKey {
-        UseKey {
+    pub const fn sources_of(dest: &Self) -> Self {
+        Self {
             kind: use_kind::DESTINATION_SOURCES,
             ..*dest
         }
     }
+}
 
+impl UseKey {
     pub fn src(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.src)
     }
@@ -529,10 +733,10 @@ pub const fn use_count(raw: u64) -> u64 {
 /// One mapping the controller asks the release program (`snat_release`) to remove, if it is
 /// still as idle as when the controller looked. The program writes [`ReleaseEntry::result`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct ReleaseEntry {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseEntryOf<A> {
     /// The forward key.
-    pub key: FlowKey,
+    pub key: FlowKeyOf<A>,
     /// `Mapping::last_seen_ns` the controller saw.
     pub fwd_seen_ns: u64,
     /// `Origin::last_seen_ns` the controller saw (0 if the reverse half was missing).
@@ -541,12 +745,16 @@ pub struct ReleaseEntry {
     pub result: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<ReleaseEntry>() == 40);
+/// A release of an IPv4 mapping (`snat_release`).
+pub type ReleaseEntry = ReleaseEntryOf<[u8; 4]>;
+/// A release of an IPv6 mapping (`snat_release6`).
+pub type ReleaseEntry6 = ReleaseEntryOf<[u8; 16]>;
+const _: () = assert!(size_of::<ReleaseEntry>() == 40 && size_of::<ReleaseEntry6>() == 64);
 
-impl ReleaseEntry {
+impl<A: Addr> ReleaseEntryOf<A> {
     /// The entry that releases the mapping `key` → `m` (reverse half `o`) if both halves are
     /// still as the controller sees them now.
-    pub const fn new(key: FlowKey, m: &Mapping, o: Option<&Origin>) -> Self {
+    pub const fn new(key: FlowKeyOf<A>, m: &MappingOf<A>, o: Option<&OriginOf<A>>) -> Self {
         Self {
             key,
             fwd_seen_ns: m.last_seen_ns,
@@ -590,13 +798,29 @@ pub mod release_batch {
 
 /// A NAT IP and protocol: the key of per-pool figures (`SNAT_EXHAUSTED`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct PoolKey {
-    pub addr: [u8; 4],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PoolKeyOf<A> {
+    pub addr: A,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<PoolKey>() == 8);
+/// An IPv4 pool (`SNAT_EXHAUSTED`, `SNAT_OVERFLOW`).
+pub type PoolKey = PoolKeyOf<[u8; 4]>;
+/// An IPv6 pool (`SNAT_EXHAUSTED6`, `SNAT_OVERFLOW6`).
+pub type PoolKey6 = PoolKeyOf<[u8; 16]>;
+const _: () = assert!(size_of::<PoolKey>() == 8 && size_of::<PoolKey6>() == 20);
+
+impl<A: Addr> PoolKeyOf<A> {
+    /// The pool of `addr` and `proto`.
+    #[inline(always)]
+    pub const fn new(addr: A, proto: u8) -> Self {
+        Self {
+            addr,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
 
 impl PoolKey {
     pub fn addr(&self) -> Ipv4Addr {
@@ -607,14 +831,44 @@ impl PoolKey {
 /// An endpoint (address, port or echo identifier, protocol): the key and the value of
 /// `SNAT_ENDPOINTS`, which remembers the NAT endpoint an internal endpoint got last.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct Endpoint {
-    pub addr: [u8; 4],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointOf<A> {
+    pub addr: A,
     pub port: [u8; 2],
     pub proto: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<Endpoint>() == 8);
+/// An IPv4 endpoint (`SNAT_ENDPOINTS`).
+pub type Endpoint = EndpointOf<[u8; 4]>;
+/// An IPv6 endpoint (`SNAT_ENDPOINTS6`).
+pub type Endpoint6 = EndpointOf<[u8; 16]>;
+const _: () = assert!(size_of::<Endpoint>() == 8 && size_of::<Endpoint6>() == 20);
+
+impl<A: Addr> EndpointOf<A> {
+    /// The endpoint `addr:port` of `proto`.
+    #[inline(always)]
+    pub const fn new(addr: A, port: [u8; 2], proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+pod_instances!(
+    NatIp,
+    NatIp6,
+    UseKey,
+    UseKey6,
+    ReleaseEntry,
+    ReleaseEntry6,
+    PoolKey,
+    PoolKey6,
+    Endpoint,
+    Endpoint6,
+);
 
 /// A fragmented datagram as its fragments show it: addresses, protocol and IP identification.
 #[repr(C)]
@@ -640,6 +894,28 @@ pub struct FragValue {
 }
 const _: () = assert!(size_of::<FragValue>() == 16);
 
+/// An IPv6 fragmented datagram as its fragment headers show it: addresses, the protocol after
+/// the fragment header, and the 32-bit identification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey6 {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: [u8; 4],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragKey6>() == 40);
+
+/// [`FragValue`] for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragValue6 {
+    pub addr: [u8; 16],
+    pub seen_ns: u64,
+}
+const _: () = assert!(size_of::<FragValue6>() == 24);
+
 /// How long a datagram's fragments are matched to its first (RFC 791's reassembly timer is
 /// 15 s; fragments of one datagram travel together, so a short window suffices).
 pub const FRAG_TIMEOUT_NS: u64 = 5_000_000_000;
@@ -654,8 +930,10 @@ pub const FRAG_TIMEOUT_NS: u64 = 5_000_000_000;
 pub struct Config {
     /// Which set of `SNAT_NAT_IPS` is live: 0 → entries `0..MAX_NAT_IPS`, 1 → the next ones.
     pub active: u32,
-    /// Number of NAT IPs in each set.
+    /// Number of IPv4 NAT IPs in each set.
     pub nat_ip_count: [u32; 2],
+    /// Number of IPv6 NAT IPs in each set (`SNAT_NAT_IPS6`, flipped by the same `active`).
+    pub nat_ip_count6: [u32; 2],
     /// [`Config::REJECT`] and future flags.
     pub flags: u32,
     /// Most mappings one internal source may hold per NAT IP and protocol; 0: no cap.
@@ -669,7 +947,7 @@ pub struct Config {
     /// destination found full under another generation is searched again (`SNAT_FULL`).
     pub generation: u32,
 }
-const _: () = assert!(size_of::<Config>() == 32);
+const _: () = assert!(size_of::<Config>() == 40);
 
 impl Config {
     /// Answer a refused flow at once: TCP RST, or ICMP destination unreachable code 13.
@@ -681,22 +959,8 @@ impl Config {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: each type is `repr(C)`, `bytemuck::Pod` (no padding, no invalid bit patterns).
-    unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Mapping {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Origin {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::NatIp {}
-    // SAFETY: as above.
+    // SAFETY: `repr(C)`, `bytemuck::Pod` (no padding, no invalid bit patterns).
     unsafe impl aya::Pod for super::Config {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::PoolKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::UseKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::ReleaseEntry {}
 }
 
 #[cfg(test)]
@@ -721,6 +985,37 @@ mod tests {
             ..Origin::default()
         };
         assert_eq!(rev.forward(&origin), fwd);
+    }
+
+    #[test]
+    fn in_place_initialisers_match_the_constructors() {
+        let key = FlowKey6::new(
+            proto::TCP,
+            [0xfd; 16],
+            40000u16.to_be_bytes(),
+            [0x20; 16],
+            443u16.to_be_bytes(),
+        );
+        let nat = [0x21; 16];
+        let mut m = Mapping6 {
+            epoch: 7,
+            ack: [9; 4],
+            ..Mapping6::default()
+        };
+        m.init(&key, nat, [1, 2], 5_000_000_000);
+        assert_eq!(m, Mapping6::new(key, nat, [1, 2], 5_000_000_000));
+        let mut o = Origin6 {
+            syn: 3,
+            ..Origin6::default()
+        };
+        o.init(&key, nat, [1, 2], 9);
+        assert_eq!(o, Origin6::new(key, nat, [1, 2], 9));
+        let mut uses = [UseKey6 {
+            kind: 9,
+            ..UseKey6::default()
+        }; 3];
+        UseKey6::init_of_mapping(&mut uses, &key, nat);
+        assert_eq!(uses, UseKey6::of_mapping(&key, nat));
     }
 
     #[test]

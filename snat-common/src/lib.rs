@@ -18,7 +18,11 @@ pub mod pool;
 pub mod tcp;
 
 pub use counter::Counter;
-pub use flow::{Config, FlowKey, Mapping, NatIp, Origin, PoolKey, Proto, ReleaseEntry, UseKey};
+pub use flow::{
+    Addr, Config, FlowKey, FlowKey6, FlowKeyOf, Mapping, Mapping6, MappingOf, NatIp, NatIp6,
+    NatIpOf, Origin, Origin6, OriginOf, PoolKey, PoolKey6, PoolKeyOf, Proto, ReleaseEntry,
+    ReleaseEntry6, ReleaseEntryOf, UseKey, UseKey6, UseKeyOf,
+};
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `bytemuck::Pod`.
@@ -57,8 +61,44 @@ pub const PROG_HAIRPIN: &str = "snat_hairpin";
 pub const PROG_HAIRPIN_DELIVER: &str = "snat_hairpin_deliver";
 /// Slot of [`PROG_HAIRPIN_DELIVER`] in [`MAP_PROGRAMS`].
 pub const SLOT_HAIRPIN_DELIVER: u32 = 1;
+/// Name of [`PROG_CREATE`]'s IPv6 twin (its own maps, its own stack frame).
+pub const PROG_CREATE6: &str = "snat_create6";
+/// Slot of [`PROG_CREATE6`] in [`MAP_PROGRAMS`].
+pub const SLOT_CREATE6: u32 = 2;
+/// IPv6 egress, in a program (and stack frame) of its own: `snat_egress` tail-calls it for
+/// every IPv6 packet.
+pub const PROG_EGRESS6: &str = "snat_egress6";
+/// Slot of [`PROG_EGRESS6`] in [`MAP_PROGRAMS`].
+pub const SLOT_EGRESS6: u32 = 3;
+/// IPv6 ingress, likewise tail-called by `snat_ingress`.
+pub const PROG_INGRESS6: &str = "snat_ingress6";
+/// Slot of [`PROG_INGRESS6`] in [`MAP_PROGRAMS`].
+pub const SLOT_INGRESS6: u32 = 4;
 /// Slots of [`MAP_PROGRAMS`].
-pub const PROGRAM_SLOTS: u32 = 2;
+pub const PROGRAM_SLOTS: u32 = 5;
+/// Name of [`PROG_RELEASE`]'s IPv6 twin (a batch of [`ReleaseEntry6`]).
+pub const PROG_RELEASE6: &str = "snat_release6";
+
+/// The IPv6 twins of the IPv4 maps of the same name without the `6`: the same roles, keyed by
+/// 16-byte addresses ([`FlowKey6`], [`Mapping6`], [`Origin6`], [`UseKey6`], [`NatIp6`], …).
+/// An agent without IPv6 internal networks sizes the big ones to one entry.
+pub mod maps6 {
+    pub const NAT_IPS: &str = "SNAT_NAT_IPS6";
+    pub const INTERNAL: &str = "SNAT_INTERNAL6";
+    pub const EXCLUDE: &str = "SNAT_EXCLUDE6";
+    pub const FWD: &str = "SNAT_FWD6";
+    pub const REV: &str = "SNAT_REV6";
+    pub const USE: &str = "SNAT_USE6";
+    pub const EXHAUSTED: &str = "SNAT_EXHAUSTED6";
+    pub const OVERFLOW: &str = "SNAT_OVERFLOW6";
+    pub const REFUSED: &str = "SNAT_REFUSED6";
+    pub const SOURCE_REFUSED: &str = "SNAT_SRC_REFUSED6";
+    pub const ENDPOINTS: &str = "SNAT_ENDPOINTS6";
+    pub const FRAGS: &str = "SNAT_FRAGS6";
+    pub const FREE_PORTS: &str = "SNAT_FREE_PORTS6";
+    pub const FULL: &str = "SNAT_FULL6";
+    pub const HOST_ECHO: &str = "SNAT_HOST_ECHO6";
+}
 
 /// Array\[1\] of [`Config`]: which NAT IP set is live.
 pub const MAP_CONFIG: &str = "SNAT_CONFIG";

@@ -12,7 +12,7 @@
 //!   random start. The walk is what makes allocation exhaustive: it never reports exhaustion while
 //!   a port of the range is free for the destination, whatever the index says.
 
-use crate::NatIp;
+use crate::flow::NatIpOf;
 
 /// Random ports tried after the preferred ones, unless the destination is hot and indexed.
 pub const RANDOM_TRIES: u32 = 8;
@@ -33,7 +33,7 @@ pub const fn nat_index(internal: [u8; 4], count: u32) -> u32 {
 
 /// The pod's own port when it may be kept as the NAT port.
 #[inline(always)]
-pub const fn preserved(nat: &NatIp, port: u16) -> Option<u16> {
+pub const fn preserved<A>(nat: &NatIpOf<A>, port: u16) -> Option<u16> {
     if port >= nat.port_min && port <= nat.port_max {
         Some(port)
     } else {
@@ -43,14 +43,14 @@ pub const fn preserved(nat: &NatIp, port: u16) -> Option<u16> {
 
 /// The port at `offset` (any `u32`, reduced modulo the range) of `nat`'s range.
 #[inline(always)]
-pub const fn port_at(nat: &NatIp, offset: u32) -> u16 {
+pub const fn port_at<A>(nat: &NatIpOf<A>, offset: u32) -> u16 {
     let len = nat.range_len();
     (nat.port_min as u32 + offset % len) as u16
 }
 
 /// Step `i` (`0..range_len`) of the exhaustive walk starting at offset `start`.
 #[inline(always)]
-pub const fn walk(nat: &NatIp, start: u32, i: u32) -> u16 {
+pub const fn walk<A>(nat: &NatIpOf<A>, start: u32, i: u32) -> u16 {
     port_at(nat, start.wrapping_rem(nat.range_len()) + i)
 }
 
@@ -152,6 +152,7 @@ pub mod index {
 
 #[cfg(test)]
 mod tests {
+    use crate::NatIp;
     extern crate std;
     use std::collections::HashSet;
     use std::vec::Vec;

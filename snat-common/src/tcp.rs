@@ -152,7 +152,10 @@ pub enum Phase {
 
 impl Phase {
     /// The phase of a mapping from its two halves (the remote's flags of the current epoch only).
-    pub const fn of_halves(m: &crate::Mapping, o: &crate::Origin) -> Phase {
+    pub const fn of_halves<A: crate::Addr>(
+        m: &crate::MappingOf<A>,
+        o: &crate::OriginOf<A>,
+    ) -> Phase {
         Phase::of(m.tcp_seen(), o.tcp_seen(m.epoch))
     }
 

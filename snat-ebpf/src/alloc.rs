@@ -22,16 +22,13 @@
 //! the check and the count one step).
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
-    helpers::{
-        bpf_get_prandom_u32,
-        generated::{bpf_loop, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
-    },
+    bindings::{__sk_buff, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, generated::bpf_loop},
     programs::TcContext,
 };
 use snat_common::{
     block::OpenBlocks,
-    flow::{proto, Endpoint},
+    flow::{proto, EndpointOf},
     pool::{
         self,
         index::{
@@ -40,18 +37,16 @@ use snat_common::{
         },
         RANDOM_TRIES,
     },
-    Config, Counter, FlowKey, FullMark, Mapping, NatIp, Origin, UseKey, FULL_RECHECK_NS,
+    Config, Counter, FlowKeyOf, FullMark, MappingOf, NatIpOf, OriginOf, UseKeyOf, FULL_RECHECK_NS,
     HOST_ECHO_HOLD_NS, MAX_NAT_IPS,
 };
 
 use crate::{
     block,
+    family::{nat_slot, Family},
     index::{self, FreePorts},
     mapping,
-    maps::{
-        count, expiry_event, use_add, use_of, SNAT_CONFIG, SNAT_ENDPOINTS, SNAT_FULL, SNAT_FWD,
-        SNAT_HOST_ECHO, SNAT_NAT_IPS, SNAT_OPEN_BLOCKS, SNAT_REV, SNAT_SCAN,
-    },
+    maps::{count, expiry_event, use_add, use_of, SNAT_CONFIG, SNAT_OPEN_BLOCKS},
 };
 
 /// Why a new flow got no mapping. (No payloads: LLVM merges the error paths and would read an
@@ -107,11 +102,11 @@ pub struct Syn {
 }
 
 /// What [`create`] made.
-pub enum Created {
+pub enum Created<A> {
     /// A new mapping with this NAT address and port.
-    New([u8; 4], [u8; 2]),
+    New(A, [u8; 2]),
     /// Another CPU created the flow's mapping a moment earlier: its NAT address and port.
-    Adopted([u8; 4], [u8; 2]),
+    Adopted(A, [u8; 2]),
 }
 
 /// Whether a local socket uses `reply`'s NAT port: a TCP socket connected to the same remote
@@ -119,63 +114,20 @@ pub enum Created {
 /// remote port `rport`, or not connected), or a ping socket of the node with that identifier
 /// towards the same remote.
 #[inline(always)]
-fn host_uses(skb: *mut __sk_buff, reply: &FlowKey, rport: [u8; 2], now: u64) -> bool {
+fn host_uses<A: Family>(
+    skb: *mut __sk_buff,
+    reply: &FlowKeyOf<A>,
+    rport: [u8; 2],
+    now: u64,
+) -> bool {
+    // Echo keys carry `proto::ICMP` in both families (ICMPv6 echo included).
     if reply.proto == proto::ICMP {
-        return SNAT_HOST_ECHO
+        return A::host_echo()
             .get_ptr(reply)
             // SAFETY: pointer from a successful lookup, read at once.
             .is_some_and(|t| now.wrapping_sub(unsafe { *t }) < HOST_ECHO_HOLD_NS);
     }
-    let mut tuple: bpf_sock_tuple = bpf_sock_tuple {
-        __bindgen_anon_1: zero_tuple(),
-    };
-    // SAFETY: writing the IPv4 member of a zeroed plain-data union.
-    unsafe {
-        let t = &mut tuple.__bindgen_anon_1.ipv4;
-        t.saddr = u32::from_ne_bytes(reply.src_addr);
-        t.daddr = u32::from_ne_bytes(reply.dst_addr);
-        t.sport = u16::from_ne_bytes(rport);
-        t.dport = u16::from_ne_bytes(reply.dst_port);
-    }
-    let size = size_of::<u32>() as u32 * 3;
-    // SAFETY: `skb` is the program's context; `tuple` is a valid IPv4 tuple of `size` bytes.
-    let sk = unsafe {
-        match reply.proto {
-            proto::TCP => bpf_sk_lookup_tcp(
-                skb.cast(),
-                &raw mut tuple,
-                size,
-                BPF_F_CURRENT_NETNS as u64,
-                0,
-            ),
-            proto::UDP => bpf_sk_lookup_udp(
-                skb.cast(),
-                &raw mut tuple,
-                size,
-                BPF_F_CURRENT_NETNS as u64,
-                0,
-            ),
-            _ => return false,
-        }
-    };
-    if sk.is_null() {
-        return false;
-    }
-    // SAFETY: `sk` came from a successful lookup and is released exactly once.
-    unsafe { bpf_sk_release(sk.cast()) };
-    true
-}
-
-#[inline(always)]
-const fn zero_tuple() -> aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
-    aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
-        ipv4: aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: 0,
-            daddr: 0,
-            sport: 0,
-            dport: 0,
-        },
-    }
+    A::socket_uses(skb, reply, rport)
 }
 
 /// The state of one allocation, in this CPU's `SNAT_SCAN` slot (the stack is nearly full at this
@@ -184,21 +136,21 @@ const fn zero_tuple() -> aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1 {
 /// where it is from the loop's index): a counter kept here would make the verifier follow every
 /// iteration separately.
 #[repr(C)]
-pub struct ScanState {
+pub struct ScanState<A: Family> {
     /// The live configuration, the NAT IP being tried ([`nat_ip_for`]) and how many the set has.
     pub cfg: Config,
-    pub nat: NatIp,
+    pub nat: NatIpOf<A>,
     pub nat_count: u32,
     /// The counts the new mapping adds to (source, destination, pair).
-    uses: [UseKey; 3],
+    uses: [UseKeyOf<A>; 3],
     /// The destination key (`index::destination` of the reply key).
-    dest: FlowKey,
+    dest: FlowKeyOf<A>,
     /// The candidate: the reply key with the port being tried.
-    reply: FlowKey,
+    reply: FlowKeyOf<A>,
     /// The reverse half to insert (its key is set to `reply` at each try).
-    origin: Origin,
+    origin: OriginOf<A>,
     /// The forward half, once the port is won.
-    mapping: Mapping,
+    mapping: MappingOf<A>,
     /// The flow's real remote port (UDP keys carry 0), for the host socket lookup.
     rport: [u8; 2],
     _pad: [u8; 2],
@@ -217,13 +169,13 @@ pub struct ScanState {
 /// Pointers the `bpf_loop` callbacks need, on the stack (the verifier does not let a program
 /// store pointers in a map).
 #[repr(C)]
-struct Scan {
+struct Scan<A: Family> {
     skb: *mut __sk_buff,
     /// The destination's free-port index (search only); in cluster mode, which has no index,
     /// the NAT IP's open blocks (`OpenBlocks`, the walk's order) instead: one field for both
     /// keeps the allocation's frame within the 512 bytes the programs have.
     index: *mut FreePorts,
-    state: *mut ScanState,
+    state: *mut ScanState<A>,
 }
 
 /// Tries to claim the candidate port in `st.reply`: `Ok(true)` when won, `Ok(false)` when taken
@@ -235,16 +187,20 @@ struct Scan {
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the map insert copies the key and origin onto the stack first, and the frames with it exceed the verifier's 512 bytes"
 )]
-fn try_claim(skb: *mut __sk_buff, st: &mut ScanState, probe: bool) -> Result<bool, AllocError> {
-    if probe && SNAT_REV.get_ptr(st.reply).is_some() {
+fn try_claim<A: Family>(
+    skb: *mut __sk_buff,
+    st: &mut ScanState<A>,
+    probe: bool,
+) -> Result<bool, AllocError> {
+    if probe && A::rev().get_ptr(st.reply).is_some() {
         return Ok(false);
     }
-    if st.nat.flags & NatIp::LOCAL != 0 && host_uses(skb, &st.reply, st.rport, st.now) {
+    if st.nat.flags & NatIpOf::<A>::LOCAL != 0 && host_uses(skb, &st.reply, st.rport, st.now) {
         count(Counter::AllocHostPortSkipped);
         return Ok(false);
     }
     st.origin.key = st.reply;
-    match SNAT_REV.insert(&st.reply, &st.origin, u64::from(BPF_NOEXIST)) {
+    match A::rev().insert(&st.reply, &st.origin, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(true),
         Err(e) if e == -EEXIST => Ok(false),
         Err(_) => Err(AllocError::TableFull),
@@ -254,9 +210,9 @@ fn try_claim(skb: *mut __sk_buff, st: &mut ScanState, probe: bool) -> Result<boo
 /// Tries `port`; on a win counts `how` and returns `Ok(true)`. Its own stack frame: inlined at
 /// each stage of [`find_port`], its socket lookup would cost the caller's frame each time.
 #[inline(never)]
-fn try_port(
+fn try_port<A: Family>(
     skb: *mut __sk_buff,
-    st: &mut ScanState,
+    st: &mut ScanState<A>,
     port: [u8; 2],
     how: Counter,
 ) -> Result<bool, AllocError> {
@@ -269,11 +225,11 @@ fn try_port(
 }
 
 /// One step of the walk: try the `i`-th port; stop the loop (return 1) once decided.
-extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn walk_step<A: Family>(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `bpf_loop` passes back the pointer `walk_range` gave it, to a live `Scan` on the
     // caller's stack, and runs the callback on the same CPU synchronously; `state` points to
     // this CPU's `SNAT_SCAN` slot.
-    let scan = unsafe { &*ctx.cast::<Scan>() };
+    let scan = unsafe { &*ctx.cast::<Scan<A>>() };
     // SAFETY: as above.
     let st = unsafe { &mut *scan.state };
     let port = match block::layout() {
@@ -301,7 +257,7 @@ extern "C" fn walk_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 #[inline(always)]
-fn walk_range(scan: &mut Scan) -> Result<(), AllocError> {
+fn walk_range<A: Family>(scan: &mut Scan<A>) -> Result<(), AllocError> {
     // SAFETY: as in `walk_step`.
     let st = unsafe { &mut *scan.state };
     st.result = 0;
@@ -317,7 +273,7 @@ fn walk_range(scan: &mut Scan) -> Result<(), AllocError> {
     unsafe {
         bpf_loop(
             len,
-            walk_step as *mut core::ffi::c_void,
+            walk_step::<A> as *mut core::ffi::c_void,
             core::ptr::from_mut(scan).cast(),
             0,
         );
@@ -353,10 +309,10 @@ fn pick_marked(marked: u64, from: u32) -> u32 {
 /// found empty has its mark cleared; so has a port outside the range (left from a wider range),
 /// and the search moves on to the next word. (The port is tried by the caller: a claim here would
 /// need a deeper stack than the program has left.)
-extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn search_step<A: Family>(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `bpf_loop` passes back the pointer `search` gave it, to a live `Scan`, whose
     // `state` points to this CPU's `SNAT_SCAN` slot.
-    let scan = unsafe { &*ctx.cast::<Scan>() };
+    let scan = unsafe { &*ctx.cast::<Scan<A>>() };
     // SAFETY: as above.
     let s = unsafe { &mut *scan.state };
     let (first, words) = pool::index::words(s.nat.port_min, s.nat.port_max);
@@ -408,7 +364,7 @@ extern "C" fn search_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 
 /// A port of the range that `scan.index` marks free, if any.
 #[inline(always)]
-fn search(scan: &mut Scan) -> Option<[u8; 2]> {
+fn search<A: Family>(scan: &mut Scan<A>) -> Option<[u8; 2]> {
     // SAFETY: as in `search_step`.
     let st = unsafe { &mut *scan.state };
     let (_, words) = pool::index::words(st.nat.port_min, st.nat.port_max);
@@ -422,7 +378,7 @@ fn search(scan: &mut Scan) -> Option<[u8; 2]> {
     unsafe {
         bpf_loop(
             words,
-            search_step as *mut core::ffi::c_void,
+            search_step::<A> as *mut core::ffi::c_void,
             core::ptr::from_mut(scan).cast(),
             0,
         );
@@ -433,26 +389,52 @@ fn search(scan: &mut Scan) -> Option<[u8; 2]> {
 /// The live configuration, the NAT IP the internal address `src` tries on attempt `attempt` (0:
 /// the one it is paired with, then the next ones of the set in order) and how many the set has.
 #[inline(always)]
-pub fn nat_ip_for(src: [u8; 4], attempt: u32) -> Result<(Config, NatIp, u32), AllocError> {
+pub fn nat_ip_for<A: Family>(
+    src: A,
+    attempt: u32,
+) -> Result<(Config, NatIpOf<A>, u32), AllocError> {
     let cfg = *SNAT_CONFIG.get(0).ok_or(AllocError::NoNatIp)?;
+    let (idx, n) = nat_slot_for(&cfg, src, attempt)?;
+    let nat = A::nat_ip(idx).ok_or(AllocError::NoNatIp)?;
+    Ok((cfg, nat, n))
+}
+
+/// The slot in `SNAT_NAT_IPS`/`SNAT_NAT_IPS6` of the NAT IP `src` tries on `attempt`, and how
+/// many NAT IPs the live set has.
+#[inline(always)]
+fn nat_slot_for<A: Family>(cfg: &Config, src: A, attempt: u32) -> Result<(u32, u32), AllocError> {
     let set = cfg.active & 1;
-    let n = *cfg
-        .nat_ip_count
-        .get(set as usize)
-        .ok_or(AllocError::NoNatIp)?;
+    let n = A::nat_count(cfg, set);
     if n == 0 || n > MAX_NAT_IPS {
         return Err(AllocError::NoNatIp);
     }
-    let idx = set * MAX_NAT_IPS + (pool::nat_index(src, n) + attempt) % n;
-    let nat = SNAT_NAT_IPS.get(idx).copied().ok_or(AllocError::NoNatIp)?;
-    Ok((cfg, nat, n))
+    Ok((
+        nat_slot(set, (pool::nat_index(src.folded(), n) + attempt) % n),
+        n,
+    ))
+}
+
+/// [`nat_ip_for`] into `st` (the configuration, NAT IP and count), copied straight from the
+/// maps: an IPv6 result built on the stack first would not fit `snat_create6`'s.
+#[inline(always)]
+fn load_nat_ip<A: Family>(st: &mut ScanState<A>, src: A, attempt: u32) -> Result<(), AllocError> {
+    let cfg = SNAT_CONFIG.get(0).ok_or(AllocError::NoNatIp)?;
+    let (idx, n) = nat_slot_for(cfg, src, attempt)?;
+    st.cfg = *cfg;
+    st.nat = A::nat_ip(idx).ok_or(AllocError::NoNatIp)?;
+    st.nat_count = n;
+    Ok(())
 }
 
 /// Applies `--max-ports-per-source` and `--fair-share` to a new flow whose mapping would add to
 /// the counts `uses` (source, destination on `nat`, pair): the source's mappings and its share of
 /// the destination count on every NAT IP it uses; the destination's fill is that of `nat`'s range.
 #[inline(always)]
-fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError> {
+fn admit<A: Family>(
+    cfg: &Config,
+    nat: &NatIpOf<A>,
+    uses: &[UseKeyOf<A>; 3],
+) -> Result<(), AllocError> {
     if cfg.max_per_source != 0 && use_of(&uses[0]) >= u64::from(cfg.max_per_source) {
         return Err(AllocError::SourceCap);
     }
@@ -463,7 +445,7 @@ fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError
             // The controller's count of sources towards the destination (at least the one asking;
             // the controller refreshes it every sweep), plus one to keep room for a source that
             // has none yet: alone, a source stops at the threshold.
-            let sources = use_of(&UseKey::sources_of(&uses[1])).clamp(1, u64::from(u32::MAX));
+            let sources = use_of(&UseKeyOf::sources_of(&uses[1])).clamp(1, u64::from(u32::MAX));
             let share = (range / (sources + 1)).max(1);
             if use_of(&uses[2]) >= share {
                 return Err(AllocError::FairShare);
@@ -476,8 +458,8 @@ fn admit(cfg: &Config, nat: &NatIp, uses: &[UseKey; 3]) -> Result<(), AllocError
 /// Whether `dest` (a destination key, see `index::destination`) was found full under this
 /// pool generation less than `FULL_RECHECK_NS` before `now`.
 #[inline(always)]
-fn known_full(dest: &FlowKey, cfg: &Config, now: u64) -> bool {
-    SNAT_FULL
+fn known_full<A: Family>(dest: &FlowKeyOf<A>, cfg: &Config, now: u64) -> bool {
+    A::full()
         .get_ptr(dest)
         // SAFETY: pointer from a successful lookup, copied out at once.
         .map(|p| unsafe { *p })
@@ -489,10 +471,10 @@ fn known_full(dest: &FlowKey, cfg: &Config, now: u64) -> bool {
 /// Records that the port of `reply` is free again: its destination's free-port index, and the
 /// end of its "full" mark. Every path that removes a claim calls it.
 #[inline(always)]
-pub fn port_freed(reply: &FlowKey) {
+pub fn port_freed<A: Family>(reply: &FlowKeyOf<A>) {
     let dest = index::destination(reply);
     index::freed(&dest, reply);
-    let _ = SNAT_FULL.remove(dest);
+    let _ = A::full().remove(dest);
 }
 
 /// Claims a port in the order [`pool`] documents for the flow `fwd`, whose destination count is
@@ -506,10 +488,10 @@ pub fn port_freed(reply: &FlowKey) {
 /// index (it covers the whole range, most of which is other nodes'). A destination that has
 /// filled the first blocks pays a probe per port of each before the walk reaches a free one.
 #[inline(always)]
-fn find_port(
+fn find_port<A: Family>(
     skb: *mut __sk_buff,
-    st: &mut ScanState,
-    fwd: &FlowKey,
+    st: &mut ScanState<A>,
+    fwd: &FlowKeyOf<A>,
     open: *const OpenBlocks,
 ) -> Result<(), AllocError> {
     let cluster = !open.is_null();
@@ -517,14 +499,9 @@ fn find_port(
     let len = st.nat.range_len();
 
     // The NAT port this internal endpoint had towards another destination, if still in range.
-    let endpoint = Endpoint {
-        addr: fwd.src_addr,
-        port: fwd.src_port,
-        proto: fwd.proto,
-        _pad: 0,
-    };
+    let endpoint = EndpointOf::new(fwd.src_addr, fwd.src_port, fwd.proto);
     // SAFETY: pointer from a successful lookup, copied out at once.
-    if let Some(last) = SNAT_ENDPOINTS.get_ptr(endpoint).map(|p| unsafe { *p }) {
+    if let Some(last) = A::endpoints().get_ptr(endpoint).map(|p| unsafe { *p }) {
         let port = u16::from_be_bytes(last.port);
         if last.addr == st.nat.addr
             && pool::preserved(&st.nat, port).is_some()
@@ -588,10 +565,10 @@ fn find_port(
 /// Cluster mode: whether `port` of the NAT IP being tried lies in a block open to new mappings
 /// now (outside cluster mode: always).
 #[inline(always)]
-fn open_port(cluster: bool, st: &ScanState, port: [u8; 2]) -> bool {
-    match block::layout() {
-        Some(l) if cluster => {
-            block::entry(&l, st.nat.addr, port).is_some_and(|e| e.open_at(block::boot_now()))
+fn open_port<A: Family>(cluster: bool, st: &ScanState<A>, port: [u8; 2]) -> bool {
+    match (block::layout(), A::v4(st.nat.addr)) {
+        (Some(l), Some(addr)) if cluster => {
+            block::entry(&l, addr, port).is_some_and(|e| e.open_at(block::boot_now()))
         }
         _ => true,
     }
@@ -599,7 +576,10 @@ fn open_port(cluster: bool, st: &ScanState, port: [u8; 2]) -> bool {
 
 /// Records the claim of `st.reply` in the destination's index, if it has one.
 #[inline(always)]
-fn index_claimed(hot: Option<*mut FreePorts>, st: &ScanState) -> Result<(), AllocError> {
+fn index_claimed<A: Family>(
+    hot: Option<*mut FreePorts>,
+    st: &ScanState<A>,
+) -> Result<(), AllocError> {
     if let Some(ix) = hot {
         index::taken(ix, u16::from_be_bytes(st.reply.dst_port));
     }
@@ -608,9 +588,9 @@ fn index_claimed(hot: Option<*mut FreePorts>, st: &ScanState) -> Result<(), Allo
 
 /// This CPU's allocation state: after [`create`], the configuration and NAT IP it used.
 #[inline(always)]
-pub fn state() -> Option<&'static mut ScanState> {
+pub fn state<A: Family>() -> Option<&'static mut ScanState<A>> {
     // SAFETY: this CPU's slot, used by this program only until it returns.
-    SNAT_SCAN.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    A::scan().get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
 /// Creates the mapping for the new flow `fwd` (a forward key; `rport` is its real remote port)
@@ -623,23 +603,30 @@ pub fn state() -> Option<&'static mut ScanState> {
     clippy::needless_borrows_for_generic_args,
     reason = "by value, the map insert copies the 64-byte mapping onto the stack first, and snat_create's frame then exceeds the verifier's 512 bytes"
 )]
-pub fn create(
+pub fn create<A: Family>(
     ctx: &TcContext,
-    fwd: &FlowKey,
+    fwd: &FlowKeyOf<A>,
     rport: [u8; 2],
     syn: &Syn,
     now: u64,
     attempt: u32,
-) -> Result<Created, AllocError> {
-    let st = state().ok_or(AllocError::NoNatIp)?;
-    (st.cfg, st.nat, st.nat_count) = nat_ip_for(fwd.src_addr, attempt)?;
-    st.reply = fwd.reply(st.nat.addr, [0; 2]);
-    st.dest = index::destination(&st.reply);
+) -> Result<Created<A>, AllocError> {
+    let st = state::<A>().ok_or(AllocError::NoNatIp)?;
+    load_nat_ip(st, fwd.src_addr, attempt)?;
+    // In place, field by field: an IPv6 key built on the stack first costs 40 bytes of it.
+    st.reply.src_addr = fwd.dst_addr;
+    st.reply.dst_addr = st.nat.addr;
+    st.reply.src_port = fwd.dst_port;
+    st.reply.dst_port = [0; 2];
+    st.reply.proto = fwd.proto;
+    st.reply._pad = [0; 3];
+    st.dest = st.reply;
     // Cluster mode: ports only in the NAT IP's open blocks, while they are valid.
     let mut open: *const OpenBlocks = core::ptr::null();
     if let Some(l) = block::layout() {
+        let addr = A::v4(st.nat.addr).ok_or(AllocError::Exhausted)?;
         let p = SNAT_OPEN_BLOCKS
-            .get_ptr(st.nat.addr)
+            .get_ptr(addr)
             .ok_or(AllocError::Exhausted)?;
         // SAFETY: pointer from a successful lookup; the agent replaces values whole.
         let (valid_until, n) = unsafe { ((*p).valid_until_ns, (*p).len()) };
@@ -653,9 +640,9 @@ pub fn create(
         count(Counter::RefusedKnownFull);
         return Err(AllocError::Exhausted);
     }
-    st.uses = UseKey::of_mapping(fwd, st.nat.addr);
+    UseKeyOf::init_of_mapping(&mut st.uses, fwd, st.nat.addr);
     admit(&st.cfg, &st.nat, &st.uses)?;
-    st.origin = Origin::new(st.reply, fwd.src_addr, fwd.src_port, now);
+    st.origin.init(&st.reply, fwd.src_addr, fwd.src_port, now);
     st.rport = rport;
     st.now = now;
     match find_port(ctx.skb.skb, st, fwd, open) {
@@ -666,21 +653,21 @@ pub fn create(
                 generation: st.cfg.generation,
                 _pad: 0,
             };
-            let _ = SNAT_FULL.insert(st.dest, mark, 0);
+            let _ = A::full().insert(st.dest, mark, 0);
             return Err(AllocError::Exhausted);
         }
         Err(e) => return Err(e),
     }
     let (addr, port) = (st.nat.addr, st.reply.dst_port);
-    st.mapping = Mapping::new(*fwd, addr, port, now);
-    if let Some(l) = block::layout() {
+    st.mapping.init(fwd, addr, port, now);
+    if let (Some(l), Some(addr4)) = (block::layout(), A::v4(addr)) {
         // The claim is the authority, the list a hint: the block must still be open (the agent
         // may have closed or forgotten it since the list was read). Its epoch goes with the
         // mapping.
-        match block::entry(&l, addr, port).filter(|e| e.open_at(block::boot_now())) {
+        match block::entry(&l, addr4, port).filter(|e| e.open_at(block::boot_now())) {
             Some(e) => st.mapping.block_epoch = e.epoch,
             None => {
-                let _ = SNAT_REV.remove(st.reply);
+                let _ = A::rev().remove(st.reply);
                 port_freed(&st.reply);
                 count(Counter::AllocBlockClosed);
                 return Err(AllocError::Exhausted);
@@ -696,7 +683,7 @@ pub fn create(
         st.mapping.isn_next = syn.isn_next;
         st.mapping.wscale = syn.wscale;
     }
-    match SNAT_FWD.insert(fwd, &st.mapping, u64::from(BPF_NOEXIST)) {
+    match A::fwd().insert(fwd, &st.mapping, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             use_add(&st.uses);
             expiry_event(fwd);
@@ -709,12 +696,12 @@ pub fn create(
         }
         Err(e) => {
             // Give the port back before anything can use it.
-            let _ = SNAT_REV.remove(st.reply);
+            let _ = A::rev().remove(st.reply);
             port_freed(&st.reply);
             if e == -EEXIST {
                 count(Counter::AllocRaceLost);
-                if let Some((_, winner)) = mapping::forward(fwd) {
-                    return Ok(Created::Adopted(winner.nat_addr, winner.nat_port));
+                if let Some((addr, port)) = mapping::forward_nat(fwd) {
+                    return Ok(Created::Adopted(addr, port));
                 }
             }
             Err(AllocError::TableFull)
@@ -724,25 +711,17 @@ pub fn create(
 
 /// Remembers that the internal endpoint of `fwd` got `nat_addr:port`, so its next flow tries it
 /// first (endpoint-independent mapping).
-#[inline(always)]
-fn remember_endpoint(fwd: &FlowKey, nat_addr: [u8; 4], port: [u8; 2]) {
-    let endpoint = Endpoint {
-        addr: fwd.src_addr,
-        port: fwd.src_port,
-        proto: fwd.proto,
-        _pad: 0,
-    };
-    let nat_end = Endpoint {
-        addr: nat_addr,
-        port,
-        proto: fwd.proto,
-        _pad: 0,
-    };
+#[inline(never)]
+fn remember_endpoint<A: Family>(fwd: &FlowKeyOf<A>, nat_addr: A, port: [u8; 2]) {
+    let endpoint = EndpointOf::new(fwd.src_addr, fwd.src_port, fwd.proto);
+    let nat_end = EndpointOf::new(nat_addr, port, fwd.proto);
     // Most new flows of a busy endpoint reuse the NAT port it already has: then the hint is
     // already right, and a lookup is far cheaper than rewriting an LRU entry.
     // SAFETY: pointer from a successful lookup, read at once.
-    let known = SNAT_ENDPOINTS.get_ptr(endpoint).map(|p| unsafe { *p });
+    let endpoint_map = A::endpoints();
+    // SAFETY: pointer from a successful lookup, read at once.
+    let known = endpoint_map.get_ptr(endpoint).map(|p| unsafe { *p });
     if known != Some(nat_end) {
-        let _ = SNAT_ENDPOINTS.insert(endpoint, nat_end, 0);
+        let _ = endpoint_map.insert(endpoint, nat_end, 0);
     }
 }

@@ -16,33 +16,28 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
-use snat_common::{
-    flow::proto, Config, Counter, FlowKey, MAX_POOL_TRIES, SLOT_CREATE, SLOT_HAIRPIN_DELIVER,
-};
+use snat_common::{flow::proto, Config, Counter, FlowKeyOf, MAX_POOL_TRIES, SLOT_HAIRPIN_DELIVER};
 
 use crate::{
     alloc::{self, AllocError, Created, Syn},
-    maps::{
-        count, count_in_pool, count_refusal, time_allocation, SNAT_CONFIG, SNAT_OVERFLOW,
-        SNAT_PENDING, SNAT_PROGRAMS,
-    },
-    packet::{translate_with, Ipv4, Nat},
-    reject,
+    family::{Family, IpHeader},
+    maps::{count, count_in_pool, count_refusal, time_allocation, SNAT_CONFIG, SNAT_PROGRAMS},
+    packet::translate_lean,
     verdict::{Stop, Verdict},
 };
 
-/// A packet egress found no mapping for: its IPv4 header, its forward key, its real remote port
+/// A packet egress found no mapping for: its IP header, its forward key, its real remote port
 /// (UDP keys carry 0), what its SYN tells, and how far its allocation got.
 #[derive(Clone, Copy)]
-pub struct Pending {
-    pub ip: Ipv4,
-    pub key: FlowKey,
+pub struct Pending<A: Family> {
+    pub ip: A::Ip,
+    pub key: FlowKeyOf<A>,
     pub rport: [u8; 2],
     pub syn: Syn,
     /// Which NAT IP this run tries: 0 the paired one, then the next ones (overflow).
     pub attempt: u32,
     /// The paired NAT IP, once attempt 0 is over: refusals and overflows are counted on it.
-    pub paired: [u8; 4],
+    pub paired: A,
     /// `bpf_ktime_get_ns` when egress handed the packet over: the allocation's time.
     pub started: u64,
     /// The packet is the hairpin program's (a pod's packet to a NAT endpoint): once translated,
@@ -51,8 +46,8 @@ pub struct Pending {
 }
 
 #[inline(always)]
-pub fn run(ctx: &TcContext) -> Verdict {
-    let p = SNAT_PENDING
+pub fn run<A: Family>(ctx: &TcContext) -> Verdict {
+    let p = A::pending()
         .get_ptr_mut(0)
         .ok_or(Counter::EgressDropNoAllocator)?;
     // SAFETY: this CPU's slot, written by egress (or by the previous attempt) right before its
@@ -60,13 +55,12 @@ pub fn run(ctx: &TcContext) -> Verdict {
     let pending = unsafe { &mut *p };
     let nat = new_mapping(ctx, pending)?;
     let key = &pending.key;
-    translate_with(
+    translate_lean::<A>(
         ctx,
         &pending.ip,
         key.proto,
-        (pending.ip.src, key.src_port),
+        (pending.ip.src(), key.src_port),
         nat,
-        true,
     )?;
     let translated = match key.proto {
         proto::TCP => Counter::EgressTranslatedTcp,
@@ -85,16 +79,16 @@ pub fn run(ctx: &TcContext) -> Verdict {
 /// Creates the mapping of the new flow `pending.key` on the NAT IP of `pending.attempt`; tries the
 /// next NAT IP when this one is full and overflow is on; otherwise refuses the flow.
 #[inline(always)]
-fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
-    let key = pending.key;
+fn new_mapping<A: Family>(ctx: &TcContext, pending: &mut Pending<A>) -> Result<(A, [u8; 2]), Stop> {
+    let key = &pending.key;
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // (Only in cluster mode: outside it the verifier drops the answer's code from the program.)
     if crate::block::layout().is_some() && key.proto == proto::TCP && !pending.syn.syn {
-        return Err(not_syn(ctx, &pending.ip, now));
+        return Err(not_syn::<A>(ctx, &pending.ip, now));
     }
-    let created = alloc::create(ctx, &key, pending.rport, &pending.syn, now, pending.attempt);
-    if let (Err(AllocError::Exhausted), Some(st)) = (&created, alloc::state()) {
+    let created = alloc::create(ctx, key, pending.rport, &pending.syn, now, pending.attempt);
+    if let (Err(AllocError::Exhausted), Some(st)) = (&created, alloc::state::<A>()) {
         if pending.attempt == 0 {
             pending.paired = st.nat.addr;
         }
@@ -107,7 +101,7 @@ fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
             pending.attempt += 1;
             // SAFETY: a tail call from the program's own frame; on success this run ends here
             // and the next NAT IP is tried in a fresh one.
-            unsafe { SNAT_PROGRAMS.tail_call(ctx, SLOT_CREATE) };
+            unsafe { SNAT_PROGRAMS.tail_call(ctx, A::SLOT_CREATE) };
             // The kernel refused the tail call: refuse the flow on the paired NAT IP.
         }
     }
@@ -115,7 +109,9 @@ fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
     time_allocation(unsafe { bpf_ktime_get_ns() }.wrapping_sub(pending.started));
     match created {
         Ok(Created::New(addr, port)) => {
-            log_created(ctx, &key, u16::from_be_bytes(port));
+            if let Some(src) = A::v4(key.src_addr) {
+                log_created(ctx, src, key.src_port(), u16::from_be_bytes(port));
+            }
             count(match key.proto {
                 proto::TCP => Counter::CreatedTcp,
                 proto::UDP => Counter::CreatedUdp,
@@ -123,13 +119,15 @@ fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
             });
             if pending.attempt > 0 {
                 count(Counter::AllocOverflow);
-                count_in_pool(&SNAT_OVERFLOW, pending.paired, key.proto);
+                count_in_pool(A::overflow(), pending.paired, key.proto);
             }
             Ok((addr, port))
         }
         Ok(Created::Adopted(addr, port)) => Ok((addr, port)),
         Err(AllocError::TableFull) => {
-            log_table_full(ctx, &key);
+            if let Some(src) = A::v4(key.src_addr) {
+                log_table_full(ctx, key.proto, src, key.src_port());
+            }
             Err(Counter::EgressDropTableFull.into())
         }
         Err(AllocError::NoNatIp) => Err(Counter::EgressDropNoNatIp.into()),
@@ -139,7 +137,7 @@ fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
             } else {
                 Some(pending.paired)
             };
-            Err(refuse(ctx, &pending.ip, &key, why, now, home))
+            Err(refuse(ctx, &pending.ip, key, why, now, home))
         }
     }
 }
@@ -148,29 +146,33 @@ fn new_mapping(ctx: &TcContext, pending: &mut Pending) -> Result<Nat, Stop> {
 /// its paired NAT IP (`home`, if it overflowed; else the one just tried) — and answered if the
 /// policy and the rate allow.
 #[inline(always)]
-fn refuse(
+fn refuse<A: Family>(
     ctx: &TcContext,
-    ip: &Ipv4,
-    key: &FlowKey,
+    ip: &A::Ip,
+    key: &FlowKeyOf<A>,
     why: AllocError,
     now: u64,
-    home: Option<[u8; 4]>,
+    home: Option<A>,
 ) -> Stop {
     let counter = why.counter(key.proto);
-    let Some(st) = alloc::state() else {
+    let Some(st) = alloc::state::<A>() else {
         return counter.into();
     };
     let paired = home.unwrap_or(st.nat.addr);
     count_refusal(key, paired, now, why.no_port());
-    log_refused(ctx, key, counter);
+    if let Some(src) = A::v4(key.src_addr) {
+        log_refused(ctx, src, key.src_port(), counter);
+    }
     // Cluster mode: no port yet, but a block is on its way: hold the flow back instead of
     // ending it (the refusal above is what tells the agent to hurry).
-    if crate::block::layout().is_some() && why.no_port() && crate::block::growing(paired) {
-        return Counter::EgressDropAwaitingBlock.into();
+    if let (Some(_), Some(p)) = (crate::block::layout(), A::v4(paired)) {
+        if why.no_port() && crate::block::growing(p) {
+            return Counter::EgressDropAwaitingBlock.into();
+        }
     }
     Stop {
         counter,
-        action: reject::answer(ctx, ip, &st.cfg, now).unwrap_or(aya_ebpf::bindings::TC_ACT_SHOT),
+        action: A::answer(ctx, ip, &st.cfg, now).unwrap_or(aya_ebpf::bindings::TC_ACT_SHOT),
     }
 }
 
@@ -180,49 +182,40 @@ fn refuse(
 /// rate allow, as a refused flow is, so the pod's connection ends at once instead of in a
 /// timeout.
 #[inline(always)]
-fn not_syn(ctx: &TcContext, ip: &Ipv4, now: u64) -> Stop {
+fn not_syn<A: Family>(ctx: &TcContext, ip: &A::Ip, now: u64) -> Stop {
     let stop = Stop::from(Counter::EgressDropTcpNotSyn);
     match SNAT_CONFIG.get(0) {
         Some(cfg) => Stop {
-            action: reject::answer(ctx, ip, cfg, now).unwrap_or(stop.action),
+            action: A::answer(ctx, ip, cfg, now).unwrap_or(stop.action),
             ..stop
         },
         None => stop,
     }
 }
 
-// Kernel log records (`--ebpf-log`), each in a frame of its own: a record's header and fields
-// take stack the allocation needs.
+// Kernel log records (`--ebpf-log`, IPv4 flows only for now), each in a frame of its own: a
+// record's header and fields take stack the allocation needs.
 
 #[inline(never)]
-fn log_created(ctx: &TcContext, key: &FlowKey, port: u16) {
-    debug!(
-        ctx,
-        "new mapping {:i}:{} via port {}",
-        key.src_addr,
-        key.src_port(),
-        port
-    );
+fn log_created(ctx: &TcContext, src: [u8; 4], sport: u16, port: u16) {
+    debug!(ctx, "new mapping {:i}:{} via port {}", src, sport, port);
 }
 
 #[inline(never)]
-fn log_table_full(ctx: &TcContext, key: &FlowKey) {
+fn log_table_full(ctx: &TcContext, proto: u8, src: [u8; 4], sport: u16) {
     warn!(
         ctx,
-        "mapping table full: proto {} {:i}:{}",
-        key.proto,
-        key.src_addr,
-        key.src_port()
+        "mapping table full: proto {} {:i}:{}", proto, src, sport
     );
 }
 
 #[inline(never)]
-fn log_refused(ctx: &TcContext, key: &FlowKey, counter: Counter) {
+fn log_refused(ctx: &TcContext, src: [u8; 4], sport: u16, counter: Counter) {
     warn!(
         ctx,
         "refused new flow from {:i}:{} (counter {})",
-        key.src_addr,
-        key.src_port(),
+        src,
+        sport,
         counter.index()
     );
 }

@@ -12,40 +12,48 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use snat_common::{
     flow::proto,
     tcp::{self, header},
-    Counter, FlowKey, Mapping, SLOT_CREATE,
+    Counter, FlowKey, FlowKeyOf, MappingOf,
 };
 
 use crate::{
     alloc::{self, Syn},
     block,
-    create::Pending,
+    family::{self, Family, IpHeader},
     icmp::{self, kind, Inner},
     mapping::{self, Forward},
-    maps::{
-        count, expiry_event, fragments_of, SNAT_EXCLUDE, SNAT_HOST_ECHO, SNAT_INTERNAL,
-        SNAT_PENDING, SNAT_PROGRAMS,
-    },
-    packet::{read, rewrite_addr, translate, Ipv4, Nat, Side, Tcp, ETH_P_IP_BE},
+    maps::{count, expiry_event, fragments_of, SNAT_HOST_ECHO, SNAT_PROGRAMS},
+    packet::{read, rewrite_addr, translate, Ipv4, Side, Tcp, ETH_P_IP_BE},
+    packet6::ETH_P_IPV6_BE,
     verdict::{Stop, Verdict},
 };
 
 #[inline(always)]
 pub fn internal(addr: [u8; 4]) -> bool {
-    SNAT_INTERNAL.get(Key::new(32, addr)).is_some()
+    <[u8; 4]>::internal(addr)
 }
 
 #[inline(always)]
 fn excluded(addr: [u8; 4]) -> bool {
-    SNAT_EXCLUDE.get(Key::new(32, addr)).is_some()
+    <[u8; 4]>::excluded(addr)
 }
 
+#[inline(always)]
 pub fn run(ctx: &TcContext) -> Verdict {
+    if ctx.skb.protocol() == ETH_P_IPV6_BE && family::ipv6_on() {
+        // IPv6 has a program (and a stack frame) of its own: no return on success.
+        // SAFETY: a tail call from the program's own frame.
+        unsafe { SNAT_PROGRAMS.tail_call(ctx, snat_common::SLOT_EGRESS6) };
+        // No IPv6 program: what is not a pod's passes, as before NAT66; a pod's must not leave.
+        return match read::<[u8; 16]>(ctx, crate::packet::ETH_LEN + 8) {
+            Ok(src) if <[u8; 16]>::internal(src) => Err(Counter::EgressDropNoAllocator.into()),
+            _ => Ok(Counter::EgressPassNotIpv4),
+        };
+    }
     if ctx.skb.protocol() != ETH_P_IP_BE {
         return Ok(Counter::EgressPassNotIpv4);
     }
@@ -64,15 +72,15 @@ pub fn run(ctx: &TcContext) -> Verdict {
         return later_fragment(ctx, &ip);
     }
     match ip.proto {
-        proto::TCP => tcp(ctx, &ip, false),
-        proto::UDP => udp(ctx, &ip, false),
+        proto::TCP => tcp::<[u8; 4]>(ctx, &ip, false),
+        proto::UDP => udp::<[u8; 4]>(ctx, &ip, false),
         proto::ICMP => icmp(ctx, &ip),
         _ => Err(Counter::EgressDropUnsupportedProto.into()),
     }
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: helper without preconditions.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
@@ -132,7 +140,7 @@ fn node_icmp_error(ctx: &TcContext, ip: &Ipv4) -> Verdict {
 }
 
 /// What egress needs of a TCP segment to track its mapping.
-struct Segment {
+pub struct Segment {
     tcp: Tcp,
     /// Offset of the TCP header (for the SYN's options).
     l4: usize,
@@ -150,16 +158,16 @@ impl Segment {
 /// `snat_create` (see [`pend`]; `rport` is its real remote port; `hairpin`: the packet is the
 /// hairpin program's, which `snat_create` hands on to delivery).
 #[inline(always)]
-fn mapping(
+pub fn mapping<A: Family>(
     ctx: &TcContext,
-    ip: &Ipv4,
-    key: &FlowKey,
+    ip: &A::Ip,
+    key: &FlowKeyOf<A>,
     rport: [u8; 2],
     seg: Option<&Segment>,
     hairpin: bool,
-) -> Result<Nat, Stop> {
+) -> Result<(A, [u8; 2]), Stop> {
     if let Some((p, m)) = mapping::forward(key) {
-        block::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
+        family::fence_egress(m.nat_addr, m.nat_port, m.block_epoch)?;
         if let Some(seg) = seg {
             track(ctx, key, p, &m, seg);
         } else if key.proto == proto::UDP && m.window != rport && m.window != [0; 2] {
@@ -189,34 +197,40 @@ fn mapping(
         // Only a SYN opens a TCP mapping: a stray segment must not take a port.
         Some(_) => return Err(Counter::EgressDropTcpNotSyn.into()),
     };
-    pend(
-        ctx,
-        &Pending {
-            ip: *ip,
-            key: *key,
-            rport,
-            syn,
-            attempt: 0,
-            paired: [0; 4],
-            hairpin,
-            // SAFETY: helper without preconditions.
-            started: unsafe { bpf_ktime_get_ns() },
-        },
-    )
+    pend(ctx, ip, key, rport, &syn, hairpin)
 }
 
 /// Hands a packet whose flow has no mapping to `snat_create` (a tail call: it does not come
-/// back). Returns only if the call failed.
+/// back): its header, key, real remote port, SYN and origin go to this CPU's `Pending` slot,
+/// written field by field (an IPv6 `Pending` built on the stack first would not fit it).
+/// Returns only if the call failed.
 #[inline(always)]
-fn pend(ctx: &TcContext, pending: &Pending) -> Result<Nat, Stop> {
-    let slot = SNAT_PENDING
+fn pend<A: Family>(
+    ctx: &TcContext,
+    ip: &A::Ip,
+    key: &FlowKeyOf<A>,
+    rport: [u8; 2],
+    syn: &Syn,
+    hairpin: bool,
+) -> Result<(A, [u8; 2]), Stop> {
+    let slot = A::pending()
         .get_ptr_mut(0)
         .ok_or(Counter::EgressDropNoAllocator)?;
     // SAFETY: this CPU's slot; `snat_create` reads it on this CPU right after the tail call.
-    unsafe { *slot = *pending };
+    unsafe {
+        (*slot).ip = *ip;
+        (*slot).key = *key;
+        (*slot).rport = rport;
+        (*slot).syn = *syn;
+        (*slot).attempt = 0;
+        (*slot).paired = A::ZERO;
+        (*slot).hairpin = hairpin;
+        // SAFETY: helper without preconditions.
+        (*slot).started = bpf_ktime_get_ns();
+    }
     // SAFETY: a tail call from the program's own frame (never from a subprogram); on success
     // control goes to `snat_create` and never returns here.
-    unsafe { SNAT_PROGRAMS.tail_call(ctx, SLOT_CREATE) };
+    unsafe { SNAT_PROGRAMS.tail_call(ctx, A::SLOT_CREATE) };
     Err(Counter::EgressDropNoAllocator.into())
 }
 
@@ -226,7 +240,13 @@ fn pend(ctx: &TcContext, pending: &Pending) -> Result<Nat, Stop> {
 /// persistence: the NAT port is kept, so the server's TIME_WAIT sees the same 4-tuple with a
 /// higher sequence number and accepts it). Only egress writes these fields.
 #[inline(always)]
-fn track(ctx: &TcContext, key: &FlowKey, p: *mut Mapping, m: &Forward, seg: &Segment) {
+fn track<A: Family>(
+    ctx: &TcContext,
+    key: &FlowKeyOf<A>,
+    p: *mut MappingOf<A>,
+    m: &Forward<A>,
+    seg: &Segment,
+) {
     let t = &seg.tcp;
     let epoch = m.epoch;
     if seg.pure_syn() {
@@ -275,23 +295,23 @@ fn track(ctx: &TcContext, key: &FlowKey, p: *mut Mapping, m: &Forward, seg: &Seg
 
 /// A pod's TCP segment: translated through its mapping, or handed to `snat_create`.
 #[inline(always)]
-pub fn tcp(ctx: &TcContext, ip: &Ipv4, hairpin: bool) -> Verdict {
+pub fn tcp<A: Family>(ctx: &TcContext, ip: &A::Ip, hairpin: bool) -> Verdict {
     let l4 = ip.l4();
     let avail = ip.l4_len(ctx);
     let t = Tcp::read(ctx, l4).map_err(|_| Counter::EgressDropMalformed)?;
     if avail < 20 || t.doff < 20 || t.doff > avail {
         return Err(Counter::EgressDropMalformed.into());
     }
-    let key = FlowKey::new(proto::TCP, ip.src, t.sport, ip.dst, t.dport);
+    let key = FlowKeyOf::new(proto::TCP, ip.src(), t.sport, ip.dst(), t.dport);
     let seg = Segment { tcp: t, l4 };
     let nat = mapping(ctx, ip, &key, t.dport, Some(&seg), hairpin)?;
-    translate(ctx, ip, proto::TCP, (ip.src, t.sport), nat)?;
+    translate::<A>(ctx, ip, proto::TCP, (ip.src(), t.sport), nat)?;
     Ok(Counter::EgressTranslatedTcp)
 }
 
 /// A pod's UDP datagram: translated through its mapping, or handed to `snat_create`.
 #[inline(always)]
-pub fn udp(ctx: &TcContext, ip: &Ipv4, hairpin: bool) -> Verdict {
+pub fn udp<A: Family>(ctx: &TcContext, ip: &A::Ip, hairpin: bool) -> Verdict {
     let l4 = ip.l4();
     let avail = ip.l4_len(ctx);
     let head: [u8; 8] = read(ctx, l4).map_err(|_| Counter::EgressDropMalformed)?;
@@ -301,9 +321,9 @@ pub fn udp(ctx: &TcContext, ip: &Ipv4, hairpin: bool) -> Verdict {
         return Err(Counter::EgressDropMalformed.into());
     }
     let (sport, dport) = ([head[0], head[1]], [head[2], head[3]]);
-    let key = FlowKey::new(proto::UDP, ip.src, sport, ip.dst, [0; 2]);
+    let key = FlowKeyOf::new(proto::UDP, ip.src(), sport, ip.dst(), [0; 2]);
     let nat = mapping(ctx, ip, &key, dport, None, hairpin)?;
-    translate(ctx, ip, proto::UDP, (ip.src, sport), nat)?;
+    translate::<A>(ctx, ip, proto::UDP, (ip.src(), sport), nat)?;
     Ok(Counter::EgressTranslatedUdp)
 }
 
@@ -318,8 +338,8 @@ fn icmp(ctx: &TcContext, ip: &Ipv4) -> Verdict {
         kind::ECHO_REQUEST => {
             let id = [head[4], head[5]];
             let key = FlowKey::new(proto::ICMP, ip.src, id, ip.dst, [0; 2]);
-            let nat = mapping(ctx, ip, &key, [0; 2], None, false)?;
-            translate(ctx, ip, proto::ICMP, (ip.src, id), nat)?;
+            let nat = mapping::<[u8; 4]>(ctx, ip, &key, [0; 2], None, false)?;
+            translate::<[u8; 4]>(ctx, ip, proto::ICMP, (ip.src, id), nat)?;
             Ok(Counter::EgressTranslatedIcmp)
         }
         t if icmp::is_error(t) => icmp_error(ctx, ip),
@@ -358,7 +378,7 @@ fn later_fragment(ctx: &TcContext, ip: &Ipv4) -> Verdict {
     let addr = match fragments_of(&ip.frag_key(), now()) {
         Some(addr) => addr,
         None => {
-            alloc::nat_ip_for(ip.src, 0)
+            alloc::nat_ip_for::<[u8; 4]>(ip.src, 0)
                 .map_err(|_| Counter::EgressDropNoNatIp)?
                 .1
                 .addr

@@ -46,9 +46,9 @@ const FIB_NO_NEIGH: i64 = 7;
 pub fn run(ctx: &TcContext) -> Option<Verdict> {
     let ip = to_nat_endpoint(ctx)?;
     let translated = if ip.proto == proto::TCP {
-        egress::tcp(ctx, &ip, true)
+        egress::tcp::<[u8; 4]>(ctx, &ip, true)
     } else {
-        egress::udp(ctx, &ip, true)
+        egress::udp::<[u8; 4]>(ctx, &ip, true)
     };
     Some(translated.and_then(|c| {
         // The mapping existed: the source is translated.

@@ -10,10 +10,13 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_loop};
 use snat_common::{
     pool::index::{BLOCK, BLOCKS, PORTS},
-    Counter, FlowKey,
+    Counter, FlowKeyOf,
 };
 
-use crate::maps::{count, SNAT_FREE_PORTS, SNAT_FREE_ZERO, SNAT_REV};
+use crate::{
+    family::Family,
+    maps::{count, SNAT_FREE_ZERO},
+};
 
 /// One hot destination's index.
 #[repr(C, align(8))]
@@ -26,8 +29,8 @@ pub struct FreePorts {
 
 /// The destination key of a reply key: the NAT port zeroed.
 #[inline(always)]
-pub const fn destination(reply: &FlowKey) -> FlowKey {
-    FlowKey {
+pub const fn destination<A: Family>(reply: &FlowKeyOf<A>) -> FlowKeyOf<A> {
+    FlowKeyOf {
         dst_port: [0; 2],
         ..*reply
     }
@@ -35,8 +38,8 @@ pub const fn destination(reply: &FlowKey) -> FlowKey {
 
 /// The index of the destination `dest` (see [`destination`]), if it is hot.
 #[inline(always)]
-pub fn of(dest: &FlowKey) -> Option<*mut FreePorts> {
-    SNAT_FREE_PORTS.get_ptr_mut(dest)
+pub fn of<A: Family>(dest: &FlowKeyOf<A>) -> Option<*mut FreePorts> {
+    A::free_ports().get_ptr_mut(dest)
 }
 
 /// Records that `port` was claimed.
@@ -51,7 +54,7 @@ pub fn taken(index: *mut FreePorts, port: u16) {
 /// sees the port as taken, which only hides it from the index until the walk or the next release
 /// finds it.)
 #[inline(always)]
-pub fn freed(dest: &FlowKey, reply: &FlowKey) {
+pub fn freed<A: Family>(dest: &FlowKeyOf<A>, reply: &FlowKeyOf<A>) {
     if let Some(index) = of(dest) {
         let port = usize::from(u16::from_be_bytes(reply.dst_port));
         // SAFETY: as in `taken`.
@@ -64,19 +67,19 @@ pub fn freed(dest: &FlowKey, reply: &FlowKey) {
 
 /// State of the build, shared with the `bpf_loop` callback on the stack.
 #[repr(C)]
-struct Build {
+struct Build<A> {
     index: *mut FreePorts,
-    reply: FlowKey,
+    reply: FlowKeyOf<A>,
     port_min: u32,
 }
 
 /// Marks the `i`-th port of the range free if nothing claims it.
-extern "C" fn build_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn build_step<A: Family>(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `bpf_loop` passes back the pointer `build` gave it, to a live `Build`.
-    let b = unsafe { &mut *ctx.cast::<Build>() };
+    let b = unsafe { &mut *ctx.cast::<Build<A>>() };
     let port = (b.port_min + i as u32) as usize & (PORTS - 1);
     b.reply.dst_port = (port as u16).to_be_bytes();
-    if SNAT_REV.get_ptr(b.reply).is_none() {
+    if A::rev().get_ptr(b.reply).is_none() {
         // SAFETY: as in `taken`.
         unsafe {
             (*b.index).port[port] = 1;
@@ -89,18 +92,16 @@ extern "C" fn build_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// Creates the index of the destination `key` for the ports `port_min..port_min + len` from the
 /// claims in `SNAT_REV` (one pass over the range), or returns the one another CPU created.
 #[inline(always)]
-pub fn build(key: &FlowKey, port_min: u16, len: u32) -> Option<*mut FreePorts> {
+pub fn build<A: Family>(key: &FlowKeyOf<A>, port_min: u16, len: u32) -> Option<*mut FreePorts> {
     let key = *key;
     let zero = SNAT_FREE_ZERO.get_ptr(0)?;
     // SAFETY: `zero` points to a live map value of the right type and size.
     let zero = unsafe { &*zero };
-    if SNAT_FREE_PORTS
-        .insert(key, zero, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        return SNAT_FREE_PORTS.get_ptr_mut(key);
+    let map = A::free_ports();
+    if map.insert(key, zero, u64::from(BPF_NOEXIST)).is_err() {
+        return map.get_ptr_mut(key);
     }
-    let index = SNAT_FREE_PORTS.get_ptr_mut(key)?;
+    let index = map.get_ptr_mut(key)?;
     let mut b = Build {
         index,
         reply: key,
@@ -111,7 +112,7 @@ pub fn build(key: &FlowKey, port_min: u16, len: u32) -> Option<*mut FreePorts> {
     unsafe {
         bpf_loop(
             len,
-            build_step as *mut core::ffi::c_void,
+            build_step::<A> as *mut core::ffi::c_void,
             (&raw mut b).cast(),
             0,
         );

@@ -16,15 +16,16 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use snat_common::{
     flow::proto,
     tcp::{self, check_remote, header, PodSide, Remote},
-    Counter, FlowKey, Origin,
+    Counter, FlowKey, FlowKeyOf, OriginOf,
 };
 
 use crate::{
     block,
+    family::{self, Family, IpHeader},
     icmp::{self, kind, Inner},
     mapping::{self, Reverse},
-    maps::{expiry_event, fragments_of, remember_fragments},
-    packet::{l4_check_offset, read, rewrite_addr, rewrite_endpoint, Ipv4, Packet, Side, Tcp},
+    maps::{expiry_event, fragments_of},
+    packet::{fragment_translated, l4_check_offset, read, rewrite_addr, Ipv4, Packet, Side, Tcp},
     verdict::Verdict,
 };
 
@@ -42,8 +43,8 @@ pub fn run<C: Packet>(ctx: &C) -> Verdict {
         return later_fragment(ctx, &ip);
     }
     match ip.proto {
-        proto::TCP => tcp(ctx, &ip),
-        proto::UDP => udp(ctx, &ip),
+        proto::TCP => tcp::<[u8; 4], C>(ctx, &ip),
+        proto::UDP => udp::<[u8; 4], C>(ctx, &ip),
         proto::ICMP => icmp(ctx, &ip),
         _ => Ok(Counter::IngressPassNoMapping),
     }
@@ -52,16 +53,16 @@ pub fn run<C: Packet>(ctx: &C) -> Verdict {
 /// Cluster mode: whether the reply `key` of the reverse half `o` may be translated now (its
 /// forward half's block epoch against the block table). Outside cluster mode: always.
 #[inline(always)]
-fn fence(key: &FlowKey, o: &Reverse) -> Result<(), Counter> {
-    let Some(l) = block::layout() else {
+pub fn fence<A: Family>(key: &FlowKeyOf<A>, o: &Reverse<A>) -> Result<(), Counter> {
+    let (Some(l), Some(addr)) = (block::layout(), A::v4(key.dst_addr)) else {
         return Ok(());
     };
     let epoch = mapping::forward(&key.forward_to(o.addr, o.port)).map(|(_, m)| m.block_epoch);
-    block::fence_ingress(&l, key.dst_addr, key.dst_port, epoch)
+    block::fence_ingress(&l, addr, key.dst_port, epoch)
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: helper without preconditions.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
@@ -70,46 +71,35 @@ fn now() -> u64 {
 /// header) to the internal endpoint of its reverse half `o` (pointer `p`): refreshes the half,
 /// rewrites the packet, and remembers a first fragment's translation for the fragments after it.
 #[inline(always)]
-fn deliver<C: Packet>(
+pub fn deliver<A: Family, C: Packet>(
     ctx: &C,
-    ip: &Ipv4,
-    p: *mut Origin,
-    o: &Reverse,
+    ip: &A::Ip,
+    p: *mut OriginOf<A>,
+    o: &Reverse<A>,
     port_off: usize,
-    nat: ([u8; 4], [u8; 2]),
+    nat: (A, [u8; 2]),
 ) -> Result<(), Counter> {
-    let now = now();
-    mapping::refresh_reverse(p, o, now).map_err(|()| Counter::IngressDropReleased)?;
-    rewrite_endpoint(
-        ctx,
-        ip.l4(),
-        ip.proto,
-        Side::Dst,
-        port_off,
-        nat,
-        (o.addr, o.port),
-    )
-    .map_err(|_| Counter::IngressDropRewrite)?;
-    if ip.is_fragment() {
-        remember_fragments(&ip.frag_key(), o.addr, now);
-    }
+    mapping::refresh_reverse(p, o, now()).map_err(|()| Counter::IngressDropReleased)?;
+    A::rewrite_endpoint(ctx, ip, Side::Dst, port_off, nat, (o.addr, o.port))
+        .map_err(|_| Counter::IngressDropRewrite)?;
+    fragment_translated::<A>(ip, o.addr);
     Ok(())
 }
 
 #[inline(always)]
-fn tcp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
+pub fn tcp<A: Family, C: Packet>(ctx: &C, ip: &A::Ip) -> Verdict {
     if ip.l4_len(ctx) < 20 {
         return Ok(Counter::IngressPassUnparsed);
     }
     let Ok(t) = Tcp::read(ctx, ip.l4()) else {
         return Ok(Counter::IngressPassUnparsed);
     };
-    if ctx.checksum_pending(ip, ip.l4() + l4_check_offset(proto::TCP)) {
+    if A::checksum_pending(ctx, ip, ip.l4() + l4_check_offset(proto::TCP)) {
         return Ok(Counter::XdpDeferred);
     }
-    let key = FlowKey::new(proto::TCP, ip.src, t.sport, ip.dst, t.dport);
+    let key = FlowKeyOf::new(proto::TCP, ip.src(), t.sport, ip.dst(), t.dport);
     let Some((p, o)) = mapping::reverse(&key) else {
-        return block::no_mapping(ip.dst, t.dport).map_err(Into::into);
+        return family::no_mapping(ip.dst(), t.dport).map_err(Into::into);
     };
     fence(&key, &o)?;
     let result = if t.flags & (header::SYN | header::FIN | header::RST) != 0 {
@@ -117,7 +107,7 @@ fn tcp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
     } else {
         Counter::IngressTranslatedTcp
     };
-    deliver(ctx, ip, p, &o, 2, (ip.dst, t.dport))?;
+    deliver(ctx, ip, p, &o, 2, (ip.dst(), t.dport))?;
     Ok(result)
 }
 
@@ -125,7 +115,12 @@ fn tcp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
 /// stamped with the forward half's epoch, if the pod's side accepts it there; returns the
 /// packet's result.
 #[inline(always)]
-fn remote_flags(key: &FlowKey, p: *mut Origin, o: &Reverse, t: &Tcp) -> Counter {
+fn remote_flags<A: Family>(
+    key: &FlowKeyOf<A>,
+    p: *mut OriginOf<A>,
+    o: &Reverse<A>,
+    t: &Tcp,
+) -> Counter {
     let fwd = key.forward_to(o.addr, o.port);
     let Some((_, m)) = mapping::forward(&fwd) else {
         return Counter::IngressTranslatedTcp;
@@ -168,23 +163,23 @@ fn remote_flags(key: &FlowKey, p: *mut Origin, o: &Reverse, t: &Tcp) -> Counter 
 }
 
 #[inline(always)]
-fn udp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
+pub fn udp<A: Family, C: Packet>(ctx: &C, ip: &A::Ip) -> Verdict {
     if ip.l4_len(ctx) < 8 {
         return Ok(Counter::IngressPassUnparsed);
     }
     let Ok(head) = read::<[u8; 4]>(ctx, ip.l4()) else {
         return Ok(Counter::IngressPassUnparsed);
     };
-    if ctx.checksum_pending(ip, ip.l4() + l4_check_offset(proto::UDP)) {
+    if A::checksum_pending(ctx, ip, ip.l4() + l4_check_offset(proto::UDP)) {
         return Ok(Counter::XdpDeferred);
     }
     let dport = [head[2], head[3]];
-    let key = FlowKey::new(proto::UDP, ip.src, [0; 2], ip.dst, dport);
+    let key = FlowKeyOf::new(proto::UDP, ip.src(), [0; 2], ip.dst(), dport);
     let Some((p, o)) = mapping::reverse(&key) else {
-        return block::no_mapping(ip.dst, dport).map_err(Into::into);
+        return family::no_mapping(ip.dst(), dport).map_err(Into::into);
     };
     fence(&key, &o)?;
-    deliver(ctx, ip, p, &o, 2, (ip.dst, dport))?;
+    deliver(ctx, ip, p, &o, 2, (ip.dst(), dport))?;
     Ok(Counter::IngressTranslatedUdp)
 }
 
@@ -204,7 +199,7 @@ fn icmp<C: Packet>(ctx: &C, ip: &Ipv4) -> Verdict {
                 return block::no_mapping(ip.dst, id).map_err(Into::into);
             };
             fence(&key, &o)?;
-            deliver(ctx, ip, p, &o, 4, (ip.dst, id))?;
+            deliver::<[u8; 4], C>(ctx, ip, p, &o, 4, (ip.dst, id))?;
             Ok(Counter::IngressTranslatedIcmp)
         }
         t if icmp::is_error(t) => icmp_error(ctx, ip),

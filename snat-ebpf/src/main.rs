@@ -32,6 +32,10 @@ mod create;
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod egress6;
+#[cfg(target_arch = "bpf")]
+mod family;
+#[cfg(target_arch = "bpf")]
 mod gateway;
 #[cfg(target_arch = "bpf")]
 mod gateway_maps;
@@ -46,11 +50,15 @@ mod index;
 #[cfg(target_arch = "bpf")]
 mod ingress;
 #[cfg(target_arch = "bpf")]
+mod ingress6;
+#[cfg(target_arch = "bpf")]
 mod mapping;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
+#[cfg(target_arch = "bpf")]
+mod packet6;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
@@ -69,26 +77,9 @@ mod programs {
     };
 
     use crate::{
-        create, egress, gateway, guard, hairpin, ingress, maps::count, release, verdict::Verdict,
-        xdp,
+        create, egress, egress6, gateway, guard, hairpin, ingress, ingress6, release,
+        verdict::action, xdp,
     };
-
-    /// Counts the verdict and turns it into a TC action: passed and translated packets go on to
-    /// the next program or the stack (`TC_ACT_UNSPEC`, TCX "next"); the others are shot or, when
-    /// turned into an answer, redirected.
-    #[inline(always)]
-    fn action(verdict: Verdict) -> i32 {
-        match verdict {
-            Ok(c) => {
-                count(c);
-                TC_ACT_UNSPEC
-            }
-            Err(stop) => {
-                count(stop.counter);
-                stop.action
-            }
-        }
-    }
 
     #[classifier]
     #[expect(
@@ -105,7 +96,17 @@ mod programs {
         reason = "#[classifier] hands the context over by value"
     )]
     pub fn snat_create(ctx: TcContext) -> i32 {
-        action(create::run(&ctx))
+        action(create::run::<[u8; 4]>(&ctx))
+    }
+
+    /// `snat_create` for IPv6 flows (their own maps and stack frame).
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_create6(ctx: TcContext) -> i32 {
+        action(create::run::<[u8; 16]>(&ctx))
     }
 
     #[classifier]
@@ -117,7 +118,33 @@ mod programs {
         if xdp::decided(&ctx) {
             return TC_ACT_UNSPEC;
         }
+        if ctx.skb.protocol() == crate::packet6::ETH_P_IPV6_BE && crate::family::ipv6_on() {
+            // SAFETY: a tail call from the program's own frame; IPv6 goes on there.
+            unsafe { crate::maps::SNAT_PROGRAMS.tail_call(&ctx, snat_common::SLOT_INGRESS6) };
+            // No IPv6 program loaded: untouched, as before NAT66.
+            return TC_ACT_UNSPEC;
+        }
         action(ingress::run(&ctx))
+    }
+
+    /// IPv6 egress (NAT66), tail-called by `snat_egress`.
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_egress6(ctx: TcContext) -> i32 {
+        egress6::run(&ctx)
+    }
+
+    /// IPv6 ingress (NAT66), tail-called by `snat_ingress`.
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_ingress6(ctx: TcContext) -> i32 {
+        action(ingress6::run(&ctx))
     }
 
     /// Hairpinning, first step: TC ingress on a pod's interface (see `hairpin`).
@@ -159,7 +186,16 @@ mod programs {
         reason = "#[classifier] hands the context over by value"
     )]
     pub fn snat_release(ctx: TcContext) -> i32 {
-        release::run(&ctx)
+        release::run::<[u8; 4]>(&ctx)
+    }
+
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_release6(ctx: TcContext) -> i32 {
+        release::run::<[u8; 16]>(&ctx)
     }
 
     #[classifier]

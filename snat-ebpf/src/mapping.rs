@@ -23,16 +23,19 @@
 //!   later; a release that sees a refresh keeps the mapping. (On architectures whose JIT emits
 //!   relaxed atomics for BPF_XADD — arm64 — this ordering is not guaranteed.)
 
-use snat_common::{Counter, FlowKey, Mapping, Origin};
+use snat_common::{FlowKeyOf, MappingOf, OriginOf};
 
-use crate::maps::{atomic_add32, count, SNAT_FENCE, SNAT_FWD, SNAT_REV};
+use crate::{
+    family::Family,
+    maps::{atomic_add32, SNAT_FENCE},
+};
 
 pub use snat_common::flow::REFRESH_NS;
 
 /// What the datapath reads of a forward half, copied out of the map once.
 #[derive(Clone, Copy)]
-pub struct Forward {
-    pub nat_addr: [u8; 4],
+pub struct Forward<A> {
+    pub nat_addr: A,
     pub nat_port: [u8; 2],
     pub epoch: u16,
     pub syn: u16,
@@ -48,7 +51,7 @@ pub struct Forward {
     pub block_epoch: u32,
 }
 
-impl Forward {
+impl<A> Forward<A> {
     /// The `SEEN_*` flags the pod sent in the current epoch.
     #[inline(always)]
     pub const fn tcp_seen(&self) -> u8 {
@@ -58,8 +61,8 @@ impl Forward {
 
 /// What the datapath reads of a reverse half, copied out of the map once.
 #[derive(Clone, Copy)]
-pub struct Reverse {
-    pub addr: [u8; 4],
+pub struct Reverse<A> {
+    pub addr: A,
     pub port: [u8; 2],
     pub syn: u16,
     pub fin: u16,
@@ -67,7 +70,7 @@ pub struct Reverse {
     pub last_seen_ns: u64,
 }
 
-impl Reverse {
+impl<A> Reverse<A> {
     /// The `SEEN_*` flags the remote sent in `epoch`.
     #[inline(always)]
     pub const fn tcp_seen(&self, epoch: u16) -> u8 {
@@ -92,34 +95,14 @@ macro_rules! field {
     };
 }
 
-/// Whether the value at `p`, whose stored key reads as `stored`, still belongs to `key`, read
-/// after its other fields were copied: the kernel writes a recycled element's value from its
-/// start (where the key is) onwards, so if the key read last is still `key`, the fields read
-/// before it were this flow's.
-#[inline(always)]
-fn owned_by(stored: [u64; 2], key: &FlowKey) -> bool {
-    if stored == key.words() {
-        true
-    } else {
-        count(Counter::RecycledEntry);
-        false
-    }
-}
-
-/// The stored key of the value at `$p`, as two words, read once.
-macro_rules! stored_key {
-    ($p:expr) => {
-        // SAFETY: as in `field!`; the key is the value's first 16 bytes, 8-aligned.
-        unsafe { core::ptr::read_volatile((&raw const (*$p).key).cast::<[u64; 2]>()) }
-    };
-}
-
 /// The forward half of `key`: a pointer for the refreshing stores, and the checked copy.
 #[inline(always)]
-pub fn forward(key: &FlowKey) -> Option<(*mut Mapping, Forward)> {
-    let p = SNAT_FWD.get_ptr_mut(key)?;
+pub fn forward<A: Family>(key: &FlowKeyOf<A>) -> Option<(*mut MappingOf<A>, Forward<A>)> {
+    let p = A::fwd().get_ptr_mut(key)?;
     let m = Forward {
-        nat_addr: field!(p, nat_addr as u32),
+        // SAFETY: `p` points to a live (possibly recycled) value; the field is aligned (see
+        // `snat_common::flow`).
+        nat_addr: unsafe { A::load(&raw const (*p).nat_addr) },
         nat_port: field!(p, nat_port as u16),
         epoch: field!(p, epoch),
         syn: field!(p, syn),
@@ -138,22 +121,40 @@ pub fn forward(key: &FlowKey) -> Option<(*mut Mapping, Forward)> {
             0
         },
     };
-    owned_by(stored_key!(p), key).then_some((p, m))
+    // SAFETY: as above; the key is the value's first field, 8-aligned.
+    unsafe { A::owned_by(&raw const (*p).key, key) }.then_some((p, m))
+}
+
+/// The NAT endpoint of `key`'s forward half, and nothing else of it (see [`forward`]): for the
+/// paths that only translate (ICMP errors, a lost creation race), without the copy of every
+/// field.
+#[inline(always)]
+pub fn forward_nat<A: Family>(key: &FlowKeyOf<A>) -> Option<(A, [u8; 2])> {
+    let p = A::fwd().get_ptr_mut(key)?;
+    // SAFETY: as in `forward`.
+    let nat = (
+        unsafe { A::load(&raw const (*p).nat_addr) },
+        field!(p, nat_port as u16),
+    );
+    // SAFETY: as in `forward`.
+    unsafe { A::owned_by(&raw const (*p).key, key) }.then_some(nat)
 }
 
 /// The reverse half of `key` (see [`forward`]).
 #[inline(always)]
-pub fn reverse(key: &FlowKey) -> Option<(*mut Origin, Reverse)> {
-    let p = SNAT_REV.get_ptr_mut(key)?;
+pub fn reverse<A: Family>(key: &FlowKeyOf<A>) -> Option<(*mut OriginOf<A>, Reverse<A>)> {
+    let p = A::rev().get_ptr_mut(key)?;
     let o = Reverse {
-        addr: field!(p, addr as u32),
+        // SAFETY: as in `forward`.
+        addr: unsafe { A::load(&raw const (*p).addr) },
         port: field!(p, port as u16),
         syn: field!(p, syn),
         fin: field!(p, fin),
         rst: field!(p, rst),
         last_seen_ns: field!(p, last_seen_ns),
     };
-    owned_by(stored_key!(p), key).then_some((p, o))
+    // SAFETY: as in `forward`.
+    unsafe { A::owned_by(&raw const (*p).key, key) }.then_some((p, o))
 }
 
 /// Records a packet at `now` in a half whose copy says it was last seen at `seen`, whose stamp is
@@ -184,7 +185,11 @@ unsafe fn refresh(seen: u64, now: u64, stamp: *mut u64, release: *const u32) -> 
 
 /// Refreshes the forward half `p` (copy `m`) at `now`; `Err` while it is being released.
 #[inline(always)]
-pub fn refresh_forward(p: *mut Mapping, m: &Forward, now: u64) -> Result<(), ()> {
+pub fn refresh_forward<A: Family>(
+    p: *mut MappingOf<A>,
+    m: &Forward<A>,
+    now: u64,
+) -> Result<(), ()> {
     // SAFETY: `p` comes from `forward`; the fields are of that one value.
     unsafe {
         refresh(
@@ -198,7 +203,7 @@ pub fn refresh_forward(p: *mut Mapping, m: &Forward, now: u64) -> Result<(), ()>
 
 /// Refreshes the reverse half `p` (copy `o`) at `now`; `Err` while it is being released.
 #[inline(always)]
-pub fn refresh_reverse(p: *mut Origin, o: &Reverse, now: u64) -> Result<(), ()> {
+pub fn refresh_reverse<A: Family>(p: *mut OriginOf<A>, o: &Reverse<A>, now: u64) -> Result<(), ()> {
     // SAFETY: `p` comes from `reverse`; the fields are of that one value.
     unsafe {
         refresh(

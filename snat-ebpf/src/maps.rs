@@ -17,14 +17,21 @@ use aya_ebpf::{
 use snat_common::{
     alloc_hist,
     block::{BlockEntry, BlockKey, LeaseRecord, OpenBlocks, MAX_HELD_BLOCKS},
-    flow::{use_count, Endpoint, FragKey, FragValue, FRAG_TIMEOUT_NS},
-    Config, Counter, FlowKey, FullMark, Ipv4Octets, Mapping, NatIp, Origin, PoolKey, RejectWindow,
-    StateHeader, UseKey, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_FULL_DESTINATIONS,
+    flow::{
+        use_count, Endpoint, Endpoint6, FragKey, FragKey6, FragValue, FragValue6, FRAG_TIMEOUT_NS,
+    },
+    Config, Counter, FlowKey, FlowKey6, FlowKeyOf, FullMark, Ipv4Octets, Mapping, Mapping6, NatIp,
+    NatIp6, Origin, Origin6, PoolKey, PoolKey6, PoolKeyOf, RejectWindow, StateHeader, UseKey,
+    UseKey6, UseKeyOf, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_FULL_DESTINATIONS,
     MAX_HOST_ECHOES, MAX_HOT_DESTINATIONS, MAX_NAT_IPS, PROGRAM_SLOTS, REFUSAL_WINDOW_NS,
     REFUSED_FLOWS, REFUSING_SOURCES,
 };
 
-use crate::{alloc::ScanState, create::Pending, index::FreePorts};
+use crate::{alloc::ScanState, create::Pending, family::Family, index::FreePorts};
+
+/// Default size of the big IPv6 maps: the controller sizes them from `--max-mappings` when
+/// IPv6 is configured, and to one entry when not.
+const V6_DEFAULT: u32 = 1024;
 
 #[map]
 pub static SNAT_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -46,6 +53,90 @@ pub static SNAT_FWD: HashMap<FlowKey, Mapping> = HashMap::with_max_entries(DEFAU
 #[map]
 pub static SNAT_REV: HashMap<FlowKey, Origin> = HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
 
+#[map]
+pub static SNAT_NAT_IPS6: Array<NatIp6> = Array::with_max_entries(2 * MAX_NAT_IPS, 0);
+
+#[map]
+pub static SNAT_INTERNAL6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SNAT_EXCLUDE6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(MAX_CIDRS, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SNAT_FWD6: HashMap<FlowKey6, Mapping6> = HashMap::with_max_entries(V6_DEFAULT, 0);
+
+#[map]
+pub static SNAT_REV6: HashMap<FlowKey6, Origin6> = HashMap::with_max_entries(V6_DEFAULT, 0);
+
+#[map]
+pub static SNAT_USE6: HashMap<UseKey6, u64> =
+    HashMap::with_max_entries(V6_DEFAULT, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SNAT_EXHAUSTED6: PerCpuHashMap<PoolKey6, u64> =
+    PerCpuHashMap::with_max_entries(2 * MAX_NAT_IPS * 3, 0);
+
+#[map]
+pub static SNAT_OVERFLOW6: PerCpuHashMap<PoolKey6, u64> =
+    PerCpuHashMap::with_max_entries(2 * MAX_NAT_IPS * 3, 0);
+
+#[map]
+pub static SNAT_REFUSED6: LruHashMap<FlowKey6, u64> =
+    LruHashMap::with_max_entries(REFUSED_FLOWS, 0);
+
+#[map]
+pub static SNAT_SRC_REFUSED6: LruHashMap<[u8; 16], u64> =
+    LruHashMap::with_max_entries(REFUSING_SOURCES, 0);
+
+#[map]
+pub static SNAT_ENDPOINTS6: LruHashMap<Endpoint6, Endpoint6> =
+    LruHashMap::with_max_entries(V6_DEFAULT, 0);
+
+#[map]
+pub static SNAT_FRAGS6: LruHashMap<FragKey6, FragValue6> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTED, 0);
+
+#[map]
+pub static SNAT_SCAN6: PerCpuArray<ScanState<[u8; 16]>> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static SNAT_FREE_PORTS6: LruHashMap<FlowKey6, FreePorts> = LruHashMap::with_max_entries(1, 0);
+
+#[map]
+pub static SNAT_FULL6: LruHashMap<FlowKey6, FullMark> =
+    LruHashMap::with_max_entries(MAX_FULL_DESTINATIONS, 0);
+
+#[map]
+pub static SNAT_HOST_ECHO6: LruHashMap<FlowKey6, u64> =
+    LruHashMap::with_max_entries(MAX_HOST_ECHOES, 0);
+
+#[map]
+pub static SNAT_PENDING6: PerCpuArray<Pending<[u8; 16]>> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's IPv6 header being translated (`packet6::Ipv6`).
+#[map]
+pub static SNAT_HEADER6: PerCpuArray<crate::packet6::Ipv6> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's ICMPv6 error being translated (`packet6::Inner6`: too big for the stack).
+#[map]
+pub static SNAT_QUOTE6: PerCpuArray<crate::packet6::Inner6> = PerCpuArray::with_max_entries(1, 0);
+
+/// Remembers how the first fragment of an IPv6 datagram was translated (`addr`).
+#[inline(always)]
+pub fn remember_fragments6(key: &FragKey6, addr: [u8; 16], now: u64) {
+    let _ = SNAT_FRAGS6.insert(key, FragValue6 { addr, seen_ns: now }, 0);
+}
+
+/// How the first fragment of this IPv6 datagram was translated, if it passed recently.
+#[inline(always)]
+pub fn fragments_of6(key: &FragKey6, now: u64) -> Option<[u8; 16]> {
+    // SAFETY: pointer from a successful lookup, copied out at once.
+    let v = unsafe { *SNAT_FRAGS6.get_ptr(key)? };
+    (now.wrapping_sub(v.seen_ns) < FRAG_TIMEOUT_NS).then_some(v.addr)
+}
+
 /// Cluster mode: the blocks this node holds (see `crate::block`); written by the agent only.
 #[map]
 pub static SNAT_BLOCKS: HashMap<BlockKey, BlockEntry> =
@@ -66,11 +157,11 @@ pub static SNAT_EXPIRY_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Tells the controller that the expiry of the mapping with forward key `fwd` may have come
 /// closer (see `snat_common::MAP_EXPIRY_EVENTS`). The controller reads the ring on its own
-/// schedule: no wake-up.
+/// schedule: no wake-up. The record's size tells the family (16 bytes: IPv4, 40: IPv6).
 #[inline(always)]
-pub fn expiry_event(fwd: &FlowKey) {
+pub fn expiry_event<A: Family>(fwd: &FlowKeyOf<A>) {
     if SNAT_EXPIRY_EVENTS
-        .output::<FlowKey>(fwd, u64::from(BPF_RB_NO_WAKEUP))
+        .output::<FlowKeyOf<A>>(fwd, u64::from(BPF_RB_NO_WAKEUP))
         .is_err()
     {
         count(Counter::ExpiryEventsLost);
@@ -154,7 +245,7 @@ pub static SNAT_REJECT_RATE: PerCpuArray<RejectWindow> = PerCpuArray::with_max_e
 /// This CPU's state of the port search in `alloc` (the stack is nearly full at that depth; a TC
 /// program runs to completion on its CPU, so one slot per CPU suffices).
 #[map]
-pub static SNAT_SCAN: PerCpuArray<ScanState> = PerCpuArray::with_max_entries(1, 0);
+pub static SNAT_SCAN: PerCpuArray<ScanState<[u8; 4]>> = PerCpuArray::with_max_entries(1, 0);
 
 /// Sized by the controller (`pool::index::capacity`).
 #[map]
@@ -184,7 +275,7 @@ pub static SNAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAM_
 /// The packet egress hands to `snat_create` with its tail call (on the same CPU, which a TC
 /// program does not leave before the tail call runs).
 #[map]
-pub static SNAT_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+pub static SNAT_PENDING: PerCpuArray<Pending<[u8; 4]>> = PerCpuArray::with_max_entries(1, 0);
 
 /// One word per CPU that a refreshing packet adds to atomically: the `lock`ed add is the full
 /// barrier between its time stamp store and its read of the mapping's `release` (see `mapping`).
@@ -218,24 +309,25 @@ pub fn atomic_add32(p: *mut u32, delta: u32) {
 
 /// The count of `key` in `SNAT_USE` (0 if absent).
 #[inline(always)]
-pub fn use_of(key: &UseKey) -> u64 {
+pub fn use_of<A: Family>(key: &UseKeyOf<A>) -> u64 {
     // SAFETY: pointer from a successful lookup, read at once.
-    SNAT_USE
+    A::uses()
         .get_ptr(key)
         .map_or(0, |p| use_count(unsafe { *p }))
 }
 
 /// Adds one to each count of a new mapping, creating missing counts.
 #[inline(always)]
-pub fn use_add(keys: &[UseKey; 3]) {
+pub fn use_add<A: Family>(keys: &[UseKeyOf<A>; 3]) {
+    let uses = A::uses();
     for key in keys {
-        match SNAT_USE.get_ptr_mut(key) {
+        match uses.get_ptr_mut(key) {
             Some(p) => atomic_add(p, 1),
             None => {
-                if SNAT_USE.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
+                if uses.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
                     // Another CPU created it first (or the map is full: then the count is lost
                     // and only makes caps less strict).
-                    if let Some(p) = SNAT_USE.get_ptr_mut(key) {
+                    if let Some(p) = uses.get_ptr_mut(key) {
                         atomic_add(p, 1);
                     }
                 }
@@ -246,9 +338,9 @@ pub fn use_add(keys: &[UseKey; 3]) {
 
 /// Subtracts one from each count of a released mapping.
 #[inline(always)]
-pub fn use_sub(keys: &[UseKey; 3]) {
+pub fn use_sub<A: Family>(keys: &[UseKeyOf<A>; 3]) {
     for key in keys {
-        if let Some(p) = SNAT_USE.get_ptr_mut(key) {
+        if let Some(p) = A::uses().get_ptr_mut(key) {
             atomic_add(p, u64::MAX);
         }
     }
@@ -259,8 +351,8 @@ pub fn use_sub(keys: &[UseKey; 3]) {
 /// internal source and, when no port was left (`exhausted`, not a cap or fair share), per NAT
 /// IP and protocol.
 #[inline(always)]
-pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64, exhausted: bool) {
-    let fresh = match SNAT_REFUSED.get_ptr_mut(key) {
+pub fn count_refusal<A: Family>(key: &FlowKeyOf<A>, nat: A, now: u64, exhausted: bool) {
+    let fresh = match A::refused().get_ptr_mut(key) {
         Some(p) => {
             // SAFETY: pointer from a successful lookup; a torn read only misjudges freshness.
             let last = unsafe { &mut *p };
@@ -269,33 +361,29 @@ pub fn count_refusal(key: &FlowKey, nat: [u8; 4], now: u64, exhausted: bool) {
             fresh
         }
         None => {
-            let _ = SNAT_REFUSED.insert(key, now, 0);
+            let _ = A::refused().insert(key, now, 0);
             true
         }
     };
     if !fresh {
         return;
     }
-    match SNAT_SRC_REFUSED.get_ptr_mut(key.src_addr) {
+    match A::src_refused().get_ptr_mut(key.src_addr) {
         Some(p) => atomic_add(p, 1),
         None => {
-            let _ = SNAT_SRC_REFUSED.insert(key.src_addr, 1, 0);
+            let _ = A::src_refused().insert(key.src_addr, 1, 0);
         }
     }
     if !exhausted {
         return;
     }
-    count_in_pool(&SNAT_EXHAUSTED, nat, key.proto);
+    count_in_pool(A::exhausted(), nat, key.proto);
 }
 
 /// Adds one to this CPU's count of the pool (`nat`, `proto`) in `map`, creating it.
 #[inline(always)]
-pub fn count_in_pool(map: &PerCpuHashMap<PoolKey, u64>, nat: [u8; 4], proto: u8) {
-    let pool = PoolKey {
-        addr: nat,
-        proto,
-        _pad: [0; 3],
-    };
+pub fn count_in_pool<A: Family>(map: &PerCpuHashMap<PoolKeyOf<A>, u64>, nat: A, proto: u8) {
+    let pool = PoolKeyOf::new(nat, proto);
     for _ in 0..2 {
         if let Some(n) = map.get_ptr_mut(pool) {
             // SAFETY: this CPU's slot of a per-CPU value.

@@ -24,7 +24,7 @@ use aya_ebpf::{
 use network_types::ip::Ipv4Hdr;
 use snat_common::{csum, flow::proto, Counter};
 
-use crate::maps::remember_fragments;
+use crate::family::{Family, IpHeader};
 
 /// Bytes of the Ethernet header in front of IPv4 (the controller only attaches to Ethernet links).
 pub const ETH_LEN: usize = 14;
@@ -75,6 +75,18 @@ pub trait Packet {
     /// Rewrites the source or destination address of the IPv4 header and its checksum (nothing
     /// else: the caller fixes any checksum that covers the address through a pseudo-header).
     fn rewrite_addr(&self, side: Side, old: [u8; 4], new: [u8; 4]) -> Result<(), i64>;
+
+    /// [`Packet::rewrite_endpoint`] for IPv6 (`l4_proto` as the packet has it: ICMPv6 is 58).
+    /// IPv6 is translated on TC only: on XDP this fails (the XDP program passes IPv6 on).
+    fn rewrite_endpoint6(
+        &self,
+        l4: usize,
+        l4_proto: u8,
+        side: Side,
+        port_off: usize,
+        old: ([u8; 16], [u8; 2]),
+        new: ([u8; 16], [u8; 2]),
+    ) -> Result<(), i64>;
 
     /// Whether the TCP or UDP checksum of `ip` (the field at `check_off`) may still be pending
     /// offload. Only the skb knows for sure, and the TC helpers update either kind right, so on
@@ -145,6 +157,19 @@ impl Packet for TcContext {
         );
         self.l3_csum_replace(ETH_LEN + ip::CHECK, from, to, 4)?;
         TcContext::store(self, side.addr_off(), &new, 0)
+    }
+
+    #[inline(always)]
+    fn rewrite_endpoint6(
+        &self,
+        l4: usize,
+        l4_proto: u8,
+        side: Side,
+        port_off: usize,
+        old: ([u8; 16], [u8; 2]),
+        new: ([u8; 16], [u8; 2]),
+    ) -> Result<(), i64> {
+        crate::packet6::rewrite_endpoint(self, l4, l4_proto, side, port_off, old, new)
     }
 
     #[inline(always)]
@@ -323,6 +348,19 @@ impl Packet for XdpContext {
         let c = csum::replace32(u16::from_be_bytes(c), old, new);
         Packet::store(self, off, &c.to_be_bytes())?;
         Packet::store(self, side.addr_off(), &new)
+    }
+
+    #[inline(always)]
+    fn rewrite_endpoint6(
+        &self,
+        _l4: usize,
+        _l4_proto: u8,
+        _side: Side,
+        _port_off: usize,
+        _old: ([u8; 16], [u8; 2]),
+        _new: ([u8; 16], [u8; 2]),
+    ) -> Result<(), i64> {
+        Err(-1)
     }
 
     #[inline(always)]
@@ -543,42 +581,46 @@ pub const fn l4_check_offset(proto: u8) -> usize {
 /// A NAT endpoint: address and port (or echo identifier).
 pub type Nat = ([u8; 4], [u8; 2]);
 
-/// Rewrites the source of a TCP or UDP packet (or of an echo request) from `old` to `nat`, and
-/// remembers a first fragment's translation for the fragments after it.
+/// Rewrites the source of a TCP or UDP packet (or of an echo request: `p` is the key's
+/// protocol, `proto::ICMP` for either family's echo) from `old` to `nat`, and remembers a first
+/// fragment's translation for the fragments after it.
 #[inline(always)]
-pub fn translate(
+pub fn translate<A: Family>(
     ctx: &TcContext,
-    ip: &Ipv4,
+    ip: &A::Ip,
     p: u8,
-    old: ([u8; 4], [u8; 2]),
-    nat: Nat,
-) -> Result<(), Counter> {
-    translate_with(ctx, ip, p, old, nat, false)
-}
-
-/// [`translate`], the endpoint rewritten with [`rewrite_with_helpers`] when `lean` (in
-/// `snat_create`: the rewrite that needs the least stack).
-#[inline(always)]
-pub fn translate_with(
-    ctx: &TcContext,
-    ip: &Ipv4,
-    p: u8,
-    old: ([u8; 4], [u8; 2]),
-    nat: Nat,
-    lean: bool,
+    old: (A, [u8; 2]),
+    nat: (A, [u8; 2]),
 ) -> Result<(), Counter> {
     let port_off = if p == proto::ICMP { 4 } else { 0 };
-    if lean {
-        rewrite_with_helpers(ctx, ip.l4(), p, Side::Src, port_off, old, nat)
-    } else {
-        rewrite_endpoint(ctx, ip.l4(), p, Side::Src, port_off, old, nat)
-    }
-    .map_err(|_| Counter::EgressDropRewrite)?;
+    A::rewrite_endpoint(ctx, ip, Side::Src, port_off, old, nat)
+        .map_err(|_| Counter::EgressDropRewrite)?;
+    fragment_translated::<A>(ip, nat.0);
+    Ok(())
+}
+
+/// [`translate`] with the rewrite that needs the least stack (in `snat_create`).
+#[inline(always)]
+pub fn translate_lean<A: Family>(
+    ctx: &TcContext,
+    ip: &A::Ip,
+    p: u8,
+    old: (A, [u8; 2]),
+    nat: (A, [u8; 2]),
+) -> Result<(), Counter> {
+    let port_off = if p == proto::ICMP { 4 } else { 0 };
+    A::rewrite_lean(ctx, ip, port_off, old, nat).map_err(|_| Counter::EgressDropRewrite)?;
+    fragment_translated::<A>(ip, nat.0);
+    Ok(())
+}
+
+/// A first fragment was translated to (or back to) `addr`: remembered for the ones after it.
+#[inline(always)]
+pub fn fragment_translated<A: Family>(ip: &A::Ip, addr: A) {
     if ip.is_fragment() {
         // SAFETY: helper without preconditions.
-        remember_fragments(&ip.frag_key(), nat.0, unsafe { bpf_ktime_get_coarse_ns() });
+        ip.remember(addr, unsafe { bpf_ktime_get_coarse_ns() });
     }
-    Ok(())
 }
 
 /// Which endpoint of a packet a rewrite changes.
@@ -596,20 +638,6 @@ impl Side {
             Side::Dst => ETH_LEN + ip::DST,
         }
     }
-}
-
-/// Rewrites one endpoint of a packet (see [`Packet::rewrite_endpoint`]).
-#[inline(always)]
-pub fn rewrite_endpoint<C: Packet>(
-    ctx: &C,
-    l4: usize,
-    l4_proto: u8,
-    side: Side,
-    port_off: usize,
-    old: Nat,
-    new: Nat,
-) -> Result<(), i64> {
-    ctx.rewrite_endpoint(l4, l4_proto, side, port_off, old, new)
 }
 
 /// Rewrites an address of the IPv4 header (see [`Packet::rewrite_addr`]).

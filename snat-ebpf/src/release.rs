@@ -12,13 +12,14 @@
 use aya_ebpf::{bindings::__sk_buff, helpers::generated::bpf_loop, programs::TcContext};
 use snat_common::{
     flow::{release_batch, release_result},
-    ReleaseEntry, UseKey,
+    ReleaseEntryOf, UseKeyOf,
 };
 
 use crate::{
     alloc::port_freed,
+    family::Family,
     mapping,
-    maps::{atomic_add32, use_sub, SNAT_FWD, SNAT_REV},
+    maps::{atomic_add32, use_sub},
 };
 
 #[repr(C)]
@@ -26,7 +27,8 @@ struct Batch {
     skb: *mut __sk_buff,
 }
 
-pub fn run(ctx: &TcContext) -> i32 {
+/// Runs a batch of [`ReleaseEntryOf<A>`]: `snat_release` for IPv4, `snat_release6` for IPv6.
+pub fn run<A: Family>(ctx: &TcContext) -> i32 {
     let Ok(n) = ctx.load::<u32>(release_batch::COUNT_OFFSET) else {
         return 0;
     };
@@ -35,7 +37,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     unsafe {
         bpf_loop(
             n.min(release_batch::MAX_ENTRIES),
-            release_one as *mut core::ffi::c_void,
+            release_one::<A> as *mut core::ffi::c_void,
             (&raw mut batch).cast(),
             0,
         );
@@ -43,17 +45,17 @@ pub fn run(ctx: &TcContext) -> i32 {
     0
 }
 
-extern "C" fn release_one(i: u64, data: *mut core::ffi::c_void) -> i64 {
+extern "C" fn release_one<A: Family>(i: u64, data: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `bpf_loop` passes back the pointer `run` gave it, to a live `Batch`.
     let batch = unsafe { &*data.cast::<Batch>() };
     let ctx = TcContext::new(batch.skb);
-    let off = release_batch::ENTRIES_OFFSET + i as usize * size_of::<ReleaseEntry>();
-    let Ok(entry) = ctx.load::<ReleaseEntry>(off) else {
+    let off = release_batch::ENTRIES_OFFSET + i as usize * size_of::<ReleaseEntryOf<A>>();
+    let Ok(entry) = ctx.load::<ReleaseEntryOf<A>>(off) else {
         return 1;
     };
     let result = release(&entry);
     let _ = ctx.store(
-        off + core::mem::offset_of!(ReleaseEntry, result),
+        off + core::mem::offset_of!(ReleaseEntryOf<A>, result),
         &result,
         0,
     );
@@ -61,7 +63,7 @@ extern "C" fn release_one(i: u64, data: *mut core::ffi::c_void) -> i64 {
 }
 
 #[inline(always)]
-fn release(e: &ReleaseEntry) -> u32 {
+fn release<A: Family>(e: &ReleaseEntryOf<A>) -> u32 {
     let Some((fp, m)) = mapping::forward(&e.key) else {
         return release_result::GONE;
     };
@@ -98,13 +100,13 @@ fn release(e: &ReleaseEntry) -> u32 {
         }
         return release_result::REFRESHED;
     }
-    if SNAT_FWD.remove(e.key).is_err() {
+    if A::fwd().remove(e.key).is_err() {
         return release_result::GONE;
     }
     if owned.is_some() {
-        let _ = SNAT_REV.remove(reply);
+        let _ = A::rev().remove(reply);
         port_freed(&reply);
     }
-    use_sub(&UseKey::of_mapping(&e.key, m.nat_addr));
+    use_sub(&UseKeyOf::of_mapping(&e.key, m.nat_addr));
     release_result::RELEASED
 }

@@ -24,3 +24,20 @@ impl From<Counter> for Stop {
 
 /// `Ok`: the packet goes on (translated or passed), counted as the given result.
 pub type Verdict = Result<Counter, Stop>;
+
+/// Counts the verdict and turns it into a TC action: passed and translated packets go on to
+/// the next program or the stack (`TC_ACT_UNSPEC`, TCX "next"); the others are shot or, when
+/// turned into an answer, redirected.
+#[inline(always)]
+pub fn action(verdict: Verdict) -> i32 {
+    match verdict {
+        Ok(c) => {
+            crate::maps::count(c);
+            aya_ebpf::bindings::TC_ACT_UNSPEC
+        }
+        Err(stop) => {
+            crate::maps::count(stop.counter);
+            stop.action
+        }
+    }
+}

@@ -35,6 +35,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
         count(Counter::XdpNoMetadata);
         return XDP_PASS;
     }
+    // IPv6 is translated on TC only: with NAT66 on, leave it to `snat_ingress`, unmarked.
+    if crate::packet::read::<[u8; 2]>(ctx, 12) == Ok([0x86, 0xdd]) && crate::family::ipv6_on() {
+        count(Counter::XdpDeferred);
+        return XDP_PASS;
+    }
     let (result, mark) = match ingress::run(ctx) {
         Ok(Counter::XdpDeferred) => (Counter::XdpDeferred, 0),
         Ok(c) => (c, XDP_DONE),

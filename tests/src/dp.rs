@@ -133,6 +133,7 @@ pub fn settings(max_mappings: u32, extra: &str) -> Settings {
         name: "test0".into(),
         index: 0,
         ipv4: vec![],
+        ipv6: vec![],
     };
     Settings::validate(&args, iface).expect("valid settings")
 }

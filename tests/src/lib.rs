@@ -14,6 +14,7 @@ pub mod forge;
 pub mod http;
 pub mod netns;
 pub mod packets;
+pub mod packets6;
 pub mod tables;
 pub mod topo;
 pub mod traffic;

@@ -209,6 +209,7 @@ fn a_full_destination_is_refused_without_searching_again() {
     // A new port range (a new pool generation) is searched at once.
     pool.set(
         &[NAT],
+        &[],
         PortRange {
             lo: 41000,
             hi: 41003,

@@ -348,6 +348,7 @@ fn a_nearly_full_destination_gets_its_last_ports_from_the_index() {
     let mut pool = dp.engine.take_pool().unwrap();
     pool.set(
         &[NAT],
+        &[],
         PortRange {
             lo: 40000,
             hi: 40135,

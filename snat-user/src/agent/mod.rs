@@ -21,7 +21,7 @@ use crate::{
         netdev,
         pins::{self, Pins},
         reservation::HostReservation,
-        xdp_features, AttachMode, Counters, Engine, IngressPath, NatPool, Tables,
+        xdp_features, AttachMode, Counters, Engine, IngressPath, NatPool, Tables, Tables6,
     },
     serve::{
         self,
@@ -58,7 +58,10 @@ pub struct AgentState {
     /// Packets the stop guard of the previous agent dropped while no agent ran.
     guard_dropped: Option<u64>,
     tables: Mutex<Tables>,
-    sweeper: Mutex<Sweeper>,
+    sweeper: Mutex<Sweeper<[u8; 4]>>,
+    /// The IPv6 mappings (NAT66) and their expiry.
+    tables6: Mutex<Tables6>,
+    sweeper6: Mutex<Sweeper<[u8; 16]>>,
     /// Keys of mappings whose expiry may have come closer, from the datapath.
     events: Mutex<ExpiryEvents>,
     saturation: Mutex<Saturation>,
@@ -82,14 +85,22 @@ impl AgentState {
     /// The agent's figures now, with the mapping rows `rows` selects.
     pub fn snapshot(&self, rows: Option<ConnFilter>) -> anyhow::Result<Snapshot> {
         let timeouts = self.settings().timeouts.clone();
-        let view = TableView::collect(&lock(&self.tables), &timeouts, expiry::now_ns(), rows)?;
+        let mut view = TableView::collect(&lock(&self.tables), &timeouts, expiry::now_ns(), rows)?;
+        view.count6(&lock(&self.tables6))?;
         Ok(Snapshot {
             view,
             counters: self.counters.read()?,
             exhausted: self.counters.exhausted()?,
             overflowed: self.counters.overflowed()?,
             refused_by_source: self.counters.refused_by_source()?,
-            expired: lock(&self.sweeper).expired.clone(),
+            expired: {
+                // Both families' releases, by protocol and reason.
+                let mut expired = lock(&self.sweeper).expired.clone();
+                for (k, n) in &lock(&self.sweeper6).expired {
+                    *expired.entry(*k).or_default() += n;
+                }
+                expired
+            },
             saturation: lock(&self.saturation).clone(),
             allocation: self.counters.alloc_histogram()?,
             guard_dropped: self.guard_dropped,
@@ -125,7 +136,7 @@ impl AgentState {
             check_nat_ips(ips, &next.internal)?;
             next.nat_ips.clone_from(ips);
         }
-        lock(&self.pool).set(&next.nat_ips, range)?;
+        lock(&self.pool).set(&next.nat_ips, &next.nat_ips6, range)?;
         let mut warnings = next.warnings();
         if let Some(r) = lock(&self.reservation).as_ref() {
             warnings.extend(r.update(range)?);
@@ -152,7 +163,7 @@ impl AgentState {
         // The time first: every event read after it is of a packet after the previous read.
         let now = expiry::now_ns();
         let lost = self.counters.get(snat_common::Counter::ExpiryEventsLost)?;
-        let events = lock(&self.events).drain();
+        let (events, events6) = lock(&self.events).drain();
         lock(&self.sweeper).tick(
             &mut tables,
             &events,
@@ -161,8 +172,21 @@ impl AgentState {
             &settings.timeouts,
             now,
         )?;
+        lock(&self.sweeper6).tick(
+            &mut lock(&self.tables6),
+            &events6,
+            lost,
+            &|batch| engine.release6(batch),
+            &settings.timeouts,
+            now,
+        )?;
         drop(engine);
-        usage::refresh(&mut tables, &settings, &mut lock(&self.saturation))?;
+        usage::refresh(
+            &mut tables,
+            &mut lock(&self.tables6),
+            &settings,
+            &mut lock(&self.saturation),
+        )?;
         Ok(())
     }
 }
@@ -279,6 +303,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
         guard_dropped,
         tables: Mutex::new(engine.take_tables()?),
         sweeper: Mutex::new(Sweeper::default()),
+        tables6: Mutex::new(engine.take_tables6()?),
+        sweeper6: Mutex::new(Sweeper::default()),
         events: Mutex::new(engine.take_expiry_events()?),
         saturation: Mutex::new(Saturation::default()),
         refusals: Refusals::default(),

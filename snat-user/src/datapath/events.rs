@@ -4,7 +4,7 @@
 //! (`Counter::ExpiryEventsLost`), and the controller then walks them all once.
 
 use aya::maps::{MapData, RingBuf};
-use snat_common::FlowKey;
+use snat_common::{FlowKey, FlowKey6};
 
 /// Size of the ring for `max_mappings` mappings: 4 bytes a mapping (a record is 24: at 1 M
 /// mappings 4 MiB, 170,000 events between two reads, twice what 20,000 new connections a second
@@ -26,15 +26,18 @@ impl ExpiryEvents {
         Self { ring }
     }
 
-    /// Every key the ring holds now (a few hundred thousand at most: the ring's size).
-    pub fn drain(&mut self) -> Vec<FlowKey> {
-        let mut keys = Vec::new();
+    /// Every key the ring holds now (a few hundred thousand at most: the ring's size), IPv4
+    /// and IPv6 apart (a record's size tells them apart: 16 or 40 bytes).
+    pub fn drain(&mut self) -> (Vec<FlowKey>, Vec<FlowKey6>) {
+        let (mut keys, mut keys6) = (Vec::new(), Vec::new());
         while let Some(item) = self.ring.next() {
-            if let Some(bytes) = item.get(..size_of::<FlowKey>()) {
+            if item.len() >= size_of::<FlowKey6>() {
+                keys6.push(bytemuck::pod_read_unaligned(&item[..size_of::<FlowKey6>()]));
+            } else if let Some(bytes) = item.get(..size_of::<FlowKey>()) {
                 keys.push(bytemuck::pod_read_unaligned(bytes));
             }
         }
-        keys
+        (keys, keys6)
     }
 }
 

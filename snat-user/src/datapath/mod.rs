@@ -40,11 +40,12 @@ use snat_common::{
         MAP_OPEN_BLOCKS,
     },
     flow::release_batch,
-    pool, Ipv4Octets, ReleaseEntry, StateHeader, MAP_ALLOC_NS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_EXPIRY_EVENTS, MAP_FREE_PORTS, MAP_FWD,
-    MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV,
+    maps6, pool, Ipv4Octets, ReleaseEntry, ReleaseEntry6, StateHeader, MAP_ALLOC_NS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_EXPIRY_EVENTS, MAP_FREE_PORTS,
+    MAP_FWD, MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV,
     MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE,
-    PROG_EGRESS, PROG_GUARD, PROG_INGRESS, PROG_RELEASE, PROG_XDP, SLOT_CREATE, XDP_DONE,
+    PROG_CREATE6, PROG_EGRESS, PROG_EGRESS6, PROG_GUARD, PROG_INGRESS, PROG_INGRESS6, PROG_RELEASE,
+    PROG_RELEASE6, PROG_XDP, SLOT_CREATE, SLOT_CREATE6, SLOT_EGRESS6, SLOT_INGRESS6, XDP_DONE,
 };
 
 use self::error::{no_map, no_program, Doing as _};
@@ -59,7 +60,7 @@ pub use self::{
     error::DatapathError,
     nat_pool::NatPool,
     pins::Pins,
-    tables::Tables,
+    tables::{Tables, Tables6, TablesOf},
 };
 
 /// The eBPF object built by `build.rs`.
@@ -191,7 +192,30 @@ impl Engine {
             .map(|p| PINNED_MAPS.iter().map(|m| (*m, p.map(m))).collect())
             .unwrap_or_default();
         let mut loader = EbpfLoader::new();
+        // The IPv6 tables exist in every agent; without IPv6 internal networks they hold one
+        // entry each (an IPv6 mapping costs 2.5 times an IPv4 one: 40-byte keys).
+        let max6 = if settings.internal6.is_empty() {
+            1
+        } else {
+            max
+        };
+        let range_len = u32::from(settings.port_range.hi - settings.port_range.lo) + 1;
         loader
+            .map_max_entries(maps6::FWD, max6)
+            .map_max_entries(maps6::REV, max6)
+            .map_max_entries(maps6::USE, max6.saturating_mul(2))
+            .map_max_entries(
+                maps6::ENDPOINTS,
+                if max6 == 1 { 1 } else { (max6 / 4).max(1024) },
+            )
+            .map_max_entries(
+                maps6::FREE_PORTS,
+                if max6 == 1 {
+                    1
+                } else {
+                    pool::index::capacity(max6, range_len, MAX_HOT_DESTINATIONS)
+                },
+            )
             .map_max_entries(MAP_FWD, max)
             .map_max_entries(MAP_REV, max)
             .map_max_entries(MAP_USE, max.saturating_mul(2))
@@ -201,11 +225,7 @@ impl Engine {
             .map_max_entries(MAP_ENDPOINTS, (max / 4).max(1024))
             .map_max_entries(
                 MAP_FREE_PORTS,
-                pool::index::capacity(
-                    max,
-                    u32::from(settings.port_range.hi - settings.port_range.lo) + 1,
-                    MAX_HOT_DESTINATIONS,
-                ),
+                pool::index::capacity(max, range_len, MAX_HOT_DESTINATIONS),
             );
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
@@ -224,9 +244,13 @@ impl Engine {
             &mut ebpf,
             &[
                 PROG_CREATE,
+                PROG_CREATE6,
                 PROG_INGRESS,
+                PROG_INGRESS6,
                 PROG_EGRESS,
+                PROG_EGRESS6,
                 PROG_RELEASE,
+                PROG_RELEASE6,
                 PROG_GUARD,
             ],
         )?;
@@ -243,6 +267,15 @@ impl Engine {
             SLOT_CREATE,
             "the allocation program for egress",
         )?;
+        // IPv6 runs in programs of its own, which egress and ingress tail-call for every IPv6
+        // packet (they pass what is not NAT66's, as before it existed).
+        for (name, slot, what) in [
+            (PROG_CREATE6, SLOT_CREATE6, "the IPv6 allocation program"),
+            (PROG_EGRESS6, SLOT_EGRESS6, "the IPv6 egress program"),
+            (PROG_INGRESS6, SLOT_INGRESS6, "the IPv6 ingress program"),
+        ] {
+            install_tail_call(&mut ebpf, name, slot, what)?;
+        }
         if !settings.hairpin.is_empty() {
             hairpin::load(&mut ebpf)?;
         }
@@ -277,16 +310,26 @@ impl Engine {
             ebpf.take_map(MAP_NAT_IPS)
                 .ok_or_else(|| no_map(MAP_NAT_IPS))?,
         )?;
+        let nat_ips6 = Array::try_from(
+            ebpf.take_map(maps6::NAT_IPS)
+                .ok_or_else(|| no_map(maps6::NAT_IPS))?,
+        )?;
         let free_ports = HashMap::try_from(
             ebpf.take_map(MAP_FREE_PORTS)
                 .ok_or_else(|| no_map(MAP_FREE_PORTS))?,
+        )?;
+        let free_ports6 = HashMap::try_from(
+            ebpf.take_map(maps6::FREE_PORTS)
+                .ok_or_else(|| no_map(maps6::FREE_PORTS))?,
         )?;
         let mut engine = Self {
             ebpf,
             pool: Some(NatPool {
                 config,
                 nat_ips,
+                nat_ips6,
                 free_ports,
+                free_ports6,
             }),
             iface: settings.iface.name.clone(),
             mode: None,
@@ -303,10 +346,11 @@ impl Engine {
     }
 
     fn configure(&mut self, settings: &Settings) -> Result<(), DatapathError> {
-        self.pool
-            .as_mut()
-            .ok_or(DatapathError::PoolTaken)?
-            .set(&settings.nat_ips, settings.port_range)?;
+        self.pool.as_mut().ok_or(DatapathError::PoolTaken)?.set(
+            &settings.nat_ips,
+            &settings.nat_ips6,
+            settings.port_range,
+        )?;
         self.pool
             .as_mut()
             .ok_or(DatapathError::PoolTaken)?
@@ -316,6 +360,21 @@ impl Engine {
             (MAP_EXCLUDE, &settings.exclude),
         ] {
             let mut trie: LpmTrie<_, Ipv4Octets, u8> =
+                LpmTrie::try_from(self.ebpf.map_mut(map).ok_or_else(|| no_map(map))?)?;
+            for c in cidrs {
+                trie.insert(
+                    &Key::new(u32::from(c.prefix_len()), c.addr().octets()),
+                    1,
+                    0,
+                )
+                .doing(|| format!("adding {c} to {map}"))?;
+            }
+        }
+        for (map, cidrs) in [
+            (maps6::INTERNAL, &settings.internal6),
+            (maps6::EXCLUDE, &settings.exclude6),
+        ] {
+            let mut trie: LpmTrie<_, [u8; 16], u8> =
                 LpmTrie::try_from(self.ebpf.map_mut(map).ok_or_else(|| no_map(map))?)?;
             for c in cidrs {
                 trie.insert(
@@ -671,6 +730,16 @@ impl Engine {
         })
     }
 
+    /// The IPv6 tables (`SNAT_FWD6`, `SNAT_REV6`, `SNAT_USE6`).
+    pub fn take_tables6(&mut self) -> Result<Tables6, DatapathError> {
+        let mut take = |name: &str| self.ebpf.take_map(name).ok_or_else(|| no_map(name));
+        Ok(Tables6 {
+            fwd: HashMap::try_from(take(maps6::FWD)?)?,
+            rev: HashMap::try_from(take(maps6::REV)?)?,
+            usage: HashMap::try_from(take(maps6::USE)?)?,
+        })
+    }
+
     /// The expiry events the datapath sends the controller.
     pub fn take_expiry_events(&mut self) -> Result<events::ExpiryEvents, DatapathError> {
         let ring = self
@@ -771,21 +840,35 @@ impl Engine {
     /// Removes the mappings of `entries` that are still as idle as when they were read, with
     /// the kernel's release program, and fills in each entry's result.
     pub fn release(&self, entries: &mut [ReleaseEntry]) -> Result<(), DatapathError> {
-        const SIZE: usize = size_of::<ReleaseEntry>();
+        self.release_with(PROG_RELEASE, entries)
+    }
+
+    /// [`Engine::release`] for IPv6 mappings (`snat_release6`).
+    pub fn release6(&self, entries: &mut [ReleaseEntry6]) -> Result<(), DatapathError> {
+        self.release_with(PROG_RELEASE6, entries)
+    }
+
+    /// Runs the release program `prog` over `entries`, a batch at a time.
+    fn release_with<E: bytemuck::Pod>(
+        &self,
+        prog: &str,
+        entries: &mut [E],
+    ) -> Result<(), DatapathError> {
+        let size = size_of::<E>();
         for chunk in entries.chunks_mut(release_batch::MAX_ENTRIES as usize) {
-            let mut data = vec![0u8; release_batch::ENTRIES_OFFSET + chunk.len() * SIZE];
+            let mut data = vec![0u8; release_batch::ENTRIES_OFFSET + size_of_val(chunk)];
             // An EtherType of local experiments: BPF_PROG_TEST_RUN wants an Ethernet frame.
             data[12..14].copy_from_slice(&[0x88, 0xb5]);
             data[release_batch::COUNT_OFFSET..release_batch::COUNT_OFFSET + 4]
                 .copy_from_slice(&(chunk.len() as u32).to_ne_bytes());
             for (i, e) in chunk.iter().enumerate() {
-                let at = release_batch::ENTRIES_OFFSET + i * SIZE;
-                data[at..at + SIZE].copy_from_slice(bytemuck::bytes_of(e));
+                let at = release_batch::ENTRIES_OFFSET + i * size;
+                data[at..at + size].copy_from_slice(bytemuck::bytes_of(e));
             }
-            let (_, out) = self.test_run(PROG_RELEASE, &data)?;
+            let (_, out) = self.test_run(prog, &data)?;
             for (i, e) in chunk.iter_mut().enumerate() {
-                let at = release_batch::ENTRIES_OFFSET + i * SIZE;
-                let bytes = out.get(at..at + SIZE).ok_or(DatapathError::ShortBatch)?;
+                let at = release_batch::ENTRIES_OFFSET + i * size;
+                let bytes = out.get(at..at + size).ok_or(DatapathError::ShortBatch)?;
                 *e = bytemuck::pod_read_unaligned(bytes);
             }
         }

@@ -2,7 +2,11 @@
 //! addresses (primary first). Uses the kernel's own interfaces (`if_nametoindex`, `getifaddrs`,
 //! `SIOCGIFHWADDR`), not `/sys`, so it answers for the namespace the process runs in.
 
-use std::{ffi::CString, io, net::Ipv4Addr};
+use std::{
+    ffi::CString,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use crate::settings::Interface;
 
@@ -44,6 +48,7 @@ impl Interface {
             name: name.to_owned(),
             index,
             ipv4,
+            ipv6: Interface::read_ipv6(index),
         })
     }
 }
@@ -74,14 +79,36 @@ fn link_type(name: &str) -> io::Result<u16> {
 
 /// Every IPv4 address of every interface in this network namespace.
 pub fn local_ipv4() -> io::Result<Vec<Ipv4Addr>> {
-    ipv4_addrs_where(|_| true)
+    addrs_where(|_| true, v4)
+}
+
+/// Every IPv6 address of this network namespace (a NAT IP among them is the node's own).
+pub fn local_ipv6() -> io::Result<Vec<Ipv6Addr>> {
+    addrs_where(
+        |_| true,
+        |a| match a {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        },
+    )
 }
 
 fn ipv4_addrs(name: &str) -> io::Result<Vec<Ipv4Addr>> {
-    ipv4_addrs_where(|n| n == name.as_bytes())
+    addrs_where(|n| n == name.as_bytes(), v4)
 }
 
-fn ipv4_addrs_where(wanted: impl Fn(&[u8]) -> bool) -> io::Result<Vec<Ipv4Addr>> {
+fn v4(a: IpAddr) -> Option<Ipv4Addr> {
+    match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The addresses (getifaddrs) of the interfaces whose name `wanted` accepts, as `pick` keeps them.
+fn addrs_where<T>(
+    wanted: impl Fn(&[u8]) -> bool,
+    pick: impl Fn(IpAddr) -> Option<T>,
+) -> io::Result<Vec<T>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -96,12 +123,21 @@ fn ipv4_addrs_where(wanted: impl Fn(&[u8]) -> bool) -> io::Result<Vec<Ipv4Addr>>
         let ifa_name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
         if wanted(ifa_name.to_bytes()) && !ifa.ifa_addr.is_null() {
             // SAFETY: `ifa_addr` is non-null and points to a sockaddr of the family it states.
-            let family = unsafe { (*ifa.ifa_addr).sa_family };
-            if i32::from(family) == libc::AF_INET {
+            let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+            let addr = if family == libc::AF_INET {
                 // SAFETY: an AF_INET address is a `sockaddr_in`.
                 let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            }
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))))
+            } else if family == libc::AF_INET6 {
+                // SAFETY: an AF_INET6 address is a `sockaddr_in6`.
+                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            } else {
+                None
+            };
+            out.extend(addr.and_then(&pick));
         }
         cur = ifa.ifa_next;
     }

@@ -102,7 +102,7 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     ));
     let mut mappings = Family::new(
         "snat_mappings",
-        "Active mappings (SNAT connections).",
+        "Active mappings (SNAT connections); IPv6 ones (NAT66) carry family=\"ipv6\".",
         GAUGE,
     );
     let mut claims = Family::new(
@@ -112,6 +112,9 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     );
     for (p, n) in &r.mappings {
         mappings = mappings.gauge(&[("proto", p.name())], *n as f64);
+    }
+    for (p, n) in &r.mappings6 {
+        mappings = mappings.gauge(&[("family", "ipv6"), ("proto", p.name())], *n as f64);
     }
     for (p, n) in &r.port_claims {
         claims = claims.gauge(&[("proto", p.name())], *n as f64);

@@ -16,6 +16,24 @@ pub fn render_status(r: &Report) -> String {
         r.nat_ips.join(","),
         r.port_range
     );
+    if !r.nat_ips6.is_empty() {
+        let by_proto: Vec<String> = r
+            .mappings6
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "IPv6: NAT IPs {}  mappings {}",
+            r.nat_ips6.join(","),
+            if by_proto.is_empty() {
+                "none".to_owned()
+            } else {
+                by_proto.join(", ")
+            }
+        );
+    }
     if let Some(slice) = &r.slice {
         let _ = writeln!(out, "plan slice: {slice}");
     }
@@ -192,6 +210,9 @@ pub fn render_stats(r: &Report) -> String {
         }
     };
     flat("mappings", &r.mappings, &mut out);
+    if !r.mappings6.is_empty() {
+        flat("mappings (IPv6)", &r.mappings6, &mut out);
+    }
     flat("port_claims", &r.port_claims, &mut out);
     let grouped = |title: &str,
                    groups: &mut dyn Iterator<Item = (String, &BTreeMap<String, u64>)>,

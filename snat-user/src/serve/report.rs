@@ -70,6 +70,12 @@ pub struct Report {
     pub slice: Option<String>,
     pub pools: Vec<Pool>,
     pub mappings: BTreeMap<Proto, u64>,
+    /// The IPv6 NAT IPs (NAT66), absent without IPv6 networks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat_ips6: Vec<String>,
+    /// IPv6 mappings by protocol (`mappings` counts IPv4's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mappings6: BTreeMap<Proto, u64>,
     /// Reverse halves: each holds one (NAT ip:port, remote) claim. Equal to `mappings` at rest;
     /// more would be a leaked port.
     pub port_claims: BTreeMap<Proto, u64>,
@@ -405,6 +411,8 @@ impl Report {
             slice: settings.slice.clone(),
             pools,
             mappings: by_proto(&view.mappings),
+            nat_ips6: settings.nat_ips6.iter().map(ToString::to_string).collect(),
+            mappings6: by_proto(&view.mappings6),
             port_claims: by_proto(&view.claims),
             top_sources: view
                 .top_sources(top_n)
@@ -495,6 +503,7 @@ mod tests {
             name: "up0".into(),
             index: 1,
             ipv4: vec![],
+            ipv6: vec![],
         };
         Settings::validate(&args, iface).unwrap()
     }

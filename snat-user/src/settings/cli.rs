@@ -1,11 +1,15 @@
 //! The `snat` command line.
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::{
-    cidr::Ipv4Cidr,
+    cidr::{IpCidr, Ipv4Cidr},
     duration,
     pod_iface::PodIface,
     ports::{PortList, PortRange},
@@ -97,8 +101,8 @@ pub struct PlanArgs {
     #[arg(long, value_name = "K")]
     pub ips: Option<u32>,
 
-    /// The NAT IPs, so the plan can be given to `snat run --plan`; repeat for each.
-    #[arg(long = "nat-ip", value_name = "IP", value_parser = nat_ip)]
+    /// The NAT IPs (IPv4), so the plan can be given to `snat run --plan`; repeat for each.
+    #[arg(long = "nat-ip", value_name = "IP", value_parser = plan_nat_ip)]
     pub nat_ips: Vec<Ipv4Addr>,
 
     /// SNAT ports each node holds over all NAT IPs (Azure's allocatedOutboundPorts). Default:
@@ -211,19 +215,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "IF")]
     pub iface: String,
 
-    /// A public/outbound NAT IP (frontend IP) to translate to; repeat for several. Each pod
-    /// address is paired with one of them (paired pooling). Default: the interface's primary IPv4.
-    #[arg(long = "nat-ip", value_name = "IP", value_parser = nat_ip)]
-    pub nat_ips: Vec<Ipv4Addr>,
+    /// A public/outbound NAT IP (frontend IP) to translate to, IPv4 or IPv6; repeat for several.
+    /// Each pod address is paired with one of its own family (paired pooling). Default: for IPv4
+    /// --internal networks the interface's primary IPv4 address, for IPv6 ones its first global
+    /// IPv6 address (a ULA only when it has no other; never a temporary or deprecated one).
+    #[arg(long = "nat-ip", value_name = "IP", value_parser = run_nat_ip)]
+    pub nat_ips: Vec<IpAddr>,
 
-    /// Internal (pod) CIDR whose sources are translated; repeat for several. Required.
+    /// Internal (pod) CIDR whose sources are translated, IPv4 (10.244.0.0/16) or IPv6
+    /// (fd00:10::/64); repeat for several. At least one is required.
     #[arg(long = "internal", value_name = "CIDR")]
-    pub internal: Vec<Ipv4Cidr>,
+    pub internal: Vec<IpCidr>,
 
-    /// Destination CIDR never translated (e.g. the cluster's pod and service CIDRs); repeat for
-    /// several. The internal CIDRs are always excluded.
+    /// Destination CIDR never translated, IPv4 or IPv6 (e.g. the cluster's pod and service
+    /// CIDRs); repeat for several. The internal CIDRs are always excluded.
     #[arg(long = "exclude", value_name = "CIDR")]
-    pub exclude: Vec<Ipv4Cidr>,
+    pub exclude: Vec<IpCidr>,
 
     /// SNAT ports this node hands out on each NAT IP, inclusive: Calico's natPortRange. The
     /// default stays clear of the NodePort range (30000-32767) and of well-known ports.
@@ -274,8 +281,9 @@ pub struct RunArgs {
     pub reserved_ports: PortList,
 
     /// Run on this node's slice of a cluster plan (`snat plan … --json`): its NAT IPs and the
-    /// node's port slice replace --nat-ip and --port-range.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["nat_ips", "port_range"])]
+    /// node's port slice replace the IPv4 --nat-ip and --port-range. IPv6 NAT IPs still come
+    /// from --nat-ip or the interface.
+    #[arg(long, value_name = "FILE", conflicts_with = "port_range")]
     pub plan: Option<PathBuf>,
 
     /// This node's index in --plan.
@@ -355,6 +363,7 @@ pub struct RunArgs {
     /// be). Needs --pod-iface: the NAT IP is the node's own address, so such a packet arrives on
     /// the pod's interface and never reaches the uplink. Off by default: it puts a program on
     /// every pod's interface, and pods of one cluster reach each other by their own addresses.
+    /// IPv4 only for now: with IPv6 networks too, their packets are not hairpinned.
     #[arg(long, value_name = "on|off", default_value = "off")]
     pub hairpin: Hairpin,
 
@@ -435,11 +444,18 @@ fn metrics_min_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// A `--nat-ip`: an IPv4 address (an IPv6 one is named as such).
-fn nat_ip(s: &str) -> Result<Ipv4Addr, String> {
+/// `snat run --nat-ip`: an IPv4 or IPv6 address.
+fn run_nat_ip(s: &str) -> Result<IpAddr, String> {
+    s.parse().map_err(|_| {
+        format!("{s:?} is not an IP address: write an IPv4 address like 203.0.113.7 or an IPv6 address like 2001:db8::7")
+    })
+}
+
+/// `snat plan --nat-ip`: an IPv4 address (an IPv6 one is named as such).
+fn plan_nat_ip(s: &str) -> Result<Ipv4Addr, String> {
     if s.parse::<std::net::Ipv6Addr>().is_ok() {
         return Err(format!(
-            "{s} is an IPv6 address: snat translates IPv4 only for now (IPv6 NAT is not built yet); give IPv4 NAT IPs"
+            "{s} is an IPv6 address: a plan's NAT IPs are IPv4; give IPv6 NAT IPs to `snat run --nat-ip` next to --plan"
         ));
     }
     s.parse()

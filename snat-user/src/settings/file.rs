@@ -178,6 +178,44 @@ mod tests {
     }
 
     #[test]
+    fn both_families_from_the_file() {
+        let file = "iface = \"up0\"\ninternal = [\"10.1.0.0/16\", \"fd00:10::/64\"]\nexclude = [\"fd00:96::/108\", \"10.96.0.0/12\"]\nnat-ip = [\"2001:db8::7\", \"203.0.113.1\"]\n";
+        let argv = expand(file, "snat run --config FILE").unwrap();
+        let Command::Run(a) = Cli::try_parse_from(&argv).unwrap().command else {
+            panic!()
+        };
+        fn joined<T: ToString>(v: &[T]) -> String {
+            v.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+        assert_eq!(joined(&a.internal), "10.1.0.0/16 fd00:10::/64");
+        assert_eq!(joined(&a.exclude), "fd00:96::/108 10.96.0.0/12");
+        assert_eq!(joined(&a.nat_ips), "2001:db8::7 203.0.113.1");
+        let iface = crate::settings::Interface {
+            name: "up0".into(),
+            index: 7,
+            ipv4: vec![],
+            ipv6: vec![],
+        };
+        let s = crate::settings::Settings::validate(&a, iface).unwrap();
+        assert_eq!(
+            s.nat_ips6,
+            ["2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap()]
+        );
+        assert_eq!(s.exclude6.len(), 2);
+        // A bad IPv6 value in the file is refused like the flag.
+        let argv = expand(
+            "internal = \"fd00:10::1/64\"\n",
+            "snat run --iface up0 --config FILE",
+        )
+        .unwrap();
+        let e = Cli::try_parse_from(&argv).unwrap_err().to_string();
+        assert!(e.contains("did you mean fd00:10::/64"), "{e}");
+    }
+
+    #[test]
     fn per_port_udp_timeouts_from_the_file() {
         let run = |file: &str, line: &str| {
             let argv = expand(file, line).unwrap();

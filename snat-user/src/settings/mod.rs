@@ -2,10 +2,13 @@
 //! cluster plan's slice ([`plan`]), and their validation into [`Settings`], before anything
 //! touches the kernel. The layers above take a plain `Settings`; clap stays in this one.
 //!
-//! Invariant: a `Settings` value is internally consistent (at least one internal CIDR, 1..=64
-//! distinct NAT IPs none of which is internal, timeouts of at least one second, a table size
-//! the kernel accepts); every error names the offending value and the fix.
+//! Invariant: a `Settings` value is internally consistent (at least one internal CIDR of either
+//! family; for each family, 1..=64 distinct NAT IPs of that family none of which is internal when
+//! it has an internal CIDR, and none when it has not; no IPv6 in cluster mode; timeouts of at
+//! least one second, a table size the kernel accepts); every error names the offending value and
+//! the fix.
 
+pub mod addrs6;
 pub mod cidr;
 pub mod cli;
 pub mod cluster;
@@ -20,7 +23,7 @@ pub mod udp_ports;
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
     time::Duration,
 };
@@ -29,7 +32,7 @@ use clap::ValueEnum;
 use snat_common::MAX_NAT_IPS;
 
 use self::{
-    cidr::Ipv4Cidr,
+    cidr::{IpCidr, Ipv4Cidr, Ipv6Cidr},
     cli::RunArgs,
     duration::Human,
     group::{Group, GroupError},
@@ -161,6 +164,22 @@ pub struct Interface {
     pub index: u32,
     /// IPv4 addresses in the kernel's order: the primary address comes first.
     pub ipv4: Vec<Ipv4Addr>,
+    /// IPv6 addresses of scope global (ULAs included) in the kernel's order, without temporary,
+    /// deprecated or DAD-failed ones ([`Interface::read_ipv6`]): the default IPv6 NAT IP's
+    /// candidates.
+    pub ipv6: Vec<Ipv6Addr>,
+}
+
+impl Interface {
+    /// The default IPv6 NAT IP: the first global unicast address in the kernel's order that is
+    /// not a ULA (fc00::/7), else the first ULA (a node behind NPTv6 or in a lab may have only
+    /// those); never a link-local or other unusable address.
+    pub fn default_nat_ip6(&self) -> Option<Ipv6Addr> {
+        let usable = || self.ipv6.iter().copied().filter(|ip| usable_nat_ip6(*ip));
+        usable()
+            .find(|ip| !ip.is_unique_local())
+            .or_else(|| usable().next())
+    }
 }
 
 /// Largest `--max-mappings`: 16 Mi mappings need ~2.5 GiB of kernel memory.
@@ -181,10 +200,19 @@ pub struct Timeouts {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub iface: Interface,
+    /// The IPv4 NAT IPs; empty when no IPv4 network is internal.
     pub nat_ips: Vec<Ipv4Addr>,
+    /// The IPv4 internal networks (`--internal`); may be empty when IPv6 ones are given.
     pub internal: Vec<Ipv4Cidr>,
-    /// Destinations never translated: the `--exclude` CIDRs and the internal ones.
+    /// IPv4 destinations never translated: the `--exclude` CIDRs and the internal ones.
     pub exclude: Vec<Ipv4Cidr>,
+    /// The IPv6 NAT IPs (`--nat-ip`, else the uplink's, see [`Interface::default_nat_ip6`]);
+    /// empty when no IPv6 network is internal.
+    pub nat_ips6: Vec<Ipv6Addr>,
+    /// The IPv6 internal networks (`--internal`); empty when only IPv4 ones are given.
+    pub internal6: Vec<Ipv6Cidr>,
+    /// IPv6 destinations never translated: the IPv6 `--exclude` CIDRs and the internal ones.
+    pub exclude6: Vec<Ipv6Cidr>,
     pub port_range: PortRange,
     /// Which slice of a cluster plan this node runs on (`--plan`), for status and logs.
     pub slice: Option<String>,
@@ -288,20 +316,59 @@ pub enum ConfigError {
     HairpinClsact,
     #[error("--hairpin on is not supported in cluster mode (--etcd-endpoints): a NAT port may be held by another node, which this node's pods cannot be hairpinned to; run without --hairpin")]
     HairpinCluster,
+    #[error("--internal {cidr} is IPv6 but {iface} has no global IPv6 address: give --nat-ip with an IPv6 address")]
+    NoNatIp6 { cidr: Ipv6Cidr, iface: String },
+    #[error("--nat-ip {0} is IPv6 but no --internal IPv6 network is given: add the pods' IPv6 network (e.g. --internal fd00:10::/64), or leave --nat-ip {0} out")]
+    NatIp6WithoutInternal(Ipv6Addr),
+    #[error("--nat-ip {0} is IPv4 but no --internal IPv4 network is given: add the pods' IPv4 network (e.g. --internal 10.244.0.0/16), or leave --nat-ip {0} out")]
+    NatIp4WithoutInternal(Ipv4Addr),
+    #[error("--plan {0} gives IPv4 NAT IPs but no --internal IPv4 network is given: add the pods' IPv4 network, or run without --plan")]
+    PlanWithoutInternal4(String),
+    #[error("--nat-ip {0} cannot be used with --plan: the plan names the IPv4 NAT IPs; next to --plan, give only IPv6 NAT IPs")]
+    PlanNatIp(Ipv4Addr),
+    #[error("--nat-ip {ip} is inside the internal CIDR {cidr}: a NAT IP must be a public/outbound address, not a pod address")]
+    NatIp6Internal { ip: Ipv6Addr, cidr: Ipv6Cidr },
+    #[error("--nat-ip {0} is given twice: list each NAT IP once")]
+    DuplicateNatIp6(Ipv6Addr),
+    #[error("--nat-ip {0} cannot be used: ::, loopback (::1), multicast (ff00::/8), link-local (fe80::/10) and IPv4-mapped (::ffff:0:0/96) addresses are not NAT IPs; give a global IPv6 address")]
+    UnusableNatIp6(Ipv6Addr),
+    #[error("{0} IPv6 NAT IPs given: snat supports at most {MAX_NAT_IPS}")]
+    TooManyNatIps6(usize),
+    #[error("{0}: IPv6 is not supported in cluster mode yet (--etcd-endpoints); leave the IPv6 networks and NAT IPs out, or run without cluster mode")]
+    Ipv6Cluster(String),
 }
 
 impl Settings {
     /// Checks `args` against the facts of the interface they name.
     pub fn validate(args: &RunArgs, iface: Interface) -> Result<Self, ConfigError> {
-        if args.internal.is_empty() {
+        let (internal, internal6) = by_family(&args.internal);
+        let (exclude, exclude6) = by_family(&args.exclude);
+        let (given_ips, given_ips6) = nat_ips_by_family(&args.nat_ips);
+        if internal.is_empty() && internal6.is_empty() {
             return Err(ConfigError::NoInternal);
         }
         let cluster = cluster::Cluster::validate(&args.cluster)?;
-        if cluster.is_some() && args.nat_ips.is_empty() {
-            return Err(ConfigError::ClusterNatIp);
+        if cluster.is_some() {
+            if let Some(c) = internal6.first() {
+                return Err(ConfigError::Ipv6Cluster(format!("--internal {c}")));
+            }
+            if let Some(ip) = given_ips6.first() {
+                return Err(ConfigError::Ipv6Cluster(format!("--nat-ip {ip}")));
+            }
+            if given_ips.is_empty() {
+                return Err(ConfigError::ClusterNatIp);
+            }
         }
         let (nat_ips, port_range, slice) = match &args.plan {
             Some(path) => {
+                if let Some(ip) = given_ips.first() {
+                    return Err(ConfigError::PlanNatIp(*ip));
+                }
+                if internal.is_empty() {
+                    return Err(ConfigError::PlanWithoutInternal4(
+                        path.display().to_string(),
+                    ));
+                }
                 let plan = Plan::load(path)?;
                 let index = node_index(args)?;
                 let slice = plan.slice(index)?;
@@ -313,16 +380,34 @@ impl Settings {
                 );
                 (plan.nat_ips.clone(), slice.range(), Some(label))
             }
-            None if args.nat_ips.is_empty() => {
+            None if internal.is_empty() => match given_ips.first() {
+                Some(ip) => return Err(ConfigError::NatIp4WithoutInternal(*ip)),
+                None => (Vec::new(), args.port_range, None),
+            },
+            None if given_ips.is_empty() => {
                 let primary = *iface
                     .ipv4
                     .first()
                     .ok_or_else(|| ConfigError::NoNatIp(iface.name.clone()))?;
                 (vec![primary], args.port_range, None)
             }
-            None => (args.nat_ips.clone(), args.port_range, None),
+            None => (given_ips, args.port_range, None),
         };
-        check_nat_ips(&nat_ips, &args.internal)?;
+        check_nat_ips(&nat_ips, &internal)?;
+        let nat_ips6 = match (internal6.first(), given_ips6.first()) {
+            (None, Some(ip)) => return Err(ConfigError::NatIp6WithoutInternal(*ip)),
+            (None, None) => Vec::new(),
+            (Some(cidr), None) => {
+                vec![iface
+                    .default_nat_ip6()
+                    .ok_or_else(|| ConfigError::NoNatIp6 {
+                        cidr: *cidr,
+                        iface: iface.name.clone(),
+                    })?]
+            }
+            (Some(_), Some(_)) => given_ips6,
+        };
+        check_nat_ips6(&nat_ips6, &internal6)?;
         let timeouts = Timeouts {
             tcp_established: args.tcp_established_timeout,
             tcp_transitory: args.tcp_transitory_timeout,
@@ -376,17 +461,16 @@ impl Settings {
             .map(Group::resolve)
             .transpose()?;
         let hairpin = check_hairpin(args, &iface, cluster.is_some())?;
-        let mut exclude = args.exclude.clone();
-        for c in &args.internal {
-            if !exclude.contains(c) {
-                exclude.push(*c);
-            }
-        }
+        let exclude = with_internal(exclude, &internal);
+        let exclude6 = with_internal(exclude6, &internal6);
         Ok(Self {
             iface,
             nat_ips,
-            internal: args.internal.clone(),
+            internal,
             exclude,
+            nat_ips6,
+            internal6,
+            exclude6,
             port_range,
             slice,
             timeouts,
@@ -512,7 +596,77 @@ fn check_hairpin(
     Ok(args.pod_ifaces.clone())
 }
 
-/// Checks a set of NAT IPs: 1..=64 distinct usable addresses, none inside an internal CIDR.
+/// `--internal` or `--exclude` networks split by family, each in the order given.
+fn by_family(cidrs: &[IpCidr]) -> (Vec<Ipv4Cidr>, Vec<Ipv6Cidr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for c in cidrs {
+        match c {
+            IpCidr::V4(c) => v4.push(*c),
+            IpCidr::V6(c) => v6.push(*c),
+        }
+    }
+    (v4, v6)
+}
+
+/// `--nat-ip` addresses split by family, each in the order given.
+fn nat_ips_by_family(ips: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(ip) => v4.push(*ip),
+            IpAddr::V6(ip) => v6.push(*ip),
+        }
+    }
+    (v4, v6)
+}
+
+/// The excluded destinations: `exclude`, then the internal networks it does not list yet.
+fn with_internal<C: PartialEq + Copy>(mut exclude: Vec<C>, internal: &[C]) -> Vec<C> {
+    for c in internal {
+        if !exclude.contains(c) {
+            exclude.push(*c);
+        }
+    }
+    exclude
+}
+
+/// Whether `ip` can be an IPv6 NAT IP at all: not ::, loopback, multicast, link-local
+/// (fe80::/10) or IPv4-mapped.
+fn usable_nat_ip6(ip: Ipv6Addr) -> bool {
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_unicast_link_local()
+        || ip.to_ipv4_mapped().is_some())
+}
+
+/// Checks a set of IPv6 NAT IPs like [`check_nat_ips`] the IPv4 ones: at most 64 distinct
+/// usable addresses, none inside an internal IPv6 CIDR.
+pub fn check_nat_ips6(nat_ips: &[Ipv6Addr], internal: &[Ipv6Cidr]) -> Result<(), ConfigError> {
+    if nat_ips.len() > MAX_NAT_IPS as usize {
+        return Err(ConfigError::TooManyNatIps6(nat_ips.len()));
+    }
+    for (i, ip) in nat_ips.iter().enumerate() {
+        if !usable_nat_ip6(*ip) {
+            return Err(ConfigError::UnusableNatIp6(*ip));
+        }
+        if nat_ips[..i].contains(ip) {
+            return Err(ConfigError::DuplicateNatIp6(*ip));
+        }
+        if let Some(cidr) = internal.iter().find(|c| c.contains(*ip)) {
+            return Err(ConfigError::NatIp6Internal {
+                ip: *ip,
+                cidr: *cidr,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks a set of IPv4 NAT IPs: at most 64 distinct usable addresses, none inside an internal
+/// CIDR.
 pub fn check_nat_ips(nat_ips: &[Ipv4Addr], internal: &[Ipv4Cidr]) -> Result<(), ConfigError> {
     if nat_ips.len() > MAX_NAT_IPS as usize {
         return Err(ConfigError::TooManyNatIps(nat_ips.len()));
@@ -627,14 +781,408 @@ mod tests {
     }
 
     fn iface(ips: &[Ipv4Addr]) -> Interface {
+        iface46(ips, &[])
+    }
+
+    fn iface46(ips: &[Ipv4Addr], ips6: &[&str]) -> Interface {
         Interface {
             name: "up0".into(),
             index: 7,
             ipv4: ips.to_vec(),
+            ipv6: ips6.iter().map(|ip| ip.parse().unwrap()).collect(),
         }
     }
 
     const UPLINK: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+    const UPLINK6: &str = "2001:db8:100::1";
+
+    fn ip6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    fn cidr6(s: &str) -> Ipv6Cidr {
+        s.parse().unwrap()
+    }
+
+    /// The error of `snat run <line>` on an uplink with `UPLINK` and `UPLINK6`.
+    fn refused(line: &str) -> ConfigError {
+        Settings::validate(&args(line), iface46(&[UPLINK], &[UPLINK6])).unwrap_err()
+    }
+
+    #[test]
+    fn ipv6_only() {
+        // No IPv4 network: no IPv4 NAT IP is needed, the uplink may have no IPv4 address.
+        let s = Settings::validate(
+            &args("run --iface up0 --internal fd00:10::/64"),
+            iface46(&[], &[UPLINK6]),
+        )
+        .unwrap();
+        assert!(s.internal.is_empty() && s.nat_ips.is_empty() && s.exclude.is_empty());
+        assert_eq!(s.internal6, [cidr6("fd00:10::/64")]);
+        assert_eq!(
+            s.nat_ips6,
+            [ip6(UPLINK6)],
+            "the uplink's address by default"
+        );
+        assert_eq!(s.exclude6, [cidr6("fd00:10::/64")], "internal is excluded");
+        let s = Settings::validate(
+            &args("run --iface up0 --internal fd00:10::/64 --nat-ip 2001:db8::7"),
+            iface46(&[], &[]),
+        )
+        .unwrap();
+        assert_eq!(s.nat_ips6, [ip6("2001:db8::7")]);
+    }
+
+    #[test]
+    fn ipv4_only_configs_have_no_ipv6() {
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.1.0.0/16"),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap();
+        assert_eq!(s.nat_ips, [UPLINK]);
+        assert!(s.internal6.is_empty() && s.nat_ips6.is_empty() && s.exclude6.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_mixed_and_repeated() {
+        let s = Settings::validate(
+            &args(
+                "run --iface up0 --internal fd00:10::/64 --internal 10.1.0.0/16 --internal fd00:11::/64 \
+                 --exclude fd00:96::/108 --exclude 10.96.0.0/12 --exclude fd00:10::/64 \
+                 --nat-ip 2001:db8::7 --nat-ip 203.0.113.1 --nat-ip 2001:db8::8",
+            ),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap();
+        assert_eq!(s.internal, ["10.1.0.0/16".parse().unwrap()]);
+        assert_eq!(s.nat_ips, [Ipv4Addr::new(203, 0, 113, 1)]);
+        assert_eq!(
+            s.exclude,
+            [
+                "10.96.0.0/12".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.internal6, [cidr6("fd00:10::/64"), cidr6("fd00:11::/64")]);
+        assert_eq!(s.nat_ips6, [ip6("2001:db8::7"), ip6("2001:db8::8")]);
+        assert_eq!(
+            s.exclude6,
+            [
+                cidr6("fd00:96::/108"),
+                cidr6("fd00:10::/64"),
+                cidr6("fd00:11::/64")
+            ],
+            "the given ones, then the internal ones not listed yet"
+        );
+        // Each family's default on its own.
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.1.0.0/16 --internal fd00:10::/64"),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap();
+        assert_eq!((s.nat_ips, s.nat_ips6), (vec![UPLINK], vec![ip6(UPLINK6)]));
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.1.0.0/16 --internal fd00:10::/64 --nat-ip 2001:db8::7"),
+            iface46(&[UPLINK], &[]),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.nat_ips, s.nat_ips6),
+            (vec![UPLINK], vec![ip6("2001:db8::7")])
+        );
+        // An IPv4 network still needs an IPv4 NAT IP, with the message of an IPv4-only config.
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 10.1.0.0/16 --internal fd00:10::/64"),
+            iface46(&[], &[UPLINK6]),
+        )
+        .unwrap_err();
+        assert_eq!(e, ConfigError::NoNatIp("up0".into()));
+    }
+
+    #[test]
+    fn default_ipv6_nat_ip() {
+        let pick = |ips: &[&str]| iface46(&[], ips).default_nat_ip6();
+        // The first global unicast address in the kernel's order, a ULA only when alone.
+        assert_eq!(
+            pick(&["fe80::1", "fd00::2", "2001:db8::5", "2001:db8::6"]),
+            Some(ip6("2001:db8::5"))
+        );
+        assert_eq!(pick(&["fd00::2", "fd00::3"]), Some(ip6("fd00::2")));
+        assert_eq!(
+            pick(&["fe80::1", "::1", "ff02::1", "::ffff:198.51.100.1"]),
+            None
+        );
+        assert_eq!(pick(&[]), None);
+        let e = Settings::validate(
+            &args("run --iface up0 --internal fd00:10::/64"),
+            iface46(&[UPLINK], &["fe80::1"]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--internal fd00:10::/64 is IPv6 but up0 has no global IPv6 address: give --nat-ip with an IPv6 address"
+        );
+        // Like the IPv4 default, it must not be internal.
+        let e = Settings::validate(
+            &args("run --iface up0 --internal 2001:db8::/32"),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::NatIp6Internal {
+                ip: ip6(UPLINK6),
+                cidr: cidr6("2001:db8::/32")
+            }
+        );
+    }
+
+    #[test]
+    fn a_nat_ip_needs_an_internal_network_of_its_family() {
+        let e = refused("run --iface up0 --internal 10.0.0.0/8 --nat-ip 2001:db8::7");
+        assert_eq!(e, ConfigError::NatIp6WithoutInternal(ip6("2001:db8::7")));
+        assert!(
+            e.to_string().starts_with(
+                "--nat-ip 2001:db8::7 is IPv6 but no --internal IPv6 network is given"
+            ),
+            "{e}"
+        );
+        let e = refused("run --iface up0 --internal fd00:10::/64 --nat-ip 203.0.113.1");
+        assert_eq!(
+            e,
+            ConfigError::NatIp4WithoutInternal(Ipv4Addr::new(203, 0, 113, 1))
+        );
+        assert!(
+            e.to_string().starts_with(
+                "--nat-ip 203.0.113.1 is IPv4 but no --internal IPv4 network is given"
+            ),
+            "{e}"
+        );
+        // An IPv6 --exclude alone is no internal network.
+        let e = refused("run --iface up0 --exclude fd00:96::/108");
+        assert_eq!(e, ConfigError::NoInternal);
+    }
+
+    #[test]
+    fn ipv6_nat_ip_errors() {
+        let base = "run --iface up0 --internal fd00:10::/64";
+        for bad in [
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "febf::1",
+            "::ffff:203.0.113.1",
+        ] {
+            let e = refused(&format!("{base} --nat-ip {bad}"));
+            assert_eq!(e, ConfigError::UnusableNatIp6(ip6(bad)), "{bad}");
+            assert!(
+                e.to_string().contains(&format!("--nat-ip {}", ip6(bad)))
+                    && e.to_string().contains("give a global IPv6 address"),
+                "{e}"
+            );
+        }
+        let e = refused(&format!(
+            "{base} --nat-ip 2001:db8::7 --nat-ip 2001:DB8:0::7"
+        ));
+        assert_eq!(e, ConfigError::DuplicateNatIp6(ip6("2001:db8::7")));
+        assert!(
+            e.to_string()
+                .contains("--nat-ip 2001:db8::7 is given twice"),
+            "{e}"
+        );
+        let e = refused(&format!("{base} --nat-ip fd00:10::5"));
+        assert!(
+            e.to_string()
+                .contains("--nat-ip fd00:10::5 is inside the internal CIDR fd00:10::/64"),
+            "{e}"
+        );
+        let many: String = (1..=65)
+            .map(|i| format!(" --nat-ip 2001:db8::{i:x}"))
+            .collect();
+        let e = refused(&format!("{base}{many}"));
+        assert_eq!(e, ConfigError::TooManyNatIps6(65));
+        assert!(e.to_string().contains("at most 64"), "{e}");
+        let sixty_four: String = (1..=64)
+            .map(|i| format!(" --nat-ip 2001:db8::{i:x}"))
+            .collect();
+        let s = Settings::validate(&args(&format!("{base}{sixty_four}")), iface(&[])).unwrap();
+        assert_eq!(s.nat_ips6.len(), 64);
+        // ULAs and global addresses outside the internal networks are fine.
+        assert!(Settings::validate(
+            &args(&format!("{base} --nat-ip fd00:99::1 --nat-ip 2001:db8::1")),
+            iface(&[])
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn ipv6_is_refused_in_cluster_mode() {
+        let cluster = "--etcd-endpoints http://10.0.0.5:2379 --node-name n1";
+        let e = refused(&format!(
+            "run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64 --nat-ip 203.0.113.1 {cluster}"
+        ));
+        assert_eq!(
+            e,
+            ConfigError::Ipv6Cluster("--internal fd00:10::/64".into())
+        );
+        assert!(
+            e.to_string()
+                .starts_with("--internal fd00:10::/64: IPv6 is not supported in cluster mode yet"),
+            "{e}"
+        );
+        let e = refused(&format!(
+            "run --iface up0 --internal 10.0.0.0/8 --nat-ip 203.0.113.1 --nat-ip 2001:db8::7 {cluster}"
+        ));
+        assert!(
+            e.to_string()
+                .starts_with("--nat-ip 2001:db8::7: IPv6 is not supported in cluster mode yet"),
+            "{e}"
+        );
+        let e = refused(&format!(
+            "run --iface up0 --internal fd00:10::/64 {cluster}"
+        ));
+        assert_eq!(
+            e,
+            ConfigError::Ipv6Cluster("--internal fd00:10::/64".into())
+        );
+        // IPv4 cluster mode is as it was; an IPv6 --exclude does not matter to it.
+        let e = refused(&format!("run --iface up0 --internal 10.0.0.0/8 {cluster}"));
+        assert_eq!(e, ConfigError::ClusterNatIp);
+        let s = Settings::validate(
+            &args(&format!(
+                "run --iface up0 --internal 10.0.0.0/8 --exclude fd00:96::/108 --nat-ip 203.0.113.1 {cluster}"
+            )),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        assert!(s.cluster.is_some() && s.nat_ips6.is_empty());
+    }
+
+    /// A plan of 2 nodes over `198.51.100.7`, written to a file named after `tag`.
+    fn plan_file(tag: &str) -> std::path::PathBuf {
+        let p = plan::plan(&plan::Request {
+            nodes: 2,
+            surge: 0,
+            ips: 1,
+            nat_ips: vec![Ipv4Addr::new(198, 51, 100, 7)],
+            ports_per_node: Some(100),
+            space: plan::Space::from_range("40000:40999".parse().unwrap()),
+        })
+        .unwrap();
+        let path = std::env::temp_dir().join(format!(
+            "snat-settings-plan-{}-{tag}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_plan_gives_the_ipv4_nat_ips_and_the_flags_the_ipv6_ones() {
+        let path = plan_file("dual");
+        let file = path.display();
+        let plan = format!("--plan {file} --node-index 1");
+        let s = Settings::validate(
+            &args(&format!(
+                "run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64 --nat-ip 2001:db8::7 {plan}"
+            )),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        assert_eq!(s.nat_ips, [Ipv4Addr::new(198, 51, 100, 7)]);
+        assert_eq!(s.nat_ips6, [ip6("2001:db8::7")]);
+        assert_eq!(s.port_range, "40100:40199".parse().unwrap());
+        let s = Settings::validate(
+            &args(&format!(
+                "run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64 {plan}"
+            )),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap();
+        assert_eq!(s.nat_ips6, [ip6(UPLINK6)], "the uplink's by default");
+        let e = refused(&format!(
+            "run --iface up0 --internal 10.0.0.0/8 --nat-ip 203.0.113.1 {plan}"
+        ));
+        assert_eq!(e, ConfigError::PlanNatIp(Ipv4Addr::new(203, 0, 113, 1)));
+        assert!(
+            e.to_string()
+                .starts_with("--nat-ip 203.0.113.1 cannot be used with --plan"),
+            "{e}"
+        );
+        let e = refused(&format!("run --iface up0 --internal fd00:10::/64 {plan}"));
+        assert_eq!(e, ConfigError::PlanWithoutInternal4(file.to_string()));
+        assert!(e.to_string().contains("no --internal IPv4 network"), "{e}");
+        // A plan that lists an IPv6 NAT IP is refused by name.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("198.51.100.7", "2001:db8::9")).unwrap();
+        let e = refused(&format!("run --iface up0 --internal 10.0.0.0/8 {plan}")).to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            e.contains(&format!("--plan {file}"))
+                && e.contains("NAT IP 2001:db8::9 is IPv6: a plan's NAT IPs are IPv4"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hairpin_is_allowed_with_ipv6_networks() {
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64 --hairpin on --pod-iface cali*"),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap();
+        assert_eq!(s.hairpin.len(), 1);
+        assert_eq!(s.nat_ips6, [ip6(UPLINK6)]);
+    }
+
+    #[test]
+    fn ipv6_flag_values() {
+        let ok = |line: &str| {
+            let argv = std::iter::once("snat").chain(line.split_whitespace());
+            Cli::try_parse_from(argv)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            ok("run --iface up0 --internal fd00:10::/64 --exclude fd00:96::/108 --nat-ip 2001:db8::7"),
+            Ok(())
+        );
+        for (line, needle) in [
+            (
+                "run --iface up0 --internal fd00:10::1/64",
+                "did you mean fd00:10::/64",
+            ),
+            (
+                "run --iface up0 --internal fd00:10::/129",
+                "0..=128",
+            ),
+            (
+                "run --iface up0 --exclude fd00:10::g/64",
+                "write an IPv6 network like fd00:10::/64",
+            ),
+            (
+                "run --iface up0 --internal pods",
+                "write an IPv4 network like 10.244.0.0/16 or an IPv6 network like fd00:10::/64",
+            ),
+            (
+                "run --iface up0 --internal 10.0.0.0/8 --nat-ip 2001:db8::g",
+                "\"2001:db8::g\" is not an IP address: write an IPv4 address like 203.0.113.7 or an IPv6 address like 2001:db8::7",
+            ),
+            (
+                "plan --nodes 2 --nat-ip 2001:db8::7",
+                "2001:db8::7 is an IPv6 address: a plan's NAT IPs are IPv4",
+            ),
+            (
+                "conns --iface up0 --source fd00:10::/64",
+                "\"fd00:10::/64\" is an IPv6 network, where only an IPv4 one fits",
+            ),
+        ] {
+            let e = ok(line).unwrap_err();
+            assert!(e.contains(needle), "{line}: {e}");
+        }
+    }
 
     #[test]
     fn defaults() {

@@ -108,6 +108,8 @@ impl Slice {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub version: u32,
+    /// IPv4 only: IPv6 NAT IPs come from `snat run --nat-ip` next to `--plan`.
+    #[serde(deserialize_with = "ipv4_nat_ips")]
     pub nat_ips: Vec<Ipv4Addr>,
     pub ips: u32,
     pub space: Space,
@@ -283,6 +285,24 @@ pub fn plan(req: &Request) -> Result<Plan, PlanError> {
         even_split_per_node: even_per_ip * req.ips,
         slices,
     })
+}
+
+/// A plan file's NAT IPs: IPv4 addresses, an IPv6 one named as such.
+fn ipv4_nat_ips<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error> {
+    use serde::de::Error as _;
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            if s.parse::<std::net::Ipv6Addr>().is_ok() {
+                return Err(D::Error::custom(format!(
+                    "NAT IP {s} is IPv6: a plan's NAT IPs are IPv4; give IPv6 NAT IPs with `snat run --nat-ip` next to --plan"
+                )));
+            }
+            s.parse().map_err(|_| {
+                D::Error::custom(format!("NAT IP {s:?} is not an IPv4 address"))
+            })
+        })
+        .collect()
 }
 
 /// The nearest changes that make an explicit request valid.
@@ -642,5 +662,32 @@ mod tests {
         assert!(p.check().unwrap_err().to_string().contains("damaged"));
         p.version = 7;
         assert!(p.check().unwrap_err().to_string().contains("version 7"));
+    }
+
+    #[test]
+    fn a_plan_names_ipv4_nat_ips_only() {
+        let p = plan(&Request {
+            nodes: 2,
+            surge: 0,
+            ips: 1,
+            nat_ips: vec![Ipv4Addr::new(198, 51, 100, 1)],
+            ports_per_node: Some(100),
+            space: Space::from_range("40000:40999".parse().unwrap()),
+        })
+        .unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), p);
+        let e = serde_json::from_str::<Plan>(&json.replace("198.51.100.1", "2001:db8::1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("NAT IP 2001:db8::1 is IPv6: a plan's NAT IPs are IPv4")
+                && e.contains("snat run --nat-ip"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<Plan>(&json.replace("198.51.100.1", "1.2.3"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NAT IP \"1.2.3\" is not an IPv4 address"), "{e}");
     }
 }

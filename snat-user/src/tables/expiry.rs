@@ -32,11 +32,11 @@ use log::{debug, info, warn};
 use snat_common::{
     flow::{proto, release_result, use_count, use_kind, REFRESH_NS},
     tcp::Phase,
-    FlowKey, Mapping, Origin, Proto, ReleaseEntry, UseKey,
+    Addr, FlowKeyOf, MappingOf, OriginOf, Proto, ReleaseEntryOf, UseKeyOf,
 };
 
 use crate::{
-    datapath::{batch, DatapathError, Tables},
+    datapath::{batch, DatapathError, TablesOf},
     settings::Timeouts,
 };
 
@@ -68,7 +68,12 @@ impl Reason {
 /// UDP mapping whose datagrams all went to one port of `--udp-timeout-for` gets that port's
 /// timeout, whether it was answered or not (netfilter gives an unanswered UDP flow 30 s on every
 /// port); others get `--udp-timeout`.
-pub fn timeout_of(key: &FlowKey, m: &Mapping, o: &Origin, t: &Timeouts) -> (Duration, Reason) {
+pub fn timeout_of<A: Addr>(
+    key: &FlowKeyOf<A>,
+    m: &MappingOf<A>,
+    o: &OriginOf<A>,
+    t: &Timeouts,
+) -> (Duration, Reason) {
     match key.proto {
         proto::TCP => match Phase::of_halves(m, o) {
             Phase::Reset => (t.tcp_rst, Reason::Rst),
@@ -82,16 +87,16 @@ pub fn timeout_of(key: &FlowKey, m: &Mapping, o: &Origin, t: &Timeouts) -> (Dura
 }
 
 /// When a mapping was last used: the later of both directions' stamps.
-pub fn last_seen(m: &Mapping, o: &Origin) -> u64 {
+pub fn last_seen<A: Addr>(m: &MappingOf<A>, o: &OriginOf<A>) -> u64 {
     m.last_seen_ns.max(o.last_seen_ns)
 }
 
 /// Whether the mapping `key → m` (reverse half `o`, if it exists and belongs to `key`) has
 /// expired at `now_ns`, and why.
-pub fn expiry(
-    key: &FlowKey,
-    m: &Mapping,
-    o: Option<&Origin>,
+pub fn expiry<A: Addr>(
+    key: &FlowKeyOf<A>,
+    m: &MappingOf<A>,
+    o: Option<&OriginOf<A>>,
     now_ns: u64,
     t: &Timeouts,
 ) -> Option<Reason> {
@@ -112,7 +117,12 @@ const ORPHAN_GRACE_NS: u64 = 5_000_000_000;
 
 /// When the mapping `key → m` (reverse half `o`) expires if no packet comes: its last packet plus
 /// its phase's timeout.
-pub fn deadline(key: &FlowKey, m: &Mapping, o: &Origin, t: &Timeouts) -> u64 {
+pub fn deadline<A: Addr>(
+    key: &FlowKeyOf<A>,
+    m: &MappingOf<A>,
+    o: &OriginOf<A>,
+    t: &Timeouts,
+) -> u64 {
     let (timeout, _) = timeout_of(key, m, o, t);
     last_seen(m, o).saturating_add(duration_ns(timeout))
 }
@@ -139,38 +149,45 @@ fn duration_ns(d: Duration) -> u64 {
 /// Forward keys by the time they are next worth a look. A key may be in it more than once (an
 /// event while it waits); [`Schedule::due`] returns each once, and since every look schedules
 /// the key at the same deadline as long as the mapping is unchanged, copies merge.
-#[derive(Default)]
-pub struct Schedule {
-    heap: BinaryHeap<Reverse<(u64, [u64; 2])>>,
+pub struct Schedule<A: Addr> {
+    heap: BinaryHeap<Reverse<(u64, FlowKeyOf<A>)>>,
 }
 
-impl Schedule {
+impl<A: Addr> Default for Schedule<A> {
+    fn default() -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+        }
+    }
+}
+
+impl<A: Addr + Ord> Schedule<A> {
     /// Look at `key` at `at_ns` (or at the first tick after).
-    pub fn at(&mut self, key: &FlowKey, at_ns: u64) {
-        self.heap.push(Reverse((at_ns, key.words())));
+    pub fn at(&mut self, key: &FlowKeyOf<A>, at_ns: u64) {
+        self.heap.push(Reverse((at_ns, *key)));
     }
 
     /// The keys whose time has come by `now_ns`, each once, in key order.
-    pub fn due(&mut self, now_ns: u64) -> Vec<FlowKey> {
+    pub fn due(&mut self, now_ns: u64) -> Vec<FlowKeyOf<A>> {
         let mut keys = Vec::new();
         while let Some(Reverse((at, _))) = self.heap.peek() {
             if *at > now_ns {
                 break;
             }
-            if let Some(Reverse((_, words))) = self.heap.pop() {
-                keys.push(words);
+            if let Some(Reverse((_, key))) = self.heap.pop() {
+                keys.push(key);
             }
         }
         keys.sort_unstable();
         keys.dedup();
-        keys.into_iter().map(bytemuck::cast).collect()
+        keys
     }
 
     /// Replaces everything with `entries` (key, time) (a full pass saw every mapping).
-    fn replace(&mut self, entries: Vec<(FlowKey, u64)>) {
+    fn replace(&mut self, entries: Vec<(FlowKeyOf<A>, u64)>) {
         let v: Vec<_> = entries
             .into_iter()
-            .map(|(k, at)| Reverse((at, k.words())))
+            .map(|(k, at)| Reverse((at, k)))
             .collect();
         self.heap = BinaryHeap::from(v);
     }
@@ -200,15 +217,14 @@ pub struct TickStats {
     pub released: usize,
 }
 
-/// Releases expired mappings on schedule; keeps totals of what it released.
-#[derive(Default)]
-pub struct Sweeper {
+/// Releases expired mappings of one family on schedule; keeps totals of what it released.
+pub struct Sweeper<A: Addr> {
     pub expired: BTreeMap<(Proto, Reason), u64>,
     /// Full passes so far.
     pub full_passes: u64,
     /// Use counts seen at zero on the previous pass (removed if still zero now).
-    zero_uses: HashSet<UseKey>,
-    schedule: Schedule,
+    zero_uses: HashSet<UseKeyOf<A>>,
+    schedule: Schedule<A>,
     /// When the next full pass is due (`None`: at the next tick).
     next_full_ns: Option<u64>,
     /// `Counter::ExpiryEventsLost` as last read.
@@ -217,17 +233,40 @@ pub struct Sweeper {
     last_read_ns: u64,
 }
 
-impl Sweeper {
+impl<A: Addr> Default for Sweeper<A> {
+    fn default() -> Self {
+        Self {
+            expired: BTreeMap::new(),
+            full_passes: 0,
+            zero_uses: HashSet::new(),
+            schedule: Schedule::default(),
+            next_full_ns: None,
+            lost_seen: 0,
+            last_read_ns: 0,
+        }
+    }
+}
+
+/// Runs a batch of releases through the kernel's release program of the family.
+pub type Release<'a, A> = &'a dyn Fn(&mut [ReleaseEntryOf<A>]) -> Result<(), DatapathError>;
+
+impl<A: Addr + Ord> Sweeper<A>
+where
+    FlowKeyOf<A>: aya::Pod,
+    MappingOf<A>: aya::Pod,
+    OriginOf<A>: aya::Pod,
+    UseKeyOf<A>: aya::Pod,
+{
     /// One `--gc-interval` tick at `now_ns`: `events` are the keys read from the datapath's ring
     /// just now (after `now_ns` was taken), `lost` its count of events that did not fit. Looks
     /// at the mappings whose time has come (or at every mapping, when a full pass is due),
     /// releases the expired ones through `release`, and schedules the others.
     pub fn tick(
         &mut self,
-        tables: &mut Tables,
-        events: &[FlowKey],
+        tables: &mut TablesOf<A>,
+        events: &[FlowKeyOf<A>],
         lost: u64,
-        release: &dyn Fn(&mut [ReleaseEntry]) -> Result<(), DatapathError>,
+        release: Release<'_, A>,
         t: &Timeouts,
         now_ns: u64,
     ) -> Result<TickStats, DatapathError> {
@@ -272,7 +311,7 @@ impl Sweeper {
 
     /// Schedules the mappings of `events` (read after `now_ns` was taken) when they can first
     /// expire, and returns the keys whose time has come by `now_ns`.
-    fn due(&mut self, events: &[FlowKey], t: &Timeouts, now_ns: u64) -> Vec<FlowKey> {
+    fn due(&mut self, events: &[FlowKeyOf<A>], t: &Timeouts, now_ns: u64) -> Vec<FlowKeyOf<A>> {
         let since = std::mem::replace(&mut self.last_read_ns, now_ns);
         for key in events {
             self.schedule.at(key, after_event(key.proto, since, t));
@@ -283,9 +322,9 @@ impl Sweeper {
     /// Looks at the mappings of `keys`: releases the expired, schedules the others.
     fn look(
         &mut self,
-        tables: &mut Tables,
-        keys: &[FlowKey],
-        release: &dyn Fn(&mut [ReleaseEntry]) -> Result<(), DatapathError>,
+        tables: &mut TablesOf<A>,
+        keys: &[FlowKeyOf<A>],
+        release: Release<'_, A>,
         t: &Timeouts,
         now_ns: u64,
     ) -> Result<usize, DatapathError> {
@@ -307,15 +346,15 @@ impl Sweeper {
     /// Dooms the mapping if it expired by `now_ns`, else schedules it at its deadline.
     fn judge(
         &mut self,
-        key: &FlowKey,
-        m: &Mapping,
-        o: Option<&Origin>,
+        key: &FlowKeyOf<A>,
+        m: &MappingOf<A>,
+        o: Option<&OriginOf<A>>,
         now_ns: u64,
         t: &Timeouts,
-        doomed: &mut Vec<(ReleaseEntry, Reason)>,
+        doomed: &mut Vec<(ReleaseEntryOf<A>, Reason)>,
     ) {
         match (expiry(key, m, o, now_ns, t), o) {
-            (Some(reason), _) => doomed.push((ReleaseEntry::new(*key, m, o), reason)),
+            (Some(reason), _) => doomed.push((ReleaseEntryOf::new(*key, m, o), reason)),
             (None, Some(o)) => self.schedule.at(key, deadline(key, m, o, t)),
             (None, None) => {}
         }
@@ -325,11 +364,11 @@ impl Sweeper {
     /// at the next tick. Returns how many were released.
     fn release(
         &mut self,
-        doomed: &[(ReleaseEntry, Reason)],
-        release: &dyn Fn(&mut [ReleaseEntry]) -> Result<(), DatapathError>,
+        doomed: &[(ReleaseEntryOf<A>, Reason)],
+        release: Release<'_, A>,
         now_ns: u64,
     ) -> Result<usize, DatapathError> {
-        let mut entries: Vec<ReleaseEntry> = doomed.iter().map(|(e, _)| *e).collect();
+        let mut entries: Vec<ReleaseEntryOf<A>> = doomed.iter().map(|(e, _)| *e).collect();
         release(&mut entries)?;
         let mut released = 0;
         for (e, (_, reason)) in entries.iter().zip(doomed) {
@@ -353,8 +392,8 @@ impl Sweeper {
     /// left without a forward half. Returns how many mappings it released.
     pub fn sweep(
         &mut self,
-        tables: &mut Tables,
-        release: &dyn Fn(&mut [ReleaseEntry]) -> Result<(), DatapathError>,
+        tables: &mut TablesOf<A>,
+        release: Release<'_, A>,
         t: &Timeouts,
         now_ns: u64,
     ) -> Result<usize, DatapathError> {
@@ -363,7 +402,7 @@ impl Sweeper {
         batch::for_each(&tables.fwd, |key, m| {
             let o = tables.rev.get(&key.reply(m.nat_addr, m.nat_port), 0).ok();
             match expiry(&key, &m, o.as_ref(), now_ns, t) {
-                Some(reason) => doomed.push((ReleaseEntry::new(key, &m, o.as_ref()), reason)),
+                Some(reason) => doomed.push((ReleaseEntryOf::new(key, &m, o.as_ref()), reason)),
                 None => {
                     if let Some(o) = o {
                         scheduled.push((key, deadline(&key, &m, &o, t)));
@@ -379,13 +418,13 @@ impl Sweeper {
     }
 
     /// The schedule, for tests and benchmarks.
-    pub fn schedule(&self) -> &Schedule {
+    pub fn schedule(&self) -> &Schedule<A> {
         &self.schedule
     }
 
     /// Removes use counts that were zero on this pass and the previous one (a count the
     /// datapath bumps in between loses that bump; caps are then one looser until it settles).
-    fn sweep_uses(&mut self, tables: &mut Tables) -> Result<(), DatapathError> {
+    fn sweep_uses(&mut self, tables: &mut TablesOf<A>) -> Result<(), DatapathError> {
         let mut zero = HashSet::new();
         batch::for_each(&tables.usage, |key, n| {
             if key.kind != use_kind::DESTINATION_SOURCES && use_count(n) == 0 {
@@ -403,7 +442,7 @@ impl Sweeper {
     /// two deletes).
     fn sweep_orphan_claims(
         &mut self,
-        tables: &mut Tables,
+        tables: &mut TablesOf<A>,
         now_ns: u64,
     ) -> Result<usize, DatapathError> {
         let mut doomed = Vec::new();
@@ -427,7 +466,10 @@ impl Sweeper {
 
 #[cfg(test)]
 mod tests {
-    use snat_common::tcp::{SEEN_FIN, SEEN_RST, SEEN_SYN};
+    use snat_common::{
+        tcp::{SEEN_FIN, SEEN_RST, SEEN_SYN},
+        FlowKey, Mapping, Origin,
+    };
 
     use super::*;
 

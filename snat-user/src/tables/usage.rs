@@ -4,19 +4,16 @@
 //! Both read only the use counts the datapath and the release program keep, so a pass costs one
 //! walk of `SNAT_USE` (entries ≈ sources + destinations + pairs), not of the mappings.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
-};
+use std::collections::{BTreeMap, HashMap};
 
 use log::warn;
 use snat_common::{
     flow::{proto, use_count, use_kind},
-    Proto, UseKey,
+    Addr, Proto, UseKeyOf,
 };
 
 use crate::{
-    datapath::{batch, DatapathError, Tables},
+    datapath::{batch, DatapathError, Tables, Tables6, TablesOf},
     settings::Settings,
 };
 
@@ -89,34 +86,58 @@ impl Saturation {
     }
 }
 
-fn dest_label(k: &UseKey) -> String {
+/// A subject a warning names, with the fraction of what it may use.
+type Seen = (&'static str, String, f64);
+
+fn dest_label<A: Addr>(k: &UseKeyOf<A>) -> String {
     let port = u16::from_be_bytes(k.dport);
     if k.proto == proto::TCP {
         format!(
             "{}:{port} ({} via {})",
-            k.dst(),
+            k.dst.ip(),
             proto_name(k.proto),
-            k.nat()
+            k.nat.ip()
         )
     } else {
-        format!("{} ({} via {})", k.dst(), proto_name(k.proto), k.nat())
+        format!(
+            "{} ({} via {})",
+            k.dst.ip(),
+            proto_name(k.proto),
+            k.nat.ip()
+        )
     }
 }
 
-/// One pass: writes the fair-share hints (sources per busy destination) and updates the
-/// saturation warnings.
+/// One pass over both families' counts: writes the fair-share hints (sources per busy
+/// destination) and updates the saturation warnings.
 pub fn refresh(
     tables: &mut Tables,
+    tables6: &mut Tables6,
     settings: &Settings,
     saturation: &mut Saturation,
 ) -> Result<(), DatapathError> {
+    let mut seen = Vec::new();
+    hints(tables, settings, &mut seen)?;
+    hints(tables6, settings, &mut seen)?;
+    saturation.observe(seen);
+    Ok(())
+}
+
+/// One family's part of [`refresh`]: writes its hints, adds what it saw to `seen`.
+fn hints<A: Addr>(
+    tables: &mut TablesOf<A>,
+    settings: &Settings,
+    seen: &mut Vec<Seen>,
+) -> Result<(), DatapathError>
+where
+    UseKeyOf<A>: aya::Pod,
+{
     let range = f64::from(settings.port_range.size());
     // Destination (per NAT IP) → mappings; a pair count holds for every NAT IP (a pod's share
     // counts across them), so sources are counted per remote endpoint and protocol.
-    let mut dests: HashMap<UseKey, u64> = HashMap::new();
-    let mut sources: HashMap<([u8; 4], [u8; 2], u8), u64> = HashMap::new();
-    let mut hints: Vec<UseKey> = Vec::new();
-    let mut seen = Vec::new();
+    let mut dests: HashMap<UseKeyOf<A>, u64> = HashMap::new();
+    let mut sources: HashMap<(A, [u8; 2], u8), u64> = HashMap::new();
+    let mut hints: Vec<UseKeyOf<A>> = Vec::new();
     let mut counts = Vec::new();
     batch::for_each(&tables.usage, |key, raw| counts.push((key, raw)))?;
     for (key, raw) in counts {
@@ -129,7 +150,7 @@ pub fn refresh(
                 *sources.entry((key.dst, key.dport, key.proto)).or_default() += 1;
             }
             use_kind::SOURCE if settings.policy.max_per_source > 0 && n > 0 => {
-                let subject = format!("{} ({})", Ipv4Addr::from(key.src), proto_name(key.proto));
+                let subject = format!("{} ({})", key.src.ip(), proto_name(key.proto));
                 seen.push((
                     "source",
                     subject,
@@ -147,7 +168,7 @@ pub fn refresh(
         seen.push(("destination", dest_label(dest), fraction));
         // Hints matter once a destination nears the fair-share threshold; write them from half.
         if permille > 0 && fraction * 2000.0 >= f64::from(permille) {
-            let hint = UseKey::sources_of(dest);
+            let hint = UseKeyOf::sources_of(dest);
             let n = sources
                 .get(&(dest.dst, dest.dport, dest.proto))
                 .copied()
@@ -159,7 +180,6 @@ pub fn refresh(
     for stale in hints.iter().filter(|h| !keep.contains(h)) {
         let _ = tables.usage.remove(stale);
     }
-    saturation.observe(seen);
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use snat_common::{flow::proto, tcp::Phase, FlowKey, Mapping, Origin, Proto};
 
 use super::expiry::{last_seen, timeout_of};
 use crate::{
-    datapath::{batch, DatapathError, Tables},
+    datapath::{batch, DatapathError, Tables, Tables6},
     settings::{cidr::Ipv4Cidr, Timeouts},
 };
 
@@ -91,6 +91,8 @@ pub struct TableView {
     pub by_destination: HashMap<Destination, u64>,
     /// Rows, when asked for.
     pub conns: Vec<Conn>,
+    /// IPv6 mappings (forward halves) by protocol number (the rest of the view is IPv4's).
+    pub mappings6: HashMap<u8, u64>,
 }
 
 /// Builds a [`TableView`] one mapping at a time.
@@ -197,6 +199,13 @@ impl TableView {
         })?;
         batch::for_each(&tables.rev, |reply, _| b.add_claim(&reply))?;
         Ok(b.finish())
+    }
+
+    /// Counts the IPv6 mappings of `tables` by protocol into [`TableView::mappings6`].
+    pub fn count6(&mut self, tables: &Tables6) -> Result<(), DatapathError> {
+        batch::for_each(&tables.fwd, |key, _| {
+            *self.mappings6.entry(key.proto).or_default() += 1;
+        })
     }
 
     /// The `n` sources holding the most ports, most first.

@@ -122,6 +122,7 @@ pub fn load_engine(max: u32) -> anyhow::Result<Engine> {
         name: "bench0".into(),
         index: 0,
         ipv4: vec![],
+        ipv6: vec![],
     };
     let settings = Settings::validate(&args, iface).map_err(|e| anyhow!("{e}"))?;
     Ok(Engine::load(&settings)?)
