@@ -27,7 +27,7 @@ use snat_common::Counter;
 use tests::{
     agent::Agent,
     forge,
-    netns::Netns,
+    netns::{BpfFs, Netns},
     packets6::{self, egress_drop_ext_headers, icmp6, is_pod6, nh, pod_address_in, Seen6},
     topo::{
         pod_gateway6, Topology, NAT_IP, NAT_IP6, POD_CIDR, POD_CIDR6, ROUTER_SERVER_SIDE6,
@@ -909,4 +909,31 @@ fn idle_ipv6_mappings_expire_and_give_their_port_back() {
     let stats = agent.stats();
     assert_eq!(stats["mappings6"]["udp"], 1, "{stats}");
     assert_eq!(stats["expired"]["udp"]["idle"], 1, "{stats}");
+}
+
+/// A stopped agent's guard (`--on-stop closed`, the default) keeps the pods' IPv6 in too:
+/// nothing with a pod source leaves while no agent runs; `snat cleanup` removes the guard.
+#[test]
+fn the_stop_guard_keeps_ipv6_pods_in() {
+    let topo = Topology::new_dual_stack(1);
+    let bpffs = BpfFs::new(&topo.prefix);
+    let wire = Capture6::start(&topo.router, &topo.router_uplink);
+    let _udp = Server6::udp(&topo.server, at(SERVER6, 5353));
+    let to = at(SERVER6, 5353);
+    let first = agent(&topo, &["--pin-dir", bpffs.arg()]);
+    let seen = topo.pods[0].ns.run(move || udp6_ask(to));
+    assert_eq!(
+        *seen.expect("translated while the agent runs").ip(),
+        NAT_IP6
+    );
+    let (status, _) = first.stop();
+    assert!(status.success(), "{status}");
+    let after = topo.pods[0].ns.run(move || udp6_ask(to));
+    assert!(
+        after.is_err(),
+        "a datagram got through the guard: {after:?}"
+    );
+    // The guard dropped it: nothing with a pod address reached the router.
+    wire.assert_clean();
+    tests::agent::cleanup(&topo, &bpffs);
 }
