@@ -74,8 +74,21 @@ pub const SLOT_EGRESS6: u32 = 3;
 pub const PROG_INGRESS6: &str = "snat_ingress6";
 /// Slot of [`PROG_INGRESS6`] in [`MAP_PROGRAMS`].
 pub const SLOT_INGRESS6: u32 = 4;
+/// [`PROG_HAIRPIN`]'s IPv6 half, tail-called by it for every IPv6 packet once NAT66 is on.
+pub const PROG_HAIRPIN6: &str = "snat_hairpin6";
+/// Slot of [`PROG_HAIRPIN6`] in [`MAP_PROGRAMS`].
+pub const SLOT_HAIRPIN6: u32 = 5;
+/// [`PROG_HAIRPIN_DELIVER`]'s IPv6 twin (tail-called by `snat_hairpin6` or `snat_create6`).
+pub const PROG_HAIRPIN_DELIVER6: &str = "snat_hairpin_deliver6";
+/// Slot of [`PROG_HAIRPIN_DELIVER6`] in [`MAP_PROGRAMS`].
+pub const SLOT_HAIRPIN_DELIVER6: u32 = 6;
+/// The refusal answers for IPv6 (`--on-exhaustion reject`), tail-called by `snat_create6` for
+/// a refused flow, so that building the answer gets a stack frame of its own.
+pub const PROG_REJECT6: &str = "snat_reject6";
+/// Slot of [`PROG_REJECT6`] in [`MAP_PROGRAMS`].
+pub const SLOT_REJECT6: u32 = 7;
 /// Slots of [`MAP_PROGRAMS`].
-pub const PROGRAM_SLOTS: u32 = 5;
+pub const PROGRAM_SLOTS: u32 = 8;
 /// Name of [`PROG_RELEASE`]'s IPv6 twin (a batch of [`ReleaseEntry6`]).
 pub const PROG_RELEASE6: &str = "snat_release6";
 

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
-use snat_common::{flow::proto, Config, Counter, FlowKeyOf, MAX_POOL_TRIES, SLOT_HAIRPIN_DELIVER};
+use snat_common::{flow::proto, Config, Counter, FlowKeyOf, MAX_POOL_TRIES};
 
 use crate::{
     alloc::{self, AllocError, Created, Syn},
@@ -70,7 +70,7 @@ pub fn run<A: Family>(ctx: &TcContext) -> Verdict {
     if pending.hairpin {
         count(translated);
         // SAFETY: a tail call from the program's own frame; on success delivery goes on there.
-        unsafe { SNAT_PROGRAMS.tail_call(ctx, SLOT_HAIRPIN_DELIVER) };
+        unsafe { SNAT_PROGRAMS.tail_call(ctx, A::SLOT_HAIRPIN_DELIVER) };
         return Err(Counter::HairpinDropNoDeliverer.into());
     }
     Ok(translated)

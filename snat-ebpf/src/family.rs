@@ -3,8 +3,8 @@
 //! allocation, release and TCP tracking code is generic over [`Family`] and compiled once for
 //! each (`[u8; 4]`: IPv4, `[u8; 16]`: IPv6).
 //!
-//! Cluster mode, hairpinning and the refusal answers are IPv4-only for now: their hooks here are
-//! no-ops for IPv6 (the agent refuses IPv6 in cluster mode), which the compiler removes.
+//! Cluster mode is IPv4-only: its hooks here are no-ops for IPv6 (the agent refuses IPv6 in
+//! cluster mode), which the compiler removes.
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_tuple, BPF_F_CURRENT_NETNS},
@@ -15,7 +15,7 @@ use aya_ebpf::{
 use snat_common::{
     flow::{proto, Addr, EndpointOf},
     Config, Counter, FlowKeyOf, FullMark, MappingOf, NatIpOf, OriginOf, PoolKeyOf, UseKeyOf,
-    MAX_NAT_IPS, SLOT_CREATE, SLOT_CREATE6,
+    MAX_NAT_IPS, SLOT_CREATE, SLOT_CREATE6, SLOT_HAIRPIN_DELIVER, SLOT_HAIRPIN_DELIVER6,
 };
 
 use crate::{
@@ -48,6 +48,8 @@ pub trait Family: Addr {
     type Ip: IpHeader<Self>;
     /// `snat_create`'s slot for this family in `SNAT_PROGRAMS`.
     const SLOT_CREATE: u32;
+    /// `snat_hairpin_deliver`'s slot for this family in `SNAT_PROGRAMS`.
+    const SLOT_HAIRPIN_DELIVER: u32;
 
     fn internal(a: Self) -> bool;
     fn excluded(a: Self) -> bool;
@@ -103,7 +105,8 @@ pub trait Family: Addr {
     /// Whether the TCP or UDP checksum at `check_off` may still be pending offload (XDP only).
     fn checksum_pending<C: Packet>(ctx: &C, ip: &Self::Ip, check_off: usize) -> bool;
 
-    /// The refusal answer (RST, ICMP unreachable) if the policy and rate allow.
+    /// The refusal answer (RST, ICMP unreachable) if the policy and rate allow: its TC action
+    /// (IPv6: `reject::ANSWER_IN_REJECT6`, for `snat_create6` to hand the packet on).
     fn answer(ctx: &TcContext, ip: &Self::Ip, cfg: &Config, now: u64) -> Option<i32>;
     /// The address as IPv4, for the IPv4-only hooks (cluster mode): `None` for IPv6.
     fn v4(a: Self) -> Option<[u8; 4]>;
@@ -257,6 +260,7 @@ macro_rules! family_maps {
 impl Family for [u8; 4] {
     type Ip = Ipv4;
     const SLOT_CREATE: u32 = SLOT_CREATE;
+    const SLOT_HAIRPIN_DELIVER: u32 = SLOT_HAIRPIN_DELIVER;
     family_maps!(
         SNAT_FWD,
         SNAT_REV,
@@ -357,6 +361,7 @@ impl Family for [u8; 4] {
 impl Family for [u8; 16] {
     type Ip = Ipv6;
     const SLOT_CREATE: u32 = SLOT_CREATE6;
+    const SLOT_HAIRPIN_DELIVER: u32 = SLOT_HAIRPIN_DELIVER6;
     family_maps!(
         SNAT_FWD6,
         SNAT_REV6,
@@ -449,9 +454,8 @@ impl Family for [u8; 16] {
         false
     }
     #[inline(always)]
-    fn answer(_ctx: &TcContext, _ip: &Ipv6, _cfg: &Config, _now: u64) -> Option<i32> {
-        // Refused IPv6 flows are dropped (answers are IPv4-only for now).
-        None
+    fn answer(_ctx: &TcContext, _ip: &Ipv6, cfg: &Config, now: u64) -> Option<i32> {
+        crate::reject::answer6(cfg, now)
     }
     #[inline(always)]
     fn v4(_a: Self) -> Option<[u8; 4]> {

@@ -47,12 +47,12 @@ pub fn run(ctx: &TcContext) -> Verdict {
 // 512 bytes hold the parse and one protocol's path, not all of them.
 
 #[inline(never)]
-fn tcp(ctx: &TcContext, ip: &Ipv6) -> Verdict {
+pub fn tcp(ctx: &TcContext, ip: &Ipv6) -> Verdict {
     ingress::tcp::<A, TcContext>(ctx, ip)
 }
 
 #[inline(never)]
-fn udp(ctx: &TcContext, ip: &Ipv6) -> Verdict {
+pub fn udp(ctx: &TcContext, ip: &Ipv6) -> Verdict {
     ingress::udp::<A, TcContext>(ctx, ip)
 }
 

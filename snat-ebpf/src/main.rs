@@ -6,7 +6,8 @@
 //! - `snat_xdp` does the same in XDP, before TC (`--ingress xdp`), leaving `snat_ingress` what it
 //!   cannot do;
 //! - `snat_hairpin`, on the pods' interfaces (`--hairpin on`), sends a pod's packet to a NAT
-//!   endpoint to the pod holding it, translated both ways (through `snat_hairpin_deliver`);
+//!   endpoint to the pod holding it, translated both ways (through `snat_hairpin_deliver`;
+//!   IPv6 in `snat_hairpin6` and `snat_hairpin_deliver6`);
 //! - `snat_release` removes expired mappings for the controller (run, never attached);
 //! - `snat_guard` is left on egress by a stopped agent: it drops what egress would translate;
 //! - `snat_gateway` runs on a cluster's gateway, not on a node: it forwards each reply to the node
@@ -77,7 +78,7 @@ mod programs {
     };
 
     use crate::{
-        create, egress, egress6, gateway, guard, hairpin, ingress, ingress6, release,
+        create, egress, egress6, gateway, guard, hairpin, ingress, ingress6, reject, release,
         verdict::action, xdp,
     };
 
@@ -106,7 +107,22 @@ mod programs {
         reason = "#[classifier] hands the context over by value"
     )]
     pub fn snat_create6(ctx: TcContext) -> i32 {
-        action(create::run::<[u8; 16]>(&ctx))
+        match create::run::<[u8; 16]>(&ctx) {
+            Err(stop) if stop.action == reject::ANSWER_IN_REJECT6 => {
+                reject::hand_over6(&ctx, stop.counter)
+            }
+            verdict => action(verdict),
+        }
+    }
+
+    /// The refusal answer for IPv6, tail-called by `snat_create6` (see `reject`).
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_reject6(ctx: TcContext) -> i32 {
+        reject::run6(&ctx)
     }
 
     #[classifier]
@@ -154,6 +170,11 @@ mod programs {
         reason = "#[classifier] hands the context over by value"
     )]
     pub fn snat_hairpin(ctx: TcContext) -> i32 {
+        if ctx.skb.protocol() == crate::packet6::ETH_P_IPV6_BE && crate::family::ipv6_on() {
+            // SAFETY: a tail call from the program's own frame; IPv6 goes on there.
+            unsafe { crate::maps::SNAT_PROGRAMS.tail_call(&ctx, snat_common::SLOT_HAIRPIN6) };
+            return TC_ACT_UNSPEC;
+        }
         match hairpin::run(&ctx) {
             Some(verdict) => action(verdict),
             None => TC_ACT_UNSPEC,
@@ -168,6 +189,26 @@ mod programs {
     )]
     pub fn snat_hairpin_deliver(ctx: TcContext) -> i32 {
         hairpin::deliver(&ctx)
+    }
+
+    /// Hairpinning for IPv6, first step: tail-called by `snat_hairpin`.
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_hairpin6(ctx: TcContext) -> i32 {
+        hairpin::run6(&ctx)
+    }
+
+    /// Hairpinning for IPv6, second step: tail-called by `snat_hairpin6` or `snat_create6`.
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn snat_hairpin_deliver6(ctx: TcContext) -> i32 {
+        hairpin::deliver6(&ctx)
     }
 
     /// The reply path in XDP (`--ingress xdp`), in front of `snat_ingress`.

@@ -267,8 +267,8 @@ pub static SNAT_HOST_ECHO: LruHashMap<FlowKey, u64> =
 #[map]
 pub static SNAT_GUARD_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Filled by the controller: slot `SLOT_CREATE` holds `snat_create`, `SLOT_HAIRPIN_DELIVER`
-/// `snat_hairpin_deliver`.
+/// The programs reached by tail calls, filled by the controller at the slots `snat_common`
+/// names (`SLOT_CREATE`: `snat_create`, `SLOT_HAIRPIN_DELIVER`: `snat_hairpin_deliver`, ...).
 #[map]
 pub static SNAT_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAM_SLOTS, 0);
 

@@ -7,19 +7,33 @@
 //! uplink's ingress, so the node routes it back to the pod like any reply; it carries the
 //! destination's address as its source (a node address would be a martian on ingress) and never
 //! leaves the node. A refused hairpin flow (the hairpin program, on a pod's interface) is
-//! answered straight back out of that interface. Answers are rate-limited per CPU (`Config::reject_per_sec`); above the rate,
-//! and for headers snat does not rewrite (IPv4 options, GSO), the packet is only dropped.
+//! answered straight back out of that interface. Answers are rate-limited per CPU
+//! (`Config::reject_per_sec`); above the rate, and for headers snat does not rewrite (IPv4
+//! options, GSO), the packet is only dropped.
+//!
+//! IPv6 the same way: a RST|ACK, or an ICMPv6 destination unreachable, code 1 ("communication
+//! with destination administratively prohibited", RFC 4443 §3.1) quoting the fixed header and
+//! the first 8 bytes after it. A UDP datagram or echo request with extension headers is only
+//! dropped (its quote would not reach its ports within those 8 bytes), like IPv4 with options.
+//! The IPv6 answer is built in a program of its own, `snat_reject6` (see [`answer6`]).
 
 use aya_ebpf::{
-    bindings::{BPF_CSUM_LEVEL_RESET, BPF_F_INGRESS, TC_ACT_REDIRECT},
+    bindings::{BPF_CSUM_LEVEL_RESET, BPF_F_INGRESS, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::generated::{bpf_csum_level, bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail},
     programs::TcContext,
 };
-use snat_common::{csum, flow::proto, Config, Counter};
+use snat_common::{
+    csum,
+    flow::proto,
+    ip6::{icmp6, next_header, HEADER_LEN},
+    Config, Counter, SLOT_REJECT6,
+};
 
 use crate::{
-    maps::{count, SNAT_REJECT_RATE},
+    family::IpHeader,
+    maps::{count, SNAT_PROGRAMS, SNAT_REJECT_RATE},
     packet::{read, Ipv4, ETH_LEN},
+    packet6::Ipv6,
 };
 
 const ADJ_ROOM_MAC: u32 = 1;
@@ -65,17 +79,70 @@ fn finish(acc: u32) -> [u8; 2] {
 /// dropped instead.
 #[inline(always)]
 pub fn answer(ctx: &TcContext, ip: &Ipv4, cfg: &Config, now: u64) -> Option<i32> {
-    if cfg.flags & Config::REJECT == 0 {
-        return None;
-    }
-    if !within_rate(cfg, now) {
-        count(Counter::RejectRateLimited);
+    if !allowed(cfg, now) {
         return None;
     }
     let built = match ip.proto {
         proto::TCP => rst(ctx, ip).map(|()| Counter::RejectRst),
         _ => unreachable(ctx, ip).map(|()| Counter::RejectIcmp),
     };
+    send(ctx, built)
+}
+
+/// `Stop::action` of a refused IPv6 flow to be answered (see [`answer6`]): not a TC action, and
+/// never returned as one.
+pub const ANSWER_IN_REJECT6: i32 = i32::MIN;
+
+/// [`answer`] for IPv6, in two steps: this one, where the flow is refused, only asks the policy
+/// and the rate, and `snat_create6` then hands the packet to `snat_reject6` ([`run6`]) with a tail
+/// call; the answer is built there, in a stack frame of its own (`snat_create6`'s leaves it
+/// none).
+#[inline(always)]
+pub fn answer6(cfg: &Config, now: u64) -> Option<i32> {
+    allowed(cfg, now).then_some(ANSWER_IN_REJECT6)
+}
+
+/// The end of `snat_create6` for a refused flow [`answer6`] said to answer: its counter, then
+/// `snat_reject6`.
+#[inline(always)]
+pub fn hand_over6(ctx: &TcContext, counter: Counter) -> i32 {
+    count(counter);
+    // SAFETY: a tail call from the program's own frame; on success the answer is sent there.
+    unsafe { SNAT_PROGRAMS.tail_call(ctx, SLOT_REJECT6) };
+    count(Counter::RejectFailed);
+    TC_ACT_SHOT
+}
+
+/// `snat_reject6`: turns the refused IPv6 packet into its answer and sends it, or drops it.
+#[inline(always)]
+pub fn run6(ctx: &TcContext) -> i32 {
+    let built = match Ipv6::fixed(ctx) {
+        Ok(ip) => match (ip.walk(ctx), ip.proto) {
+            (Ok(()), proto::TCP) => rst6(ctx, ip).map(|()| Counter::RejectRst),
+            (Ok(()), _) => unreachable6(ctx, ip).map(|()| Counter::RejectIcmp),
+            (Err(_), _) => Err(-1),
+        },
+        Err(()) => Err(-1),
+    };
+    send(ctx, built).unwrap_or(TC_ACT_SHOT)
+}
+
+/// Whether the policy is to answer and this CPU may send another answer now.
+#[inline(always)]
+pub fn allowed(cfg: &Config, now: u64) -> bool {
+    if cfg.flags & Config::REJECT == 0 {
+        return false;
+    }
+    if !within_rate(cfg, now) {
+        count(Counter::RejectRateLimited);
+        return false;
+    }
+    true
+}
+
+/// Sends the answer the packet was turned into (`built`: its counter), or counts the failure.
+#[inline(always)]
+fn send(ctx: &TcContext, built: Result<Counter, i64>) -> Option<i32> {
     let Ok(sent) = built else {
         count(Counter::RejectFailed);
         return None;
@@ -135,9 +202,28 @@ fn rst(ctx: &TcContext, ip: &Ipv4) -> Result<(), i64> {
     if ip.ihl != 20 {
         return Err(-1);
     }
-    let syn: [u8; 20] = read(ctx, ip.l4())?;
+    let payload = u32::from(ip.tot_len).saturating_sub(20);
+    let pseudo = sum(&ip.dst, sum(&ip.src, u32::from(proto::TCP) + 20));
+    let tcp = rst_header(ctx, ip.l4(), payload, pseudo)?;
+    let eth = swapped_eth(ctx)?;
+    let hdr = ip_header(ip.dst, ip.src, proto::TCP, 20);
+    // SAFETY: the program's own context.
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_LEN + 40) as u32, 0) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    ctx.store(0, &eth, 0)?;
+    ctx.store(ETH_LEN, &hdr, 0)?;
+    ctx.store(ETH_LEN + 20, &tcp, 0)
+}
+
+/// The RST answering the TCP segment at `l4` (`len`: its header and payload), with its
+/// checksum (`pseudo`: the sum of the answer's pseudo-header).
+#[inline(always)]
+fn rst_header(ctx: &TcContext, l4: usize, len: u32, pseudo: u32) -> Result<[u8; 20], i64> {
+    let syn: [u8; 20] = read(ctx, l4)?;
     let doff = u32::from(syn[12] >> 4) * 4;
-    let payload = u32::from(ip.tot_len).saturating_sub(20 + doff);
+    let payload = len.saturating_sub(doff);
     let seq = u32::from_be_bytes([syn[4], syn[5], syn[6], syn[7]]);
     // RFC 9293 3.10.7.1: a RST answering a segment with ACK takes its SEQ from that ACK (and
     // carries none); one answering a segment without ACK has SEQ 0 and ACKs all it occupied.
@@ -151,25 +237,39 @@ fn rst(ctx: &TcContext, ip: &Ipv4) -> Result<(), i64> {
         syn[2], syn[3], syn[0], syn[1], rst_seq[0], rst_seq[1], rst_seq[2], rst_seq[3], ack[0],
         ack[1], ack[2], ack[3], 0x50, flags, 0, 0, 0, 0, 0, 0,
     ];
-    let pseudo = u32::from(u16::from_be_bytes([ip.dst[0], ip.dst[1]]))
-        + u32::from(u16::from_be_bytes([ip.dst[2], ip.dst[3]]))
-        + u32::from(u16::from_be_bytes([ip.src[0], ip.src[1]]))
-        + u32::from(u16::from_be_bytes([ip.src[2], ip.src[3]]))
-        + u32::from(proto::TCP)
-        + 20;
     let c = finish(sum(&tcp, pseudo));
     tcp[16] = c[0];
     tcp[17] = c[1];
-    let eth = swapped_eth(ctx)?;
-    let hdr = ip_header(ip.dst, ip.src, proto::TCP, 20);
+    Ok(tcp)
+}
+
+/// The RST for an IPv6 TCP segment (see [`rst`]): the frame becomes Ethernet, a fixed IPv6
+/// header and the RST, whatever extension headers the segment had.
+#[inline(always)]
+fn rst6(ctx: &TcContext, ip: &Ipv6) -> Result<(), i64> {
+    let len = IpHeader::l4_len(ip, ctx) as u32;
+    let pseudo = sum(&ip.dst, sum(&ip.src, u32::from(proto::TCP) + 20));
+    let tcp = rst_header(ctx, IpHeader::l4(ip), len, pseudo)?;
     // SAFETY: the program's own context.
-    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_LEN + 40) as u32, 0) };
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_LEN + HEADER_LEN + 20) as u32, 0) };
     if rc != 0 {
         return Err(rc);
     }
+    ip6_header(ctx, ip, proto::TCP, 20)?;
+    ctx.store(ETH_LEN + HEADER_LEN, &tcp, 0)
+}
+
+/// Writes the Ethernet header (swapped) and an IPv6 header answering `ip` (its destination to
+/// its source) that carries `len` bytes of `next`.
+#[inline(always)]
+fn ip6_header(ctx: &TcContext, ip: &Ipv6, next: u8, len: u16) -> Result<(), i64> {
+    let eth = swapped_eth(ctx)?;
+    let l = len.to_be_bytes();
     ctx.store(0, &eth, 0)?;
-    ctx.store(ETH_LEN, &hdr, 0)?;
-    ctx.store(ETH_LEN + 20, &tcp, 0)
+    ctx.store(ETH_LEN, &[0x60, 0, 0, 0, l[0], l[1], next, 64], 0)?;
+    // Straight from the header's slot (map memory).
+    ctx.store(ETH_LEN + 8, &ip.dst, 0)?;
+    ctx.store(ETH_LEN + 24, &ip.src, 0)
 }
 
 /// Wraps a UDP datagram or ICMP echo in the ICMP destination unreachable (code 13) its
@@ -201,3 +301,49 @@ fn unreachable(ctx: &TcContext, ip: &Ipv4) -> Result<(), i64> {
     ctx.store(ETH_LEN, &hdr, 0)?;
     ctx.store(ETH_LEN + 20, &icmp, 0)
 }
+
+/// Wraps an IPv6 UDP datagram or ICMPv6 echo request in the ICMPv6 destination unreachable
+/// (code 1, administratively prohibited) its destination would send, quoting its fixed header
+/// and the 8 bytes after it (its ports or identifier: extension headers are refused).
+#[inline(always)]
+fn unreachable6(ctx: &TcContext, ip: &Ipv6) -> Result<(), i64> {
+    const QUOTE: usize = HEADER_LEN + 8;
+    if IpHeader::l4(ip) != ETH_LEN + HEADER_LEN || IpHeader::l4_len(ip, ctx) < 8 {
+        return Err(-1);
+    }
+    // The quote stays where it is (moved along by the room made in front of it): only its sum
+    // is needed.
+    let mut quoted = 0;
+    let mut i = 0;
+    while i < QUOTE {
+        let w: [u8; 8] = read(ctx, ETH_LEN + i)?;
+        quoted = sum(&w, quoted);
+        i += 8;
+    }
+    let len = (8 + QUOTE) as u16;
+    let pseudo = sum(
+        &ip.dst,
+        sum(&ip.src, u32::from(next_header::ICMPV6) + u32::from(len)),
+    );
+    let mut icmp = [icmp6::DEST_UNREACH, ADMIN_PROHIBITED6, 0, 0, 0, 0, 0, 0];
+    let c = finish(sum(&icmp, pseudo + quoted));
+    icmp[2] = c[0];
+    icmp[3] = c[1];
+    // SAFETY: the program's own context; room is made right after the MAC header.
+    let rc = unsafe { bpf_skb_adjust_room(ctx.skb.skb, (HEADER_LEN + 8) as i32, ADJ_ROOM_MAC, 0) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    // SAFETY: as above.
+    let rc =
+        unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_LEN + HEADER_LEN + 8 + QUOTE) as u32, 0) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    ip6_header(ctx, ip, next_header::ICMPV6, len)?;
+    ctx.store(ETH_LEN + HEADER_LEN, &icmp, 0)
+}
+
+/// ICMPv6 destination unreachable code 1: communication with destination administratively
+/// prohibited.
+const ADMIN_PROHIBITED6: u8 = 1;

@@ -602,21 +602,20 @@ impl UdpEcho {
 
 /// A TCP connection from `local` (bound first, with `SO_REUSEADDR`) to `to`, given up after
 /// `timeout`: what a simultaneous open needs (each side's port known before it connects).
+/// Either family (both addresses of the same one).
 pub fn tcp_connect_from(
-    local: SocketAddrV4,
-    to: SocketAddrV4,
+    local: impl Into<SocketAddr>,
+    to: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
+    let (local, to) = (local.into(), to.into());
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
     };
     // SAFETY: plain socket(2); the descriptor is owned at once.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -626,9 +625,8 @@ pub fn tcp_connect_from(
     // SO_SNDTIMEO bounds the connect.
     set_timeout_opt(&fd, libc::SO_SNDTIMEO, timeout);
     for (addr, bind) in [(local, true), (to, false)] {
-        let sa = sockaddr(addr);
-        let len = size_of::<libc::sockaddr_in>() as u32;
-        // SAFETY: a valid sockaddr_in of the stated size.
+        let (sa, len) = sockaddr(addr);
+        // SAFETY: a valid socket address of the stated size.
         let rc = unsafe {
             if bind {
                 libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), len)
@@ -644,6 +642,42 @@ pub fn tcp_connect_from(
     // SO_SNDTIMEO was for the connect only.
     stream.set_write_timeout(None)?;
     Ok(stream)
+}
+
+/// `addr` as a C socket address, with its length.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all zeroes is a valid `sockaddr_storage`.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: a `sockaddr_storage` is large and aligned enough for any socket address.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
 }
 
 /// Sets an integer socket option, panicking with the error if it fails.

@@ -1,18 +1,18 @@
 //! Hairpinning (`--hairpin on`, RFC 4787 REQ-9, RFC 5382 REQ-8): pods behind one node reach each
-//! other's NAT endpoints, seen from the sender's NAT endpoint, in both directions; what a
-//! remote host would be filtered for is dropped here too; and without `--hairpin on` nothing
-//! changes for a pod's packet to the NAT IP.
+//! other's NAT endpoints, seen from the sender's NAT endpoint, in both directions and both
+//! families; what a remote host would be filtered for is dropped here too; and without
+//! `--hairpin on` nothing changes for a pod's packet to the NAT IP.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddrV4, UdpSocket},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use tests::{
     agent::Agent,
     netns::{veth, Netns},
-    topo::{Topology, NAT_IP, POD_CIDR, SERVER},
+    topo::{Topology, NAT_IP, NAT_IP6, POD_CIDR, POD_CIDR6, SERVER},
     traffic::{
         fingerprint, payload, tcp_connect_from, udp_ask, wait_for, TcpClient, TcpServer, UdpServer,
     },
@@ -40,21 +40,49 @@ fn hairpin_agent(topo: &Topology, extra: &[&str]) -> Agent {
 /// a simultaneous open can be under way at once.
 fn connect_in(
     ns: &Netns,
-    local: SocketAddrV4,
-    to: SocketAddrV4,
-) -> std::thread::JoinHandle<std::io::Result<std::net::TcpStream>> {
+    local: impl Into<SocketAddr>,
+    to: impl Into<SocketAddr>,
+) -> std::thread::JoinHandle<std::io::Result<TcpStream>> {
+    let (local, to) = (local.into(), to.into());
     ns.spawn(move || tcp_connect_from(local, to, Duration::from_secs(10)))
 }
 
 /// Receives one datagram within `wait`: (payload, sender).
 fn recv(sock: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddrV4)> {
+    match recv_any(sock, wait)? {
+        (got, SocketAddr::V4(from)) => Some((got, from)),
+        (_, from) => panic!("IPv6 sender {from}"),
+    }
+}
+
+/// [`recv`] for an IPv6 socket.
+fn recv6(sock: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddrV6)> {
+    match recv_any(sock, wait)? {
+        (got, SocketAddr::V6(from)) => Some((got, from)),
+        (_, from) => panic!("IPv4 sender {from}"),
+    }
+}
+
+fn recv_any(sock: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
     sock.set_read_timeout(Some(wait)).expect("timeout");
     let mut buf = [0u8; 2048];
     let (n, from) = sock.recv_from(&mut buf).ok()?;
-    let std::net::SocketAddr::V4(from) = from else {
-        panic!("IPv6 sender {from}");
-    };
     Some((buf[..n].to_vec(), from))
+}
+
+/// Sends `data` from `a` to `b` over a connected pair and checks that it arrives whole.
+fn stream_intact(mut a: TcpStream, mut b: TcpStream, data: Vec<u8>) {
+    let expect = (data.len(), fingerprint(&data));
+    let writer = std::thread::spawn(move || {
+        a.write_all(&data).expect("a writes");
+        a.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    b.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    b.read_to_end(&mut got).expect("b reads");
+    writer.join().expect("a's thread");
+    assert_eq!((got.len(), fingerprint(&got)), expect);
 }
 
 #[test]
@@ -232,26 +260,90 @@ fn hairpinned_packets_carry_checksums_the_receiver_verifies() {
         SocketAddrV4::new(b_addr, 40401),
         SocketAddrV4::new(NAT_IP, 40301),
     );
-    let mut a_tcp = a_tcp.join().expect("thread").expect("a connects");
-    let mut b_tcp = b_tcp.join().expect("thread").expect("b connects");
-    let data = payload(256 << 10, 5);
-    let sent = data.clone();
-    let writer = std::thread::spawn(move || {
-        a_tcp.write_all(&sent).expect("a writes");
-        a_tcp.shutdown(std::net::Shutdown::Write).expect("shutdown");
-    });
-    b_tcp
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut got = Vec::new();
-    b_tcp.read_to_end(&mut got).expect("b reads");
-    writer.join().expect("a's thread");
-    assert_eq!(
-        (got.len(), fingerprint(&got)),
-        (data.len(), fingerprint(&data))
-    );
+    let a_tcp = a_tcp.join().expect("thread").expect("a connects");
+    let b_tcp = b_tcp.join().expect("thread").expect("b connects");
+    stream_intact(a_tcp, b_tcp, payload(256 << 10, 5));
     // Without offload there are no GSO bursts: one count per segment.
     assert!(agent.counter("hairpin", "delivered_tcp") > 150);
+}
+
+/// NAT66 on: pod A's IPv6 UDP and TCP mappings reached from pod B through the IPv6 NAT IP, seen
+/// from B's NAT endpoint (and a pod's own), filtered like IPv4's; IPv4 hairpinning goes on
+/// beside it. Checksum offload is off, so every checksum the translation wrote is verified.
+#[test]
+fn ipv6_mappings_of_two_pods_reach_each_other_through_the_nat_ip6() {
+    let topo = Topology::new_dual_stack(2);
+    topo.set_offload(false);
+    let agent = hairpin_agent(&topo, &["--internal", POD_CIDR6]);
+    let (a6, b6) = (topo.pods[0].addr6(), topo.pods[1].addr6());
+    let at = |ip, port| SocketAddrV6::new(ip, port, 0, 0);
+    // Ports in the range are kept: each side knows the other's NAT endpoint.
+    let a = topo.pods[0]
+        .ns
+        .run(move || UdpSocket::bind(at(a6, 40300)).expect("bind a"));
+    let b = topo.pods[1]
+        .ns
+        .run(move || UdpSocket::bind(at(b6, 40400)).expect("bind b"));
+    let (a_nat, b_nat) = (at(NAT_IP6, 40300), at(NAT_IP6, 40400));
+    a.send_to(b"a opens", b_nat).expect("send");
+    assert_eq!(recv6(&b, Duration::from_millis(500)), None, "filtered");
+    assert_eq!(agent.counter("hairpin", "drop_filtered"), 1);
+    b.send_to(b"b to a", a_nat).expect("send");
+    assert_eq!(
+        recv6(&a, Duration::from_secs(2)),
+        Some((b"b to a".to_vec(), b_nat)),
+        "A hears B from B's NAT endpoint"
+    );
+    a.send_to(b"a to b", b_nat).expect("send");
+    assert_eq!(
+        recv6(&b, Duration::from_secs(2)),
+        Some((b"a to b".to_vec(), a_nat)),
+        "B hears A from A's NAT endpoint"
+    );
+    a.send_to(b"a to itself", a_nat).expect("send");
+    assert_eq!(
+        recv6(&a, Duration::from_secs(2)),
+        Some((b"a to itself".to_vec(), a_nat))
+    );
+    let big = payload(1400, 7);
+    b.send_to(&big, a_nat).expect("send");
+    let (got, from) = recv6(&a, Duration::from_secs(2)).expect("big datagram");
+    assert_eq!(
+        (fingerprint(&got), got.len(), from),
+        (fingerprint(&big), 1400, b_nat)
+    );
+    assert_eq!(agent.counter("hairpin", "delivered_udp"), 4);
+
+    // TCP: a simultaneous open between the two NAT endpoints, 256 KB across, intact.
+    let a_tcp = connect_in(&topo.pods[0].ns, at(a6, 40301), at(NAT_IP6, 40401));
+    std::thread::sleep(Duration::from_millis(200));
+    let b_tcp = connect_in(&topo.pods[1].ns, at(b6, 40401), at(NAT_IP6, 40301));
+    let a_tcp = a_tcp.join().expect("thread").expect("a connects");
+    let b_tcp = b_tcp.join().expect("thread").expect("b connects");
+    assert_eq!(a_tcp.peer_addr().expect("peer"), at(NAT_IP6, 40401).into());
+    assert_eq!(b_tcp.peer_addr().expect("peer"), at(NAT_IP6, 40301).into());
+    stream_intact(a_tcp, b_tcp, payload(256 << 10, 5));
+    assert!(agent.counter("hairpin", "delivered_tcp") > 150);
+    assert_eq!(agent.counter("hairpin", "drop_no_route"), 0);
+
+    // IPv4 beside it, from the same pods.
+    let (a4, b4) = (topo.pods[0].addr, topo.pods[1].addr);
+    let a = topo.pods[0]
+        .ns
+        .run(move || UdpSocket::bind(SocketAddrV4::new(a4, 40500)).expect("bind a"));
+    let b = topo.pods[1]
+        .ns
+        .run(move || UdpSocket::bind(SocketAddrV4::new(b4, 40600)).expect("bind b"));
+    let (a_nat, b_nat) = (
+        SocketAddrV4::new(NAT_IP, 40500),
+        SocketAddrV4::new(NAT_IP, 40600),
+    );
+    a.send_to(b"punch", b_nat).expect("send");
+    b.send_to(b"b to a over IPv4", a_nat).expect("send");
+    assert_eq!(
+        recv(&a, Duration::from_secs(2)),
+        Some((b"b to a over IPv4".to_vec(), b_nat))
+    );
 }
 
 /// A hairpin flow is refused like any other (here `--max-ports-per-source 1`), and with the

@@ -660,12 +660,16 @@ fn traceroute6_shows_the_router_and_reaches_the_server() {
     wire.assert_clean();
 }
 
+/// Two ports: two IPv6 connections get them, a third is refused and answered at once (a RST for
+/// TCP, an ICMPv6 "administratively prohibited" for UDP, `--on-exhaustion reject` being the
+/// default), while IPv4 has ports of its own; nothing of the pod's leaves.
 #[test]
 fn a_small_range_is_exhausted_over_ipv6_while_ipv4_still_works() {
     let topo = Topology::new_dual_stack(1);
-    let _agent = agent(&topo, &["--port-range", "40000-40001"]);
+    let agent = agent(&topo, &["--port-range", "40000-40001"]);
     let wire = Capture6::start(&topo.router, &topo.router_uplink);
     let _v6 = Server6::tcp(&topo.server, at(SERVER6, 8080));
+    let _udp6 = Server6::udp(&topo.server, at(SERVER6, 5353));
     let _v4 = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
     let (first, second, third, took, v4) = topo.pods[0].ns.run(|| {
         let to = at(SERVER6, 8080);
@@ -691,14 +695,45 @@ fn a_small_range_is_exhausted_over_ipv6_while_ipv4_still_works() {
         assert!((40000..=40001).contains(&s.port()), "{s}");
     }
     assert_ne!(first.port(), second.port());
-    assert!(
-        third.is_err(),
-        "a third connection to the same destination got a port: {third:?}"
+    let refused = third.expect_err("a third connection to the same destination got a port");
+    assert_eq!(
+        refused.kind(),
+        io::ErrorKind::ConnectionRefused,
+        "a RST, not a timeout"
     );
-    assert!(took < Duration::from_secs(5), "the refusal took {took:?}");
+    assert!(took < Duration::from_secs(1), "the refusal took {took:?}");
     let v4 = v4.expect("IPv4 still connects");
     assert_eq!(*v4.ip(), NAT_IP);
     assert!((40000..=40001).contains(&v4.port()), "{v4}");
+
+    // UDP: two sockets take the two ports towards the server; the third learns at once, from
+    // an error its socket matches by the quoted ports.
+    let (udp_err, udp_took) = topo.pods[0].ns.run(|| {
+        let to = at(SERVER6, 5353);
+        let socks: Vec<UdpSocket> = (0..2)
+            .map(|_| UdpSocket::bind(at(Ipv6Addr::UNSPECIFIED, 0)).unwrap())
+            .collect();
+        for s in &socks {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(b"who am i", to).unwrap();
+            s.recv(&mut [0u8; 128]).expect("UDP answer");
+        }
+        let s = UdpSocket::bind(at(Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+        s.connect(to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let start = Instant::now();
+        s.send(b"one too many").unwrap();
+        let r = s.recv(&mut [0u8; 64]);
+        (r.err().map(|e| e.raw_os_error()), start.elapsed())
+    });
+    assert_eq!(
+        udp_err,
+        Some(Some(libc::EACCES)),
+        "ICMPv6 unreachable code 1 (administratively prohibited) reaches the socket"
+    );
+    assert!(udp_took < Duration::from_secs(1), "{udp_took:?}");
+    assert!(count(&agent, Counter::RejectRst) >= 1);
+    assert!(count(&agent, Counter::RejectIcmp) >= 1);
     wire.assert_clean();
 }
 

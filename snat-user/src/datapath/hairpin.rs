@@ -19,7 +19,10 @@ use aya::{
     Ebpf,
 };
 use log::warn;
-use snat_common::{PROG_HAIRPIN, PROG_HAIRPIN_DELIVER, SLOT_HAIRPIN_DELIVER};
+use snat_common::{
+    PROG_HAIRPIN, PROG_HAIRPIN6, PROG_HAIRPIN_DELIVER, PROG_HAIRPIN_DELIVER6, SLOT_HAIRPIN6,
+    SLOT_HAIRPIN_DELIVER, SLOT_HAIRPIN_DELIVER6,
+};
 
 use super::{install_tail_call, load_classifiers, DatapathError, Engine};
 
@@ -39,16 +42,34 @@ pub struct HairpinSync {
     pub gone: Vec<String>,
 }
 
-/// Loads both hairpin programs into the kernel and puts the delivering one in its slot of the
-/// program array.
+/// Loads the hairpin programs into the kernel and puts all but the attached one in their slots
+/// of the program array (IPv6 takes programs of its own, which `snat_hairpin` tail-calls).
 pub(super) fn load(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
-    load_classifiers(ebpf, &[PROG_HAIRPIN, PROG_HAIRPIN_DELIVER])?;
-    install_tail_call(
+    load_classifiers(
         ebpf,
-        PROG_HAIRPIN_DELIVER,
-        SLOT_HAIRPIN_DELIVER,
-        "the hairpin delivery program",
-    )
+        &[
+            PROG_HAIRPIN,
+            PROG_HAIRPIN_DELIVER,
+            PROG_HAIRPIN6,
+            PROG_HAIRPIN_DELIVER6,
+        ],
+    )?;
+    for (name, slot, what) in [
+        (
+            PROG_HAIRPIN_DELIVER,
+            SLOT_HAIRPIN_DELIVER,
+            "the hairpin delivery program",
+        ),
+        (PROG_HAIRPIN6, SLOT_HAIRPIN6, "the IPv6 hairpin program"),
+        (
+            PROG_HAIRPIN_DELIVER6,
+            SLOT_HAIRPIN_DELIVER6,
+            "the IPv6 hairpin delivery program",
+        ),
+    ] {
+        install_tail_call(ebpf, name, slot, what)?;
+    }
+    Ok(())
 }
 
 impl Engine {

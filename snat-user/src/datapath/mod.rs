@@ -44,8 +44,9 @@ use snat_common::{
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_EXPIRY_EVENTS, MAP_FREE_PORTS,
     MAP_FWD, MAP_GUARD_DROPS, MAP_INTERNAL, MAP_NAT_IPS, MAP_OVERFLOW, MAP_PROGRAMS, MAP_REV,
     MAP_SOURCE_REFUSED, MAP_STATE, MAP_USE, MAX_HOT_DESTINATIONS, PINNED_MAPS, PROG_CREATE,
-    PROG_CREATE6, PROG_EGRESS, PROG_EGRESS6, PROG_GUARD, PROG_INGRESS, PROG_INGRESS6, PROG_RELEASE,
-    PROG_RELEASE6, PROG_XDP, SLOT_CREATE, SLOT_CREATE6, SLOT_EGRESS6, SLOT_INGRESS6, XDP_DONE,
+    PROG_CREATE6, PROG_EGRESS, PROG_EGRESS6, PROG_GUARD, PROG_INGRESS, PROG_INGRESS6, PROG_REJECT6,
+    PROG_RELEASE, PROG_RELEASE6, PROG_XDP, SLOT_CREATE, SLOT_CREATE6, SLOT_EGRESS6, SLOT_INGRESS6,
+    SLOT_REJECT6, XDP_DONE,
 };
 
 use self::error::{no_map, no_program, Doing as _};
@@ -251,6 +252,7 @@ impl Engine {
                 PROG_EGRESS6,
                 PROG_RELEASE,
                 PROG_RELEASE6,
+                PROG_REJECT6,
                 PROG_GUARD,
             ],
         )?;
@@ -273,6 +275,7 @@ impl Engine {
             (PROG_CREATE6, SLOT_CREATE6, "the IPv6 allocation program"),
             (PROG_EGRESS6, SLOT_EGRESS6, "the IPv6 egress program"),
             (PROG_INGRESS6, SLOT_INGRESS6, "the IPv6 ingress program"),
+            (PROG_REJECT6, SLOT_REJECT6, "the IPv6 refusal answers"),
         ] {
             install_tail_call(&mut ebpf, name, slot, what)?;
         }
