@@ -972,3 +972,156 @@ fn the_stop_guard_keeps_ipv6_pods_in() {
     wire.assert_clean();
     tests::agent::cleanup(&topo, &bpffs);
 }
+
+/// The operator's views show IPv6 mappings next to the IPv4 ones: `snat conns` rows with
+/// `[ip]:port` endpoints and filters of either family (one family's network lists only its
+/// mappings), the pod's IPv6 source in `top`, and a pool row for the IPv6 NAT IP in `status`
+/// and `/metrics`.
+#[test]
+fn conns_top_and_status_show_ipv6_mappings_next_to_ipv4_ones() {
+    let topo = Topology::new_dual_stack(1);
+    let agent = agent(&topo, &[]);
+    let _tcp6 = Server6::tcp(&topo.server, at(SERVER6, 8080));
+    let _udp6 = Server6::udp(&topo.server, at(SERVER6, 5353));
+    let _tcp4 = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let pod6 = topo.pods[0].addr6();
+    let (conn6, local6, udp_seen, conn4) = topo.pods[0].ns.run(|| {
+        let mut c =
+            Conn6::open(at(SERVER6, 8080), "echo", Duration::from_secs(3)).expect("IPv6 connect");
+        assert_eq!(c.echo(b"hello").expect("IPv6 echo"), b"hello");
+        let local = c.stream.local_addr().expect("local address");
+        let udp = udp6_ask(at(SERVER6, 5353)).expect("IPv6 UDP");
+        let c4 = TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+            .expect("IPv4 connect");
+        (c, local, udp, c4)
+    });
+    assert_eq!(*conn6.seen_as.ip(), NAT_IP6);
+
+    // Every row, both families.
+    let rows = |args: &[&str]| -> Vec<Value> {
+        let conns = agent.json("conns", args);
+        conns["conns"].as_array().cloned().unwrap_or_default()
+    };
+    let all = rows(&[]);
+    let tcp = all
+        .iter()
+        .find(|r| r["internal"] == local6.to_string())
+        .unwrap_or_else(|| panic!("no row for {local6}: {all:#?}"));
+    assert_eq!(
+        (
+            &tcp["proto"],
+            &tcp["nat"],
+            &tcp["destination"],
+            &tcp["state"]
+        ),
+        (
+            &json!("tcp"),
+            &json!(conn6.seen_as.to_string()),
+            &json!(format!("[{SERVER6}]:8080")),
+            &json!("established")
+        ),
+        "{tcp}"
+    );
+    let udp = all
+        .iter()
+        .find(|r| r["proto"] == "udp")
+        .unwrap_or_else(|| panic!("no UDP row: {all:#?}"));
+    assert_eq!(udp["nat"], udp_seen.to_string(), "{udp}");
+    assert_eq!(udp["destination"], SERVER6.to_string(), "{udp}");
+    assert!(
+        udp["internal"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("[{pod6}]:"))),
+        "{udp}"
+    );
+    let v4_row = all
+        .iter()
+        .find(|r| r["internal"] == conn4.stream.local_addr().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no IPv4 row: {all:#?}"));
+    assert_eq!(v4_row["nat"], conn4.seen_as.to_string());
+
+    // Filters: a network of one family finds that family's rows only.
+    let internal = |rows: Vec<Value>| -> Vec<String> {
+        let mut v: Vec<String> = rows
+            .iter()
+            .map(|r| r["internal"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let by_dst6 = rows(&["--destination", &format!("{SERVER6}/128")]);
+    assert_eq!(by_dst6.len(), 2, "{by_dst6:#?}");
+    assert!(internal(by_dst6).contains(&local6.to_string()));
+    let by_dst4 = rows(&["--destination", &format!("{SERVER}/32")]);
+    assert_eq!(
+        internal(by_dst4),
+        [conn4.stream.local_addr().unwrap().to_string()],
+        "an IPv4 network lists no IPv6 mapping"
+    );
+    assert!(rows(&["--destination", "0.0.0.0/0", "--source", POD_CIDR6]).is_empty());
+    let by_src6 = rows(&["--source", POD_CIDR6, "--proto", "tcp"]);
+    assert_eq!(internal(by_src6), [local6.to_string()]);
+
+    // top: the pod's IPv6 source, holding its two ports (TCP and UDP).
+    let (ok, text, err) = agent.cli(&["top", "--iface", &topo.uplink, "--iterations", "1"]);
+    assert!(ok, "{err}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&pod6.to_string()))
+        .unwrap_or_else(|| panic!("no {pod6} in:\n{text}"));
+    assert_eq!(
+        line.split_whitespace().collect::<Vec<_>>(),
+        [pod6.to_string().as_str(), "2", "0"],
+        "{text}"
+    );
+    let (ok, text, _) = agent.cli(&[
+        "top",
+        "--iface",
+        &topo.uplink,
+        "--by",
+        "destination",
+        "--iterations",
+        "1",
+    ]);
+    assert!(ok && text.contains(&format!("[{SERVER6}]:8080")), "{text}");
+
+    // status: the IPv4 pools as before, then the IPv6 NAT IP's.
+    let status = agent.json("status", &[]);
+    let pools = status["pools"].as_array().expect("pools");
+    assert_eq!(pools[0]["nat_ip"], NAT_IP.to_string(), "{status}");
+    let pool6: Vec<&Value> = pools
+        .iter()
+        .filter(|p| p["nat_ip"] == NAT_IP6.to_string())
+        .collect();
+    assert_eq!(pool6.len(), 3, "one row per protocol: {status}");
+    let in_use: u64 = pool6
+        .iter()
+        .map(|p| p["ports_in_use"].as_u64().unwrap())
+        .sum();
+    assert!(in_use >= 2, "{status}");
+    assert!(pool6.iter().all(|p| p["ports_total"].as_u64() > Some(0)));
+    assert!(
+        status["top_sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["source"] == pod6.to_string() && s["ports"] == 2),
+        "{status}"
+    );
+    assert_eq!(status["mappings6"]["tcp"], 1, "{status}");
+    let (ok, text, _) = agent.cli(&["status", "--iface", &topo.uplink]);
+    assert!(
+        ok && text.lines().any(|l| l.starts_with(&NAT_IP6.to_string())),
+        "{text}"
+    );
+    let metrics = agent.scrape(&topo.node);
+    assert_eq!(
+        tests::metric(
+            &metrics,
+            &format!("snat_ports_in_use{{nat_ip=\"{NAT_IP6}\",proto=\"tcp\"}}")
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    drop((conn6, conn4));
+}

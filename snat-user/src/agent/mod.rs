@@ -38,7 +38,7 @@ use crate::{
     tables::{
         expiry::{self, Sweeper},
         usage::{self, Saturation},
-        view::{ConnFilter, TableView},
+        view::{ConnFilter, ViewBuilder},
     },
 };
 
@@ -85,8 +85,11 @@ impl AgentState {
     /// The agent's figures now, with the mapping rows `rows` selects.
     pub fn snapshot(&self, rows: Option<ConnFilter>) -> anyhow::Result<Snapshot> {
         let timeouts = self.settings().timeouts.clone();
-        let mut view = TableView::collect(&lock(&self.tables), &timeouts, expiry::now_ns(), rows)?;
-        view.count6(&lock(&self.tables6))?;
+        // Each family's tables under its own lock, one after the other (the sweeper's order).
+        let mut view = ViewBuilder::new(&timeouts, expiry::now_ns(), rows);
+        view.walk(&lock(&self.tables))?;
+        view.walk(&lock(&self.tables6))?;
+        let view = view.finish();
         Ok(Snapshot {
             view,
             counters: self.counters.read()?,

@@ -2,7 +2,9 @@
 //!
 //! Families are built directly with the `prometheus` crate's data model and text encoder; label
 //! sets are bounded by the NAT IPs, the counter enum and `--top-sources` (0: no address labels at
-//! all). The endpoint itself, which decides when a report is built, is [`super::scrape`].
+//! all). IPv4 and IPv6 share every family: where an address label (`nat_ip`, `source`) tells the
+//! family, that is all; where no address is labelled (`snat_mappings`, `snat_port_claims`), IPv6
+//! samples carry `family="ipv6"` and IPv4 ones no `family` label, as before NAT66. The endpoint itself, which decides when a report is built, is [`super::scrape`].
 
 use prometheus::{
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
@@ -78,7 +80,7 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     // counters by the conventions `promtool` enforces: [`encode`] declares it untyped.
     out.push(per_pool(
         UNTYPED_GAUGE,
-        "SNAT ports this node may hand out per NAT IP and protocol (its allocation); a gauge.",
+        "SNAT ports this node may hand out per NAT IP (IPv4 or IPv6) and protocol (its allocation); a gauge.",
         GAUGE,
         &|p| p.ports_total as f64,
     ));
@@ -107,7 +109,7 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     );
     let mut claims = Family::new(
         "snat_port_claims",
-        "Held (NAT ip:port, destination) claims; equal to snat_mappings at rest.",
+        "Held (NAT ip:port, destination) claims; equal to snat_mappings at rest; IPv6 ones carry family=\"ipv6\".",
         GAUGE,
     );
     for (p, n) in &r.mappings {
@@ -118,6 +120,9 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     }
     for (p, n) in &r.port_claims {
         claims = claims.gauge(&[("proto", p.name())], *n as f64);
+    }
+    for (p, n) in &r.port_claims6 {
+        claims = claims.gauge(&[("family", "ipv6"), ("proto", p.name())], *n as f64);
     }
     out.push(mappings.0);
     out.push(claims.0);
@@ -248,7 +253,7 @@ pub fn families(r: &Report) -> Vec<MetricFamily> {
     }
     out.push(saturated.0);
     out.push(crossings.0);
-    let mut sources = Family::new("snat_source_ports_in_use", "SNAT ports (mappings) held per internal source IP, for the busiest sources (--top-sources).", GAUGE);
+    let mut sources = Family::new("snat_source_ports_in_use", "SNAT ports (mappings) held per internal source IP (IPv4 or IPv6), for the busiest sources (--top-sources).", GAUGE);
     for s in &r.top_sources {
         sources = sources.gauge(&[("source", &s.source)], s.ports as f64);
     }

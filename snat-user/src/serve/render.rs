@@ -1,4 +1,7 @@
 //! The report as the CLI prints it: `snat status`, `stats`, `conns`, `top`.
+//!
+//! Address columns are as wide as their longest value (IPv6 addresses and `[ip]:port` run
+//! longer than IPv4's), never narrower than the width IPv4 output has always had.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
@@ -111,15 +114,16 @@ pub fn render_status(r: &Report) -> String {
         },
         p.reserved_ports
     );
+    let ip_w = width(16, r.pools.iter().map(|p| p.nat_ip.as_str()));
     let _ = writeln!(
         out,
-        "\n{:<16} {:<5} {:>10} {:>8} {:>7} {:>9} {:>10} {:>10}",
+        "\n{:<ip_w$} {:<5} {:>10} {:>8} {:>7} {:>9} {:>10} {:>10}",
         "NAT IP", "PROTO", "ALLOCATED", "IN USE", "USED%", "MAPPINGS", "EXHAUSTED", "OVERFLOWED"
     );
     for p in &r.pools {
         let _ = writeln!(
             out,
-            "{:<16} {:<5} {:>10} {:>8} {:>6.1}% {:>9} {:>10} {:>10}",
+            "{:<ip_w$} {:<5} {:>10} {:>8} {:>6.1}% {:>9} {:>10} {:>10}",
             p.nat_ip,
             p.proto,
             p.ports_total,
@@ -153,12 +157,17 @@ pub fn render_top_sources(r: &Report) -> String {
             .find(|x| x.source == src)
             .map_or(0, |x| x.flows)
     };
-    let mut out = format!("\n{:<18} {:>8} {:>9}\n", "SOURCE", "PORTS", "REFUSED");
+    let w = width(
+        18,
+        (r.top_sources.iter().map(|s| s.source.as_str()))
+            .chain(r.top_refused.iter().map(|x| x.source.as_str())),
+    );
+    let mut out = format!("\n{:<w$} {:>8} {:>9}\n", "SOURCE", "PORTS", "REFUSED");
     let mut shown = Vec::new();
     for s in &r.top_sources {
         let _ = writeln!(
             out,
-            "{:<18} {:>8} {:>9}",
+            "{:<w$} {:>8} {:>9}",
             s.source,
             s.ports,
             refused(&s.source)
@@ -171,20 +180,25 @@ pub fn render_top_sources(r: &Report) -> String {
         .iter()
         .filter(|x| !shown.contains(&x.source.as_str()))
     {
-        let _ = writeln!(out, "{:<18} {:>8} {:>9}", x.source, 0, x.flows);
+        let _ = writeln!(out, "{:<w$} {:>8} {:>9}", x.source, 0, x.flows);
     }
     out
 }
 
 pub fn render_top_destinations(r: &Report) -> String {
+    let ip_w = width(16, r.top_destinations.iter().map(|d| d.nat_ip.as_str()));
+    let dest_w = width(
+        22,
+        r.top_destinations.iter().map(|d| d.destination.as_str()),
+    );
     let mut out = format!(
-        "\n{:<16} {:<5} {:<22} {:>8} {:>11}\n",
+        "\n{:<ip_w$} {:<5} {:<dest_w$} {:>8} {:>11}\n",
         "NAT IP", "PROTO", "DESTINATION", "PORTS", "SATURATION"
     );
     for d in &r.top_destinations {
         let _ = writeln!(
             out,
-            "{:<16} {:<5} {:<22} {:>8} {:>10.1}%",
+            "{:<ip_w$} {:<5} {:<dest_w$} {:>8} {:>10.1}%",
             d.nat_ip,
             d.proto,
             d.destination,
@@ -214,6 +228,9 @@ pub fn render_stats(r: &Report) -> String {
         flat("mappings (IPv6)", &r.mappings6, &mut out);
     }
     flat("port_claims", &r.port_claims, &mut out);
+    if !r.port_claims6.is_empty() {
+        flat("port_claims (IPv6)", &r.port_claims6, &mut out);
+    }
     let grouped = |title: &str,
                    groups: &mut dyn Iterator<Item = (String, &BTreeMap<String, u64>)>,
                    skip_zero: bool,
@@ -252,17 +269,25 @@ pub fn render_stats(r: &Report) -> String {
 
 /// `snat conns` as text.
 pub fn render_conns(r: &Report) -> String {
+    let internal_w = width(22, r.conns.iter().map(|c| c.internal.as_str()));
+    let nat_w = width(22, r.conns.iter().map(|c| c.nat.as_str()));
+    let dest_w = width(22, r.conns.iter().map(|c| c.destination.as_str()));
     let mut out = format!(
-        "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>10}\n",
+        "{:<5} {:<internal_w$} {:<nat_w$} {:<dest_w$} {:<12} {:>8} {:>10}\n",
         "PROTO", "INTERNAL", "NAT", "DESTINATION", "STATE", "AGE", "EXPIRES"
     );
     for c in &r.conns {
         let _ = writeln!(
             out,
-            "{:<5} {:<22} {:<22} {:<22} {:<12} {:>7}s {:>9}s",
+            "{:<5} {:<internal_w$} {:<nat_w$} {:<dest_w$} {:<12} {:>7}s {:>9}s",
             c.proto, c.internal, c.nat, c.destination, c.state, c.age_secs, c.expires_in_secs
         );
     }
     let _ = writeln!(out, "{} mappings", r.conns.len());
     out
+}
+
+/// The width of a column: its longest value, at least `min`.
+fn width<'a>(min: usize, values: impl Iterator<Item = &'a str>) -> usize {
+    values.map(str::len).fold(min, usize::max)
 }

@@ -1,13 +1,16 @@
 //! What the agent reports about itself, as one serialisable [`Report`]: the pools (NAT IP ×
-//! protocol) with their allocation and use, the busiest sources and destinations, every counter,
-//! the releases, the allocation-time histogram and, on request, the mappings themselves. The
-//! control socket sends it as JSON, the CLI renders it as text (`render`), the metrics endpoint
-//! encodes it for Prometheus (`metrics`).
+//! protocol, IPv4 and IPv6 NAT IPs alike) with their allocation and use, the busiest sources and
+//! destinations of either family, every counter, the releases, the allocation-time histogram
+//! and, on request, the mappings themselves. The control socket sends it as JSON, the CLI
+//! renders it as text (`render`), the metrics endpoint encodes it for Prometheus (`metrics`).
 //!
 //! [`Report::build`] is a pure function of the settings and a [`Snapshot`] of the agent's figures
 //! (the agent reads the maps into one; this module reads nothing).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use serde::{Deserialize, Serialize};
 use snat_common::{alloc_hist, Counter, PoolKey, Proto};
@@ -68,6 +71,8 @@ pub struct Report {
     /// The plan slice this node runs on (`snat run --plan`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slice: Option<String>,
+    /// Every NAT IP × protocol: the IPv4 NAT IPs, then the IPv6 ones (each family's configured
+    /// ones first, then any that still hold mappings from an earlier setting).
     pub pools: Vec<Pool>,
     pub mappings: BTreeMap<Proto, u64>,
     /// The IPv6 NAT IPs (NAT66), absent without IPv6 networks.
@@ -79,6 +84,10 @@ pub struct Report {
     /// Reverse halves: each holds one (NAT ip:port, remote) claim. Equal to `mappings` at rest;
     /// more would be a leaked port.
     pub port_claims: BTreeMap<Proto, u64>,
+    /// IPv6 reverse halves by protocol (`port_claims` counts IPv4's), absent without IPv6.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_claims6: BTreeMap<Proto, u64>,
+    /// Sources of either family holding the most ports, most first.
     pub top_sources: Vec<SourceUse>,
     pub top_destinations: Vec<DestinationUse>,
     /// Sources refused the most flows (no port, their cap, or their fair share), most first.
@@ -285,9 +294,9 @@ impl Report {
                 .or_default()
                 .insert(name.into(), v);
         }
-        let by_pool = |v: Vec<(PoolKey, u64)>| -> BTreeMap<(Ipv4Addr, u8), u64> {
+        let by_pool = |v: Vec<(PoolKey, u64)>| -> BTreeMap<(IpAddr, u8), u64> {
             v.into_iter()
-                .map(|(k, n)| ((k.addr(), k.proto), n))
+                .map(|(k, n)| ((k.addr().into(), k.proto), n))
                 .collect()
         };
         let exhausted = by_pool(s.exhausted);
@@ -301,20 +310,25 @@ impl Report {
         }
 
         let range = u64::from(settings.port_range.size());
-        let total_of = |ip: Ipv4Addr| {
-            if settings.nat_ips.contains(&ip) {
-                range
-            } else {
-                0
-            }
+        // Both families share the port range.
+        let configured = |ip: IpAddr| match ip {
+            IpAddr::V4(ip) => settings.nat_ips.contains(&ip),
+            IpAddr::V6(ip) => settings.nat_ips6.contains(&ip),
         };
-        // Configured NAT IPs first, then any that still hold mappings from an earlier setting.
-        let mut ips: Vec<Ipv4Addr> = settings.nat_ips.clone();
-        for (ip, _) in view.pool_mappings.keys().chain(exhausted.keys()) {
-            if !ips.contains(ip) {
-                ips.push(*ip);
-            }
-        }
+        let total_of = |ip: IpAddr| if configured(ip) { range } else { 0 };
+        // NAT IPs no longer configured that still hold mappings (or refused flows), in order.
+        let former: BTreeSet<IpAddr> = view
+            .pool_mappings
+            .keys()
+            .chain(exhausted.keys())
+            .map(|(ip, _)| *ip)
+            .filter(|ip| !configured(*ip))
+            .collect();
+        let ips: Vec<IpAddr> = (settings.nat_ips.iter().map(|ip| IpAddr::V4(*ip)))
+            .chain(former.iter().copied().filter(IpAddr::is_ipv4))
+            .chain(settings.nat_ips6.iter().map(|ip| IpAddr::V6(*ip)))
+            .chain(former.iter().copied().filter(IpAddr::is_ipv6))
+            .collect();
         let pools = ips
             .iter()
             .flat_map(|ip| Proto::ALL.map(|p| (*ip, p)))
@@ -414,6 +428,11 @@ impl Report {
             nat_ips6: settings.nat_ips6.iter().map(ToString::to_string).collect(),
             mappings6: by_proto(&view.mappings6),
             port_claims: by_proto(&view.claims),
+            port_claims6: if settings.nat_ips6.is_empty() && view.claims6.is_empty() {
+                BTreeMap::new()
+            } else {
+                by_proto(&view.claims6)
+            },
             top_sources: view
                 .top_sources(top_n)
                 .into_iter()
@@ -475,7 +494,9 @@ fn percent(n: u64, total: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
-    use snat_common::{flow::proto, tcp::SEEN_SYN, FlowKey, Mapping, Origin};
+    use snat_common::{
+        flow::proto, tcp::SEEN_SYN, FlowKey, FlowKey6, Mapping, Mapping6, Origin, Origin6,
+    };
 
     use super::*;
     use crate::{
@@ -707,5 +728,200 @@ mod tests {
         ] {
             assert!(metrics.contains(want), "{want} missing in:\n{metrics}");
         }
+    }
+
+    /// A mapping of pod `src:sport` to `[2001:db8:2::10]:443` (TCP) or `2001:db8:2::10`
+    /// (UDP) through `nat6`.
+    fn add6(b: &mut ViewBuilder<'_>, p: u8, src: &str, sport: u16, nat6: &str, nat_port: u16) {
+        let ip6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let key = FlowKey6::new(
+            p,
+            ip6(src),
+            sport.to_be_bytes(),
+            ip6("2001:db8:2::10"),
+            FlowKey6::remote_port_for(p, 443u16.to_be_bytes()),
+        );
+        let m = Mapping6::new(key, ip6(nat6), nat_port.to_be_bytes(), 10 * S);
+        let reply = key.reply(m.nat_addr, m.nat_port);
+        let o = Origin6::new(reply, key.src_addr, key.src_port, 10 * S);
+        b.add(&key, &m, Some(&o));
+        b.add_claim(&reply);
+    }
+
+    #[test]
+    fn ipv6_nat_ips_sources_and_destinations_are_reported_with_ipv4_ones() {
+        let settings = settings_of("snat run --iface up0 --internal 10.1.0.0/16 --internal fd00:10::/48 --nat-ip 198.51.100.1 --nat-ip 2001:db8:1::1 --port-range 40000:40099 --top-sources 3");
+        let mut b = ViewBuilder::new(&settings.timeouts, 20 * S, Some(ConnFilter::default()));
+        add(&mut b, [10, 1, 0, 2], 1000, 40000);
+        add6(
+            &mut b,
+            proto::TCP,
+            "fd00:10::2",
+            1000,
+            "2001:db8:1::1",
+            40000,
+        );
+        add6(
+            &mut b,
+            proto::TCP,
+            "fd00:10::2",
+            1001,
+            "2001:db8:1::1",
+            40001,
+        );
+        add6(
+            &mut b,
+            proto::UDP,
+            "fd00:10::2",
+            5000,
+            "2001:db8:1::1",
+            40000,
+        );
+        // A former IPv6 NAT IP still holding a mapping.
+        add6(
+            &mut b,
+            proto::TCP,
+            "fd00:10::3",
+            1000,
+            "2001:db8:1::9",
+            40000,
+        );
+        let r = Report::build(
+            &settings,
+            Snapshot {
+                view: b.finish(),
+                ..Snapshot::default()
+            },
+        );
+        // IPv4 pools first, as before; then the configured IPv6 NAT IP, then the former one.
+        let ips: Vec<&str> = r.pools.iter().map(|p| p.nat_ip.as_str()).collect();
+        assert_eq!(
+            ips,
+            [
+                "198.51.100.1",
+                "198.51.100.1",
+                "198.51.100.1",
+                "2001:db8:1::1",
+                "2001:db8:1::1",
+                "2001:db8:1::1",
+                "2001:db8:1::9",
+                "2001:db8:1::9",
+                "2001:db8:1::9",
+            ]
+        );
+        let pool = |ip: &str, p| {
+            r.pools
+                .iter()
+                .find(|x| x.nat_ip == ip && x.proto == p)
+                .unwrap()
+        };
+        let tcp6 = pool("2001:db8:1::1", Proto::Tcp);
+        assert_eq!(
+            (
+                tcp6.ports_total,
+                tcp6.ports_in_use,
+                tcp6.mappings,
+                tcp6.used_percent
+            ),
+            (100, 2, 2, 2.0)
+        );
+        let udp6 = pool("2001:db8:1::1", Proto::Udp);
+        assert_eq!((udp6.ports_in_use, udp6.mappings), (1, 1));
+        let former = pool("2001:db8:1::9", Proto::Tcp);
+        assert_eq!((former.ports_total, former.mappings), (0, 1));
+        let tcp4 = pool("198.51.100.1", Proto::Tcp);
+        assert_eq!((tcp4.ports_total, tcp4.ports_in_use), (100, 1));
+        // Per-family totals: the IPv4 fields as they were, the IPv6 ones next to them.
+        assert_eq!(r.mappings[&Proto::Tcp], 1);
+        assert_eq!((r.mappings6[&Proto::Tcp], r.mappings6[&Proto::Udp]), (3, 1));
+        assert_eq!(
+            (r.port_claims[&Proto::Tcp], r.port_claims6[&Proto::Tcp]),
+            (1, 3)
+        );
+        assert_eq!(r.nat_ips, ["198.51.100.1"]);
+        assert_eq!(r.nat_ips6, ["2001:db8:1::1"]);
+        // The busiest sources and destinations, whichever the family.
+        let sources: Vec<(&str, u64)> = r
+            .top_sources
+            .iter()
+            .map(|s| (s.source.as_str(), s.ports))
+            .collect();
+        assert_eq!(
+            sources,
+            [("fd00:10::2", 3), ("10.1.0.2", 1), ("fd00:10::3", 1)]
+        );
+        let d = &r.top_destinations[0];
+        assert_eq!(
+            (
+                d.nat_ip.as_str(),
+                d.proto,
+                d.destination.as_str(),
+                d.ports,
+                d.saturation
+            ),
+            ("2001:db8:1::1", Proto::Tcp, "[2001:db8:2::10]:443", 2, 0.02)
+        );
+        assert_eq!(r.conns.len(), 5);
+        assert_eq!(r.conns[0].internal, "10.1.0.2:1000");
+
+        // JSON: IPv6 entries in the same arrays, under the same field names.
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["pools"][3]["nat_ip"], "2001:db8:1::1");
+        assert_eq!(json["pools"][3]["ports_in_use"], 2);
+        assert_eq!(json["port_claims6"]["tcp"], 3);
+        assert_eq!(json["top_sources"][0]["source"], "fd00:10::2");
+        assert_eq!(json["conns"][1]["nat"], "[2001:db8:1::1]:40000");
+
+        // Text: the IPv6 rows, with the columns still lined up.
+        let status = crate::serve::render::render_status(&r);
+        let header = status.lines().find(|l| l.starts_with("NAT IP")).unwrap();
+        let row = status
+            .lines()
+            .find(|l| l.starts_with("2001:db8:1::1 ") && l.contains("tcp"))
+            .unwrap_or_else(|| panic!("{status}"));
+        assert_eq!(header.find("PROTO"), row.find("tcp"), "{status}");
+        assert!(status.contains("fd00:10::2"), "{status}");
+        let conns = crate::serve::render::render_conns(&r);
+        let header = conns.lines().next().unwrap();
+        let row = conns
+            .lines()
+            .find(|l| l.contains("[fd00:10::3]:1000"))
+            .unwrap_or_else(|| panic!("{conns}"));
+        assert_eq!(
+            header.find("DESTINATION"),
+            row.find("[2001:db8:2::10]:443"),
+            "{conns}"
+        );
+        let stats = crate::serve::render::render_stats(&r);
+        assert!(stats.contains("port_claims (IPv6):"), "{stats}");
+
+        // Metrics: the IPv6 pools by their nat_ip, the claims by family.
+        let metrics = crate::serve::metrics::encode(&r).unwrap();
+        for want in [
+            "snat_ports_in_use{nat_ip=\"2001:db8:1::1\",proto=\"tcp\"} 2",
+            "snat_ports_total{nat_ip=\"2001:db8:1::1\",proto=\"udp\"} 100",
+            "snat_ports_in_use{nat_ip=\"198.51.100.1\",proto=\"tcp\"} 1",
+            "snat_port_claims{family=\"ipv6\",proto=\"tcp\"} 3",
+            "snat_port_claims{proto=\"tcp\"} 1",
+            "snat_source_ports_in_use{source=\"fd00:10::2\"} 3",
+            "snat_destination_saturation{nat_ip=\"2001:db8:1::1\",destination=\"[2001:db8:2::10]:443\",proto=\"tcp\"} 0.02",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == want),
+                "{want} missing in:\n{metrics}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ipv4_only_agent_reports_no_ipv6_claims() {
+        let r = Report::build(&settings(), Snapshot::default());
+        assert!(r.port_claims6.is_empty() && r.nat_ips6.is_empty());
+        assert_eq!(r.pools.len(), 2 * 3);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("port_claims6").is_none(), "{json}");
+        assert!(!crate::serve::metrics::encode(&r)
+            .unwrap()
+            .contains("snat_port_claims{family=\"ipv6\""));
     }
 }

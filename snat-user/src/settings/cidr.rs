@@ -2,11 +2,12 @@
 //!
 //! A network never has host bits set, so `contains` is one mask and compare; a bare address is a
 //! single-address network (`/32`, `/128`). [`IpCidr`] is either family, for the flags that take
-//! both (`--internal`, `--exclude`); [`Ipv4Cidr`] and [`Ipv6Cidr`] refuse the other family by name.
+//! both (`--internal`, `--exclude`, `snat conns --source/--destination`); [`Ipv4Cidr`] and
+//! [`Ipv6Cidr`] refuse the other family by name.
 
 use std::{
     fmt,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
 };
 
@@ -28,8 +29,11 @@ pub struct Ipv6Cidr {
     len: u8,
 }
 
-/// A network of either family, as `--internal` and `--exclude` take it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A network of either family, as `--internal` and `--exclude` take it; in JSON (the control
+/// socket's `snat conns` filter) the string its family writes, so an IPv4 one reads as an
+/// [`Ipv4Cidr`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum IpCidr {
     V4(Ipv4Cidr),
     V6(Ipv6Cidr),
@@ -206,6 +210,17 @@ impl fmt::Display for Ipv6Cidr {
     }
 }
 
+impl IpCidr {
+    /// Whether `ip` is in the network; never for an address of the other family.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (Self::V4(c), IpAddr::V4(ip)) => c.contains(ip),
+            (Self::V6(c), IpAddr::V6(ip)) => c.contains(ip),
+            _ => false,
+        }
+    }
+}
+
 impl FromStr for IpCidr {
     type Err = CidrError;
 
@@ -219,6 +234,20 @@ impl FromStr for IpCidr {
             CidrError::Syntax(s) => CidrError::SyntaxAny(s),
             e => e,
         })
+    }
+}
+
+impl TryFrom<String> for IpCidr {
+    type Error = CidrError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<IpCidr> for String {
+    fn from(c: IpCidr) -> Self {
+        c.to_string()
     }
 }
 
@@ -341,6 +370,32 @@ mod tests {
             "10.0.0.0/40".parse::<IpCidr>(),
             Err(CidrError::Prefix(_))
         ));
+    }
+
+    #[test]
+    fn either_family_contains_only_its_own_addresses() {
+        let v4: IpCidr = "0.0.0.0/0".parse().unwrap();
+        let v6: IpCidr = "::/0".parse().unwrap();
+        let (a4, a6): (IpAddr, IpAddr) = ("10.1.0.2".parse().unwrap(), "fd00::2".parse().unwrap());
+        assert!(v4.contains(a4) && !v4.contains(a6));
+        assert!(v6.contains(a6) && !v6.contains(a4));
+        let pods: IpCidr = "fd00:10::/48".parse().unwrap();
+        assert!(pods.contains("fd00:10:0:1::2".parse().unwrap()));
+        assert!(!pods.contains("fd00:11::2".parse().unwrap()));
+        // The control socket's JSON form: an IPv4 network as an `Ipv4Cidr` wrote it.
+        for (text, c) in [
+            ("\"10.1.0.0/24\"", "10.1.0.0/24"),
+            ("\"fd00:10::/48\"", "fd00:10::/48"),
+        ] {
+            let c: IpCidr = c.parse().unwrap();
+            assert_eq!(serde_json::to_string(&c).unwrap(), text);
+            assert_eq!(serde_json::from_str::<IpCidr>(text).unwrap(), c);
+        }
+        let old: Ipv4Cidr = "10.1.0.0/24".parse().unwrap();
+        assert_eq!(
+            serde_json::from_str::<IpCidr>(&serde_json::to_string(&old).unwrap()).unwrap(),
+            IpCidr::V4(old)
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::{
-    cidr::{IpCidr, Ipv4Cidr},
+    cidr::IpCidr,
     duration,
     pod_iface::PodIface,
     ports::{PortList, PortRange},
@@ -141,13 +141,14 @@ pub struct ConnsArgs {
     #[command(flatten)]
     pub agent: AgentArgs,
 
-    /// Only mappings whose internal (pod) source is in this CIDR.
+    /// Only mappings whose internal (pod) source is in this CIDR, IPv4 or IPv6 (a network of
+    /// one family selects only that family's mappings).
     #[arg(long, value_name = "CIDR")]
-    pub source: Option<Ipv4Cidr>,
+    pub source: Option<IpCidr>,
 
-    /// Only mappings whose destination is in this CIDR.
+    /// Only mappings whose destination is in this CIDR, IPv4 or IPv6.
     #[arg(long, value_name = "CIDR")]
-    pub destination: Option<Ipv4Cidr>,
+    pub destination: Option<IpCidr>,
 
     /// Only mappings of this protocol: tcp, udp or icmp.
     #[arg(long, value_name = "PROTO")]

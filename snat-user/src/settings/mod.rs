@@ -1149,6 +1149,15 @@ mod tests {
             ok("run --iface up0 --internal fd00:10::/64 --exclude fd00:96::/108 --nat-ip 2001:db8::7"),
             Ok(())
         );
+        // `snat conns` filters take either family.
+        assert_eq!(
+            ok("conns --iface up0 --source fd00:10::/64 --destination 2001:db8::/32"),
+            Ok(())
+        );
+        assert_eq!(
+            ok("conns --iface up0 --source 10.1.0.0/16 --destination 2001:db8::1"),
+            Ok(())
+        );
         for (line, needle) in [
             (
                 "run --iface up0 --internal fd00:10::1/64",
@@ -1175,8 +1184,12 @@ mod tests {
                 "2001:db8::7 is an IPv6 address: a plan's NAT IPs are IPv4",
             ),
             (
-                "conns --iface up0 --source fd00:10::/64",
-                "\"fd00:10::/64\" is an IPv6 network, where only an IPv4 one fits",
+                "conns --iface up0 --source fd00:10::1/64",
+                "host bits are set; did you mean fd00:10::/64?",
+            ),
+            (
+                "conns --iface up0 --destination pods",
+                "write an IPv4 network like 10.244.0.0/16 or an IPv6 network like fd00:10::/64",
             ),
         ] {
             let e = ok(line).unwrap_err();
