@@ -734,6 +734,31 @@ fn a_small_range_is_exhausted_over_ipv6_while_ipv4_still_works() {
     assert!(udp_took < Duration::from_secs(1), "{udp_took:?}");
     assert!(count(&agent, Counter::RejectRst) >= 1);
     assert!(count(&agent, Counter::RejectIcmp) >= 1);
+    // The refusals show on the IPv6 pools and under the pod's IPv6 source.
+    let status = agent.json("status", &[]);
+    let refused = |proto: &str| {
+        status["pools"]
+            .as_array()
+            .expect("pools")
+            .iter()
+            .find(|p| p["nat_ip"] == NAT_IP6.to_string() && p["proto"] == proto)
+            .unwrap_or_else(|| panic!("no IPv6 {proto} pool: {status}"))["exhausted_flows"]
+            .as_u64()
+    };
+    assert_eq!(
+        (refused("tcp"), refused("udp")),
+        (Some(1), Some(1)),
+        "{status}"
+    );
+    let pod6 = topo.pods[0].addr6().to_string();
+    assert!(
+        status["top_refused"]
+            .as_array()
+            .expect("top_refused")
+            .iter()
+            .any(|r| r["source"] == pod6.as_str() && r["flows"].as_u64() >= Some(2)),
+        "{status}"
+    );
     wire.assert_clean();
 }
 

@@ -757,8 +757,11 @@ impl Engine {
         Ok(Counters {
             packets: PerCpuArray::try_from(take(MAP_COUNTERS)?)?,
             source_refused: HashMap::try_from(take(MAP_SOURCE_REFUSED)?)?,
+            source_refused6: HashMap::try_from(take(maps6::SOURCE_REFUSED)?)?,
             exhausted: PerCpuHashMap::try_from(take(MAP_EXHAUSTED)?)?,
+            exhausted6: PerCpuHashMap::try_from(take(maps6::EXHAUSTED)?)?,
             overflowed: PerCpuHashMap::try_from(take(MAP_OVERFLOW)?)?,
+            overflowed6: PerCpuHashMap::try_from(take(maps6::OVERFLOW)?)?,
             alloc_ns: PerCpuArray::try_from(take(MAP_ALLOC_NS)?)?,
         })
     }

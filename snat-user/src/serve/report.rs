@@ -9,11 +9,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use serde::{Deserialize, Serialize};
-use snat_common::{alloc_hist, Counter, PoolKey, Proto};
+use snat_common::{alloc_hist, Counter, Proto};
 
 use crate::{
     cluster::node::{BlockState, Status},
@@ -33,13 +33,13 @@ pub struct Snapshot {
     pub view: TableView,
     /// Every packet and allocation counter, summed over CPUs.
     pub counters: Vec<(Counter, u64)>,
-    /// Flows refused for lack of a port, per (NAT IP, protocol).
-    pub exhausted: Vec<(PoolKey, u64)>,
+    /// Flows refused for lack of a port, per (NAT IP, protocol), both families.
+    pub exhausted: Vec<((IpAddr, u8), u64)>,
     /// Flows that got a port on another NAT IP than their paired one, per (paired NAT IP,
     /// protocol).
-    pub overflowed: Vec<(PoolKey, u64)>,
+    pub overflowed: Vec<((IpAddr, u8), u64)>,
     /// Flows refused per internal source.
-    pub refused_by_source: Vec<(Ipv4Addr, u64)>,
+    pub refused_by_source: Vec<(IpAddr, u64)>,
     /// Mappings released, by protocol and reason.
     pub expired: BTreeMap<(Proto, Reason), u64>,
     pub saturation: Saturation,
@@ -294,10 +294,8 @@ impl Report {
                 .or_default()
                 .insert(name.into(), v);
         }
-        let by_pool = |v: Vec<(PoolKey, u64)>| -> BTreeMap<(IpAddr, u8), u64> {
-            v.into_iter()
-                .map(|(k, n)| ((k.addr().into(), k.proto), n))
-                .collect()
+        let by_pool = |v: Vec<((IpAddr, u8), u64)>| -> BTreeMap<(IpAddr, u8), u64> {
+            v.into_iter().collect()
         };
         let exhausted = by_pool(s.exhausted);
         let overflowed = by_pool(s.overflowed);
@@ -499,6 +497,11 @@ mod tests {
     };
 
     use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("an address")
+    }
+
     use crate::{
         settings::{
             cli::{Cli, Command},
@@ -564,26 +567,9 @@ mod tests {
                 (Counter::CreatedTcp, 3),
                 (Counter::EgressDropExhaustedUdp, 2),
             ],
-            exhausted: vec![(
-                PoolKey {
-                    addr: [198, 51, 100, 2],
-                    proto: proto::UDP,
-                    _pad: [0; 3],
-                },
-                2,
-            )],
-            overflowed: vec![(
-                PoolKey {
-                    addr: [198, 51, 100, 1],
-                    proto: proto::TCP,
-                    _pad: [0; 3],
-                },
-                7,
-            )],
-            refused_by_source: vec![
-                (Ipv4Addr::new(10, 1, 2, 2), 1),
-                (Ipv4Addr::new(10, 1, 3, 2), 5),
-            ],
+            exhausted: vec![((ip("198.51.100.2"), proto::UDP), 2)],
+            overflowed: vec![((ip("198.51.100.1"), proto::TCP), 7)],
+            refused_by_source: vec![(ip("10.1.2.2"), 1), (ip("10.1.3.2"), 5)],
             expired: BTreeMap::from([((Proto::Udp, Reason::Idle), 4)]),
             saturation: Saturation::default(),
             allocation: AllocHistogram {
@@ -655,7 +641,7 @@ mod tests {
             node::{Shortage, Stats},
         };
         let settings = settings_of("snat run --iface up0 --internal 10.1.0.0/16 --port-range 40000:40511 --nat-ip 198.51.100.1 --etcd-endpoints http://10.0.0.5:2379 --node-name n1 --block-size 64");
-        let ip = Ipv4Addr::new(198, 51, 100, 1);
+        let ip = std::net::Ipv4Addr::new(198, 51, 100, 1);
         let status = Status {
             node: "n1".into(),
             lease: Some(0x694d),
@@ -790,6 +776,13 @@ mod tests {
             &settings,
             Snapshot {
                 view: b.finish(),
+                // The IPv6 maps' refusals, next to an IPv4 one.
+                exhausted: vec![
+                    ((ip("2001:db8:1::1"), proto::TCP), 4),
+                    ((ip("198.51.100.1"), proto::TCP), 1),
+                ],
+                overflowed: vec![((ip("2001:db8:1::1"), proto::UDP), 2)],
+                refused_by_source: vec![(ip("fd00:10::3"), 4), (ip("10.1.0.2"), 1)],
                 ..Snapshot::default()
             },
         );
@@ -825,8 +818,19 @@ mod tests {
             ),
             (100, 2, 2, 2.0)
         );
+        assert_eq!(tcp6.exhausted_flows, 4);
         let udp6 = pool("2001:db8:1::1", Proto::Udp);
-        assert_eq!((udp6.ports_in_use, udp6.mappings), (1, 1));
+        assert_eq!(
+            (udp6.ports_in_use, udp6.mappings, udp6.overflowed_flows),
+            (1, 1, 2)
+        );
+        assert_eq!(pool("198.51.100.1", Proto::Tcp).exhausted_flows, 1);
+        let refused: Vec<(&str, u64)> = r
+            .top_refused
+            .iter()
+            .map(|s| (s.source.as_str(), s.flows))
+            .collect();
+        assert_eq!(refused, [("fd00:10::3", 4), ("10.1.0.2", 1)]);
         let former = pool("2001:db8:1::9", Proto::Tcp);
         assert_eq!((former.ports_total, former.mappings), (0, 1));
         let tcp4 = pool("198.51.100.1", Proto::Tcp);
