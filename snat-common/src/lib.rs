@@ -238,13 +238,16 @@ pub const MAP_STATE: &str = "SNAT_STATE";
 /// pinned: each agent has its own.
 pub const MAP_EXPIRY_EVENTS: &str = "SNAT_EXPIRY_EVENTS";
 
-/// The maps pinned under `--pin-dir` so that mappings survive an agent restart.
+/// The maps pinned under `--pin-dir` so that mappings (both families') survive an agent restart.
 /// The block table, the open lists and the lease (cluster mode) are pinned with them: a restarted
 /// agent reads the blocks and the lease it held from them.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_FWD,
     MAP_REV,
     MAP_USE,
+    maps6::FWD,
+    maps6::REV,
+    maps6::USE,
     MAP_STATE,
     block::MAP_BLOCKS,
     block::MAP_OPEN_BLOCKS,
@@ -255,7 +258,7 @@ pub const PINNED_MAPS: [&str; 7] = [
 pub const STATE_MAGIC: u32 = 0x534e_4154;
 /// Version of the pinned state's layout and meaning. Bump it whenever a pinned map's key or value
 /// changes in size or meaning: a new agent then refuses old state instead of misreading it.
-pub const STATE_VERSION: u32 = 4;
+pub const STATE_VERSION: u32 = 5;
 
 /// What the agent records about the state it pinned.
 #[repr(C)]
@@ -263,14 +266,16 @@ pub const STATE_VERSION: u32 = 4;
 pub struct StateHeader {
     pub magic: u32,
     pub version: u32,
-    /// Size of the mapping tables.
+    /// Size of the IPv4 mapping tables.
     pub max_mappings: u32,
     /// Length of `reserved_before`.
     pub reserved_len: u32,
     /// `net.ipv4.ip_local_reserved_ports` as the first agent found it (restored at the end).
     pub reserved_before: [u8; 256],
+    /// Size of the IPv6 mapping tables (1: the agent had no IPv6 internal networks).
+    pub max_mappings6: u32,
 }
-const _: () = assert!(size_of::<StateHeader>() == 272);
+const _: () = assert!(size_of::<StateHeader>() == 276);
 
 /// Refused flows remembered by `SNAT_REFUSED`.
 pub const REFUSED_FLOWS: u32 = 16_384;

@@ -1150,3 +1150,76 @@ fn conns_top_and_status_show_ipv6_mappings_next_to_ipv4_ones() {
     );
     drop((conn6, conn4));
 }
+
+/// `--keep-state`: the IPv6 tables are pinned with the IPv4 ones, so an IPv6 connection keeps
+/// passing while no agent runs and after the next agent takes over, listed with the NAT endpoint
+/// it had. An agent started on that state without IPv6 networks starts its IPv6 tables afresh
+/// (and says so) instead of misusing the pinned ones.
+#[test]
+fn ipv6_connections_survive_a_keep_state_restart() {
+    let topo = Topology::new_dual_stack(1);
+    let bpffs = BpfFs::new(&topo.prefix);
+    let _server = Server6::tcp(&topo.server, at(SERVER6, 8080));
+    let kept = ["--pin-dir", bpffs.arg(), "--keep-state"];
+    let first = agent(&topo, &kept);
+    let mut conn = topo.pods[0].ns.run(|| {
+        Conn6::open(at(SERVER6, 8080), "echo", Duration::from_secs(3)).expect("IPv6 connect")
+    });
+    assert_eq!(*conn.seen_as.ip(), NAT_IP6);
+    assert_eq!(conn.echo(b"before").expect("echo"), b"before");
+    let (status, _) = first.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        conn.echo(b"no agent").expect("echo while no agent runs"),
+        b"no agent"
+    );
+
+    let second = agent(&topo, &kept);
+    assert!(
+        second.log().contains("taking over the state pinned"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(
+        conn.echo(b"after").expect("echo after the restart"),
+        b"after"
+    );
+    let rows = second.json("conns", &["--proto", "tcp"]);
+    assert!(
+        rows["conns"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|r| r["nat"] == conn.seen_as.to_string()),
+        "the IPv6 mapping survived: {rows}"
+    );
+    let (status, _) = second.stop();
+    assert!(status.success(), "{status}");
+
+    // Without IPv6 networks: the pinned IPv6 tables are not taken over.
+    let third = Agent::start(
+        &topo.node,
+        &topo.uplink,
+        &[
+            "--internal",
+            POD_CIDR,
+            "--max-mappings",
+            "4096",
+            "--pin-dir",
+            bpffs.arg(),
+            "--on-stop",
+            "open",
+        ],
+    );
+    let log = third.log();
+    assert!(
+        log.contains("taking over the state pinned")
+            && log.contains("the IPv6 mapping tables start empty"),
+        "{log}"
+    );
+    assert_eq!(third.json("status", &[])["mappings6"]["tcp"], 0);
+    drop(conn);
+    let (status, _) = third.stop();
+    assert!(status.success(), "{status}");
+    assert!(!bpffs.path.join(&topo.uplink).exists(), "pins left behind");
+}

@@ -275,7 +275,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<()> {
     } else {
         (None, found.unwrap_or_default())
     };
-    engine.write_state(pins::header(settings.max_mappings, &reserved_before))?;
+    let (max, max6) = engine.table_sizes();
+    engine.write_state(pins::header(max, max6, &reserved_before))?;
     // Hairpinning: the pods' interfaces are watched from before the first look at them, so none
     // that appears in between is missed.
     let link_events = if settings.hairpin.is_empty() {

@@ -151,6 +151,16 @@ pub struct Engine {
     /// Cluster mode: the geometry the programs were loaded for, and second handles on the
     /// configuration and the refusal counts (which other owners take) for [`Blocks`].
     cluster: Option<(Geometry, Map, Map)>,
+    /// The mapping tables' sizes (IPv4, IPv6), as loaded: pinned ones keep theirs.
+    sizes: (u32, u32),
+}
+
+/// The IPv6 tables' size when pinned ones of size `pinned` are there and the flags want
+/// `wanted` (1: no IPv6 internal networks): the pinned size, as for IPv4, unless one of the two
+/// is the one-entry placeholder — such tables cannot serve IPv6 pods, and an agent without IPv6
+/// networks has no use for big ones — in which case they start afresh (`None`).
+fn kept_size6(wanted: u32, pinned: u32) -> Option<u32> {
+    (pinned == wanted || (pinned > 1 && wanted > 1)).then_some(pinned)
 }
 
 impl Engine {
@@ -195,10 +205,36 @@ impl Engine {
         let mut loader = EbpfLoader::new();
         // The IPv6 tables exist in every agent; without IPv6 internal networks they hold one
         // entry each (an IPv6 mapping costs 2.5 times an IPv4 one: 40-byte keys).
-        let max6 = if settings.internal6.is_empty() {
+        let wanted6 = if settings.internal6.is_empty() {
             1
         } else {
-            max
+            settings.max_mappings
+        };
+        let max6 = match existing.map(|h| (h.max_mappings6, kept_size6(wanted6, h.max_mappings6))) {
+            None => wanted6,
+            Some((_, Some(kept))) => {
+                if kept != wanted6 {
+                    warn!("keeping the pinned IPv6 tables' size of {kept} mappings (--max-mappings {wanted6} applies after a plain stop)");
+                }
+                kept
+            }
+            Some((pinned, None)) => {
+                // IPv6 networks came or went: start the IPv6 tables afresh (the old programs
+                // keep theirs until they are replaced).
+                for name in [maps6::FWD, maps6::REV, maps6::USE] {
+                    if let Some(path) = pins.map(|p| p.map(name)) {
+                        if let Err(e) = std::fs::remove_file(&path) {
+                            warn!("removing {}: {e}", path.display());
+                        }
+                    }
+                }
+                warn!(
+                    "the IPv6 mapping tables start empty: the previous agent's held {pinned} entries, this one {} ({})",
+                    wanted6,
+                    if wanted6 == 1 { "no IPv6 --internal networks now: its IPv6 mappings end" } else { "IPv6 --internal networks are new" }
+                );
+                wanted6
+            }
         };
         let range_len = u32::from(settings.port_range.hi - settings.port_range.lo) + 1;
         loader
@@ -327,6 +363,7 @@ impl Engine {
         )?;
         let mut engine = Self {
             ebpf,
+            sizes: (max, max6),
             pool: Some(NatPool {
                 config,
                 nat_ips,
@@ -610,6 +647,11 @@ impl Engine {
     }
 
     /// Records the format of the pinned state (see `pins`).
+    /// The mapping tables' sizes (IPv4, IPv6) as loaded, for the pinned state's header.
+    pub fn table_sizes(&self) -> (u32, u32) {
+        self.sizes
+    }
+
     pub fn write_state(&mut self, header: StateHeader) -> Result<(), DatapathError> {
         let mut state: Array<_, StateHeader> = Array::try_from(
             self.ebpf
@@ -997,5 +1039,23 @@ fn raise_memlock() {
             "could not raise RLIMIT_MEMLOCK: {}",
             io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kept_size6;
+
+    #[test]
+    fn pinned_ipv6_tables_keep_their_size_unless_ipv6_networks_came_or_went() {
+        // As IPv4: the pinned size wins over --max-mappings.
+        assert_eq!(kept_size6(4096, 4096), Some(4096));
+        assert_eq!(kept_size6(8192, 4096), Some(4096));
+        // Still no IPv6 networks: the placeholder stays.
+        assert_eq!(kept_size6(1, 1), Some(1));
+        // IPv6 networks are new: a one-entry table cannot serve them.
+        assert_eq!(kept_size6(4096, 1), None);
+        // IPv6 networks are gone: their mappings end with the big tables.
+        assert_eq!(kept_size6(1, 4096), None);
     }
 }

@@ -18,9 +18,13 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapInfo, PerCpuArray};
 use log::warn;
 use snat_common::{
-    FlowKey, Mapping, Origin, StateHeader, UseKey, MAP_FWD, MAP_GUARD_DROPS, MAP_REV, MAP_STATE,
-    MAP_USE, STATE_MAGIC, STATE_VERSION,
+    maps6, FlowKey, FlowKey6, Mapping, Mapping6, Origin, Origin6, StateHeader, UseKey, UseKey6,
+    MAP_FWD, MAP_GUARD_DROPS, MAP_REV, MAP_STATE, MAP_USE, STATE_MAGIC, STATE_VERSION,
 };
+
+/// Size of the `SNAT_STATE` header of format version 4 (before the IPv6 tables were pinned):
+/// such state is named by its version when refused, not as an unknown layout.
+const HEADER_V4_SIZE: u32 = 272;
 
 /// Why pinned state cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +175,14 @@ impl Pins {
                 .unwrap_or_default(),
             why,
         };
+        let info =
+            MapInfo::from_pin(&path).map_err(|e| refuse(format!("cannot be opened ({e})")))?;
+        if info.value_size() == HEADER_V4_SIZE {
+            return Err(refuse(
+                "has format version 4 (this snat reads version 5: the IPv6 tables are pinned too)"
+                    .into(),
+            ));
+        }
         let data =
             MapData::from_pin(&path).map_err(|e| refuse(format!("cannot be opened ({e})")))?;
         let header = Array::<_, StateHeader>::try_from(Map::Array(data))
@@ -187,6 +199,9 @@ impl Pins {
             (MAP_FWD, size_of::<FlowKey>(), size_of::<Mapping>()),
             (MAP_REV, size_of::<FlowKey>(), size_of::<Origin>()),
             (MAP_USE, size_of::<UseKey>(), size_of::<u64>()),
+            (maps6::FWD, size_of::<FlowKey6>(), size_of::<Mapping6>()),
+            (maps6::REV, size_of::<FlowKey6>(), size_of::<Origin6>()),
+            (maps6::USE, size_of::<UseKey6>(), size_of::<u64>()),
         ] {
             let info = MapInfo::from_pin(self.map(name))
                 .map_err(|e| refuse(format!("lacks {name} ({e})")))?;
@@ -253,14 +268,16 @@ impl Pins {
     }
 }
 
-/// A header for newly pinned state.
-pub fn header(max_mappings: u32, reserved_before: &str) -> StateHeader {
+/// A header for newly pinned state: the tables' sizes (IPv4, IPv6) and the host's reserved
+/// ports as the first agent found them.
+pub fn header(max_mappings: u32, max_mappings6: u32, reserved_before: &str) -> StateHeader {
     let mut h = StateHeader {
         magic: STATE_MAGIC,
         version: STATE_VERSION,
         max_mappings,
         reserved_len: 0,
         reserved_before: [0; 256],
+        max_mappings6,
     };
     let bytes = reserved_before.as_bytes();
     let n = bytes.len().min(h.reserved_before.len());
