@@ -36,17 +36,20 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use clap::Parser as _;
 use snat_common::{
     flow::{proto, release_result},
-    Counter, FlowKey, DEFAULT_MAX_MAPPINGS, MAP_FULL, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
+    Counter, FlowKey, FlowKey6, DEFAULT_MAX_MAPPINGS, MAP_FULL, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
     XDP_DONE,
 };
 use snat_user::{
-    datapath::{Counters, Engine, NatPool},
+    datapath::{Counters, Engine, NatPool, Tables6},
     settings::{
         cli::{Cli, Command},
         Interface, Policy, Settings,
     },
 };
-use tests::packets::{self, ACK, SYN, SYN_ACK};
+use tests::{
+    packets::{self, ACK, SYN, SYN_ACK},
+    packets6,
+};
 
 use crate::Plan;
 
@@ -109,10 +112,12 @@ pub struct Datapath {
     pub rows: Vec<Row>,
 }
 
-/// Loads the engine as `snat run` would, with tables for `max` mappings; nothing attached.
-pub fn load_engine(max: u32) -> anyhow::Result<Engine> {
+/// Loads the engine as `snat run` would, with tables for `max` mappings (with `ipv6`, for a
+/// dual-stack node: IPv6 tables of the same size); nothing attached.
+pub fn load_engine(max: u32, ipv6: bool) -> anyhow::Result<Engine> {
+    let ipv6 = if ipv6 { packets6::DP_EXTRA } else { "" };
     let line = format!(
-        "snat run --iface bench0 --internal 10.1.0.0/16 --nat-ip {NAT} --port-range 32768:65535 --max-mappings {max}"
+        "snat run --iface bench0 --internal 10.1.0.0/16 --nat-ip {NAT} --port-range 32768:65535 --max-mappings {max} {ipv6}"
     );
     let cli = Cli::try_parse_from(line.split_whitespace()).map_err(|e| anyhow!("{e}"))?;
     let Command::Run(args) = cli.command else {
@@ -218,9 +223,10 @@ fn counter(engine_counters: &Counters, c: Counter) -> anyhow::Result<u64> {
 /// The tables are sized as `snat run` sizes them by default (`--max-mappings`, a million).
 pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
     let max_mappings = DEFAULT_MAX_MAPPINGS;
-    let mut engine = load_engine(max_mappings)?;
+    let mut engine = load_engine(max_mappings, true)?;
     let counters = engine.take_counters()?;
     let tables = engine.take_tables()?;
+    let tables6 = engine.take_tables6()?;
     let mut out = vec![0u8; 2048];
     let n_est = plan.dp_established_samples;
 
@@ -315,6 +321,8 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
         rows.push(row(name, ns, overhead));
     }
 
+    rows.extend(ipv6_rows(&mut engine, &tables6, plan, overhead, &mut out)?);
+
     // New mappings towards one destination whose range is more and more claimed.
     // The established flow above holds one port towards the destination already.
     let mut claimed: u32 = 1;
@@ -378,6 +386,99 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
         timer_overhead: overhead,
         rows,
     })
+}
+
+/// NAT66 (a dual-stack node): the same paths for IPv6 frames, which the IPv4 programs hand to
+/// the IPv6 ones by a tail call (part of the cost shown). No targets: informational, next to
+/// the IPv4 rows.
+fn ipv6_rows(
+    engine: &mut Engine,
+    tables6: &Tables6,
+    plan: &Plan,
+    overhead: f64,
+    out: &mut [u8],
+) -> anyhow::Result<Vec<Row>> {
+    use packets6::{NAT6, POD6, REMOTE6};
+    /// Where the TCP source port is in an IPv6 frame without extension headers.
+    const SPORT: usize = packets6::ETH + packets6::IP6;
+    let n_est = plan.dp_established_samples;
+    let mut rows = Vec::new();
+    let (ret, _, len) = run(
+        engine,
+        PROG_EGRESS,
+        &packets6::tcp((POD6, 1000), (REMOTE6, 80), SYN, b""),
+        1,
+        out,
+    )?;
+    if ret != PASS || len < SPORT + 2 {
+        bail!("the first IPv6 SYN was not translated (verdict {ret})");
+    }
+    let nat_port = u16::from_be_bytes([out[SPORT], out[SPORT + 1]]);
+    let (ret, _, _) = run(
+        engine,
+        PROG_INGRESS,
+        &packets6::tcp((REMOTE6, 80), (NAT6, nat_port), SYN_ACK, b""),
+        1,
+        out,
+    )?;
+    if ret != PASS {
+        bail!("the IPv6 SYN-ACK was not translated (verdict {ret})");
+    }
+    for (name, prog, frame) in [
+        (
+            "IPv6 egress, established TCP (84-byte ACK)",
+            PROG_EGRESS,
+            packets6::tcp((POD6, 1000), (REMOTE6, 80), ACK, b""),
+        ),
+        (
+            "IPv6 ingress, established TCP (84-byte ACK)",
+            PROG_INGRESS,
+            packets6::tcp((REMOTE6, 80), (NAT6, nat_port), ACK, b""),
+        ),
+    ] {
+        crate::check()?;
+        let mut ns = Vec::with_capacity(n_est);
+        for _ in 0..n_est {
+            let (ret, d, _) = run(engine, prog, &frame, 1, out)?;
+            if ret != PASS {
+                bail!("{name}: verdict {ret}");
+            }
+            ns.push(d);
+        }
+        rows.push(row(name, ns, overhead));
+    }
+    // New mappings, one destination nearly empty (the flow above holds one port).
+    crate::check()?;
+    let mut ns = Vec::with_capacity(plan.dp_new_samples);
+    for i in 0..plan.dp_new_samples {
+        let sport = 1024 + (i % 31_000) as u16;
+        let frame = packets6::tcp((POD6, sport), (REMOTE6, 80), SYN, b"");
+        let (ret, d, _) = run(engine, PROG_EGRESS, &frame, 1, out)?;
+        if ret != PASS {
+            bail!("a new IPv6 mapping was refused (verdict {ret})");
+        }
+        ns.push(d);
+        let key = FlowKey6::new(
+            proto::TCP,
+            POD6.octets(),
+            sport.to_be_bytes(),
+            REMOTE6.octets(),
+            80u16.to_be_bytes(),
+        );
+        let mut entry = [tables6.release_entry(key).context("the new IPv6 mapping")?];
+        engine.release6(&mut entry)?;
+        if entry[0].result != release_result::RELEASED {
+            bail!("releasing an IPv6 benchmark mapping returned {}", entry[0].result);
+        }
+    }
+    let mut r = row("IPv6 egress, new TCP mapping, range 0.0 % claimed", ns, overhead);
+    r.occupancy = Some(0.0);
+    crate::say(format_args!(
+        "  {}: median {:.0} ns (net {:.0} ns)",
+        r.name, r.median, r.net
+    ));
+    rows.push(r);
+    Ok(rows)
 }
 
 /// Claims ports of the destination with real mappings (SYNs from other pods through egress)

@@ -986,7 +986,11 @@ impl Results {
              with `reject` at {} answers per second and CPU (low, so that the samples split into \
              **answered**: the RST built and redirected back in, and **over its rate limit**: \
              dropped). **allocation alone** is there the time spent in the allocation step \
-             (the search, or the look at the mark).\n",
+             (the search, or the look at the mark).\n\n\
+             **IPv6** rows (NAT66; the engine is loaded for a dual-stack node, with IPv6 tables \
+             of the same size): the same established and new-mapping paths on 84-byte IPv6 \
+             frames without extension headers, which the IPv4 programs hand to the IPv6 ones by \
+             a tail call (included). No targets: they show what IPv6 costs next to IPv4.\n",
             d.max_mappings,
             thousands(f64::from(d.max_mappings)),
             thousands(p.dp_established_samples as f64),

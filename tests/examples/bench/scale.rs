@@ -191,7 +191,7 @@ fn agent_side(lab: &Lab, n: u32, row: &mut Row) -> anyhow::Result<()> {
 
 /// The in-process sweep of row `n` (run in a namespace of our own).
 fn sweep_side(n: u32) -> anyhow::Result<(f64, u64)> {
-    let mut engine = load_engine(n)?;
+    let mut engine = load_engine(n, false)?;
     let mut tables = engine.take_tables()?;
     tables::fill(
         &mut tables.fwd,
