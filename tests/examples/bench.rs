@@ -196,9 +196,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--quick" => args.quick = true,
             "--out" => args.out = it.next().context("--out needs a directory")?.into(),
             "--only" => {
-                let list = it
-                    .next()
-                    .context("--only needs a list: net,exhaustion,datapath,scale,dns,cluster")?;
+                let list = it.next().context(
+                    "--only needs a list: net,net6,exhaustion,datapath,scale,dns,cluster",
+                )?;
                 args.only = Some(list.split(',').map(str::to_owned).collect());
             }
             "--dns-queries" => {
@@ -207,7 +207,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--dns-secs" => args.dns_secs = Some(bounded(&a, it.next(), 1, dns::MAX_SECS)?),
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--quick] [--out DIR] [--only net,exhaustion,datapath,scale,dns,cluster]\n\
+                    "usage: bench [--quick] [--out DIR] [--only net,net6,exhaustion,datapath,scale,dns,cluster]\n\
                      \x20            [--dns-queries N (1-{}, default 20000, --quick 2000)]\n\
                      \x20            [--dns-secs S (1-{}, default 60, --quick 10)]\n\
                      Run it with `cargo xtask bench [--quick]` (as root).",
@@ -297,6 +297,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         if wants(only, "net") {
             let run = std::panic::catch_unwind(AssertUnwindSafe(|| network(&plan, &mut results)));
             settle_failure(run, &mut results, "network workloads: stopped early")?;
+        }
+        check()?;
+        if wants(only, "net6") {
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| network6(&plan, &mut results)));
+            settle_failure(run, &mut results, "IPv6 churn: stopped early")?;
         }
         check()?;
         if wants(only, "exhaustion") {
@@ -405,6 +410,38 @@ fn network(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
         traffic::rate_phase(plan, &mut labs, results)
     }));
     settle_failure(run, results, "packet rate and bulk")
+}
+
+/// IPv6 (NAT66): churn to one destination with the IPv6 contenders, each in a dual-stack lab
+/// of its own, every contender once per round (the order rotating), as for IPv4.
+fn network6(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
+    let mut labs = Vec::new();
+    for _ in Contender::ALL6 {
+        labs.push(Lab::new_dual_stack()?);
+    }
+    let n = Contender::ALL6.len();
+    for round in 0..plan.rounds {
+        for i in 0..n {
+            check()?;
+            let k = (i + round) % n;
+            let c = Contender::ALL6[k];
+            say(format_args!(
+                "IPv6 churn, round {}/{}: {}",
+                round + 1,
+                plan.rounds,
+                c.label()
+            ));
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                traffic::churn_run(plan, &mut labs[k], c, results)
+            }));
+            settle_failure(
+                run,
+                results,
+                &format!("IPv6 churn round {} {}", round + 1, c.label()),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Turns a failed (or panicked) part into a note and carries on, unless interrupted. Whatever the

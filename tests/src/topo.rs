@@ -194,8 +194,6 @@ impl Topology {
     /// detection (`nodad`), and this returns once no address of the topology is still tentative
     /// (the kernel solicits neighbours only from a link-local address that finished DAD).
     pub fn dual_stack(&self) {
-        let rs = format!("{}-rs", self.prefix);
-        let sr = format!("{}-sr", self.prefix);
         let mut namespaces = vec![&self.node, &self.router, &self.server];
 
         self.node.ip(&[
@@ -228,36 +226,8 @@ impl Topology {
             &self.router_uplink,
             "nodad",
         ]);
-        self.router.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{ROUTER_SERVER_SIDE6}/64"),
-            "dev",
-            &rs,
-            "nodad",
-        ]);
         self.router.sysctl("net.ipv6.conf.all.forwarding=1");
-
-        self.server.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{SERVER6}/64"),
-            "dev",
-            &sr,
-            "nodad",
-        ]);
-        self.server.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_SERVER_SIDE6.to_string(),
-            "dev",
-            &sr,
-        ]);
+        connect_server6(&self.prefix, &self.router, &self.server);
 
         for pod in &self.pods {
             let i = usize::from(pod.addr.octets()[2]);
@@ -292,23 +262,64 @@ impl Topology {
             namespaces.push(&pod.ns);
         }
 
-        // The link-local addresses the veths got when they came up still run DAD (about a
-        // second); wait for them, bounded.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for ns in namespaces {
-            loop {
-                let out = ns.ip(&["-6", "addr", "show", "tentative"]);
-                if out.stdout.iter().all(u8::is_ascii_whitespace) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "IPv6 addresses in {} still tentative after 10 s:\n{}",
-                    ns.name,
-                    String::from_utf8_lossy(&out.stdout)
-                );
-                std::thread::sleep(Duration::from_millis(100));
+        wait_for_dad(&namespaces);
+    }
+}
+
+/// The IPv6 half of [`connect_server`] (the veth pair is there): [`ROUTER_SERVER_SIDE6`] on the
+/// router's side, [`SERVER6`] on the server's with its default route through the router; returns
+/// once neither has a tentative address.
+pub fn connect_server6(prefix: &str, router: &Netns, server: &Netns) {
+    let (rs, sr) = (format!("{prefix}-rs"), format!("{prefix}-sr"));
+    router.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{ROUTER_SERVER_SIDE6}/64"),
+        "dev",
+        &rs,
+        "nodad",
+    ]);
+    server.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{SERVER6}/64"),
+        "dev",
+        &sr,
+        "nodad",
+    ]);
+    server.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &ROUTER_SERVER_SIDE6.to_string(),
+        "dev",
+        &sr,
+    ]);
+    wait_for_dad(&[router, server]);
+}
+
+/// Waits (at most 10 s) until no IPv6 address in `namespaces` is tentative: the link-local
+/// addresses veths get when they come up run duplicate address detection for about a second,
+/// and the kernel solicits neighbours only from one that finished.
+fn wait_for_dad(namespaces: &[&Netns]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for ns in namespaces {
+        loop {
+            let out = ns.ip(&["-6", "addr", "show", "tentative"]);
+            if out.stdout.iter().all(u8::is_ascii_whitespace) {
+                break;
             }
+            assert!(
+                Instant::now() < deadline,
+                "IPv6 addresses in {} still tentative after 10 s:\n{}",
+                ns.name,
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

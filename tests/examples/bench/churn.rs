@@ -1,7 +1,8 @@
 //! Connection churn: bursts of short TCP connections from the pods' client threads, against a
 //! server that closes first (so it, like a busy web server, holds the TIME_WAIT).
 //!
-//! The clients are the harness's [`TcpClient`] (`connect`, then `request`: one line each way).
+//! Each client connection does what the harness's `TcpClient` does (`connect`, read the
+//! greeting, then `request`: one line each way), for either family ([`exchange`]).
 //! The server speaks the same protocol as the harness's `TcpServer` in `Mode::CloseFirst`
 //! (greeting with the peer address it sees, read a line, answer `bye`, close), but from two
 //! epoll loops instead of a thread per connection, so it keeps up with thousands of connections
@@ -10,7 +11,7 @@
 use std::{
     collections::HashMap,
     io::{self, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, RawFd},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -21,7 +22,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tests::{netns::Netns, traffic::TcpClient};
+use tests::{netns::Netns, traffic::sockaddr};
 
 /// A connection slower than this had its SYN (or request) retransmitted: it stalled.
 pub const STALL: Duration = Duration::from_millis(200);
@@ -36,12 +37,7 @@ pub struct ChurnServer {
 }
 
 impl ChurnServer {
-    pub fn start(
-        ns: &Netns,
-        addr: Ipv4Addr,
-        ports: &[u16],
-        workers: usize,
-    ) -> anyhow::Result<Self> {
+    pub fn start(ns: &Netns, addr: IpAddr, ports: &[u16], workers: usize) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -51,7 +47,7 @@ impl ChurnServer {
             threads.push(ns.spawn(move || {
                 let listeners = match ports
                     .iter()
-                    .map(|&p| listen_reuseport(SocketAddrV4::new(addr, p)))
+                    .map(|&p| listen_reuseport(SocketAddr::new(addr, p)))
                     .collect::<io::Result<Vec<_>>>()
                 {
                     Ok(l) => l,
@@ -95,11 +91,16 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// A non-blocking listener with `SO_REUSEADDR` and `SO_REUSEPORT`, backlog 4096.
-fn listen_reuseport(addr: SocketAddrV4) -> io::Result<TcpListener> {
+fn listen_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2); the fd is owned by the TcpListener below.
     let fd = cvt(unsafe {
         libc::socket(
-            libc::AF_INET,
+            family,
             libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             0,
         )
@@ -119,22 +120,9 @@ fn listen_reuseport(addr: SocketAddrV4) -> io::Result<TcpListener> {
             )
         })?;
     }
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: binding our socket to a valid sockaddr_in of the stated size.
-    cvt(unsafe {
-        libc::bind(
-            fd,
-            (&raw const sin).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    })?;
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: binding our socket to a valid socket address of the stated size.
+    cvt(unsafe { libc::bind(fd, (&raw const sa).cast(), len) })?;
     // SAFETY: listen(2) on our bound socket.
     cvt(unsafe { libc::listen(fd, 4096) })?;
     Ok(listener)
@@ -248,7 +236,7 @@ impl Burst {
 pub fn burst(
     pods: &[&Netns],
     threads_per_pod: usize,
-    server: Ipv4Addr,
+    server: IpAddr,
     ports: &[u16],
     count: u64,
     limit: Duration,
@@ -271,9 +259,9 @@ pub fn burst(
                     if t >= count {
                         break;
                     }
-                    let to = SocketAddrV4::new(server, ports[(t % ports.len() as u64) as usize]);
+                    let to = SocketAddr::new(server, ports[(t % ports.len() as u64) as usize]);
                     let start = Instant::now();
-                    let r = TcpClient::connect(to, CONNECT_TIMEOUT).and_then(TcpClient::request);
+                    let r = exchange(to, None);
                     match r {
                         Ok(()) => {
                             b.completed += 1;
@@ -300,6 +288,35 @@ pub fn burst(
     let attempted = tickets.load(Ordering::Relaxed).min(count);
     total.unfinished = count - attempted;
     total
+}
+
+/// One churn connection, as the harness's `TcpClient::connect` and `request` make it: connect
+/// (given up after [`CONNECT_TIMEOUT`]), read the greeting line (into `greeting`, if given: the
+/// client's address as the server saw it), send one line, read the answer to the end (the
+/// server closes first).
+pub fn exchange(to: SocketAddr, mut greeting: Option<&mut Vec<u8>>) -> io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no greeting"));
+        }
+        if let Some(g) = greeting.as_deref_mut() {
+            g.push(byte[0]);
+        }
+    }
+    stream.write_all(b"hi\n")?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    if rest == b"bye\n" {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("answer {rest:?}"),
+        ))
+    }
 }
 
 /// TcpExt `TCPSynRetrans` of a namespace (read from a thread inside it).

@@ -36,8 +36,8 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use clap::Parser as _;
 use snat_common::{
     flow::{proto, release_result},
-    Counter, FlowKey, FlowKey6, DEFAULT_MAX_MAPPINGS, MAP_FULL, PROG_EGRESS, PROG_INGRESS, PROG_XDP,
-    XDP_DONE,
+    Counter, FlowKey, FlowKey6, DEFAULT_MAX_MAPPINGS, MAP_FULL, PROG_EGRESS, PROG_INGRESS,
+    PROG_XDP, XDP_DONE,
 };
 use snat_user::{
     datapath::{Counters, Engine, NatPool, Tables6},
@@ -468,10 +468,17 @@ fn ipv6_rows(
         let mut entry = [tables6.release_entry(key).context("the new IPv6 mapping")?];
         engine.release6(&mut entry)?;
         if entry[0].result != release_result::RELEASED {
-            bail!("releasing an IPv6 benchmark mapping returned {}", entry[0].result);
+            bail!(
+                "releasing an IPv6 benchmark mapping returned {}",
+                entry[0].result
+            );
         }
     }
-    let mut r = row("IPv6 egress, new TCP mapping, range 0.0 % claimed", ns, overhead);
+    let mut r = row(
+        "IPv6 egress, new TCP mapping, range 0.0 % claimed",
+        ns,
+        overhead,
+    );
     r.occupancy = Some(0.0);
     crate::say(format_args!(
         "  {}: median {:.0} ns (net {:.0} ns)",

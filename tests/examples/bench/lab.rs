@@ -2,11 +2,11 @@
 //! contenders' setup and teardown (drop guards), and child processes bounded in time.
 //!
 //! Everything is created inside the topology's namespaces, named with its per-process prefix,
-//! and removed by exact name: the nftables table by `nft delete table ip <name>` in the node's
+//! and removed by exact name: the nftables table by `nft delete table ip|ip6 <name>` in the node's
 //! namespace, the namespaces by the harness on drop.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _};
 use tests::{
     agent::Agent,
     netns::Netns,
-    topo::{self, Topology, NAT_IP, POD_CIDR},
+    topo::{self, Topology, NAT_IP, NAT_IP6, POD_CIDR, POD_CIDR6},
 };
 
 /// Each pod's `ip_local_port_range`.
@@ -40,6 +40,12 @@ pub enum Contender {
     Snat,
     /// The same with `--ingress xdp`: replies through XDP in front of TC.
     SnatXdp,
+    /// IPv6 (NAT66, a dual-stack lab): plain routing of the pods' IPv6.
+    None6,
+    /// IPv6: nftables `masquerade to :32768-65535` in an `ip6` table.
+    NftRange6,
+    /// IPv6: the snat agent for both pod networks.
+    Snat6,
 }
 
 impl Contender {
@@ -56,6 +62,16 @@ impl Contender {
         Contender::NftRange,
         Contender::NftRandom,
     ];
+    /// The IPv6 contenders, in dual-stack labs of their own.
+    pub const ALL6: [Contender; 3] = [Contender::None6, Contender::NftRange6, Contender::Snat6];
+
+    /// Whether the contender is one of the IPv6 ones ([`Contender::ALL6`]).
+    pub const fn is_ipv6(self) -> bool {
+        matches!(
+            self,
+            Contender::None6 | Contender::NftRange6 | Contender::Snat6
+        )
+    }
 
     /// Short name for tables and the plot.
     pub const fn label(self) -> &'static str {
@@ -66,6 +82,9 @@ impl Contender {
             Contender::NftRandom => "nft range random",
             Contender::Snat => "snat",
             Contender::SnatXdp => "snat xdp",
+            Contender::None6 => "none (IPv6)",
+            Contender::NftRange6 => "nft range (IPv6)",
+            Contender::Snat6 => "snat (IPv6)",
         }
     }
 
@@ -76,7 +95,13 @@ impl Contender {
             Contender::None => {
                 format!("plain routing: the router has a route back to {POD_CIDR} via the node")
             }
-            Contender::NftMasq | Contender::NftRange | Contender::NftRandom => format!(
+            Contender::None6 => {
+                format!("plain routing: the router has a route back to {POD_CIDR6} via the node")
+            }
+            Contender::NftMasq
+            | Contender::NftRange
+            | Contender::NftRandom
+            | Contender::NftRange6 => format!(
                 "nftables on the node: `{}`",
                 self.nft_rule("<uplink>").unwrap_or_default()
             ),
@@ -84,14 +109,18 @@ impl Contender {
                 "snat agent on the node's uplink: `snat run --internal {POD_CIDR} --port-range {PORT_RANGE} --ingress tc` (other flags default)"
             ),
             Contender::SnatXdp => "the same with `--ingress xdp`: replies translated in XDP (native mode on the veth) in front of TC, which takes the replies XDP leaves it".to_owned(),
+            Contender::Snat6 => format!(
+                "snat agent on the node's uplink: `snat run --internal {POD_CIDR} --internal {POD_CIDR6} --port-range {PORT_RANGE}` (IPv6 to the uplink's {NAT_IP6}; TC both ways)"
+            ),
         }
     }
 
-    /// The source address the server must see from a pod at `pod`.
-    pub const fn seen_source(self, pod: Ipv4Addr) -> Ipv4Addr {
+    /// The source address the server must see from a pod at `pod` (of the contender's family).
+    pub fn seen_source(self, pod: IpAddr) -> IpAddr {
         match self {
-            Contender::None => pod,
-            _ => NAT_IP,
+            Contender::None | Contender::None6 => pod,
+            c if c.is_ipv6() => NAT_IP6.into(),
+            _ => NAT_IP.into(),
         }
     }
 
@@ -100,6 +129,11 @@ impl Contender {
             Contender::NftMasq => "masquerade",
             Contender::NftRange => "masquerade to :32768-65535",
             Contender::NftRandom => "masquerade to :32768-65535 fully-random",
+            Contender::NftRange6 => {
+                return Some(format!(
+                    "ip6 saddr {POD_CIDR6} oifname \"{uplink}\" meta l4proto {{ tcp, udp }} masquerade to :32768-65535"
+                ))
+            }
             _ => return None,
         };
         Some(format!(
@@ -112,12 +146,27 @@ impl Contender {
 pub struct Lab {
     pub topo: Topology,
     generation: u32,
+    /// Dual-stack (for the IPv6 contenders).
+    ipv6: bool,
 }
 
 impl Lab {
     pub fn new() -> anyhow::Result<Self> {
+        Self::build(false)
+    }
+
+    /// A lab whose pods, node, router and server have IPv6 too (the IPv6 contenders').
+    pub fn new_dual_stack() -> anyhow::Result<Self> {
+        Self::build(true)
+    }
+
+    fn build(ipv6: bool) -> anyhow::Result<Self> {
         crate::check()?;
-        let topo = Topology::new(2);
+        let topo = if ipv6 {
+            Topology::new_dual_stack(2)
+        } else {
+            Topology::new(2)
+        };
         topo.set_offload(true);
         // Pods reuse their source ports quickly, as a pod churning at this rate for minutes
         // would: 1,000 ports each (as the harness's churn test), inside the NAT range.
@@ -127,6 +176,7 @@ impl Lab {
         let lab = Self {
             topo,
             generation: 0,
+            ipv6,
         };
         lab.tune_server();
         Ok(lab)
@@ -138,6 +188,11 @@ impl Lab {
 
     pub fn pod_addrs(&self) -> [Ipv4Addr; 2] {
         [self.topo.pods[0].addr, self.topo.pods[1].addr]
+    }
+
+    /// The pods' IPv6 addresses (dual-stack labs).
+    pub fn pod_addrs6(&self) -> [Ipv6Addr; 2] {
+        [self.topo.pods[0].addr6(), self.topo.pods[1].addr6()]
     }
 
     /// The nftables table of this lab (in its node's namespace).
@@ -177,6 +232,9 @@ impl Lab {
         }
         let (router, server) = (&self.topo.router, &self.topo.server);
         topo::connect_server(&prefix, router, server);
+        if self.ipv6 {
+            topo::connect_server6(&prefix, router, server);
+        }
         for (ns, dev) in [(router, &rs), (server, &sr)] {
             ns.exec(&[
                 "ethtool", "-K", dev, "tx", "on", "rx", "on", "tso", "on", "gso", "on", "gro", "on",
@@ -192,22 +250,40 @@ impl Lab {
             lab: self,
             agent: None,
             table: None,
-            route: false,
+            route: None,
         };
+        if c.is_ipv6() && !self.ipv6 {
+            bail!("{} needs a dual-stack lab", c.label());
+        }
         match c {
             Contender::None => {
                 self.topo
                     .router
                     .ip(&["route", "replace", POD_CIDR, "via", &NAT_IP.to_string()]);
-                active.route = true;
+                active.route = Some(("-4", POD_CIDR));
             }
-            Contender::NftMasq | Contender::NftRange | Contender::NftRandom => {
+            Contender::None6 => {
+                self.topo.router.ip(&[
+                    "-6",
+                    "route",
+                    "replace",
+                    POD_CIDR6,
+                    "via",
+                    &NAT_IP6.to_string(),
+                ]);
+                active.route = Some(("-6", POD_CIDR6));
+            }
+            Contender::NftMasq
+            | Contender::NftRange
+            | Contender::NftRandom
+            | Contender::NftRange6 => {
                 let table = self.nft_table();
+                let family = if c.is_ipv6() { "ip6" } else { "ip" };
                 let rule = c.nft_rule(&self.topo.uplink).expect("an nft contender");
                 let script = format!(
-                    "table ip {table} {{\n  chain post {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {rule}\n  }}\n}}\n"
+                    "table {family} {table} {{\n  chain post {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {rule}\n  }}\n}}\n"
                 );
-                active.table = Some(table);
+                active.table = Some((family, table));
                 let out = run_bounded(
                     ns_command(&self.topo.node, &["nft", "-f", "-"]),
                     Some(&script),
@@ -235,10 +311,29 @@ impl Lab {
                     ],
                 ));
             }
+            Contender::Snat6 => {
+                active.agent = Some(Agent::start(
+                    &self.topo.node,
+                    &self.topo.uplink,
+                    &[
+                        "--internal",
+                        POD_CIDR,
+                        "--internal",
+                        POD_CIDR6,
+                        "--port-range",
+                        PORT_RANGE,
+                    ],
+                ));
+            }
         }
         // The router never needs a route to the pods except for `none`: make sure of it.
-        if c != Contender::None {
-            let routes = self.topo.router.ip(&["route", "show", POD_CIDR]);
+        if !matches!(c, Contender::None | Contender::None6) {
+            let (family, pods) = if c.is_ipv6() {
+                ("-6", POD_CIDR6)
+            } else {
+                ("-4", POD_CIDR)
+            };
+            let routes = self.topo.router.ip(&[family, "route", "show", pods]);
             if !routes.stdout.is_empty() {
                 bail!(
                     "the router has a route to the pods while {} runs",
@@ -254,8 +349,10 @@ impl Lab {
 pub struct Active<'a> {
     lab: &'a Lab,
     pub agent: Option<Agent>,
-    table: Option<String>,
-    route: bool,
+    /// The nftables table: (family, name).
+    table: Option<(&'static str, String)>,
+    /// The router's route to the pods: (`ip` family flag, pods' network).
+    route: Option<(&'static str, &'static str)>,
 }
 
 impl Drop for Active<'_> {
@@ -264,9 +361,9 @@ impl Drop for Active<'_> {
         if let Some(agent) = self.agent.take() {
             drop(agent);
         }
-        if let Some(table) = self.table.take() {
+        if let Some((family, table)) = self.table.take() {
             let _ = run_bounded(
-                ns_command(&topo.node, &["nft", "delete", "table", "ip", &table]),
+                ns_command(&topo.node, &["nft", "delete", "table", family, &table]),
                 None,
                 Duration::from_secs(20),
             );
@@ -277,9 +374,9 @@ impl Drop for Active<'_> {
                 Duration::from_secs(20),
             );
         }
-        if self.route {
+        if let Some((family, pods)) = self.route.take() {
             let mut del = Command::new("ip");
-            del.args(["-n", &topo.router.name, "route", "del", POD_CIDR]);
+            del.args(["-n", &topo.router.name, family, "route", "del", pods]);
             let _ = run_bounded(del, None, Duration::from_secs(20));
         }
     }

@@ -324,6 +324,13 @@ impl Results {
 
     fn ratios(&self, key: &str, c: Contender) -> (f64, f64) {
         let m = self.med(key, c);
+        if c.is_ipv6() {
+            let (none, nft) = (
+                self.med(key, Contender::None6),
+                self.med(key, Contender::NftRange6),
+            );
+            return (m / none, m / nft);
+        }
         let none = self.med(key, Contender::None);
         let nft = self.best_nft(key).map_or(f64::NAN, |b| b.0);
         (m / none, m / nft)
@@ -513,6 +520,24 @@ impl Results {
                 p.many_ports
             ),
         );
+        if self.net.keys().any(|k| k.starts_with("churn6.")) {
+            self.churn_tables_of(
+                &mut s,
+                "churn6",
+                "2b. IPv6 (NAT66): churn to one destination",
+                &format!(
+                    "The same as section 1 over IPv6, in dual-stack labs: the pods' IPv6 \
+                     connections to the server's IPv6 address, with the IPv6 contenders ({}). \
+                     **× best nft** compares with nft range (IPv6):",
+                    Contender::ALL6
+                        .iter()
+                        .map(|c| format!("{}: {}", c.label(), c.describe()))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+                &Contender::ALL6,
+            );
+        }
         self.snat_alloc(&mut s);
         self.udp_table(&mut s);
         self.bulk_table(&mut s);
@@ -693,6 +718,17 @@ impl Results {
     }
 
     fn churn_tables(&self, s: &mut String, key: &str, title: &str, intro: &str) {
+        self.churn_tables_of(s, key, title, intro, &Contender::ALL);
+    }
+
+    fn churn_tables_of(
+        &self,
+        s: &mut String,
+        key: &str,
+        title: &str,
+        intro: &str,
+        contenders: &[Contender],
+    ) {
         let p = &self.plan;
         let _ = writeln!(s, "## {title}\n\n{intro}\n");
         let mut head = "| contender |".to_owned();
@@ -705,7 +741,7 @@ impl Results {
             s,
             "{head} failed | stalled | not started | SYN retransmits |\n{rule}---:|---:|---:|---:|"
         );
-        for c in Contender::ALL {
+        for &c in contenders {
             let mut line = format!("| {} |", c.label());
             for b in 1..=p.bursts {
                 let _ = write!(
@@ -730,7 +766,7 @@ impl Results {
              bursts and rounds.\n\nRatios of the medians, **× none / × best nft**:\n"
         );
         let _ = writeln!(s, "{head}\n{rule}");
-        for c in Contender::ALL {
+        for &c in contenders {
             let mut line = format!("| {} |", c.label());
             for b in 1..=p.bursts {
                 let (n, f) = self.ratios(&format!("{key}.burst{b}"), c);

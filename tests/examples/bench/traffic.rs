@@ -11,7 +11,7 @@
 //!   the endpoint a pod's datagram opened (`udpR`), and bulk TCP from the server (`iperf3 -R`).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,7 +22,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use tests::{netns::Netns, topo::SERVER, traffic::TcpClient};
+use tests::{
+    netns::Netns,
+    topo::{SERVER, SERVER6},
+};
 
 use crate::{
     churn::{self, ChurnServer},
@@ -48,20 +51,29 @@ pub const UDP_BATCH: usize = 32;
 
 /// Checks that the server sees each pod of `lab` as contender `c` should show it.
 fn check_sources(lab: &Lab, c: Contender) -> anyhow::Result<()> {
-    let server = ChurnServer::start(&lab.topo.server, SERVER, &[CHECK_PORT], 1)?;
-    for (pod, addr) in lab.pods().into_iter().zip(lab.pod_addrs()) {
-        let seen = pod.run(|| {
-            TcpClient::connect(
-                SocketAddrV4::new(SERVER, CHECK_PORT),
-                Duration::from_secs(3),
+    let server_addr = server_of(c);
+    let server = ChurnServer::start(&lab.topo.server, server_addr, &[CHECK_PORT], 1)?;
+    let pods: [IpAddr; 2] = if c.is_ipv6() {
+        lab.pod_addrs6().map(IpAddr::from)
+    } else {
+        lab.pod_addrs().map(IpAddr::from)
+    };
+    for (pod, addr) in lab.pods().into_iter().zip(pods) {
+        let seen = pod.run(move || {
+            let mut greeting = Vec::new();
+            churn::exchange(
+                SocketAddr::new(server_addr, CHECK_PORT),
+                Some(&mut greeting),
             )
-            .and_then(|c| {
-                let seen = c.seen_as;
-                c.request().map(|()| seen)
+            .and_then(|()| {
+                String::from_utf8_lossy(&greeting)
+                    .trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
             })
         });
         let seen = seen.with_context(|| format!("{}: a first connection failed", c.label()))?;
-        if *seen.ip() != c.seen_source(addr) {
+        if seen.ip() != c.seen_source(addr) {
             bail!(
                 "{}: the server saw pod {addr} as {seen}, expected {}",
                 c.label(),
@@ -71,6 +83,15 @@ fn check_sources(lab: &Lab, c: Contender) -> anyhow::Result<()> {
     }
     drop(server);
     Ok(())
+}
+
+/// The server's address for contender `c`'s family.
+fn server_of(c: Contender) -> IpAddr {
+    if c.is_ipv6() {
+        SERVER6.into()
+    } else {
+        SERVER.into()
+    }
 }
 
 /// One churn run of contender `c` in its lab: a fresh server, the contender set up, both churn
@@ -89,9 +110,14 @@ pub fn churn_run(
     let many: Vec<u16> = (0..plan.many_ports).map(|i| MANY_BASE + i).collect();
     let mut ports = vec![ONE_PORT];
     ports.extend(&many);
-    let server = ChurnServer::start(&lab.topo.server, SERVER, &ports, 2)?;
-
-    for (key, ports) in [("churn1", vec![ONE_PORT]), ("churnN", many.clone())] {
+    let server = ChurnServer::start(&lab.topo.server, server_of(c), &ports, 2)?;
+    // IPv6 contenders: churn to one destination only (`churn6`), next to IPv4's `churn1`.
+    let workloads = if c.is_ipv6() {
+        vec![("churn6", vec![ONE_PORT])]
+    } else {
+        vec![("churn1", vec![ONE_PORT]), ("churnN", many.clone())]
+    };
+    for (key, ports) in workloads {
         crate::check()?;
         let retrans_before: u64 = lab.pods().iter().map(|p| churn::syn_retrans(p)).sum();
         let (mut failed, mut stalled, mut unfinished) = (0, 0, 0);
@@ -101,7 +127,7 @@ pub fn churn_run(
             let r = churn::burst(
                 &lab.pods(),
                 plan.client_threads_per_pod,
-                SERVER,
+                server_of(c),
                 &ports,
                 plan.burst_conns,
                 plan.burst_limit,
@@ -335,7 +361,10 @@ fn udp_rate(lab: &Lab, c: Contender, many: bool, secs: f64) -> anyhow::Result<Ud
     let pods: Vec<(&Netns, Ipv4Addr)> = vec![(lab.pods()[0], lab.pod_addrs()[0])];
     let expected: Vec<u32> = pods
         .iter()
-        .map(|(_, a)| u32::from(c.seen_source(*a)))
+        .map(|(_, a)| match c.seen_source(IpAddr::V4(*a)) {
+            IpAddr::V4(seen) => u32::from(seen),
+            IpAddr::V6(seen) => unreachable!("an IPv4 workload seen from {seen}"),
+        })
         .collect();
 
     let mut receivers = Looper::new();
