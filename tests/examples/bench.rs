@@ -383,28 +383,7 @@ fn network(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let n = Contender::ALL.len();
-    for round in 0..plan.rounds {
-        for i in 0..n {
-            check()?;
-            let k = (i + round) % n;
-            let c = Contender::ALL[k];
-            say(format_args!(
-                "churn, round {}/{}: {}",
-                round + 1,
-                plan.rounds,
-                c.label()
-            ));
-            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                traffic::churn_run(plan, &mut labs[k], c, results)
-            }));
-            settle_failure(
-                run,
-                results,
-                &format!("churn round {} {}", round + 1, c.label()),
-            )?;
-        }
-    }
+    churn_rounds(plan, &mut labs, &Contender::ALL, "churn", results)?;
     check()?;
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
         traffic::rate_phase(plan, &mut labs, results)
@@ -412,21 +391,23 @@ fn network(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
     settle_failure(run, results, "packet rate and bulk")
 }
 
-/// IPv6 (NAT66): churn to one destination with the IPv6 contenders, each in a dual-stack lab
-/// of its own, every contender once per round (the order rotating), as for IPv4.
-fn network6(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
-    let mut labs = Vec::new();
-    for _ in Contender::ALL6 {
-        labs.push(Lab::new_dual_stack()?);
-    }
-    let n = Contender::ALL6.len();
+/// Churn with every contender once per round (`labs[k]` is `contenders[k]`'s), the order
+/// rotating by one each round, so the machine's drift hits all alike.
+fn churn_rounds(
+    plan: &Plan,
+    labs: &mut [Lab],
+    contenders: &[Contender],
+    what: &str,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let n = contenders.len();
     for round in 0..plan.rounds {
         for i in 0..n {
             check()?;
             let k = (i + round) % n;
-            let c = Contender::ALL6[k];
+            let c = contenders[k];
             say(format_args!(
-                "IPv6 churn, round {}/{}: {}",
+                "{what}, round {}/{}: {}",
                 round + 1,
                 plan.rounds,
                 c.label()
@@ -437,11 +418,21 @@ fn network6(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
             settle_failure(
                 run,
                 results,
-                &format!("IPv6 churn round {} {}", round + 1, c.label()),
+                &format!("{what} round {} {}", round + 1, c.label()),
             )?;
         }
     }
     Ok(())
+}
+
+/// IPv6 (NAT66): churn to one destination with the IPv6 contenders, each in a dual-stack lab
+/// of its own, rounds as for IPv4.
+fn network6(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
+    let mut labs = Vec::new();
+    for _ in Contender::ALL6 {
+        labs.push(Lab::new_dual_stack()?);
+    }
+    churn_rounds(plan, &mut labs, &Contender::ALL6, "IPv6 churn", results)
 }
 
 /// Turns a failed (or panicked) part into a note and carries on, unless interrupted. Whatever the
