@@ -109,9 +109,7 @@ fn new_mapping<A: Family>(ctx: &TcContext, pending: &mut Pending<A>) -> Result<(
     time_allocation(unsafe { bpf_ktime_get_ns() }.wrapping_sub(pending.started));
     match created {
         Ok(Created::New(addr, port)) => {
-            if let Some(src) = A::v4(key.src_addr) {
-                log_created(ctx, src, key.src_port(), u16::from_be_bytes(port));
-            }
+            log_created(ctx, key.src_addr, key.src_port(), u16::from_be_bytes(port));
             count(match key.proto {
                 proto::TCP => Counter::CreatedTcp,
                 proto::UDP => Counter::CreatedUdp,
@@ -125,9 +123,7 @@ fn new_mapping<A: Family>(ctx: &TcContext, pending: &mut Pending<A>) -> Result<(
         }
         Ok(Created::Adopted(addr, port)) => Ok((addr, port)),
         Err(AllocError::TableFull) => {
-            if let Some(src) = A::v4(key.src_addr) {
-                log_table_full(ctx, key.proto, src, key.src_port());
-            }
+            log_table_full(ctx, key.proto, key.src_addr, key.src_port());
             Err(Counter::EgressDropTableFull.into())
         }
         Err(AllocError::NoNatIp) => Err(Counter::EgressDropNoNatIp.into()),
@@ -160,9 +156,7 @@ fn refuse<A: Family>(
     };
     let paired = home.unwrap_or(st.nat.addr);
     count_refusal(key, paired, now, why.no_port());
-    if let Some(src) = A::v4(key.src_addr) {
-        log_refused(ctx, src, key.src_port(), counter);
-    }
+    log_refused(ctx, key.src_addr, key.src_port(), counter);
     // Cluster mode: no port yet, but a block is on its way: hold the flow back instead of
     // ending it (the refusal above is what tells the agent to hurry).
     if let (Some(_), Some(p)) = (crate::block::layout(), A::v4(paired)) {
@@ -193,16 +187,16 @@ fn not_syn<A: Family>(ctx: &TcContext, ip: &A::Ip, now: u64) -> Stop {
     }
 }
 
-// Kernel log records (`--ebpf-log`, IPv4 flows only for now), each in a frame of its own: a
-// record's header and fields take stack the allocation needs.
+// Kernel log records (`--ebpf-log`), each in a frame of its own: a record's header and fields
+// take stack the allocation needs.
 
 #[inline(never)]
-fn log_created(ctx: &TcContext, src: [u8; 4], sport: u16, port: u16) {
+fn log_created<A: Family>(ctx: &TcContext, src: A, sport: u16, port: u16) {
     debug!(ctx, "new mapping {:i}:{} via port {}", src, sport, port);
 }
 
 #[inline(never)]
-fn log_table_full(ctx: &TcContext, proto: u8, src: [u8; 4], sport: u16) {
+fn log_table_full<A: Family>(ctx: &TcContext, proto: u8, src: A, sport: u16) {
     warn!(
         ctx,
         "mapping table full: proto {} {:i}:{}", proto, src, sport
@@ -210,7 +204,7 @@ fn log_table_full(ctx: &TcContext, proto: u8, src: [u8; 4], sport: u16) {
 }
 
 #[inline(never)]
-fn log_refused(ctx: &TcContext, src: [u8; 4], sport: u16, counter: Counter) {
+fn log_refused<A: Family>(ctx: &TcContext, src: A, sport: u16, counter: Counter) {
     warn!(
         ctx,
         "refused new flow from {:i}:{} (counter {})",

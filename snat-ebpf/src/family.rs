@@ -12,6 +12,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
+use aya_log_ebpf::macro_support::{Argument, IpFormatter};
 use snat_common::{
     flow::{proto, Addr, EndpointOf},
     Config, Counter, FlowKeyOf, FullMark, MappingOf, NatIpOf, OriginOf, PoolKeyOf, UseKeyOf,
@@ -43,8 +44,9 @@ pub trait IpHeader<A>: Copy {
     fn remember(&self, addr: A, now: u64);
 }
 
-/// An address family: its maps, header, rewrite and the IPv4-only hooks.
-pub trait Family: Addr {
+/// An address family: its maps, header, rewrite and the IPv4-only hooks. (Its addresses go into
+/// `--ebpf-log` records as they are: `{:i}` formats either.)
+pub trait Family: Addr + Argument + IpFormatter {
     type Ip: IpHeader<Self>;
     /// `snat_create`'s slot for this family in `SNAT_PROGRAMS`.
     const SLOT_CREATE: u32;

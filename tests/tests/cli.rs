@@ -284,9 +284,10 @@ fn an_open_stop_detaches_everything() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no snat agent runs"));
 }
 
+/// Both families' new mappings are logged (`snat_create` and `snat_create6`).
 #[test]
 fn ebpf_log_debug_reports_new_mappings_and_off_is_silent() {
-    let topo = Topology::new(1);
+    let topo = Topology::new_dual_stack(1);
     for (level, expect) in [("debug", true), ("off", false)] {
         let agent = Agent::start(
             &topo.node,
@@ -294,28 +295,28 @@ fn ebpf_log_debug_reports_new_mappings_and_off_is_silent() {
             &[
                 "--internal",
                 POD_CIDR,
+                "--internal",
+                tests::topo::POD_CIDR6,
                 "--max-mappings",
                 "4096",
                 "--ebpf-log",
                 level,
             ],
         );
-        topo.pods[0].ns.exec(&[
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "2",
-            &tests::topo::SERVER.to_string(),
-        ]);
+        for server in [
+            tests::topo::SERVER.to_string(),
+            tests::topo::SERVER6.to_string(),
+        ] {
+            topo.pods[0]
+                .ns
+                .exec(&["ping", "-c", "1", "-W", "2", &server]);
+        }
         std::thread::sleep(std::time::Duration::from_millis(300));
         let log = agent.log();
         drop(agent);
-        assert_eq!(
-            log.contains("new mapping 10.1.0.2:"),
-            expect,
-            "--ebpf-log {level}:\n{log}"
-        );
+        for pod in ["new mapping 10.1.0.2:", "new mapping fd00:10::2:"] {
+            assert_eq!(log.contains(pod), expect, "--ebpf-log {level}:\n{log}");
+        }
     }
 }
 
