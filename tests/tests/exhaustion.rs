@@ -11,7 +11,7 @@ use std::{
 use tests::{
     agent::Agent,
     metric,
-    topo::{Topology, NAT_IP, SERVER},
+    topo::{Topology, NAT_IP, POD_CIDR6, SERVER, SERVER6},
     traffic::{udp_ask, wait_for, LeakWatch, Mode, TcpClient, TcpServer, UdpServer},
 };
 
@@ -210,6 +210,59 @@ fn the_per_source_cap_holds() {
     let other = hold(&topo, 1, 5, to);
     assert_eq!(agent.counter("egress", "drop_source_cap"), 1);
     drop((held, other));
+}
+
+/// The per-source cap holds for IPv6 sources too, each family's sources counted on their own: a
+/// pod at its cap over IPv6 is refused at once (a RST), while another pod, and the same pod over
+/// IPv4, still connect.
+#[test]
+fn the_per_source_cap_holds_for_ipv6_sources() {
+    use std::{net::SocketAddrV6, net::TcpStream, sync::mpsc};
+    let topo = Topology::new_dual_stack(2);
+    let agent = agent(
+        &topo,
+        &["--internal", POD_CIDR6, "--max-ports-per-source", "3"],
+    );
+    let to6 = SocketAddrV6::new(SERVER6, 8080, 0, 0);
+    // A server that holds every IPv6 connection until told to stop.
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server = topo.server.spawn(move || {
+        let listener = TcpListener::bind(to6).expect("listen");
+        listener.set_nonblocking(true).expect("nonblocking");
+        ready_tx.send(()).expect("ready");
+        let mut held = Vec::new();
+        while stop_rx.try_recv().is_err() {
+            match listener.accept() {
+                Ok((conn, _)) => held.push(conn),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    ready_rx.recv().expect("server ready");
+    let connect = |pod: usize, n: usize| {
+        topo.pods[pod].ns.run(move || {
+            (0..n)
+                .map(|_| TcpStream::connect_timeout(&to6.into(), Duration::from_secs(2)))
+                .collect::<Vec<_>>()
+        })
+    };
+    let a = connect(0, 4);
+    assert!(a[..3].iter().all(Result::is_ok), "{a:?}");
+    assert_eq!(
+        a[3].as_ref().err().map(io::Error::kind),
+        Some(io::ErrorKind::ConnectionRefused),
+        "the fourth from one source: {a:?}"
+    );
+    let b = connect(1, 3);
+    assert!(b.iter().all(Result::is_ok), "another pod: {b:?}");
+    let to4 = SocketAddrV4::new(SERVER, 8081);
+    let _tcp4 = TcpServer::start(&topo.server, to4);
+    let v4 = hold(&topo, 0, 3, to4);
+    assert_eq!(agent.counter("egress", "drop_source_cap"), 1);
+    drop((a, b, v4));
+    stop_tx.send(()).expect("stop");
+    server.join().expect("server thread");
 }
 
 #[test]
