@@ -67,8 +67,8 @@ pub fn run(ctx: &TcContext) -> Option<Verdict> {
 fn hand_over<A: Family>(ctx: &TcContext, translated: Verdict) -> Verdict {
     translated.and_then(|c| {
         count(c);
-        // SAFETY: a tail call from the program's own frame (or a subprogram's whose callers'
-        // frames are small, see `run6`); on success delivery goes on there.
+        // SAFETY: a tail call from the program's own frame (both families' paths are inlined
+        // there); on success delivery goes on there.
         unsafe { SNAT_PROGRAMS.tail_call(ctx, A::SLOT_HAIRPIN_DELIVER) };
         Err(Counter::HairpinDropNoDeliverer.into())
     })
@@ -255,8 +255,8 @@ fn route(ctx: &TcContext) -> Option<u32> {
     fib(ctx, &mut params)
 }
 
-/// The same for IPv6 (the header `deliver6` parsed is still in this CPU's slot, its
-/// destination now the pod's).
+/// The same for IPv6: the fixed header read again (its destination now the pod's; its next
+/// header, the protocol the lookup is given, may be an extension header's).
 #[inline(always)]
 fn route6(ctx: &TcContext) -> Option<u32> {
     let ip = Ipv6::fixed(ctx).ok()?;
