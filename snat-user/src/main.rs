@@ -168,7 +168,7 @@ fn set(args: &SetArgs) -> anyhow::Result<()> {
             let slice = plan.slice(*node_index)?;
             PoolChange {
                 port_range: slice.range(),
-                nat_ips: Some(plan.nat_ips.clone()),
+                nat_ips: Some(plan.nat_ips4()),
                 slice: Some(format!(
                     "node {node_index} of {} ({})",
                     plan.nodes + plan.surge,
