@@ -332,6 +332,10 @@ pub enum ConfigError {
     PlanNatIp(Ipv4Addr),
     #[error("--nat-ip {0} cannot be used with --plan: the plan names the IPv6 NAT IPs; leave --nat-ip {0} out (next to --plan, --nat-ip gives only a family the plan names no NAT IP of)")]
     PlanNatIp6(Ipv6Addr),
+    #[error("the plan gives IPv4 NAT IP {0} but this agent translates no IPv4 network: restart it with the pods' IPv4 network (--internal), or use a plan without IPv4 NAT IPs")]
+    MovedWithoutInternal4(Ipv4Addr),
+    #[error("the plan gives IPv6 NAT IP {0} but this agent translates no IPv6 network: restart it with the pods' IPv6 network (--internal), or use a plan without IPv6 NAT IPs")]
+    MovedWithoutInternal6(Ipv6Addr),
     #[error("--nat-ip {ip} is inside the internal CIDR {cidr}: a NAT IP must be a public/outbound address, not a pod address")]
     NatIp6Internal { ip: Ipv6Addr, cidr: Ipv6Cidr },
     #[error("--nat-ip {0} is given twice: list each NAT IP once")]
@@ -518,6 +522,35 @@ impl Settings {
             stats_file: args.stats_file.clone(),
             cluster,
         })
+    }
+
+    /// These settings moved to `range` and, for each family given, those NAT IPs (`snat set`:
+    /// a plan names the families it has NAT IPs of; the others keep theirs). Checked as
+    /// [`Settings::validate`] checks them.
+    pub fn moved(
+        &self,
+        range: PortRange,
+        ips: Option<&[Ipv4Addr]>,
+        ips6: Option<&[Ipv6Addr]>,
+    ) -> Result<Self, ConfigError> {
+        check_reserved(range, &self.reserved_ports)?;
+        let mut next = self.clone();
+        next.port_range = range;
+        if let Some(ips) = ips {
+            if let Some(ip) = ips.first().filter(|_| self.internal.is_empty()) {
+                return Err(ConfigError::MovedWithoutInternal4(*ip));
+            }
+            check_nat_ips(ips, &self.internal)?;
+            next.nat_ips = ips.to_vec();
+        }
+        if let Some(ips6) = ips6 {
+            if let Some(ip) = ips6.first().filter(|_| self.internal6.is_empty()) {
+                return Err(ConfigError::MovedWithoutInternal6(*ip));
+            }
+            check_nat_ips6(ips6, &self.internal6)?;
+            next.nat_ips6 = ips6.to_vec();
+        }
+        Ok(next)
     }
 
     /// Valid but unwise choices, for the operator to see at start-up.
@@ -1223,6 +1256,61 @@ mod tests {
         let e = refused(&format!("{both} --nat-ip 2001:db8::8 {plan}"));
         let _ = std::fs::remove_file(&path);
         assert_eq!(e, ConfigError::PlanNatIp6(ip6("2001:db8::8")));
+    }
+
+    #[test]
+    fn a_move_takes_the_nat_ips_of_the_families_given() {
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64"),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap();
+        let range: PortRange = "40000:40099".parse().unwrap();
+        let v4 = [Ipv4Addr::new(198, 51, 100, 7)];
+        let v6 = [ip6("2001:db8:1::7")];
+        // A plan of IPv4 NAT IPs only: the IPv6 ones stay.
+        let next = s.moved(range, Some(&v4), None).unwrap();
+        assert_eq!(
+            (next.nat_ips, next.nat_ips6),
+            (v4.to_vec(), vec![ip6(UPLINK6)])
+        );
+        assert_eq!(next.port_range, range);
+        let next = s.moved(range, Some(&v4), Some(&v6)).unwrap();
+        assert_eq!((next.nat_ips, next.nat_ips6), (v4.to_vec(), v6.to_vec()));
+        let next = s.moved(range, None, Some(&v6)).unwrap();
+        assert_eq!((next.nat_ips, next.nat_ips6), (vec![UPLINK], v6.to_vec()));
+        assert_eq!(
+            s.moved(range, None, Some(&[ip6("fd00:10::9")]))
+                .unwrap_err(),
+            ConfigError::NatIp6Internal {
+                ip: ip6("fd00:10::9"),
+                cidr: cidr6("fd00:10::/64")
+            }
+        );
+        assert!(matches!(
+            s.moved("30000:30099".parse().unwrap(), None, None),
+            Err(ConfigError::ReservedOverlap { .. })
+        ));
+        // An agent without a family's network takes no NAT IPs of it.
+        let only4 = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8"),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        let e = only4.moved(range, Some(&v4), Some(&v6)).unwrap_err();
+        assert_eq!(e, ConfigError::MovedWithoutInternal6(v6[0]));
+        assert_eq!(
+            e.to_string(),
+            "the plan gives IPv6 NAT IP 2001:db8:1::7 but this agent translates no IPv6 network: restart it with the pods' IPv6 network (--internal), or use a plan without IPv6 NAT IPs"
+        );
+        let only6 = Settings::validate(
+            &args("run --iface up0 --internal fd00:10::/64"),
+            iface46(&[], &[UPLINK6]),
+        )
+        .unwrap();
+        let e = only6.moved(range, Some(&v4), None).unwrap_err();
+        assert_eq!(e, ConfigError::MovedWithoutInternal4(v4[0]));
+        assert!(e.to_string().contains("no IPv4 network"), "{e}");
     }
 
     #[test]
