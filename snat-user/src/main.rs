@@ -161,14 +161,18 @@ fn set(args: &SetArgs) -> anyhow::Result<()> {
         SetWhat::PortRange { range } => PoolChange {
             port_range: *range,
             nat_ips: None,
+            nat_ips6: None,
             slice: None,
         },
         SetWhat::Plan { file, node_index } => {
             let plan = Plan::load(file)?;
             let slice = plan.slice(*node_index)?;
+            // A family the plan names no NAT IP of keeps the agent's NAT IPs of that family.
+            let (ips, ips6) = (plan.nat_ips4(), plan.nat_ips6());
             PoolChange {
                 port_range: slice.range(),
-                nat_ips: Some(plan.nat_ips.clone()),
+                nat_ips: (!ips.is_empty()).then_some(ips),
+                nat_ips6: (!ips6.is_empty()).then_some(ips6),
                 slice: Some(format!(
                     "node {node_index} of {} ({})",
                     plan.nodes + plan.surge,

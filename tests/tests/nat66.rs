@@ -1223,3 +1223,156 @@ fn ipv6_connections_survive_a_keep_state_restart() {
     assert!(status.success(), "{status}");
     assert!(!bpffs.path.join(&topo.uplink).exists(), "pins left behind");
 }
+
+/// Writes `snat plan --nat-ip NAT_IP --nat-ip IP6 --nodes N` (2,000 ports per node over the
+/// two NAT IPs: a slice of 1,000 on each, from 40000) to a file of its own.
+fn mixed_plan(topo: &Topology, ip6: Ipv6Addr, nodes: u32, name: &str) -> PathBuf {
+    let out = std::process::Command::new(tests::agent::snat_bin())
+        .args(["plan", "--nodes", &nodes.to_string()])
+        .args([
+            "--nat-ip",
+            &NAT_IP.to_string(),
+            "--nat-ip",
+            &ip6.to_string(),
+        ])
+        .args([
+            "--ports-per-node",
+            "2000",
+            "--port-range",
+            "40000:49999",
+            "--json",
+        ])
+        .output()
+        .expect("snat plan");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = std::env::temp_dir().join(format!("{}-{name}-plan6.json", topo.prefix));
+    std::fs::write(&path, &out.stdout).expect("write the plan");
+    path
+}
+
+/// A plan naming an IPv6 NAT IP next to an IPv4 one: `snat run --plan` puts both on this node's
+/// slice (IPv6 and IPv4 connections leave from their NAT IP with a port inside it), status shows
+/// the slice, and `snat set plan` moves both families to a new plan's slice (and its other IPv6
+/// NAT IP) while the old connection keeps its port.
+#[test]
+fn a_plan_with_an_ipv6_nat_ip_puts_both_families_on_the_nodes_slice() {
+    let topo = Topology::new_dual_stack(1);
+    // The next plan's IPv6 NAT IP: another address of the uplink's network.
+    let second6 = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 3);
+    topo.node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{second6}/64"),
+        "dev",
+        &topo.uplink,
+        "nodad",
+    ]);
+    let first = mixed_plan(&topo, NAT_IP6, 2, "first");
+    let next = mixed_plan(&topo, second6, 4, "next");
+    let _files = Removed(vec![first.clone(), next.clone()]);
+    let plan = first.to_str().unwrap();
+    // The plan names the IPv6 NAT IP: an IPv6 --nat-ip next to it is refused before anything
+    // is attached.
+    let refused = topo.node.exec_unchecked(&[
+        tests::agent::snat_bin().to_str().unwrap(),
+        "run",
+        "--iface",
+        &topo.uplink,
+        "--internal",
+        POD_CIDR,
+        "--internal",
+        POD_CIDR6,
+        "--nat-ip",
+        "2001:db8:1::9",
+        "--plan",
+        plan,
+        "--node-index",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains("--nat-ip 2001:db8:1::9 cannot be used with --plan: the plan names the IPv6 NAT IPs"),
+        "{err}"
+    );
+    let agent = agent(&topo, &["--plan", plan, "--node-index", "1"]);
+    let _tcp6 = Server6::tcp(&topo.server, at(SERVER6, 8080));
+    let _tcp4 = TcpServer::start(&topo.server, SocketAddrV4::new(SERVER, 8080));
+    let slice = 41000..=41999;
+    let (mut conn6, conn4) = topo.pods[0].ns.run(|| {
+        let c6 =
+            Conn6::open(at(SERVER6, 8080), "echo", Duration::from_secs(3)).expect("IPv6 connect");
+        let c4 = TcpClient::connect(SocketAddrV4::new(SERVER, 8080), Duration::from_secs(3))
+            .expect("IPv4 connect");
+        (c6, c4)
+    });
+    assert_eq!(*conn6.seen_as.ip(), NAT_IP6);
+    assert!(slice.contains(&conn6.seen_as.port()), "{}", conn6.seen_as);
+    assert_eq!(*conn4.seen_as.ip(), NAT_IP);
+    assert!(slice.contains(&conn4.seen_as.port()), "{}", conn4.seen_as);
+    assert_eq!(conn6.echo(b"on the slice").expect("echo"), b"on the slice");
+
+    let status = agent.json("status", &[]);
+    assert_eq!(status["slice"], format!("node 1 of 2 ({plan})"), "{status}");
+    assert_eq!(status["port_range"], "41000:41999", "{status}");
+    assert_eq!(status["nat_ips"], json!([NAT_IP.to_string()]), "{status}");
+    assert_eq!(status["nat_ips6"], json!([NAT_IP6.to_string()]), "{status}");
+
+    // `snat set plan`: node 3 of a plan of four, 43000-43999 on both NAT IPs.
+    let (ok, out, err) = agent.cli(&[
+        "set",
+        "--iface",
+        &topo.uplink,
+        "plan",
+        next.to_str().unwrap(),
+        "--node-index",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "NAT IPs {NAT_IP},{second6}, port range 43000:43999"
+        )),
+        "{out}"
+    );
+    let moved = topo.pods[0].ns.run(|| {
+        Conn6::open(at(SERVER6, 8080), "echo", Duration::from_secs(3)).expect("IPv6 connect")
+    });
+    assert_eq!(*moved.seen_as.ip(), second6);
+    assert!(
+        (43000..=43999).contains(&moved.seen_as.port()),
+        "{}",
+        moved.seen_as
+    );
+    assert_eq!(
+        conn6
+            .echo(b"kept")
+            .expect("the old connection keeps its port"),
+        b"kept"
+    );
+    let status = agent.json("status", &[]);
+    assert!(
+        status["slice"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("node 3 of 4")),
+        "{status}"
+    );
+    assert_eq!(status["nat_ips6"], json!([second6.to_string()]), "{status}");
+    drop((conn6, conn4, moved));
+}
+
+/// Files removed when dropped (also when the test fails).
+struct Removed(Vec<PathBuf>);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

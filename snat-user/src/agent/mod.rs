@@ -31,7 +31,6 @@ use crate::{
         scrape, PoolChange,
     },
     settings::{
-        check_nat_ips, check_reserved,
         pod_iface::{self, PodIface},
         EbpfLog, IngressChoice, MetricsAddr, OnStop, Settings,
     },
@@ -130,28 +129,27 @@ impl AgentState {
                 "refused in cluster mode: the port range and NAT IPs are the cluster's geometry in etcd (/snat/v1/config), and this node's ports are the blocks it leases; change them for the whole cluster (all agents restarted with the new flags), not on one node"
             );
         }
-        let mut next = settings.clone();
         let range = change.port_range;
-        check_reserved(range, &next.reserved_ports)?;
-        next.port_range = range;
+        let mut next =
+            settings.moved(range, change.nat_ips.as_deref(), change.nat_ips6.as_deref())?;
         next.slice.clone_from(&change.slice);
-        if let Some(ips) = &change.nat_ips {
-            check_nat_ips(ips, &next.internal)?;
-            next.nat_ips.clone_from(ips);
-        }
         lock(&self.pool).set(&next.nat_ips, &next.nat_ips6, range)?;
         let mut warnings = next.warnings();
         if let Some(r) = lock(&self.reservation).as_ref() {
             warnings.extend(r.update(range)?);
         }
-        let ips = comma_list(&next.nat_ips);
+        let ips = comma_list(
+            &(next.nat_ips.iter().map(ToString::to_string))
+                .chain(next.nat_ips6.iter().map(ToString::to_string))
+                .collect::<Vec<_>>(),
+        );
         let message = match &next.slice {
             Some(slice) => format!("now on {slice}: NAT IPs {ips}, port range {range}"),
             None => format!("port range is now {range} (NAT IPs {ips})"),
         };
         info!(
-            "{message} (was NAT IPs {:?}, port range {})",
-            settings.nat_ips, settings.port_range
+            "{message} (was NAT IPs {:?} {:?}, port range {})",
+            settings.nat_ips, settings.nat_ips6, settings.port_range
         );
         *settings = next;
         Ok((message, warnings))

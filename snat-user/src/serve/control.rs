@@ -428,6 +428,7 @@ mod tests {
         let set = Request::Set(PoolChange {
             port_range: "1:2".parse().unwrap(),
             nat_ips: None,
+            nat_ips6: None,
             slice: None,
         });
         let conns = Request::Conns {

@@ -20,8 +20,12 @@ use crate::{settings::ports::PortRange, tables::view::ConnFilter};
 pub struct PoolChange {
     /// New flows use this port range…
     pub port_range: PortRange,
-    /// …and these NAT IPs, if given (a plan's slice).
+    /// …and these IPv4 NAT IPs, if given (a plan's slice)…
     pub nat_ips: Option<Vec<std::net::Ipv4Addr>>,
+    /// …and these IPv6 NAT IPs, if given (a plan that names IPv6 NAT IPs). Absent from an older
+    /// client's request.
+    #[serde(default)]
+    pub nat_ips6: Option<Vec<std::net::Ipv6Addr>>,
     /// The plan slice this is, for status.
     pub slice: Option<String>,
 }

@@ -1,10 +1,6 @@
 //! The `snat` command line.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -97,13 +93,14 @@ pub struct PlanArgs {
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub surge: u32,
 
-    /// Number of NAT (outbound public) IPs; implied by --nat-ip.
+    /// Number of NAT (outbound public) IPs, of both families; implied by --nat-ip.
     #[arg(long, value_name = "K")]
     pub ips: Option<u32>,
 
-    /// The NAT IPs (IPv4), so the plan can be given to `snat run --plan`; repeat for each.
-    #[arg(long = "nat-ip", value_name = "IP", value_parser = plan_nat_ip)]
-    pub nat_ips: Vec<Ipv4Addr>,
+    /// The NAT IPs, IPv4 and IPv6 (each one of the --ips, with the same slices), so the plan
+    /// can be given to `snat run --plan`; repeat for each.
+    #[arg(long = "nat-ip", value_name = "IP", value_parser = nat_ip)]
+    pub nat_ips: Vec<IpAddr>,
 
     /// SNAT ports each node holds over all NAT IPs (Azure's allocatedOutboundPorts). Default:
     /// Azure's allocation table by pool size (1,024 per IP up to 50 nodes, … 32 up to 1,000).
@@ -220,7 +217,7 @@ pub struct RunArgs {
     /// Each pod address is paired with one of its own family (paired pooling). Default: for IPv4
     /// --internal networks the interface's primary IPv4 address, for IPv6 ones its first global
     /// IPv6 address (a ULA only when it has no other; never a temporary or deprecated one).
-    #[arg(long = "nat-ip", value_name = "IP", value_parser = run_nat_ip)]
+    #[arg(long = "nat-ip", value_name = "IP", value_parser = nat_ip)]
     pub nat_ips: Vec<IpAddr>,
 
     /// Internal (pod) CIDR whose sources are translated, IPv4 (10.244.0.0/16) or IPv6
@@ -281,9 +278,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "LIST", default_value = "30000-32767")]
     pub reserved_ports: PortList,
 
-    /// Run on this node's slice of a cluster plan (`snat plan … --json`): its NAT IPs and the
-    /// node's port slice replace the IPv4 --nat-ip and --port-range. IPv6 NAT IPs still come
-    /// from --nat-ip or the interface.
+    /// Run on this node's slice of a cluster plan (`snat plan … --json`): the node's port slice
+    /// replaces --port-range, and the plan's NAT IPs --nat-ip for each family it names (IPv4,
+    /// IPv6); a family it names none of takes --nat-ip or the interface's address.
     #[arg(long, value_name = "FILE", conflicts_with = "port_range")]
     pub plan: Option<PathBuf>,
 
@@ -445,20 +442,9 @@ fn metrics_min_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `snat run --nat-ip`: an IPv4 or IPv6 address.
-fn run_nat_ip(s: &str) -> Result<IpAddr, String> {
+/// `snat run --nat-ip`, `snat plan --nat-ip`: an IPv4 or IPv6 address.
+fn nat_ip(s: &str) -> Result<IpAddr, String> {
     s.parse().map_err(|_| {
         format!("{s:?} is not an IP address: write an IPv4 address like 203.0.113.7 or an IPv6 address like 2001:db8::7")
     })
-}
-
-/// `snat plan --nat-ip`: an IPv4 address (an IPv6 one is named as such).
-fn plan_nat_ip(s: &str) -> Result<Ipv4Addr, String> {
-    if s.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Err(format!(
-            "{s} is an IPv6 address: a plan's NAT IPs are IPv4; give IPv6 NAT IPs to `snat run --nat-ip` next to --plan"
-        ));
-    }
-    s.parse()
-        .map_err(|e| format!("{e}: write an IPv4 address like 203.0.113.7"))
 }

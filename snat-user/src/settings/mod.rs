@@ -200,13 +200,15 @@ pub struct Timeouts {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub iface: Interface,
-    /// The IPv4 NAT IPs; empty when no IPv4 network is internal.
+    /// The IPv4 NAT IPs (a `--plan`'s, else `--nat-ip`, else the uplink's); empty when no IPv4
+    /// network is internal.
     pub nat_ips: Vec<Ipv4Addr>,
     /// The IPv4 internal networks (`--internal`); may be empty when IPv6 ones are given.
     pub internal: Vec<Ipv4Cidr>,
     /// IPv4 destinations never translated: the `--exclude` CIDRs and the internal ones.
     pub exclude: Vec<Ipv4Cidr>,
-    /// The IPv6 NAT IPs (`--nat-ip`, else the uplink's, see [`Interface::default_nat_ip6`]);
+    /// The IPv6 NAT IPs (a `--plan`'s, else `--nat-ip`, else the uplink's, see
+    /// [`Interface::default_nat_ip6`]);
     /// empty when no IPv6 network is internal.
     pub nat_ips6: Vec<Ipv6Addr>,
     /// The IPv6 internal networks (`--internal`); empty when only IPv4 ones are given.
@@ -322,10 +324,18 @@ pub enum ConfigError {
     NatIp6WithoutInternal(Ipv6Addr),
     #[error("--nat-ip {0} is IPv4 but no --internal IPv4 network is given: add the pods' IPv4 network (e.g. --internal 10.244.0.0/16), or leave --nat-ip {0} out")]
     NatIp4WithoutInternal(Ipv4Addr),
-    #[error("--plan {0} gives IPv4 NAT IPs but no --internal IPv4 network is given: add the pods' IPv4 network, or run without --plan")]
+    #[error("--plan {0} gives IPv4 NAT IPs but no --internal IPv4 network is given: add the pods' IPv4 network (e.g. --internal 10.244.0.0/16), or use a plan without IPv4 NAT IPs")]
     PlanWithoutInternal4(String),
-    #[error("--nat-ip {0} cannot be used with --plan: the plan names the IPv4 NAT IPs; next to --plan, give only IPv6 NAT IPs")]
+    #[error("--plan {0} gives IPv6 NAT IPs but no --internal IPv6 network is given: add the pods' IPv6 network (e.g. --internal fd00:10::/64), or use a plan without IPv6 NAT IPs")]
+    PlanWithoutInternal6(String),
+    #[error("--nat-ip {0} cannot be used with --plan: the plan names the IPv4 NAT IPs; leave --nat-ip {0} out (next to --plan, --nat-ip gives only a family the plan names no NAT IP of)")]
     PlanNatIp(Ipv4Addr),
+    #[error("--nat-ip {0} cannot be used with --plan: the plan names the IPv6 NAT IPs; leave --nat-ip {0} out (next to --plan, --nat-ip gives only a family the plan names no NAT IP of)")]
+    PlanNatIp6(Ipv6Addr),
+    #[error("the plan gives IPv4 NAT IP {0} but this agent translates no IPv4 network: restart it with the pods' IPv4 network (--internal), or use a plan without IPv4 NAT IPs")]
+    MovedWithoutInternal4(Ipv4Addr),
+    #[error("the plan gives IPv6 NAT IP {0} but this agent translates no IPv6 network: restart it with the pods' IPv6 network (--internal), or use a plan without IPv6 NAT IPs")]
+    MovedWithoutInternal6(Ipv6Addr),
     #[error("--nat-ip {ip} is inside the internal CIDR {cidr}: a NAT IP must be a public/outbound address, not a pod address")]
     NatIp6Internal { ip: Ipv6Addr, cidr: Ipv6Cidr },
     #[error("--nat-ip {0} is given twice: list each NAT IP once")]
@@ -359,16 +369,10 @@ impl Settings {
                 return Err(ConfigError::ClusterNatIp);
             }
         }
-        let (nat_ips, port_range, slice) = match &args.plan {
+        // A plan gives the port range, and the NAT IPs of each family it names; a family it
+        // names none of takes them from the flags, as without a plan.
+        let (plan_ips, plan_ips6, port_range, slice) = match &args.plan {
             Some(path) => {
-                if let Some(ip) = given_ips.first() {
-                    return Err(ConfigError::PlanNatIp(*ip));
-                }
-                if internal.is_empty() {
-                    return Err(ConfigError::PlanWithoutInternal4(
-                        path.display().to_string(),
-                    ));
-                }
                 let plan = Plan::load(path)?;
                 let index = node_index(args)?;
                 let slice = plan.slice(index)?;
@@ -378,34 +382,60 @@ impl Settings {
                     if slice.surge { ", a surge slice" } else { "" },
                     path.display()
                 );
-                (plan.nat_ips.clone(), slice.range(), Some(label))
+                let shown = || path.display().to_string();
+                let (ips, ips6) = (plan.nat_ips4(), plan.nat_ips6());
+                if !ips.is_empty() {
+                    if let Some(ip) = given_ips.first() {
+                        return Err(ConfigError::PlanNatIp(*ip));
+                    }
+                    if internal.is_empty() {
+                        return Err(ConfigError::PlanWithoutInternal4(shown()));
+                    }
+                }
+                if !ips6.is_empty() {
+                    if let Some(ip) = given_ips6.first() {
+                        return Err(ConfigError::PlanNatIp6(*ip));
+                    }
+                    if internal6.is_empty() {
+                        return Err(ConfigError::PlanWithoutInternal6(shown()));
+                    }
+                }
+                (ips, ips6, slice.range(), Some(label))
             }
-            None if internal.is_empty() => match given_ips.first() {
-                Some(ip) => return Err(ConfigError::NatIp4WithoutInternal(*ip)),
-                None => (Vec::new(), args.port_range, None),
-            },
-            None if given_ips.is_empty() => {
-                let primary = *iface
-                    .ipv4
-                    .first()
-                    .ok_or_else(|| ConfigError::NoNatIp(iface.name.clone()))?;
-                (vec![primary], args.port_range, None)
+            None => (Vec::new(), Vec::new(), args.port_range, None),
+        };
+        let nat_ips = if !plan_ips.is_empty() {
+            plan_ips
+        } else if internal.is_empty() {
+            if let Some(ip) = given_ips.first() {
+                return Err(ConfigError::NatIp4WithoutInternal(*ip));
             }
-            None => (given_ips, args.port_range, None),
+            Vec::new()
+        } else if given_ips.is_empty() {
+            vec![*iface
+                .ipv4
+                .first()
+                .ok_or_else(|| ConfigError::NoNatIp(iface.name.clone()))?]
+        } else {
+            given_ips
         };
         check_nat_ips(&nat_ips, &internal)?;
-        let nat_ips6 = match (internal6.first(), given_ips6.first()) {
-            (None, Some(ip)) => return Err(ConfigError::NatIp6WithoutInternal(*ip)),
-            (None, None) => Vec::new(),
-            (Some(cidr), None) => {
-                vec![iface
-                    .default_nat_ip6()
-                    .ok_or_else(|| ConfigError::NoNatIp6 {
-                        cidr: *cidr,
-                        iface: iface.name.clone(),
-                    })?]
+        let nat_ips6 = if plan_ips6.is_empty() {
+            match (internal6.first(), given_ips6.first()) {
+                (None, Some(ip)) => return Err(ConfigError::NatIp6WithoutInternal(*ip)),
+                (None, None) => Vec::new(),
+                (Some(cidr), None) => {
+                    vec![iface
+                        .default_nat_ip6()
+                        .ok_or_else(|| ConfigError::NoNatIp6 {
+                            cidr: *cidr,
+                            iface: iface.name.clone(),
+                        })?]
+                }
+                (Some(_), Some(_)) => given_ips6,
             }
-            (Some(_), Some(_)) => given_ips6,
+        } else {
+            plan_ips6
         };
         check_nat_ips6(&nat_ips6, &internal6)?;
         let timeouts = Timeouts {
@@ -492,6 +522,35 @@ impl Settings {
             stats_file: args.stats_file.clone(),
             cluster,
         })
+    }
+
+    /// These settings moved to `range` and, for each family given, those NAT IPs (`snat set`:
+    /// a plan names the families it has NAT IPs of; the others keep theirs). Checked as
+    /// [`Settings::validate`] checks them.
+    pub fn moved(
+        &self,
+        range: PortRange,
+        ips: Option<&[Ipv4Addr]>,
+        ips6: Option<&[Ipv6Addr]>,
+    ) -> Result<Self, ConfigError> {
+        check_reserved(range, &self.reserved_ports)?;
+        let mut next = self.clone();
+        next.port_range = range;
+        if let Some(ips) = ips {
+            if let Some(ip) = ips.first().filter(|_| self.internal.is_empty()) {
+                return Err(ConfigError::MovedWithoutInternal4(*ip));
+            }
+            check_nat_ips(ips, &self.internal)?;
+            next.nat_ips = ips.to_vec();
+        }
+        if let Some(ips6) = ips6 {
+            if let Some(ip) = ips6.first().filter(|_| self.internal6.is_empty()) {
+                return Err(ConfigError::MovedWithoutInternal6(*ip));
+            }
+            check_nat_ips6(ips6, &self.internal6)?;
+            next.nat_ips6 = ips6.to_vec();
+        }
+        Ok(next)
     }
 
     /// Valid but unwise choices, for the operator to see at start-up.
@@ -1060,13 +1119,14 @@ mod tests {
         assert!(s.cluster.is_some() && s.nat_ips6.is_empty());
     }
 
-    /// A plan of 2 nodes over `198.51.100.7`, written to a file named after `tag`.
-    fn plan_file(tag: &str) -> std::path::PathBuf {
+    /// A plan of 2 nodes over `nat_ips`, 100 ports each from 40000, written to a file named
+    /// after `tag`.
+    fn plan_file_of(tag: &str, nat_ips: &[&str]) -> std::path::PathBuf {
         let p = plan::plan(&plan::Request {
             nodes: 2,
             surge: 0,
-            ips: 1,
-            nat_ips: vec![Ipv4Addr::new(198, 51, 100, 7)],
+            ips: nat_ips.len() as u32,
+            nat_ips: nat_ips.iter().map(|ip| ip.parse().unwrap()).collect(),
             ports_per_node: Some(100),
             space: plan::Space::from_range("40000:40999".parse().unwrap()),
         })
@@ -1077,6 +1137,11 @@ mod tests {
         ));
         std::fs::write(&path, serde_json::to_string(&p).unwrap()).unwrap();
         path
+    }
+
+    /// A plan of 2 nodes over `198.51.100.7`, written to a file named after `tag`.
+    fn plan_file(tag: &str) -> std::path::PathBuf {
+        plan_file_of(tag, &["198.51.100.7"])
     }
 
     #[test]
@@ -1106,24 +1171,146 @@ mod tests {
             "run --iface up0 --internal 10.0.0.0/8 --nat-ip 203.0.113.1 {plan}"
         ));
         assert_eq!(e, ConfigError::PlanNatIp(Ipv4Addr::new(203, 0, 113, 1)));
-        assert!(
-            e.to_string()
-                .starts_with("--nat-ip 203.0.113.1 cannot be used with --plan"),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            "--nat-ip 203.0.113.1 cannot be used with --plan: the plan names the IPv4 NAT IPs; leave --nat-ip 203.0.113.1 out (next to --plan, --nat-ip gives only a family the plan names no NAT IP of)"
+        );
+        let e = refused(&format!("run --iface up0 --internal fd00:10::/64 {plan}"));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(e, ConfigError::PlanWithoutInternal4(file.to_string()));
+        assert_eq!(
+            e.to_string(),
+            format!("--plan {file} gives IPv4 NAT IPs but no --internal IPv4 network is given: add the pods' IPv4 network (e.g. --internal 10.244.0.0/16), or use a plan without IPv4 NAT IPs")
+        );
+    }
+
+    #[test]
+    fn a_plan_gives_the_nat_ips_of_both_families() {
+        let path = plan_file_of("mixed", &["198.51.100.7", "2001:db8:1::7"]);
+        let file = path.display();
+        let plan = format!("--plan {file} --node-index 1");
+        let both = "run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64";
+        let s = Settings::validate(&args(&format!("{both} {plan}")), iface(&[UPLINK])).unwrap();
+        assert_eq!(s.nat_ips, [Ipv4Addr::new(198, 51, 100, 7)]);
+        assert_eq!(s.nat_ips6, [ip6("2001:db8:1::7")], "not the uplink's");
+        // Two NAT IPs of 50 ports each for this node: the same slice on both.
+        assert_eq!(s.port_range, "40050:40099".parse().unwrap());
+        assert_eq!(s.slice.as_deref(), Some(&*format!("node 1 of 2 ({file})")));
+        // The plan names both families: --nat-ip of either is refused, by value.
+        let e = refused(&format!("{both} --nat-ip 2001:db8::8 {plan}"));
+        assert_eq!(e, ConfigError::PlanNatIp6(ip6("2001:db8::8")));
+        assert_eq!(
+            e.to_string(),
+            "--nat-ip 2001:db8::8 cannot be used with --plan: the plan names the IPv6 NAT IPs; leave --nat-ip 2001:db8::8 out (next to --plan, --nat-ip gives only a family the plan names no NAT IP of)"
+        );
+        let e = refused(&format!("{both} --nat-ip 203.0.113.1 {plan}"));
+        assert_eq!(e, ConfigError::PlanNatIp(Ipv4Addr::new(203, 0, 113, 1)));
+        // Each family the plan names needs its internal network.
+        let e = refused(&format!("run --iface up0 --internal 10.0.0.0/8 {plan}"));
+        assert_eq!(e, ConfigError::PlanWithoutInternal6(file.to_string()));
+        assert_eq!(
+            e.to_string(),
+            format!("--plan {file} gives IPv6 NAT IPs but no --internal IPv6 network is given: add the pods' IPv6 network (e.g. --internal fd00:10::/64), or use a plan without IPv6 NAT IPs")
         );
         let e = refused(&format!("run --iface up0 --internal fd00:10::/64 {plan}"));
         assert_eq!(e, ConfigError::PlanWithoutInternal4(file.to_string()));
-        assert!(e.to_string().contains("no --internal IPv4 network"), "{e}");
-        // A plan that lists an IPv6 NAT IP is refused by name.
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replace("198.51.100.7", "2001:db8::9")).unwrap();
-        let e = refused(&format!("run --iface up0 --internal 10.0.0.0/8 {plan}")).to_string();
+        // The plan's IPv6 NAT IPs are checked as --nat-ip ones are.
+        let e = refused(&format!(
+            "run --iface up0 --internal 10.0.0.0/8 --internal 2001:db8:1::/64 {plan}"
+        ));
         let _ = std::fs::remove_file(&path);
-        assert!(
-            e.contains(&format!("--plan {file}"))
-                && e.contains("NAT IP 2001:db8::9 is IPv6: a plan's NAT IPs are IPv4"),
-            "{e}"
+        assert_eq!(
+            e,
+            ConfigError::NatIp6Internal {
+                ip: ip6("2001:db8:1::7"),
+                cidr: cidr6("2001:db8:1::/64")
+            }
         );
+    }
+
+    #[test]
+    fn an_ipv6_only_plan_leaves_ipv4_to_the_flags() {
+        let path = plan_file_of("only6", &["2001:db8:1::7"]);
+        let file = path.display();
+        let plan = format!("--plan {file} --node-index 0");
+        // No IPv4 network is needed for it…
+        let s = Settings::validate(
+            &args(&format!("run --iface up0 --internal fd00:10::/64 {plan}")),
+            iface(&[]),
+        )
+        .unwrap();
+        assert!(s.nat_ips.is_empty());
+        assert_eq!(s.nat_ips6, [ip6("2001:db8:1::7")]);
+        assert_eq!(s.port_range, "40000:40099".parse().unwrap());
+        // …and an IPv4 one takes the uplink's address or --nat-ip, on the plan's slice.
+        let both = "run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64";
+        let s = Settings::validate(&args(&format!("{both} {plan}")), iface(&[UPLINK])).unwrap();
+        assert_eq!(s.nat_ips, [UPLINK]);
+        let s = Settings::validate(
+            &args(&format!("{both} --nat-ip 203.0.113.1 {plan}")),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        assert_eq!(s.nat_ips, [Ipv4Addr::new(203, 0, 113, 1)]);
+        assert_eq!(s.port_range, "40000:40099".parse().unwrap());
+        let e = refused(&format!("{both} --nat-ip 2001:db8::8 {plan}"));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(e, ConfigError::PlanNatIp6(ip6("2001:db8::8")));
+    }
+
+    #[test]
+    fn a_move_takes_the_nat_ips_of_the_families_given() {
+        let s = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8 --internal fd00:10::/64"),
+            iface46(&[UPLINK], &[UPLINK6]),
+        )
+        .unwrap();
+        let range: PortRange = "40000:40099".parse().unwrap();
+        let v4 = [Ipv4Addr::new(198, 51, 100, 7)];
+        let v6 = [ip6("2001:db8:1::7")];
+        // A plan of IPv4 NAT IPs only: the IPv6 ones stay.
+        let next = s.moved(range, Some(&v4), None).unwrap();
+        assert_eq!(
+            (next.nat_ips, next.nat_ips6),
+            (v4.to_vec(), vec![ip6(UPLINK6)])
+        );
+        assert_eq!(next.port_range, range);
+        let next = s.moved(range, Some(&v4), Some(&v6)).unwrap();
+        assert_eq!((next.nat_ips, next.nat_ips6), (v4.to_vec(), v6.to_vec()));
+        let next = s.moved(range, None, Some(&v6)).unwrap();
+        assert_eq!((next.nat_ips, next.nat_ips6), (vec![UPLINK], v6.to_vec()));
+        assert_eq!(
+            s.moved(range, None, Some(&[ip6("fd00:10::9")]))
+                .unwrap_err(),
+            ConfigError::NatIp6Internal {
+                ip: ip6("fd00:10::9"),
+                cidr: cidr6("fd00:10::/64")
+            }
+        );
+        assert!(matches!(
+            s.moved("30000:30099".parse().unwrap(), None, None),
+            Err(ConfigError::ReservedOverlap { .. })
+        ));
+        // An agent without a family's network takes no NAT IPs of it.
+        let only4 = Settings::validate(
+            &args("run --iface up0 --internal 10.0.0.0/8"),
+            iface(&[UPLINK]),
+        )
+        .unwrap();
+        let e = only4.moved(range, Some(&v4), Some(&v6)).unwrap_err();
+        assert_eq!(e, ConfigError::MovedWithoutInternal6(v6[0]));
+        assert_eq!(
+            e.to_string(),
+            "the plan gives IPv6 NAT IP 2001:db8:1::7 but this agent translates no IPv6 network: restart it with the pods' IPv6 network (--internal), or use a plan without IPv6 NAT IPs"
+        );
+        let only6 = Settings::validate(
+            &args("run --iface up0 --internal fd00:10::/64"),
+            iface46(&[], &[UPLINK6]),
+        )
+        .unwrap();
+        let e = only6.moved(range, Some(&v4), None).unwrap_err();
+        assert_eq!(e, ConfigError::MovedWithoutInternal4(v4[0]));
+        assert!(e.to_string().contains("no IPv4 network"), "{e}");
     }
 
     #[test]
@@ -1158,6 +1345,11 @@ mod tests {
             ok("conns --iface up0 --source 10.1.0.0/16 --destination 2001:db8::1"),
             Ok(())
         );
+        // `snat plan` names NAT IPs of both families.
+        assert_eq!(
+            ok("plan --nodes 2 --nat-ip 198.51.100.1 --nat-ip 2001:db8::7"),
+            Ok(())
+        );
         for (line, needle) in [
             (
                 "run --iface up0 --internal fd00:10::1/64",
@@ -1180,8 +1372,8 @@ mod tests {
                 "\"2001:db8::g\" is not an IP address: write an IPv4 address like 203.0.113.7 or an IPv6 address like 2001:db8::7",
             ),
             (
-                "plan --nodes 2 --nat-ip 2001:db8::7",
-                "2001:db8::7 is an IPv6 address: a plan's NAT IPs are IPv4",
+                "plan --nodes 2 --nat-ip 2001:db8::g",
+                "\"2001:db8::g\" is not an IP address: write an IPv4 address like 203.0.113.7 or an IPv6 address like 2001:db8::7",
             ),
             (
                 "conns --iface up0 --source fd00:10::1/64",

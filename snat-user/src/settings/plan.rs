@@ -12,10 +12,17 @@
 //! `(nodes + surge) × ports_per_node ≤ ports_per_ip × IPs`. Surge nodes (upgrades) get slices of
 //! their own after the regular nodes'. Invariant: slices never overlap and stay inside the space.
 //!
+//! NAT IPs of both families share the model: an IPv6 NAT IP is one more IP with the same slices,
+//! and counts in `IPs` like an IPv4 one. A destination is of one family, so what a pod or node
+//! reaches towards it ([`Plan::reach`]) counts only that family's IPs.
+//!
 //! Pure logic: [`plan`] takes numbers and returns a [`Plan`] or a [`PlanError`] whose message
 //! has the shape and numbers of Azure's `InvalidLoadBalancerProfileAllocatedOutboundPorts`.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -70,8 +77,8 @@ pub struct Request {
     pub nodes: u32,
     pub surge: u32,
     pub ips: u32,
-    /// Real NAT IPs (empty: only a count was given).
-    pub nat_ips: Vec<Ipv4Addr>,
+    /// Real NAT IPs, IPv4 and IPv6 (empty: only a count was given).
+    pub nat_ips: Vec<IpAddr>,
     pub ports_per_node: Option<u32>,
     pub space: Space,
 }
@@ -108,9 +115,10 @@ impl Slice {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub version: u32,
-    /// IPv4 only: IPv6 NAT IPs come from `snat run --nat-ip` next to `--plan`.
-    #[serde(deserialize_with = "ipv4_nat_ips")]
-    pub nat_ips: Vec<Ipv4Addr>,
+    /// Both families, in the order given (a plan of an older snat lists IPv4 ones only). A
+    /// family the plan names no NAT IP of takes them from `snat run --nat-ip` next to `--plan`.
+    #[serde(deserialize_with = "nat_ips")]
+    pub nat_ips: Vec<IpAddr>,
     pub ips: u32,
     pub space: Space,
     pub nodes: u32,
@@ -209,6 +217,16 @@ pub fn plan(req: &Request) -> Result<Plan, PlanError> {
             req.nat_ips.len()
         ));
     }
+    if let Some(ip) = req
+        .nat_ips
+        .iter()
+        .enumerate()
+        .find_map(|(i, ip)| req.nat_ips[..i].contains(ip).then_some(ip))
+    {
+        return input(format!(
+            "--nat-ip {ip} is given twice: list each NAT IP once"
+        ));
+    }
     let total = req.nodes + req.surge;
     let (k, space) = (u64::from(req.ips), u64::from(req.space.size));
     let available = space * k;
@@ -287,19 +305,14 @@ pub fn plan(req: &Request) -> Result<Plan, PlanError> {
     })
 }
 
-/// A plan file's NAT IPs: IPv4 addresses, an IPv6 one named as such.
-fn ipv4_nat_ips<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error> {
+/// A plan file's NAT IPs: IPv4 and IPv6 addresses, anything else named.
+fn nat_ips<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
     use serde::de::Error as _;
     Vec::<String>::deserialize(d)?
         .iter()
         .map(|s| {
-            if s.parse::<std::net::Ipv6Addr>().is_ok() {
-                return Err(D::Error::custom(format!(
-                    "NAT IP {s} is IPv6: a plan's NAT IPs are IPv4; give IPv6 NAT IPs with `snat run --nat-ip` next to --plan"
-                )));
-            }
             s.parse().map_err(|_| {
-                D::Error::custom(format!("NAT IP {s:?} is not an IPv4 address"))
+                D::Error::custom(format!("NAT IP {s:?} is not an IPv4 or IPv6 address"))
             })
         })
         .collect()
@@ -329,6 +342,28 @@ fn fix(req: &Request, p: u32) -> String {
 }
 
 impl Plan {
+    /// The plan's IPv4 NAT IPs, in order.
+    pub fn nat_ips4(&self) -> Vec<Ipv4Addr> {
+        self.nat_ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(ip) => Some(*ip),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The plan's IPv6 NAT IPs, in order.
+    pub fn nat_ips6(&self) -> Vec<Ipv6Addr> {
+        self.nat_ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V6(ip) => Some(*ip),
+                IpAddr::V4(_) => None,
+            })
+            .collect()
+    }
+
     /// Checks a plan read from a file: its version, NAT IPs and slices.
     pub fn check(&self) -> Result<(), PlanFileError> {
         if self.version != PLAN_VERSION {
@@ -396,21 +431,37 @@ impl Plan {
 
     /// How many ports one pod and one node reach towards one destination (ports are reused
     /// across destinations): a pod with `--ip-pooling paired` only its paired NAT IP's slice, with
-    /// `overflow` every NAT IP's slice of its node; a node every slice it owns.
-    pub fn reach(&self) -> Reach {
-        let node = u64::from(self.per_ip) * u64::from(self.ips);
-        Reach {
-            pod_paired: u64::from(self.per_ip),
-            pod_overflow: node,
-            node,
+    /// `overflow` every NAT IP's slice of its node; a node every slice it owns. A destination is
+    /// of one family, so only that family's NAT IPs count: one [`Reach`] per family the plan
+    /// names (`None` for a plan of one family, or of a count only).
+    pub fn reach(&self) -> Vec<(Option<&'static str>, Reach)> {
+        let over = |k: usize| {
+            let node = u64::from(self.per_ip) * k as u64;
+            Reach {
+                pod_paired: u64::from(self.per_ip),
+                pod_overflow: node,
+                node,
+            }
+        };
+        let (v4, v6) = (self.nat_ips4().len(), self.nat_ips6().len());
+        if v4 == 0 || v6 == 0 {
+            vec![(None, over(self.ips as usize))]
+        } else {
+            vec![(Some("IPv4"), over(v4)), (Some("IPv6"), over(v6))]
         }
     }
 
     /// The plan as a table.
     pub fn render(&self) -> String {
         let last = u32::from(self.space.first) + self.space.size - 1;
+        let (v4, v6) = (self.nat_ips4().len(), self.nat_ips6().len());
+        let families = if v4 > 0 && v6 > 0 {
+            format!(" ({v4} IPv4, {v6} IPv6)")
+        } else {
+            String::new()
+        };
         let mut out = format!(
-            "{} nodes + {} surge over {} NAT IP(s), {} ports per IP ({}-{last})\n",
+            "{} nodes + {} surge over {} NAT IP(s){families}, {} ports per IP ({}-{last})\n",
             self.nodes, self.surge, self.ips, self.space.size, self.space.first
         );
         let _ = writeln!(
@@ -439,20 +490,25 @@ impl Plan {
                 );
             }
         }
-        let reach = self.reach();
-        let _ = writeln!(
-            out,
-            "towards one destination: one pod reaches {} ports with --ip-pooling paired, {} with overflow (the default); one node {}",
-            reach.pod_paired, reach.pod_overflow, reach.node
-        );
+        for (family, reach) in self.reach() {
+            let _ = writeln!(
+                out,
+                "towards one {}destination: one pod reaches {} ports with --ip-pooling paired, {} with overflow (the default); one node {}",
+                family.map(|f| format!("{f} ")).unwrap_or_default(),
+                reach.pod_paired,
+                reach.pod_overflow,
+                reach.node
+            );
+        }
         let ips: Vec<String> = if self.nat_ips.is_empty() {
             (0..self.ips).map(|i| format!("ip{i}")).collect()
         } else {
             self.nat_ips.iter().map(ToString::to_string).collect()
         };
+        let width = ips.iter().map(String::len).max().unwrap_or(0).max(16);
         let _ = writeln!(
             out,
-            "\n{:<7} {:<16} {:>6} {:>6}",
+            "\n{:<7} {:<width$} {:>6} {:>6}",
             "NODE", "NAT IP", "FIRST", "LAST"
         );
         for s in &self.slices {
@@ -462,7 +518,7 @@ impl Plan {
                 } else {
                     s.node.to_string()
                 };
-                let _ = writeln!(out, "{node:<7} {ip:<16} {:>6} {:>6}", s.first, s.last);
+                let _ = writeln!(out, "{node:<7} {ip:<width$} {:>6} {:>6}", s.first, s.last);
             }
         }
         out
@@ -558,11 +614,14 @@ mod tests {
         // One pod reaches one IP's slice when paired, both when it may overflow.
         assert_eq!(
             p.reach(),
-            Reach {
-                pod_paired: 4000,
-                pod_overflow: 8000,
-                node: 8000
-            }
+            [(
+                None,
+                Reach {
+                    pod_paired: 4000,
+                    pod_overflow: 8000,
+                    node: 8000
+                }
+            )]
         );
         assert!(p
             .render()
@@ -646,7 +705,7 @@ mod tests {
             nodes: 2,
             surge: 0,
             ips: 1,
-            nat_ips: vec![Ipv4Addr::new(198, 51, 100, 1)],
+            nat_ips: vec![IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))],
             ports_per_node: Some(100),
             space: Space::from_range("40000:40999".parse().unwrap()),
         })
@@ -664,30 +723,159 @@ mod tests {
         assert!(p.check().unwrap_err().to_string().contains("version 7"));
     }
 
-    #[test]
-    fn a_plan_names_ipv4_nat_ips_only() {
-        let p = plan(&Request {
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Two nodes over `nat_ips`, 100 ports each over all of them, from 40000.
+    fn two_nodes(ips: u32, nat_ips: &[&str]) -> Result<Plan, PlanError> {
+        plan(&Request {
             nodes: 2,
             surge: 0,
-            ips: 1,
-            nat_ips: vec![Ipv4Addr::new(198, 51, 100, 1)],
+            ips,
+            nat_ips: nat_ips.iter().map(|s| ip(s)).collect(),
             ports_per_node: Some(100),
             space: Space::from_range("40000:40999".parse().unwrap()),
         })
-        .unwrap();
-        let json = serde_json::to_string(&p).unwrap();
-        assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), p);
-        let e = serde_json::from_str::<Plan>(&json.replace("198.51.100.1", "2001:db8::1"))
+    }
+
+    #[test]
+    fn a_plan_names_nat_ips_of_both_families() {
+        let p = two_nodes(2, &["198.51.100.1", "2001:db8:1::1"]).unwrap();
+        // Each NAT IP, of either family, is one of the `ips` and gets the same slices.
+        assert_eq!((p.ips, p.per_ip, p.ports_per_node), (2, 50, 100));
+        assert_eq!(p.nat_ips4(), [Ipv4Addr::new(198, 51, 100, 1)]);
+        assert_eq!(p.nat_ips6(), ["2001:db8:1::1".parse::<Ipv6Addr>().unwrap()]);
+        assert_eq!(p.slice(1).unwrap().range(), "40050:40099".parse().unwrap());
+        let json = serde_json::to_string_pretty(&p).unwrap();
+        assert!(
+            json.contains("\"nat_ips\": [\n    \"198.51.100.1\",\n    \"2001:db8:1::1\"\n  ]"),
+            "{json}"
+        );
+        let back = serde_json::from_str::<Plan>(&json).unwrap();
+        assert_eq!(back, p);
+        assert!(back.check().is_ok());
+        // An IPv6-only plan is a plan too.
+        let only6 = two_nodes(1, &["2001:db8:1::1"]).unwrap();
+        assert!(only6.nat_ips4().is_empty() && only6.check().is_ok());
+        let e = serde_json::from_str::<Plan>(&json.replace("2001:db8:1::1", "2001:db8::g"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("NAT IP 2001:db8::1 is IPv6: a plan's NAT IPs are IPv4")
-                && e.contains("snat run --nat-ip"),
+            e.contains("NAT IP \"2001:db8::g\" is not an IPv4 or IPv6 address"),
             "{e}"
         );
         let e = serde_json::from_str::<Plan>(&json.replace("198.51.100.1", "1.2.3"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("NAT IP \"1.2.3\" is not an IPv4 address"), "{e}");
+        assert!(
+            e.contains("NAT IP \"1.2.3\" is not an IPv4 or IPv6 address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_ipv4_plan_of_an_older_snat_reads_as_before() {
+        // What `snat plan --nodes 2 --nat-ip 198.51.100.1 --ports-per-node 100 --port-range
+        // 40000:40999 --json` wrote before plans named IPv6 NAT IPs.
+        let old = r#"{
+  "version": 1,
+  "nat_ips": [
+    "198.51.100.1"
+  ],
+  "ips": 1,
+  "space": {
+    "first": 40000,
+    "size": 1000
+  },
+  "nodes": 2,
+  "surge": 0,
+  "allocation": "explicit",
+  "ports_per_node": 100,
+  "per_ip": 100,
+  "table_per_node": 1024,
+  "even_split_per_node": 500,
+  "slices": [
+    {
+      "node": 0,
+      "surge": false,
+      "first": 40000,
+      "last": 40099
+    },
+    {
+      "node": 1,
+      "surge": false,
+      "first": 40100,
+      "last": 40199
+    }
+  ]
+}"#;
+        let p = serde_json::from_str::<Plan>(old).unwrap();
+        assert!(p.check().is_ok());
+        assert_eq!(p, two_nodes(1, &["198.51.100.1"]).unwrap());
+        assert_eq!(p.nat_ips4(), [Ipv4Addr::new(198, 51, 100, 1)]);
+        assert!(p.nat_ips6().is_empty());
+        assert_eq!(serde_json::to_string_pretty(&p).unwrap(), old);
+    }
+
+    #[test]
+    fn ips_counts_the_nat_ips_of_both_families() {
+        let e = two_nodes(1, &["198.51.100.1", "2001:db8:1::1"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--ips 1 but 2 --nat-ip given: give one --nat-ip per IP");
+        let e = two_nodes(3, &["198.51.100.1", "2001:db8:1::1", "198.51.100.2"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--ports-per-node 100 does not split evenly over 3 NAT IPs"),
+            "{e}"
+        );
+        let e = two_nodes(2, &["2001:db8:1::1", "2001:db8:1::1"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--nat-ip 2001:db8:1::1 is given twice: list each NAT IP once"
+        );
+    }
+
+    #[test]
+    fn a_mixed_plan_renders_both_families_and_their_reach() {
+        let p = plan(&Request {
+            nodes: 2,
+            surge: 0,
+            ips: 3,
+            nat_ips: vec![
+                ip("198.51.100.1"),
+                ip("198.51.100.2"),
+                ip("2001:db8:1:2:3:4:5:6"),
+            ],
+            ports_per_node: Some(300),
+            space: Space::from_range("40000:40999".parse().unwrap()),
+        })
+        .unwrap();
+        let text = p.render();
+        assert!(
+            text.starts_with("2 nodes + 0 surge over 3 NAT IP(s) (2 IPv4, 1 IPv6), 1000 ports"),
+            "{text}"
+        );
+        // A destination is of one family: only that family's NAT IPs reach it.
+        assert!(
+            text.contains(
+                "towards one IPv4 destination: one pod reaches 100 ports with --ip-pooling paired, 200 with overflow (the default); one node 200"
+            ) && text.contains(
+                "towards one IPv6 destination: one pod reaches 100 ports with --ip-pooling paired, 100 with overflow (the default); one node 100"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("1       2001:db8:1:2:3:4:5:6  40100  40199"),
+            "{text}"
+        );
+        assert!(
+            text.contains("0       198.51.100.1          40000  40099"),
+            "{text}"
+        );
     }
 }
