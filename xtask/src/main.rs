@@ -56,10 +56,12 @@ enum Task {
     ///
     /// Stages, stopping at the first that fails: missing test tools installed with apt-get; the
     /// release build; `lint` (unless --skip-lint); host unit tests
-    /// (`cargo test --workspace --exclude tests`); the namespace integration tests
-    /// (`cargo test -p tests -- --test-threads=1 [TEST_ARGS]`, with SNAT_BIN set to the built
-    /// binary); then the translation suites again on the reply path that is not the default
-    /// (SNAT_TEST_INGRESS=xdp: every agent runs with `--ingress xdp`).
+    /// (`cargo test --workspace --exclude tests`); the namespace integration tests, every suite
+    /// in one binary (`cargo test -p tests -- --test-threads=1 [TEST_ARGS]`, with SNAT_BIN set to
+    /// the built binary); then the translation suites again on the reply path that is not the
+    /// default (SNAT_TEST_INGRESS=xdp: every agent runs with `--ingress xdp`), the other suites
+    /// skipped by module (`cargo test -p tests --test suites -- --test-threads=1 [TEST_ARGS]
+    /// --skip blocks:: …`).
     Test(TestArgs),
     /// Install the tools the demo uses (ping, iproute2, procps) if missing, build, then run the
     /// demo (as root)
@@ -97,7 +99,7 @@ struct TestArgs {
     /// Skip the lint stage
     #[arg(long)]
     skip_lint: bool,
-    /// Arguments for the integration test binaries, after `--` (e.g. a test name filter)
+    /// Arguments for the integration test binary, after `--` (e.g. a test name filter)
     #[arg(last = true, value_name = "TEST_ARGS")]
     test_args: Vec<OsString>,
 }
@@ -252,6 +254,7 @@ const TEST_STAGES: [&str; 6] = [
 const OTHER_INGRESS: &str = "xdp";
 // IPv6 takes the TC path either way: `test_run6` checks that XDP leaves it to TC; the `nat66`
 // namespace suite runs once (the default pass), which keeps CI well under its half hour.
+// Suites are modules of the `tests` crate's one test binary, declared in SUITES_ROOT.
 const OTHER_INGRESS_SUITES: [&str; 10] = [
     "test_run",
     "test_run6",
@@ -264,6 +267,32 @@ const OTHER_INGRESS_SUITES: [&str; 10] = [
     "restart",
     "cluster_gateway",
 ];
+
+/// The integration tests' root, which declares every suite as a module (`mod <suite>;`).
+const SUITES_ROOT: &str = "tests/tests/suites.rs";
+
+/// The suites `suites_rs` (the text of [`SUITES_ROOT`]) declares.
+fn suites(suites_rs: &str) -> Vec<&str> {
+    suites_rs
+        .lines()
+        .filter_map(|l| l.strip_prefix("mod ")?.strip_suffix(';'))
+        .collect()
+}
+
+/// libtest arguments that leave only the suites `keep` of `all`: `--skip <suite>::` for every
+/// other suite (the filter matches no other suite: a test in [`SUITES_ROOT`] checks it). Skips
+/// rather than filters, so that filters in TEST_ARGS narrow these suites instead of adding to
+/// them.
+fn skip_all_but(all: &[&str], keep: &[&str]) -> anyhow::Result<Vec<String>> {
+    if let Some(missing) = keep.iter().find(|suite| !all.contains(suite)) {
+        bail!("{SUITES_ROOT} declares no suite `{missing}` (OTHER_INGRESS_SUITES names it)");
+    }
+    Ok(all
+        .iter()
+        .filter(|suite| !keep.contains(suite))
+        .flat_map(|suite| ["--skip".to_owned(), format!("{suite}::")])
+        .collect())
+}
 
 /// `cargo xtask test`: every stage in order, stopping at the first that fails.
 fn test(args: &TestArgs) -> anyhow::Result<()> {
@@ -298,15 +327,16 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
         )
     })?;
     stages.run("other reply path", || {
-        let mut cargo = cmd::cargo();
-        cargo.args(["test", "-p", "tests"]);
-        for suite in OTHER_INGRESS_SUITES {
-            cargo.args(["--test", suite]);
-        }
+        let path = root.join(SUITES_ROOT);
+        let suites_rs = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let skips = skip_all_but(&suites(&suites_rs), &OTHER_INGRESS_SUITES)?;
         cmd::run(
-            cargo
-                .args(["--", "--test-threads=1"])
+            cmd::cargo()
+                .args(["test", "-p", "tests", "--test", "suites", "--"])
+                .arg("--test-threads=1")
                 .args(&args.test_args)
+                .args(skips)
                 .env("SNAT_BIN", &bin)
                 .env("SNAT_TEST_INGRESS", OTHER_INGRESS)
                 .current_dir(root),
@@ -417,4 +447,19 @@ fn exec_example(name: &str, snat: &Path, args: &[&OsStr]) -> anyhow::Result<()> 
     say(format_args!("$ {}", cmd::display(&command)));
     let err = command.exec();
     Err(err).with_context(|| format!("starting {}", example.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_other_reply_path_skips_every_suite_but_its_own() {
+        let all = suites(include_str!("../../tests/tests/suites.rs"));
+        let skips = skip_all_but(&all, &OTHER_INGRESS_SUITES).expect("every suite is declared");
+        assert_eq!(skips.len(), 2 * (all.len() - OTHER_INGRESS_SUITES.len()));
+        assert!(skips.contains(&"nat66::".to_owned()));
+        assert!(!skips.contains(&"test_run::".to_owned()));
+        assert!(skip_all_but(&all, &["no_such_suite"]).is_err());
+    }
 }
