@@ -15,9 +15,12 @@
 //! a node that goes idle gives them back to one that grows.
 
 use std::{
+    any::Any,
     cmp::Reverse,
     collections::{BTreeMap, BinaryHeap},
     net::Ipv4Addr,
+    panic::{self, AssertUnwindSafe},
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -1293,17 +1296,72 @@ fn seeds(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A seed whose run panicked, and its panic.
+type Failure = (u64, Box<dyn Any + Send>);
+
+/// `each(seed)` for the seeds `0..n`, spread over the machine's cores (each thread takes the next
+/// seed until none is left); the results in no particular order. A seed that panics (`World::fail` names it) stops the seeds after it;
+/// the panic of the lowest failing seed is the caller's, as it would be in a plain loop (every
+/// seed below it has run and passed).
+fn on_all_cores<T: Send>(n: u64, each: impl Fn(u64) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let next = AtomicU64::new(0);
+    let lowest_failure = AtomicU64::new(u64::MAX);
+    let outcomes: Vec<(Vec<T>, Option<Failure>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let seed = next.fetch_add(1, Ordering::Relaxed);
+                        if seed >= n || seed > lowest_failure.load(Ordering::Relaxed) {
+                            return (done, None);
+                        }
+                        match panic::catch_unwind(AssertUnwindSafe(|| each(seed))) {
+                            Ok(t) => done.push(t),
+                            Err(payload) => {
+                                lowest_failure.fetch_min(seed, Ordering::Relaxed);
+                                return (done, Some((seed, payload)));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a seed's panic is caught"))
+            .collect()
+    });
+    let mut all = Vec::new();
+    let mut first: Option<Failure> = None;
+    for (done, failed) in outcomes {
+        all.extend(done);
+        if let Some((seed, payload)) = failed {
+            if first.as_ref().is_none_or(|(f, _)| seed < *f) {
+                first = Some((seed, payload));
+            }
+        }
+    }
+    if let Some((_, payload)) = first {
+        panic::resume_unwind(payload);
+    }
+    all
+}
+
 /// The rule holds on every seed, and the faults it must survive really happened.
 #[test]
 fn three_nodes_never_share_a_port_under_faults() {
-    let mut cover = Cover::default();
     let n = seeds(1000);
-    for seed in 0..n {
+    let mut cover = Cover::default();
+    for c in on_all_cores(n, |seed| {
         let mut w = run(seed, setup(3));
         if !w.violations.is_empty() {
             w.fail(seed, "the rule was broken");
         }
-        cover += w.finish();
+        w.finish()
+    }) {
+        cover += c;
     }
     eprintln!("{n} runs: {cover:?}");
     assert!(cover.suspended > 0, "no node was ever fenced: {cover:?}");
@@ -1320,10 +1378,26 @@ fn three_nodes_never_share_a_port_under_faults() {
     assert!(cover.released > 0, "no block ever went back: {cover:?}");
 }
 
+/// Spread over threads, a failing run still names its seed: the lowest failing one, as in a loop.
+#[test]
+fn on_all_cores_reports_the_lowest_failing_seed() {
+    assert_eq!(on_all_cores(100, |seed| seed).len(), 100);
+    let failed = panic::catch_unwind(|| {
+        on_all_cores(100, |seed| {
+            assert!(seed != 13 && seed < 60, "seed {seed} failed")
+        })
+    })
+    .expect_err("seeds failed");
+    assert_eq!(
+        failed.downcast_ref::<String>().map(String::as_str),
+        Some("seed 13 failed")
+    );
+}
+
 /// Two NAT IPs, five nodes, fewer blocks than the busy phase wants: overflow and exhaustion.
 #[test]
 fn five_nodes_on_two_nat_ips_under_faults() {
-    for seed in 0..seeds(300) / 3 {
+    on_all_cores(seeds(300) / 3, |seed| {
         let mut s = setup(5);
         s.geometry = Geometry::new(
             PortRange {
@@ -1342,7 +1416,7 @@ fn five_nodes_on_two_nat_ips_under_faults() {
         if !w.violations.is_empty() {
             w.fail(seed, "the rule was broken");
         }
-    }
+    });
 }
 
 /// Whether the faulty phase alone breaks the rule for any of the first 40 seeds.
