@@ -9,7 +9,8 @@
 //! enter namespaces, never the test's own thread.
 //!
 //! One suite alone: `cargo test -p tests --test suites -- <suite>:: --test-threads=1` (e.g.
-//! `nat66::`); a test's name is `<suite>::<test>`. A filter matches every name that contains it,
+//! `nat66::`; `--workspace` instead of `-p tests` reuses what `cargo xtask test` built); a test's
+//! name is `<suite>::<test>`. A filter matches every name that contains it,
 //! so `<suite>::` picks that suite only while no suite's name ends with `_<suite>`:
 //! [`each_suite_filter_picks_one_suite`] keeps it so, and is why `gateway.rs` is the module
 //! `snat_gateway` (after the program it tests), apart from `cluster_gateway`.

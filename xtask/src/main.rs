@@ -57,10 +57,10 @@ enum Task {
     /// Stages, stopping at the first that fails: missing test tools installed with apt-get; the
     /// release build; `lint` (unless --skip-lint); host unit tests
     /// (`cargo test --workspace --exclude tests`); the namespace integration tests, every suite
-    /// in one binary (`cargo test -p tests -- --test-threads=1 [TEST_ARGS]`, with SNAT_BIN set to
-    /// the built binary); then the translation suites again on the reply path that is not the
-    /// default (SNAT_TEST_INGRESS=xdp: every agent runs with `--ingress xdp`), the other suites
-    /// skipped by module (`cargo test -p tests --test suites -- --test-threads=1 [TEST_ARGS]
+    /// in one binary (`cargo test --workspace --test suites -- --test-threads=1 [TEST_ARGS]`,
+    /// with SNAT_BIN set to the built binary); then the translation suites again on the reply
+    /// path that is not the default (SNAT_TEST_INGRESS=xdp: every agent runs with
+    /// `--ingress xdp`), the other suites skipped by module (`… -- --test-threads=1 [TEST_ARGS]
     /// --skip blocks:: …`).
     Test(TestArgs),
     /// Install the tools the demo uses (ping, iproute2, procps) if missing, build, then run the
@@ -317,10 +317,14 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
                 .current_dir(root),
         )
     })?;
+    // `--workspace --test suites`, not `-p tests`: the same packages as the unit stage, so cargo
+    // resolves the same features and reuses its snat-user (optimised, with the eBPF build)
+    // instead of building it again for the tests crate (minutes on two cores).
     stages.run("integration tests", || {
         cmd::run(
             cmd::cargo()
-                .args(["test", "-p", "tests", "--", "--test-threads=1"])
+                .args(["test", "--workspace", "--test", "suites"])
+                .args(["--", "--test-threads=1"])
                 .args(&args.test_args)
                 .env("SNAT_BIN", &bin)
                 .current_dir(root),
@@ -333,8 +337,8 @@ fn test(args: &TestArgs) -> anyhow::Result<()> {
         let skips = skip_all_but(&suites(&suites_rs), &OTHER_INGRESS_SUITES)?;
         cmd::run(
             cmd::cargo()
-                .args(["test", "-p", "tests", "--test", "suites", "--"])
-                .arg("--test-threads=1")
+                .args(["test", "--workspace", "--test", "suites"])
+                .args(["--", "--test-threads=1"])
                 .args(&args.test_args)
                 .args(skips)
                 .env("SNAT_BIN", &bin)
