@@ -46,8 +46,9 @@ mod test_run6;
 mod udp_timeouts;
 mod xdp;
 
-/// The filter `<suite>::` selects that suite's tests and no other suite's: `cargo xtask test`
-/// skips the suites it does not run again on the XDP reply path this way.
+/// Every file in tests/tests is a module here (cargo no longer finds them itself), and the filter
+/// `<suite>::` selects that suite's tests and no other suite's: `cargo xtask test` skips the
+/// suites it does not run again on the XDP reply path this way.
 #[test]
 fn each_suite_filter_picks_one_suite() {
     let suites: Vec<&str> = include_str!("suites.rs")
@@ -55,6 +56,28 @@ fn each_suite_filter_picks_one_suite() {
         .filter_map(|l| l.strip_prefix("mod ")?.strip_suffix(';'))
         .collect();
     assert!(suites.len() > 20, "suites not found: {suites:?}");
+    // With `autotests = false`, a suite file left out here would never run.
+    let mut files = vec!["suites.rs".to_owned()];
+    let mut path = None;
+    for line in include_str!("suites.rs").lines() {
+        if let Some(p) = line.strip_prefix("#[path = \"") {
+            path = p.strip_suffix("\"]");
+        } else if let Some(suite) = line.strip_prefix("mod ").and_then(|l| l.strip_suffix(';')) {
+            files.push(
+                path.take()
+                    .map_or_else(|| format!("{suite}.rs"), str::to_owned),
+            );
+        }
+    }
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
+    for file in std::fs::read_dir(dir).expect("tests/tests") {
+        let name = file.expect("tests/tests entry").file_name();
+        let name = name.to_str().expect("utf-8 file name");
+        assert!(
+            !name.ends_with(".rs") || files.iter().any(|f| f == name),
+            "tests/tests/{name} is not a module of tests/tests/suites.rs: add it there"
+        );
+    }
     for a in &suites {
         for b in &suites {
             assert!(
