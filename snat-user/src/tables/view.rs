@@ -255,6 +255,36 @@ mod tests {
         Timeouts::default()
     }
 
+    /// A mapping of `src:sport` to `dst:dport` on NAT IP `nat`, port `nat_port`, of either
+    /// family: created at 10 s, last seen at 100 s, its SYN seen both ways.
+    fn mapping_of<A: Addr>(
+        p: u8,
+        (src, sport): (A, u16),
+        (dst, dport): (A, u16),
+        nat: A,
+        nat_port: u16,
+    ) -> (FlowKeyOf<A>, MappingOf<A>, OriginOf<A>) {
+        let key = FlowKeyOf::new(
+            p,
+            src,
+            sport.to_be_bytes(),
+            dst,
+            FlowKeyOf::<A>::remote_port_for(p, dport.to_be_bytes()),
+        );
+        let mut m = MappingOf::new(key, nat, nat_port.to_be_bytes(), 10 * S);
+        m.last_seen_ns = 100 * S;
+        m.record(SEEN_SYN);
+        let mut o = OriginOf::new(
+            key.reply(m.nat_addr, m.nat_port),
+            src,
+            sport.to_be_bytes(),
+            90 * S,
+        );
+        o.record(m.epoch, SEEN_SYN);
+        (key, m, o)
+    }
+
+    /// An IPv4 mapping on 198.51.100.1.
     fn mapping(
         p: u8,
         src: [u8; 4],
@@ -263,24 +293,7 @@ mod tests {
         dport: u16,
         nat_port: u16,
     ) -> (FlowKey, Mapping, Origin) {
-        let key = FlowKey::new(
-            p,
-            src,
-            sport.to_be_bytes(),
-            dst,
-            FlowKey::remote_port_for(p, dport.to_be_bytes()),
-        );
-        let mut m = Mapping::new(key, [198, 51, 100, 1], nat_port.to_be_bytes(), 10 * S);
-        m.last_seen_ns = 100 * S;
-        m.record(SEEN_SYN);
-        let mut o = Origin::new(
-            key.reply(m.nat_addr, m.nat_port),
-            src,
-            sport.to_be_bytes(),
-            90 * S,
-        );
-        o.record(m.epoch, SEEN_SYN);
-        (key, m, o)
+        mapping_of(p, (src, sport), (dst, dport), [198, 51, 100, 1], nat_port)
     }
 
     #[test]
@@ -400,7 +413,7 @@ mod tests {
         a
     }
 
-    /// An IPv6 mapping of `src:sport` to `dst:dport` on 2001:db8:1::1, port `nat_port`.
+    /// An IPv6 mapping on 2001:db8:1::1.
     fn mapping6(
         p: u8,
         src: [u8; 16],
@@ -409,24 +422,7 @@ mod tests {
         dport: u16,
         nat_port: u16,
     ) -> (FlowKey6, Mapping6, Origin6) {
-        let key = FlowKey6::new(
-            p,
-            src,
-            sport.to_be_bytes(),
-            dst,
-            FlowKey6::remote_port_for(p, dport.to_be_bytes()),
-        );
-        let mut m = Mapping6::new(key, NAT6, nat_port.to_be_bytes(), 10 * S);
-        m.last_seen_ns = 100 * S;
-        m.record(SEEN_SYN);
-        let mut o = Origin6::new(
-            key.reply(m.nat_addr, m.nat_port),
-            src,
-            sport.to_be_bytes(),
-            90 * S,
-        );
-        o.record(m.epoch, SEEN_SYN);
-        (key, m, o)
+        mapping_of(p, (src, sport), (dst, dport), NAT6, nat_port)
     }
 
     /// Two IPv4 mappings of 10.1.0.2 (TCP to 203.0.113.10:80 on port 40000, UDP to
