@@ -211,6 +211,29 @@ fn row(name: &str, mut ns: Vec<f64>, overhead: f64) -> Row {
     }
 }
 
+/// An established flow's packet `frame` through `prog`, timed one run per call `n` times (each
+/// must pass, translated).
+fn established(
+    engine: &mut Engine,
+    name: &str,
+    prog: &str,
+    frame: &[u8],
+    n: usize,
+    overhead: f64,
+    out: &mut [u8],
+) -> anyhow::Result<Row> {
+    crate::check()?;
+    let mut ns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (ret, d, _) = run(engine, prog, frame, 1, out)?;
+        if ret != PASS {
+            bail!("{name}: verdict {ret}");
+        }
+        ns.push(d);
+    }
+    Ok(row(name, ns, overhead))
+}
+
 fn counter(engine_counters: &Counters, c: Counter) -> anyhow::Result<u64> {
     Ok(engine_counters
         .read()?
@@ -292,16 +315,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
             packets::tcp((REMOTE, 80), (NAT, nat_port), ACK, b""),
         ),
     ] {
-        crate::check()?;
-        let mut ns = Vec::with_capacity(n_est);
-        for _ in 0..n_est {
-            let (ret, d, _) = run(&mut engine, prog, &frame, 1, &mut out)?;
-            if ret != PASS {
-                bail!("{name}: verdict {ret}");
-            }
-            ns.push(d);
-        }
-        let mut r = row(name, ns, overhead);
+        let mut r = established(&mut engine, name, prog, &frame, n_est, overhead, &mut out)?;
         r.target = Some(TARGET_ESTABLISHED);
         rows.push(r);
     }
@@ -436,16 +450,9 @@ fn ipv6_rows(
             packets6::tcp((REMOTE6, 80), (NAT6, nat_port), ACK, b""),
         ),
     ] {
-        crate::check()?;
-        let mut ns = Vec::with_capacity(n_est);
-        for _ in 0..n_est {
-            let (ret, d, _) = run(engine, prog, &frame, 1, out)?;
-            if ret != PASS {
-                bail!("{name}: verdict {ret}");
-            }
-            ns.push(d);
-        }
-        rows.push(row(name, ns, overhead));
+        rows.push(established(
+            engine, name, prog, &frame, n_est, overhead, out,
+        )?);
     }
     // New mappings, one destination nearly empty (the flow above holds one port).
     crate::check()?;
