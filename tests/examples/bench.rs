@@ -7,6 +7,8 @@
 //! rate and bulk: short windows alternating between contenders that are all set up at once):
 //!
 //! - `none`: plain routing (the router gets a route back to the pods);
+//! - `none again`: the same in a lab of its own, the control: its ratio to `none` is how far
+//!   apart this run measures two contenders that do exactly the same;
 //! - `nft masquerade`, `nft masquerade to :32768-65535`, `… fully-random`: an nftables table of
 //!   our own in the node's namespace;
 //! - `snat`: the agent on the node's uplink with `--port-range 32768:65535`.
@@ -16,7 +18,8 @@
 //! destination with new flows against an established flow at the same rate (the node's softirq
 //! and the agents' CPU, snat only); then, in this process, the datapath's cost per packet with
 //! `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 % occupancy, refused new flows
-//! at 100 %) and scale (map memory, agent RSS and CPU, expiry sweep time with 10 k–1 M
+//! at 100 %), the floor under those rows (hand-assembled programs that only look up, insert
+//! and rewrite, `floor.rs`), and scale (map memory, agent RSS and CPU, expiry sweep time with 10 k–1 M
 //! mappings), and DNS-like one-shot queries (ports held: snat with and without its per-port
 //! UDP timer, nftables masquerade with conntrack's timers). Writes `report.md`, `churn.svg` and `results.json` to `--out` (default
 //! `target/bench`). Nothing here asserts a time: numbers only go into the report.
@@ -37,6 +40,8 @@ mod datapath;
 mod dns;
 #[path = "bench/exhaustion.rs"]
 mod exhaustion;
+#[path = "bench/floor.rs"]
+mod floor;
 #[path = "bench/lab.rs"]
 mod lab;
 #[path = "bench/report.rs"]

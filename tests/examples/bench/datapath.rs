@@ -110,6 +110,9 @@ pub struct Datapath {
     /// Cost of the kernel's clock reads around one timed run (ns), subtracted in `Row::net`.
     pub timer_overhead: f64,
     pub rows: Vec<Row>,
+    /// What the operations a translation is made of cost alone, measured the same way
+    /// (`floor.rs`).
+    pub floors: Vec<Row>,
 }
 
 /// Loads the engine as `snat run` would, with tables for `max` mappings (with `ipv6`, for a
@@ -192,7 +195,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
-fn row(name: &str, mut ns: Vec<f64>, overhead: f64) -> Row {
+pub fn row(name: &str, mut ns: Vec<f64>, overhead: f64) -> Row {
     ns.sort_by(f64::total_cmp);
     let median = percentile(&ns, 0.5);
     Row {
@@ -395,10 +398,12 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
     crate::check()?;
     prefill(&mut engine, &mut claimed, RANGE_LEN, &mut out)?;
     rows.extend(refusals(&mut engine, &counters, plan, overhead, &mut out)?);
+    let floors = crate::floor::measure(n_est, overhead)?;
     Ok(Datapath {
         max_mappings,
         timer_overhead: overhead,
         rows,
+        floors,
     })
 }
 

@@ -319,7 +319,7 @@ fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
 }
 
 /// The id of the `snat_egress` program the process `pid` holds.
-fn egress_prog(pid: u32) -> Option<u32> {
+pub fn egress_prog(pid: u32) -> Option<u32> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .ok()?
@@ -342,7 +342,7 @@ fn egress_prog(pid: u32) -> Option<u32> {
 }
 
 /// Run time (ns) and runs of the program `id` so far (zero unless BPF statistics are on).
-fn prog_stats(id: u32) -> Option<(u64, u64)> {
+pub fn prog_stats(id: u32) -> Option<(u64, u64)> {
     aya::programs::loaded_programs()
         .flatten()
         .find(|p| p.id() == id)

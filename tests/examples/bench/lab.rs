@@ -30,6 +30,9 @@ pub const PORT_RANGE: &str = "32768:65535";
 pub enum Contender {
     /// Plain routing: the router has a route back to the pods.
     None,
+    /// Plain routing again, in a lab of its own: the control. Its ratio to `None` is how far
+    /// apart this run measures two contenders that do exactly the same.
+    Control,
     /// nftables `masquerade` (port-preserving).
     NftMasq,
     /// nftables `masquerade to :32768-65535`.
@@ -49,8 +52,9 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 6] = [
+    pub const ALL: [Contender; 7] = [
         Contender::None,
+        Contender::Control,
         Contender::NftMasq,
         Contender::NftRange,
         Contender::NftRandom,
@@ -77,6 +81,7 @@ impl Contender {
     pub const fn label(self) -> &'static str {
         match self {
             Contender::None => "none",
+            Contender::Control => "none again",
             Contender::NftMasq => "nft masq",
             Contender::NftRange => "nft range",
             Contender::NftRandom => "nft range random",
@@ -95,6 +100,7 @@ impl Contender {
             Contender::None => {
                 format!("plain routing: the router has a route back to {POD_CIDR} via the node")
             }
+            Contender::Control => "plain routing as `none`, in a lab of its own: the control (its ratio to `none` shows how far apart this run measures two identical contenders)".to_owned(),
             Contender::None6 => {
                 format!("plain routing: the router has a route back to {POD_CIDR6} via the node")
             }
@@ -118,7 +124,7 @@ impl Contender {
     /// The source address the server must see from a pod at `pod` (of the contender's family).
     pub fn seen_source(self, pod: IpAddr) -> IpAddr {
         match self {
-            Contender::None | Contender::None6 => pod,
+            Contender::None | Contender::Control | Contender::None6 => pod,
             c if c.is_ipv6() => NAT_IP6.into(),
             _ => NAT_IP.into(),
         }
@@ -256,7 +262,7 @@ impl Lab {
             bail!("{} needs a dual-stack lab", c.label());
         }
         match c {
-            Contender::None => {
+            Contender::None | Contender::Control => {
                 self.topo
                     .router
                     .ip(&["route", "replace", POD_CIDR, "via", &NAT_IP.to_string()]);
@@ -326,8 +332,8 @@ impl Lab {
                 ));
             }
         }
-        // The router never needs a route to the pods except for `none`: make sure of it.
-        if !matches!(c, Contender::None | Contender::None6) {
+        // The router never needs a route to the pods except for plain routing: make sure of it.
+        if !matches!(c, Contender::None | Contender::Control | Contender::None6) {
             let (family, pods) = if c.is_ipv6() {
                 ("-6", POD_CIDR6)
             } else {

@@ -93,6 +93,19 @@ pub fn cpu_secs(pid: &str) -> f64 {
     ticks as f64 / hz as f64
 }
 
+/// CPU time of all the threads of a process, in seconds, to the nanosecond (the scheduler's
+/// `/proc/<pid>/task/*/schedstat`; threads that ended are not in it).
+pub fn cpu_secs_fine(pid: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
 /// CPU is watched this long while the mappings sit idle.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 

@@ -122,6 +122,11 @@ pub fn churn_run(
         let retrans_before: u64 = lab.pods().iter().map(|p| churn::syn_retrans(p)).sum();
         let (mut failed, mut stalled, mut unfinished) = (0, 0, 0);
         let mut rates = Vec::new();
+        // The agent's own CPU over the bursts (all its threads; the datapath's time is the
+        // softirq's, not the agent's): what the userspace half takes from the workload.
+        let agent_pid = active.agent.as_ref().map(|a| a.pid().to_string());
+        let agent_before = agent_pid.as_deref().map(crate::scale::cpu_secs_fine);
+        let started = Instant::now();
         for b in 1..=plan.bursts {
             crate::check()?;
             let r = churn::burst(
@@ -144,6 +149,11 @@ pub fn churn_run(
             .map(|p| churn::syn_retrans(p))
             .sum::<u64>()
             - retrans_before;
+        if let (Some(pid), Some(before)) = (&agent_pid, agent_before) {
+            let cores =
+                (crate::scale::cpu_secs_fine(pid) - before) / started.elapsed().as_secs_f64();
+            results.push(&format!("{key}.agent_cores"), c, cores);
+        }
         results.push(&format!("{key}.failed"), c, failed as f64);
         results.push(&format!("{key}.stalled"), c, stalled as f64);
         results.push(&format!("{key}.unfinished"), c, unfinished as f64);
@@ -288,6 +298,7 @@ pub fn rate_phase(plan: &Plan, labs: &mut [Lab], results: &mut Results) -> anyho
             }
         }
     }
+    program_time(plan, labs, &actives, results)?;
     drop(iperf);
     drop(actives);
     Ok(())
@@ -677,4 +688,55 @@ fn window_rates(received: &AtomicU64, sent: &AtomicU64, secs: f64) -> (f64, f64)
         (received.load(Ordering::Relaxed) - rx0) as f64 / dt,
         (sent.load(Ordering::Relaxed) - tx0) as f64 / dt,
     )
+}
+
+/// Where snat's added time per datagram goes: one more UDP window of each kind for `snat`, after
+/// the compared ones, with the kernel's BPF run-time statistics on (they add two clock reads to
+/// every run, so they stay off while contenders are compared): the egress program's own time
+/// per datagram in the real path (`{key}.egress_prog_ns`), against the whole path's time added
+/// over plain routing in the compared windows.
+fn program_time(
+    plan: &Plan,
+    labs: &[Lab],
+    actives: &[crate::lab::Active<'_>],
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let c = Contender::Snat;
+    let Some(k) = Contender::ALL.iter().position(|&x| x == c) else {
+        return Ok(());
+    };
+    let Some(agent) = &actives[k].agent else {
+        return Ok(());
+    };
+    let Some(prog) = crate::exhaustion::egress_prog(agent.pid()) else {
+        say(format_args!(
+            "  snat's egress program not found: no per-datagram program time"
+        ));
+        return Ok(());
+    };
+    let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => fd,
+        Err(e) => {
+            say(format_args!(
+                "  BPF run-time statistics unavailable ({e}): no per-datagram program time"
+            ));
+            return Ok(());
+        }
+    };
+    for (key, many) in [("udp1", false), ("udpN", true)] {
+        crate::check()?;
+        let before = crate::exhaustion::prog_stats(prog).unwrap_or((0, 0));
+        udp_rate(&labs[k], c, many, plan.udp_secs)?;
+        let after = crate::exhaustion::prog_stats(prog).unwrap_or((0, 0));
+        let runs = after.1.saturating_sub(before.1);
+        if runs > 0 {
+            let per = after.0.saturating_sub(before.0) as f64 / runs as f64;
+            results.push(&format!("{key}.egress_prog_ns"), c, per);
+            say(format_args!(
+                "  {key}: snat's egress program {per:.0} ns per datagram over {runs} runs"
+            ));
+        }
+    }
+    drop(stats);
+    Ok(())
 }
