@@ -606,7 +606,7 @@ impl Results {
             let r = self.ratios(key, Contender::Snat).0;
             let prog = match key.strip_suffix(".rx").map(|k| self.program_bound(k)) {
                 Some((t, p)) if p.is_finite() => format!(
-                    "; snat's egress program alone {} of the {} a datagram takes: at most {} (section 3)",
+                    "; snat's egress program {} per datagram of t = {} under none: ≈ {} from the program alone (section 3)",
                     ns(p),
                     ns(t),
                     times3(t / (t + p))
@@ -908,15 +908,17 @@ impl Results {
                 s,
                 "**snat's egress program in this path** (one more window of each kind after the \
                  compared ones, with the kernel's BPF run-time statistics on, which stay off while \
-                 contenders are compared), and the rate it allows: with plain routing a datagram \
-                 takes 1/rate of the sender's CPU, which runs the whole path; the program adds at \
-                 least its own time, so snat cannot pass **bound** = t / (t + program) of none's \
-                 rate however the rest of the path behaves. **with the floor**: the same with the \
-                 time of an established packet's floor (section 5b) instead of the program's.\n"
+                 contenders are compared; their own clock reads are in the figure), and the rate \
+                 it leaves: with plain routing a datagram takes t = 1/rate of the sender's CPU, \
+                 which runs the whole path; the program adds its own time to that, so if nothing \
+                 else changed snat would reach **program alone** = t / (t + program) of none's \
+                 rate. **with the floor**: the same with an established packet's floor (section \
+                 5b) instead of the program. Both are estimates from medians: a window's rate \
+                 moves by more than this (compare `none again` with `none` above).\n"
             );
             let _ = writeln!(
                 s,
-                "| workload | t (none) | snat's egress program | bound | with the floor |\n|---|---:|---:|---:|---:|"
+                "| workload | t (none) | snat's egress program | program alone | with the floor |\n|---|---:|---:|---:|---:|"
             );
             let floor = self.floor_ns("an established packet");
             for (key, what) in [("udp1", "one flow"), ("udpN", "many flows")] {
