@@ -303,19 +303,31 @@ fn irq_time_accounting() -> Option<bool> {
 
 /// `/proc/stat`'s first line: (softirq, all states) in clock ticks, summed over all CPUs.
 fn cpu_ticks() -> anyhow::Result<(u64, u64)> {
+    let f = cpu_states()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user and nice).
+    let all = f.iter().take(8).sum();
+    Ok((f.get(6).copied().unwrap_or(0), all))
+}
+
+/// The machine's busy time so far in clock ticks, all CPUs: user, nice, system, irq and softirq
+/// (not idle, iowait or steal, which is the host's).
+pub fn busy_ticks() -> anyhow::Result<u64> {
+    let f = cpu_states()?;
+    Ok([0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum())
+}
+
+/// `/proc/stat`'s first line: the ticks of each state, summed over all CPUs.
+fn cpu_states() -> anyhow::Result<Vec<u64>> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = stat
         .lines()
         .find(|l| l.starts_with("cpu "))
         .context("/proc/stat has no `cpu` line")?;
-    let f: Vec<u64> = line
+    Ok(line
         .split_whitespace()
         .skip(1)
         .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is inside user and nice).
-    let all = f.iter().take(8).sum();
-    Ok((f.get(6).copied().unwrap_or(0), all))
+        .collect())
 }
 
 /// The id of the `snat_egress` program the process `pid` holds.

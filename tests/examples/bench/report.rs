@@ -538,6 +538,7 @@ impl Results {
             );
         }
         self.snat_alloc(&mut s);
+        self.churn_cpu(&mut s);
         self.udp_table(&mut s);
         self.bulk_table(&mut s);
         self.reply_tables(&mut s);
@@ -849,6 +850,43 @@ impl Results {
             cores("churn1.agent_cores", Contender::SnatXdp),
             cores("churnN.agent_cores", Contender::SnatXdp),
         );
+    }
+
+    /// The machine's CPU over each churn workload's bursts, every contender.
+    fn churn_cpu(&self, s: &mut String) {
+        if self.samples("churn1.busy_cores", Contender::None).is_none() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "**The machine's CPU during churn** (all {} CPUs: user, nice, system, irq and softirq \
+             from `/proc/stat`, over a workload's bursts; the clients, the server, routing and \
+             the NAT all run on them): busy cores, and busy time per completed connection. Where \
+             the machine is busy on all its CPUs the rate is bound by CPU, and the ratio of the \
+             times per connection is the rate's ratio; where it is not, the rate is bound by \
+             latency.\n",
+            self.machine.cpus
+        );
+        let _ = writeln!(
+            s,
+            "| contender | one destination: busy cores | CPU per connection | × none | many destinations: busy cores | CPU per connection | × none |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        let us = |v: f64| format!("{v:.1} µs");
+        for c in Contender::ALL {
+            let mut line = format!("| {} |", c.label());
+            for key in ["churn1", "churnN"] {
+                let per = format!("{key}.cpu_per_conn_us");
+                let _ = write!(
+                    line,
+                    " {} | {} | {} |",
+                    self.cell(&format!("{key}.busy_cores"), c, |v| format!("{v:.2}")),
+                    self.cell(&per, c, us),
+                    times(self.ratios(&per, c).0),
+                );
+            }
+            let _ = writeln!(s, "{line}");
+        }
+        s.push('\n');
     }
 
     fn udp_table(&self, s: &mut String) {

@@ -127,6 +127,9 @@ pub fn churn_run(
         let agent_pid = active.agent.as_ref().map(|a| a.pid().to_string());
         let agent_before = agent_pid.as_deref().map(crate::scale::cpu_secs_fine);
         let started = Instant::now();
+        // The whole machine's busy time over the bursts: CPU per connection, every contender.
+        let busy_before = crate::exhaustion::busy_ticks()?;
+        let mut completed = 0;
         for b in 1..=plan.bursts {
             crate::check()?;
             let r = churn::burst(
@@ -139,6 +142,7 @@ pub fn churn_run(
             );
             rates.push(r.rate());
             results.push(&format!("{key}.burst{b}"), c, r.rate());
+            completed += r.completed;
             failed += r.failed;
             stalled += r.stalled;
             unfinished += r.unfinished;
@@ -149,6 +153,16 @@ pub fn churn_run(
             .map(|p| churn::syn_retrans(p))
             .sum::<u64>()
             - retrans_before;
+        let busy = (crate::exhaustion::busy_ticks()? - busy_before) as f64 / clock_ticks();
+        let secs = started.elapsed().as_secs_f64();
+        results.push(&format!("{key}.busy_cores"), c, busy / secs);
+        if completed > 0 {
+            results.push(
+                &format!("{key}.cpu_per_conn_us"),
+                c,
+                busy / completed as f64 * 1e6,
+            );
+        }
         if let (Some(pid), Some(before)) = (&agent_pid, agent_before) {
             let cores =
                 (crate::scale::cpu_secs_fine(pid) - before) / started.elapsed().as_secs_f64();
@@ -739,4 +753,10 @@ fn program_time(
     }
     drop(stats);
     Ok(())
+}
+
+/// Clock ticks per second (`/proc/stat`'s unit).
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
