@@ -19,8 +19,8 @@
 //! and the agents' CPU, snat only); then, in this process, the datapath's cost per packet with
 //! `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 % occupancy, refused new flows
 //! at 100 %), the floor under those rows (hand-assembled programs that only look up, insert
-//! and rewrite, `floor.rs`), and scale (map memory, agent RSS and CPU, expiry sweep time with 10 k–1 M
-//! mappings), and DNS-like one-shot queries (ports held: snat with and without its per-port
+//! and rewrite, `floor.rs`), and scale (map memory, agent RSS and CPU, expiry sweep time with
+//! 10 k–1 M mappings), and DNS-like one-shot queries (ports held: snat with and without its per-port
 //! UDP timer, nftables masquerade with conntrack's timers). Writes `report.md`, `churn.svg` and `results.json` to `--out` (default
 //! `target/bench`). Nothing here asserts a time: numbers only go into the report.
 //!

@@ -164,8 +164,7 @@ pub fn churn_run(
             );
         }
         if let (Some(pid), Some(before)) = (&agent_pid, agent_before) {
-            let cores =
-                (crate::scale::cpu_secs_fine(pid) - before) / started.elapsed().as_secs_f64();
+            let cores = (crate::scale::cpu_secs_fine(pid) - before) / secs;
             results.push(&format!("{key}.agent_cores"), c, cores);
         }
         results.push(&format!("{key}.failed"), c, failed as f64);
