@@ -669,8 +669,7 @@ pub fn run(plan: &Plan, out: &mut Option<Exhaustion>) -> anyhow::Result<()> {
             "  BPF run-time statistics unavailable ({e}): no per-packet program time"
         ));
     }
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = crate::scale::clock_ticks();
     let m = out.insert(Exhaustion {
         rate: plan.exhaust_rate,
         secs: plan.exhaust_secs,

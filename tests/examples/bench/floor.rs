@@ -358,6 +358,10 @@ fn key_of(frame: &[u8]) -> [u8; KEY as usize] {
 
 /// The floor rows, `n` samples each, `overhead` (the clock's cost, from the datapath rows)
 /// subtracted in `net`.
+/// The two floors that bound a datapath row with a target (the report pairs them by name).
+pub const ESTABLISHED: &str = "floor: an established packet (lookup + rewrite)";
+pub const NEW_MAPPING: &str = "floor: a new mapping (lookup that misses, two inserts, rewrite)";
+
 pub fn measure(n: usize, overhead: f64) -> anyhow::Result<Vec<Row>> {
     let fwd = hash_table(FWD_VALUE)?;
     let rev = hash_table(REV_VALUE)?;
@@ -397,7 +401,7 @@ pub fn measure(n: usize, overhead: f64) -> anyhow::Result<Vec<Row>> {
             false,
         ),
         (
-            "floor: an established packet (lookup + rewrite)",
+            ESTABLISHED,
             program(&|a| {
                 a.lookup(&fwd, true);
                 a.rewrite();
@@ -410,7 +414,7 @@ pub fn measure(n: usize, overhead: f64) -> anyhow::Result<Vec<Row>> {
             true,
         ),
         (
-            "floor: a new mapping (lookup that misses, two inserts, rewrite)",
+            NEW_MAPPING,
             program(&|a| {
                 a.lookup(&fwd, false);
                 a.insert(&fwd, FWD_VALUE);

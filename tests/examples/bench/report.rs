@@ -166,6 +166,19 @@ fn at_least(value: f64, target: f64, gap: fn(f64) -> String) -> String {
 
 /// "meets" or "over by …" for a figure that should be at most `target` (`gap` formats the excess:
 /// it must show a non-zero gap as non-zero).
+/// The floor (section 5b) that bounds a datapath row with this target: the same packet with
+/// nothing but hash tables and the checksum helpers.
+fn floor_of(target: f64) -> Option<&'static str> {
+    use crate::{datapath, floor};
+    if target == datapath::TARGET_ESTABLISHED {
+        Some(floor::ESTABLISHED)
+    } else if target == datapath::TARGET_NEW {
+        Some(floor::NEW_MAPPING)
+    } else {
+        None
+    }
+}
+
 fn at_most(value: f64, target: f64, gap: fn(f64) -> String) -> String {
     if !value.is_finite() {
         "not measured".into()
@@ -634,15 +647,7 @@ impl Results {
                 };
                 // The floor of the same packet (section 5b): no design of hash tables and
                 // checksum helpers costs less here.
-                let floor = if r.name.contains("established") {
-                    "an established packet"
-                } else if r.name.contains("new TCP mapping") {
-                    "a new mapping"
-                } else {
-                    ""
-                };
-                let floor = Some(floor)
-                    .filter(|f| !f.is_empty())
+                let floor = floor_of(target)
                     .and_then(|f| self.floor_ns(f))
                     .map_or(String::new(), |f| {
                         format!("; its floor here (section 5b): {}", ns(f))
@@ -958,7 +963,7 @@ impl Results {
                 s,
                 "| workload | t (none) | snat's egress program | program alone | with the floor |\n|---|---:|---:|---:|---:|"
             );
-            let floor = self.floor_ns("an established packet");
+            let floor = self.floor_ns(crate::floor::ESTABLISHED);
             for (key, what) in [("udp1", "one flow"), ("udpN", "many flows")] {
                 let (t, p) = self.program_bound(key);
                 let _ = writeln!(
@@ -985,12 +990,12 @@ impl Results {
     }
 
     /// The net time of the floor row whose name contains `what` (section 5b).
-    fn floor_ns(&self, what: &str) -> Option<f64> {
+    fn floor_ns(&self, name: &str) -> Option<f64> {
         self.datapath
             .as_ref()?
             .floors
             .iter()
-            .find(|f| f.name.contains(what))
+            .find(|f| f.name == name)
             .map(|f| f.net)
     }
 
@@ -1241,20 +1246,13 @@ impl Results {
             s,
             "| operation | median (raw) | net | p10 – p90 (raw) | share of snat's |\n|---|---:|---:|---:|---:|"
         );
-        let snat = |prefix: &str| {
-            d.rows
-                .iter()
-                .find(|r| r.name.starts_with(prefix))
-                .map(|r| r.net)
-        };
         for r in &d.floors {
-            let of = if r.name.contains("established packet") {
-                snat("egress, established TCP")
-            } else if r.name.contains("new mapping") {
-                snat("egress, new TCP mapping")
-            } else {
-                None
-            };
+            // snat's first row bounded by this floor (the IPv4 egress one).
+            let of = d
+                .rows
+                .iter()
+                .find(|row| row.target.and_then(floor_of) == Some(r.name.as_str()))
+                .map(|row| row.net);
             let share = of
                 .filter(|&n| n > 0.0)
                 .map_or("–".into(), |n| format!("{:.0} %", r.net / n * 100.0));

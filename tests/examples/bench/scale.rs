@@ -88,9 +88,14 @@ pub fn cpu_secs(pid: &str) -> f64 {
         .iter()
         .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
         .sum();
+    ticks as f64 / clock_ticks() as f64
+}
+
+/// Clock ticks per second (the unit of `/proc/stat` and of a task's `stat`).
+pub fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / hz as f64
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).unwrap_or(0).max(1)
 }
 
 /// CPU time of all the threads of a process, in seconds, to the nanosecond (the scheduler's

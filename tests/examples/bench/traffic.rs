@@ -153,7 +153,8 @@ pub fn churn_run(
             .map(|p| churn::syn_retrans(p))
             .sum::<u64>()
             - retrans_before;
-        let busy = (crate::exhaustion::busy_ticks()? - busy_before) as f64 / clock_ticks();
+        let busy = (crate::exhaustion::busy_ticks()? - busy_before) as f64
+            / crate::scale::clock_ticks() as f64;
         let secs = started.elapsed().as_secs_f64();
         results.push(&format!("{key}.busy_cores"), c, busy / secs);
         if completed > 0 {
@@ -752,10 +753,4 @@ fn program_time(
     }
     drop(stats);
     Ok(())
-}
-
-/// Clock ticks per second (`/proc/stat`'s unit).
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
