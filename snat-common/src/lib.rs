@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod block;
+pub mod cidr;
 pub mod counter;
 pub mod csum;
 pub mod flow;

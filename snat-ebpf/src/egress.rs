@@ -178,7 +178,8 @@ pub fn mapping<A: Family>(
             unsafe { core::ptr::write_volatile(&raw mut (*p).window, [0; 2]) };
             expiry_event(key);
         }
-        mapping::refresh_forward(p, &m, now()).map_err(|()| Counter::EgressDropReleased)?;
+        mapping::refresh_forward(p, &m, crate::clock::stamp())
+            .map_err(|()| Counter::EgressDropReleased)?;
         return Ok((m.nat_addr, m.nat_port));
     }
     let syn = match seg {

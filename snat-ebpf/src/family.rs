@@ -281,11 +281,11 @@ impl Family for [u8; 4] {
 
     #[inline(always)]
     fn internal(a: Self) -> bool {
-        SNAT_INTERNAL.get(Key::new(32, a)).is_some()
+        crate::cidr::internal(a)
     }
     #[inline(always)]
     fn excluded(a: Self) -> bool {
-        SNAT_EXCLUDE.get(Key::new(32, a)).is_some()
+        crate::cidr::excluded(a)
     }
     #[inline(always)]
     fn nat_count(cfg: &Config, set: u32) -> u32 {

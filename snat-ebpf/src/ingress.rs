@@ -79,7 +79,8 @@ pub fn deliver<A: Family, C: Packet>(
     port_off: usize,
     nat: (A, [u8; 2]),
 ) -> Result<(), Counter> {
-    mapping::refresh_reverse(p, o, now()).map_err(|()| Counter::IngressDropReleased)?;
+    mapping::refresh_reverse(p, o, crate::clock::stamp())
+        .map_err(|()| Counter::IngressDropReleased)?;
     A::rewrite_endpoint(ctx, ip, Side::Dst, port_off, nat, (o.addr, o.port))
         .map_err(|_| Counter::IngressDropRewrite)?;
     fragment_translated::<A>(ip, o.addr);

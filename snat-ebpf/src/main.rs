@@ -29,6 +29,10 @@ mod alloc;
 #[cfg(target_arch = "bpf")]
 mod block;
 #[cfg(target_arch = "bpf")]
+mod cidr;
+#[cfg(target_arch = "bpf")]
+mod clock;
+#[cfg(target_arch = "bpf")]
 mod create;
 #[cfg(target_arch = "bpf")]
 mod egress;

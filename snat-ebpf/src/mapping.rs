@@ -165,7 +165,9 @@ pub fn reverse<A: Family>(key: &FlowKeyOf<A>) -> Option<(*mut OriginOf<A>, Rever
 /// Both pointers point into one live value of `SNAT_FWD` or `SNAT_REV`.
 #[inline(always)]
 unsafe fn refresh(seen: u64, now: u64, stamp: *mut u64, release: *const u32) -> Result<(), ()> {
-    if now.wrapping_sub(seen) <= REFRESH_NS {
+    // Signed: a stamp from a CPU whose clock reading is a tick newer (see `crate::clock`) is
+    // recent, and is not moved back.
+    if (now as i64).wrapping_sub(seen as i64) <= REFRESH_NS as i64 {
         return Ok(());
     }
     // SAFETY: per the caller's contract.

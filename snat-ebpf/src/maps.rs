@@ -27,7 +27,7 @@ use snat_common::{
     REFUSED_FLOWS, REFUSING_SOURCES,
 };
 
-use crate::{alloc::ScanState, create::Pending, family::Family, index::FreePorts};
+use crate::{alloc::ScanState, clock::Reading, create::Pending, family::Family, index::FreePorts};
 
 /// Default size of the big IPv6 maps: the controller sizes them from `--max-mappings` when
 /// IPv6 is configured, and to one entry when not.
@@ -282,6 +282,10 @@ pub static SNAT_PENDING: PerCpuArray<Pending<[u8; 4]>> = PerCpuArray::with_max_e
 /// On a CPU-local line, so it costs no cache-line transfer and no bytes per mapping.
 #[map]
 pub static SNAT_FENCE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU's last reading of the coarse clock, for mapping stamps (see `clock`).
+#[map]
+pub static SNAT_CLOCK: PerCpuArray<Reading> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds `delta` (wrapping: `u64::MAX` subtracts one) to `*p` atomically.
 #[inline(always)]

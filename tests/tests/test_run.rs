@@ -6,6 +6,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
 use snat_common::{
+    cidr,
     flow::{proto, release_result},
     Counter, FlowKey, Origin, ReleaseEntry,
 };
@@ -195,6 +196,72 @@ fn icmp_error_about_udp_is_translated_and_errors_from_pods_too() {
         (NAT, nat_port)
     );
     assert_eq!(dp.count(Counter::EgressTranslatedIcmpError), 1);
+}
+
+/// The internal and excluded networks are checked inline while each list has at most
+/// `cidr::INLINE` networks not inside another, and in the LPM tries beyond: both answer alike, at
+/// either end of each list and just outside it.
+#[test]
+fn internal_and_excluded_networks_inline_and_in_the_trie() {
+    for extra in [2, cidr::INLINE + 2] {
+        let internal: Vec<Ipv4Addr> = (0..extra)
+            .map(|i| Ipv4Addr::new(10, 20 + i as u8, 0, 0))
+            .collect();
+        let excluded: Vec<Ipv4Addr> = (0..extra)
+            .map(|i| Ipv4Addr::new(198, 51, 100, 16 * i as u8))
+            .collect();
+        let mut args: Vec<String> = internal
+            .iter()
+            .map(|a| format!("--internal {a}/16"))
+            .collect();
+        args.extend(excluded.iter().map(|a| format!("--exclude {a}/28")));
+        // A network inside another takes no slot, and changes nothing.
+        args.push("--exclude 198.51.100.4/30".into());
+        let nets = |v: &[Ipv4Addr], len| v.iter().map(|a| (a.octets(), len)).collect::<Vec<_>>();
+        let inline = cidr::Inline::of(&nets(&excluded, 28)).count;
+        assert_eq!(
+            inline == cidr::IN_TRIE,
+            extra > cidr::INLINE,
+            "{extra} networks: {inline}"
+        );
+        let dp = Dp::new(&args.join(" "));
+        let last_pod = |i: &Ipv4Addr| Ipv4Addr::from(u32::from(*i) + 0x0203);
+        for (n, pod) in [POD, last_pod(&internal[0]), last_pod(&internal[extra - 1])]
+            .into_iter()
+            .enumerate()
+        {
+            let out = dp.egress_ok(&packets::tcp(
+                (pod, 41000 + n as u16),
+                (REMOTE, 80),
+                SYN,
+                b"",
+            ));
+            assert_eq!(out.src(), NAT, "{extra} networks: {pod} is internal");
+        }
+        // Just outside the last internal network: the node's own.
+        let outside = Ipv4Addr::from(u32::from(internal[extra - 1]) + 0x1_0000);
+        let own = packets::tcp((outside, 5555), (REMOTE, 80), SYN, b"");
+        assert_eq!(dp.egress(&own), (PASS, own.clone()), "{extra} networks");
+        for dst in [
+            excluded[0],
+            Ipv4Addr::new(198, 51, 100, 5),
+            Ipv4Addr::from(u32::from(excluded[extra - 1]) + 15),
+        ] {
+            let east = packets::tcp((POD, 5556), (dst, 80), SYN, b"");
+            assert_eq!(
+                dp.egress(&east),
+                (PASS, east.clone()),
+                "{extra} networks: {dst}"
+            );
+        }
+        // Just past the last excluded network: translated.
+        let past = Ipv4Addr::from(u32::from(excluded[extra - 1]) + 16);
+        let out = dp.egress_ok(&packets::tcp((POD, 5557), (past, 80), SYN, b""));
+        assert_eq!(out.src(), NAT, "{extra} networks: {past} is not excluded");
+        assert_eq!(dp.count(Counter::EgressPassNotInternal), 1);
+        assert_eq!(dp.count(Counter::EgressPassExcluded), 3);
+        assert_eq!(dp.count(Counter::CreatedTcp), 4);
+    }
 }
 
 #[test]

@@ -39,6 +39,7 @@ use snat_common::{
         GLOBAL_BLOCK_BASE, GLOBAL_BLOCK_COUNT, GLOBAL_BLOCK_SHIFT, MAP_BLOCKS, MAP_BLOCK_LEASE,
         MAP_OPEN_BLOCKS,
     },
+    cidr,
     flow::release_batch,
     maps6, pool, Ipv4Octets, ReleaseEntry, ReleaseEntry6, StateHeader, MAP_ALLOC_NS, MAP_CONFIG,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EXCLUDE, MAP_EXHAUSTED, MAP_EXPIRY_EVENTS, MAP_FREE_PORTS,
@@ -66,6 +67,15 @@ pub use self::{
 
 /// The eBPF object built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/snat"));
+
+/// How a list of networks is checked, for the log.
+fn inline_or_trie(count: u32) -> String {
+    if count == cidr::IN_TRIE {
+        format!("in the LPM trie (more than {} after merging)", cidr::INLINE)
+    } else {
+        format!("inline ({count})")
+    }
+}
 
 /// How the programs are attached to the uplink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +277,20 @@ impl Engine {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // The networks checked inline (see `snat_common::cidr`); the tries get them all anyway.
+        let inline = |nets: &[crate::settings::cidr::Ipv4Cidr]| {
+            let nets: Vec<_> = nets
+                .iter()
+                .map(|c| (c.addr().octets(), c.prefix_len()))
+                .collect();
+            cidr::Inline::of(&nets)
+        };
+        let (internal, exclude) = (inline(&settings.internal), inline(&settings.exclude));
+        debug!(
+            "internal networks checked {}, excluded ones {}",
+            inline_or_trie(internal.count),
+            inline_or_trie(exclude.count)
+        );
         let layout = cluster.map(blocks::layout);
         let (shift, base, count) =
             layout.map_or((0u32, 0u32, 0u32), |l| (l.shift, l.base, l.count));
@@ -275,6 +299,10 @@ impl Engine {
             .override_global(GLOBAL_BLOCK_SHIFT, &shift, true)
             .override_global(GLOBAL_BLOCK_BASE, &base, true)
             .override_global(GLOBAL_BLOCK_COUNT, &count, true)
+            .override_global(cidr::GLOBAL_INTERNAL, &internal.pairs, true)
+            .override_global(cidr::GLOBAL_INTERNAL_COUNT, &internal.count, true)
+            .override_global(cidr::GLOBAL_EXCLUDE, &exclude.pairs, true)
+            .override_global(cidr::GLOBAL_EXCLUDE_COUNT, &exclude.count, true)
             .load(EBPF_OBJECT)
             .doing(|| "loading the eBPF object (are you root?)".into())?;
         load_classifiers(
