@@ -71,7 +71,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// How a list of networks is checked, for the log.
 fn inline_or_trie(count: u32) -> String {
     if count == cidr::IN_TRIE {
-        format!("in the LPM trie (more than {} after merging)", cidr::INLINE)
+        format!(
+            "in the LPM trie (more than {} not inside another)",
+            cidr::INLINE
+        )
     } else {
         format!("inline ({count})")
     }
