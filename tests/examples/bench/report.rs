@@ -475,8 +475,9 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            "- **Run:** each contender has its own copy of the topology. Churn: {} round(s), \
-             each running every contender's churn once, the order rotating by one each round. \
+            "- **Run:** each contender has its own copy of the topology (a lab). Churn: {} \
+             round(s), each running every contender's churn once, one at a time, the order and \
+             the labs rotating by one each round (so no contender keeps one lab's quirks). \
              Packet rate and bulk: all contenders set up at once, {} short windows each, \
              alternating between contenders (the order rotating), so the machine's drift hits \
              all alike. Figures are medians over rounds or windows with (min–max){}. Ratios \
