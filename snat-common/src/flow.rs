@@ -771,8 +771,9 @@ impl<A: Addr> ReleaseEntryOf<A> {
 /// Outcomes of a [`ReleaseEntry`].
 /// Mappings record a packet's time only when it moved on by this much, to spare the cache line:
 /// a stamp may be this much older than the packet it stands for (and a few timer ticks more: the
-/// datapath reads the coarse clock once per tick and CPU, `snat-ebpf/src/clock.rs`). Idle timeouts are at least a
-/// second, so a mapping refreshed less than this long ago is never being released.
+/// datapath reads the coarse clock once per tick and CPU, `snat-ebpf/src/clock.rs`). Idle
+/// timeouts are at least a second, so a mapping refreshed less than this long ago is never being
+/// released.
 pub const REFRESH_NS: u64 = 100_000_000;
 
 pub mod release_result {

@@ -5,8 +5,9 @@
 //! call, and on AMD hosts with the SRSO "safe RET" mitigation every call and return inside the
 //! kernel is dear: the read was about 40–55 ns of an established packet's ~300 (issue 15's
 //! ablation in docs/benchmarks.md). `bpf_jiffies64` is one load (the verifier inlines it on
-//! 64-bit JITs), and so is this CPU's slot of a per-CPU array (inlined on x86-64 since 6.11), so
-//! a packet reads the clock only when its CPU saw no packet yet in this tick.
+//! 64-bit JITs), and so is the lookup of this CPU's slot of a per-CPU array (inlined on x86-64
+//! in recent kernels: both seen in `bpftool prog dump xlated` on 6.18), so a packet reads the
+//! clock only when its CPU saw no packet yet in this tick.
 //!
 //! The cached value can be up to a tick older than a fresh read would be (the tick may advance
 //! `jiffies` just before the timekeeper), and a slot written by an interrupted program may pair
