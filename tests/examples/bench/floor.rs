@@ -356,12 +356,12 @@ fn key_of(frame: &[u8]) -> [u8; KEY as usize] {
     k
 }
 
-/// The floor rows, `n` samples each, `overhead` (the clock's cost, from the datapath rows)
-/// subtracted in `net`.
 /// The two floors that bound a datapath row with a target (the report pairs them by name).
 pub const ESTABLISHED: &str = "floor: an established packet (lookup + rewrite)";
 pub const NEW_MAPPING: &str = "floor: a new mapping (lookup that misses, two inserts, rewrite)";
 
+/// The floor rows, `n` samples each, `overhead` (the clock's cost, from the datapath rows)
+/// subtracted in `net`.
 pub fn measure(n: usize, overhead: f64) -> anyhow::Result<Vec<Row>> {
     let fwd = hash_table(FWD_VALUE)?;
     let rev = hash_table(REV_VALUE)?;

@@ -164,8 +164,6 @@ fn at_least(value: f64, target: f64, gap: fn(f64) -> String) -> String {
     }
 }
 
-/// "meets" or "over by …" for a figure that should be at most `target` (`gap` formats the excess:
-/// it must show a non-zero gap as non-zero).
 /// The floor (section 5b) that bounds a datapath row with this target: the same packet with
 /// nothing but hash tables and the checksum helpers.
 fn floor_of(target: f64) -> Option<&'static str> {
@@ -179,6 +177,8 @@ fn floor_of(target: f64) -> Option<&'static str> {
     }
 }
 
+/// "meets" or "over by …" for a figure that should be at most `target` (`gap` formats the excess:
+/// it must show a non-zero gap as non-zero).
 fn at_most(value: f64, target: f64, gap: fn(f64) -> String) -> String {
     if !value.is_finite() {
         "not measured".into()
@@ -990,7 +990,7 @@ impl Results {
         (t, p)
     }
 
-    /// The net time of the floor row whose name contains `what` (section 5b).
+    /// The net time of the floor row named `name` (section 5b).
     fn floor_ns(&self, name: &str) -> Option<f64> {
         self.datapath
             .as_ref()?
