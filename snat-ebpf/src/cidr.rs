@@ -3,8 +3,14 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{maps::lpm_trie::Key, Global};
-use snat_common::cidr::{contains, Pair, INLINE, IN_TRIE};
+use aya_ebpf::{
+    maps::lpm_trie::{Key, LpmTrie},
+    Global,
+};
+use snat_common::{
+    cidr::{contains, Pair, INLINE, IN_TRIE},
+    Ipv4Octets,
+};
 
 use crate::maps::{SNAT_EXCLUDE, SNAT_INTERNAL};
 
@@ -49,22 +55,40 @@ static SNAT_EXCLUDE_INLINE: Pairs = Pairs::new();
 #[unsafe(no_mangle)]
 static SNAT_EXCLUDE_INLINE_COUNT: Global<u32> = Global::new(IN_TRIE);
 
+/// Whether `addr` is in the list whose inline form is `pairs` and `count`, or, when that is
+/// [`IN_TRIE`], in `trie`.
+#[inline(always)]
+fn check(
+    pairs: &Pairs,
+    count: &Global<u32>,
+    trie: &LpmTrie<Ipv4Octets, u8>,
+    addr: [u8; 4],
+) -> bool {
+    let count = count.load();
+    if count == IN_TRIE {
+        return trie.get(Key::new(32, addr)).is_some();
+    }
+    pairs.any(count, addr)
+}
+
 /// Whether `addr` is in an internal network.
 #[inline(always)]
 pub fn internal(addr: [u8; 4]) -> bool {
-    let count = SNAT_INTERNAL_INLINE_COUNT.load();
-    if count == IN_TRIE {
-        return SNAT_INTERNAL.get(Key::new(32, addr)).is_some();
-    }
-    SNAT_INTERNAL_INLINE.any(count, addr)
+    check(
+        &SNAT_INTERNAL_INLINE,
+        &SNAT_INTERNAL_INLINE_COUNT,
+        &SNAT_INTERNAL,
+        addr,
+    )
 }
 
 /// Whether `addr` is in an excluded network.
 #[inline(always)]
 pub fn excluded(addr: [u8; 4]) -> bool {
-    let count = SNAT_EXCLUDE_INLINE_COUNT.load();
-    if count == IN_TRIE {
-        return SNAT_EXCLUDE.get(Key::new(32, addr)).is_some();
-    }
-    SNAT_EXCLUDE_INLINE.any(count, addr)
+    check(
+        &SNAT_EXCLUDE_INLINE,
+        &SNAT_EXCLUDE_INLINE_COUNT,
+        &SNAT_EXCLUDE,
+        addr,
+    )
 }
