@@ -213,6 +213,33 @@ pub const MAX_FULL_DESTINATIONS: u32 = 4096;
 /// defaults): one recheck each per 10 s keeps that cost a small fraction of a core.
 pub const FULL_RECHECK_NS: u64 = 10_000_000_000;
 
+/// Whether the time stamp `then` lies less than `span` ns before `now` (both
+/// `CLOCK_MONOTONIC_COARSE` ns). Signed: the datapath stamps with each CPU's own reading of the
+/// coarse clock, which may be a tick behind another CPU's, so a stamp can lie a little after
+/// `now`. That counts as recent, never as long ago (an unsigned difference would wrap).
+#[inline(always)]
+pub const fn within_ns(now: u64, then: u64, span: u64) -> bool {
+    (now.wrapping_sub(then) as i64) < span as i64
+}
+
+#[cfg(test)]
+mod within_tests {
+    use super::within_ns;
+
+    #[test]
+    fn a_stamp_from_a_later_tick_is_recent() {
+        let tick = 4_000_000;
+        assert!(within_ns(10 * tick, 9 * tick, 2 * tick));
+        assert!(!within_ns(10 * tick, 8 * tick, 2 * tick));
+        assert!(!within_ns(10 * tick, 7 * tick, 2 * tick));
+        // `then` a tick after `now`: recent, not 2^64 − 4 ms ago.
+        assert!(within_ns(10 * tick, 11 * tick, 2 * tick));
+        assert!(within_ns(0, tick, 1));
+        // Across the wrap of the counter.
+        assert!(within_ns(5, u64::MAX - 5, 20));
+    }
+}
+
 /// LRU hash (ICMP, remote, 0, node address, identifier) — the reply key of the node's own echo
 /// requests — → `CLOCK_MONOTONIC_COARSE` ns of the latest: identifiers the node's ping sockets use
 /// towards a remote, which pods are not given on that NAT IP ([`HOST_ECHO_HOLD_NS`]).

@@ -37,8 +37,8 @@ use snat_common::{
         },
         RANDOM_TRIES,
     },
-    Config, Counter, FlowKeyOf, FullMark, MappingOf, NatIpOf, OriginOf, UseKeyOf, FULL_RECHECK_NS,
-    HOST_ECHO_HOLD_NS, MAX_NAT_IPS,
+    within_ns, Config, Counter, FlowKeyOf, FullMark, MappingOf, NatIpOf, OriginOf, UseKeyOf,
+    FULL_RECHECK_NS, HOST_ECHO_HOLD_NS, MAX_NAT_IPS,
 };
 
 use crate::{
@@ -125,7 +125,7 @@ fn host_uses<A: Family>(
         return A::host_echo()
             .get_ptr(reply)
             // SAFETY: pointer from a successful lookup, read at once.
-            .is_some_and(|t| now.wrapping_sub(unsafe { *t }) < HOST_ECHO_HOLD_NS);
+            .is_some_and(|t| within_ns(now, unsafe { *t }, HOST_ECHO_HOLD_NS));
     }
     A::socket_uses(skb, reply, rport)
 }
@@ -464,7 +464,7 @@ fn known_full<A: Family>(dest: &FlowKeyOf<A>, cfg: &Config, now: u64) -> bool {
         // SAFETY: pointer from a successful lookup, copied out at once.
         .map(|p| unsafe { *p })
         .is_some_and(|f| {
-            f.generation == cfg.generation && now.wrapping_sub(f.since_ns) < FULL_RECHECK_NS
+            f.generation == cfg.generation && within_ns(now, f.since_ns, FULL_RECHECK_NS)
         })
 }
 

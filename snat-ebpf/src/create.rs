@@ -11,10 +11,7 @@
 //! one lookup (its destination is marked full), so a flow that overflows pays for each NAT IP it
 //! skips, and a flow that does not overflow pays nothing extra.
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use aya_log_ebpf::{debug, warn};
 use snat_common::{flow::proto, Config, Counter, FlowKeyOf, MAX_POOL_TRIES};
 
@@ -81,8 +78,10 @@ pub fn run<A: Family>(ctx: &TcContext) -> Verdict {
 #[inline(always)]
 fn new_mapping<A: Family>(ctx: &TcContext, pending: &mut Pending<A>) -> Result<(A, [u8; 2]), Stop> {
     let key = &pending.key;
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // This CPU's reading of the coarse clock (see `crate::clock`): the mapping's first stamps and
+    // the refusal's times, compared with `within_ns` since other CPUs' readings may be a tick
+    // newer.
+    let now = crate::clock::stamp();
     // (Only in cluster mode: outside it the verifier drops the answer's code from the program.)
     if crate::block::layout().is_some() && key.proto == proto::TCP && !pending.syn.syn {
         return Err(not_syn::<A>(ctx, &pending.ip, now));

@@ -20,11 +20,11 @@ use snat_common::{
     flow::{
         use_count, Endpoint, Endpoint6, FragKey, FragKey6, FragValue, FragValue6, FRAG_TIMEOUT_NS,
     },
-    Config, Counter, FlowKey, FlowKey6, FlowKeyOf, FullMark, Ipv4Octets, Mapping, Mapping6, NatIp,
-    NatIp6, Origin, Origin6, PoolKey, PoolKey6, PoolKeyOf, RejectWindow, StateHeader, UseKey,
-    UseKey6, UseKeyOf, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED, MAX_FULL_DESTINATIONS,
-    MAX_HOST_ECHOES, MAX_HOT_DESTINATIONS, MAX_NAT_IPS, PROGRAM_SLOTS, REFUSAL_WINDOW_NS,
-    REFUSED_FLOWS, REFUSING_SOURCES,
+    within_ns, Config, Counter, FlowKey, FlowKey6, FlowKeyOf, FullMark, Ipv4Octets, Mapping,
+    Mapping6, NatIp, NatIp6, Origin, Origin6, PoolKey, PoolKey6, PoolKeyOf, RejectWindow,
+    StateHeader, UseKey, UseKey6, UseKeyOf, DEFAULT_MAX_MAPPINGS, MAX_CIDRS, MAX_FRAGMENTED,
+    MAX_FULL_DESTINATIONS, MAX_HOST_ECHOES, MAX_HOT_DESTINATIONS, MAX_NAT_IPS, PROGRAM_SLOTS,
+    REFUSAL_WINDOW_NS, REFUSED_FLOWS, REFUSING_SOURCES,
 };
 
 use crate::{alloc::ScanState, clock::Reading, create::Pending, family::Family, index::FreePorts};
@@ -360,7 +360,7 @@ pub fn count_refusal<A: Family>(key: &FlowKeyOf<A>, nat: A, now: u64, exhausted:
         Some(p) => {
             // SAFETY: pointer from a successful lookup; a torn read only misjudges freshness.
             let last = unsafe { &mut *p };
-            let fresh = now.wrapping_sub(*last) > REFUSAL_WINDOW_NS;
+            let fresh = !within_ns(now, *last, REFUSAL_WINDOW_NS);
             *last = now;
             fresh
         }

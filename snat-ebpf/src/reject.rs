@@ -26,7 +26,7 @@ use snat_common::{
     csum,
     flow::proto,
     ip6::{icmp6, next_header, HEADER_LEN},
-    Config, Counter, SLOT_REJECT6,
+    within_ns, Config, Counter, SLOT_REJECT6,
 };
 
 use crate::{
@@ -46,7 +46,7 @@ fn within_rate(cfg: &Config, now: u64) -> bool {
     };
     // SAFETY: this CPU's slot of a per-CPU array.
     let w = unsafe { &mut *w };
-    if now.wrapping_sub(w.start_ns) >= 1_000_000_000 {
+    if !within_ns(now, w.start_ns, 1_000_000_000) {
         w.start_ns = now;
         w.sent = 0;
     }
