@@ -154,6 +154,9 @@ pub struct ScanState<A: Family> {
     /// The flow's real remote port (UDP keys carry 0), for the host socket lookup.
     rport: [u8; 2],
     _pad: [u8; 2],
+    /// The NAT endpoint the flow's internal endpoint had (`SNAT_ENDPOINTS`) when the search
+    /// began; protocol 0 if none (see `remember_endpoint`).
+    hint: EndpointOf<A>,
     /// Random: the search's first summary word (`0..words`); the walk's starting offset into
     /// the range (any `u32`, reduced modulo its length).
     start: u32,
@@ -500,16 +503,20 @@ fn find_port<A: Family>(
 
     // The NAT port this internal endpoint had towards another destination, if still in range.
     let endpoint = EndpointOf::new(fwd.src_addr, fwd.src_port, fwd.proto);
-    // SAFETY: pointer from a successful lookup, copied out at once.
-    if let Some(last) = A::endpoints().get_ptr(endpoint).map(|p| unsafe { *p }) {
-        let port = u16::from_be_bytes(last.port);
-        if last.addr == st.nat.addr
-            && pool::preserved(&st.nat, port).is_some()
-            && open_port(cluster, st, last.port)
-            && try_port(skb, st, last.port, Counter::AllocSameEndpoint)?
-        {
-            return index_claimed(hot, st);
-        }
+    // Copied into the scan state, not onto the stack (an IPv6 one would not fit).
+    match A::endpoints().get_ptr(endpoint) {
+        // SAFETY: pointer from a successful lookup, copied out at once.
+        Some(p) => st.hint = unsafe { *p },
+        None => st.hint.proto = 0,
+    }
+    let port = st.hint.port;
+    if st.hint.proto != 0
+        && st.hint.addr == st.nat.addr
+        && pool::preserved(&st.nat, u16::from_be_bytes(port)).is_some()
+        && open_port(cluster, st, port)
+        && try_port(skb, st, port, Counter::AllocSameEndpoint)?
+    {
+        return index_claimed(hot, st);
     }
     if let Some(port) = pool::preserved(&st.nat, u16::from_be_bytes(fwd.src_port)) {
         if open_port(cluster, st, port.to_be_bytes())
@@ -710,18 +717,26 @@ pub fn create<A: Family>(
 }
 
 /// Remembers that the internal endpoint of `fwd` got `nat_addr:port`, so its next flow tries it
-/// first (endpoint-independent mapping).
+/// first (endpoint-independent mapping). The hint the search read for it is in this CPU's scan
+/// state ([`ScanState`]'s `hint`; read there, not passed: a fourth argument overflowed
+/// `snat_create6`'s stack).
+///
+/// Nothing is written when the hint is right already, and when there is none and the NAT port is
+/// the pod's own: the next flow tries the pod's own port right after the hint ([`find_port`]),
+/// under the same conditions (in range, in an open block), so a hint would only repeat it. The
+/// hint is read once per new mapping, not again here. Both matter because the LRU insert is the
+/// dearest step of a new mapping after the claim and the mapping's insert (ablation in
+/// docs/benchmarks.md), and pods' ephemeral ports mostly lie in the NAT range and are kept.
 #[inline(never)]
 fn remember_endpoint<A: Family>(fwd: &FlowKeyOf<A>, nat_addr: A, port: [u8; 2]) {
-    let endpoint = EndpointOf::new(fwd.src_addr, fwd.src_port, fwd.proto);
+    let Some(st) = state::<A>() else {
+        return;
+    };
+    let hint = &st.hint;
     let nat_end = EndpointOf::new(nat_addr, port, fwd.proto);
-    // Most new flows of a busy endpoint reuse the NAT port it already has: then the hint is
-    // already right, and a lookup is far cheaper than rewriting an LRU entry.
-    // SAFETY: pointer from a successful lookup, read at once.
-    let endpoint_map = A::endpoints();
-    // SAFETY: pointer from a successful lookup, read at once.
-    let known = endpoint_map.get_ptr(endpoint).map(|p| unsafe { *p });
-    if known != Some(nat_end) {
-        let _ = endpoint_map.insert(endpoint, nat_end, 0);
+    let own_port = hint.proto == 0 && port == fwd.src_port;
+    if *hint != nat_end && !own_port {
+        let endpoint = EndpointOf::new(fwd.src_addr, fwd.src_port, fwd.proto);
+        let _ = A::endpoints().insert(endpoint, nat_end, 0);
     }
 }

@@ -707,6 +707,36 @@ fn mapping_is_endpoint_independent_when_the_port_is_free() {
 }
 
 #[test]
+fn a_kept_port_needs_no_hint_and_a_moved_one_gets_one() {
+    // Port 40000 is inside the range: kept towards every destination by port preservation,
+    // which comes right after the endpoint's hint, so no hint is written for it.
+    let dp = Dp::new("");
+    let pod2 = Ipv4Addr::new(10, 1, 0, 3);
+    let remote = |i: u8| Ipv4Addr::new(203, 0, 113, 20 + i);
+    let sport = |dp: &Dp, src, dst| {
+        dp.egress_ok(&packets::tcp((src, 40000), (dst, 80), SYN, b""))
+            .tcp()
+            .source_port
+    };
+    assert_eq!(sport(&dp, POD, remote(0)), 40000);
+    assert_eq!(sport(&dp, POD, remote(1)), 40000);
+    assert_eq!(dp.count(Counter::AllocPreserved), 2);
+    assert_eq!(
+        dp.count(Counter::AllocSameEndpoint),
+        0,
+        "no hint was written"
+    );
+    // Another pod holds 40000 towards remote(2) first: the pod's flow there gets another port,
+    // and from then on its endpoint's hint says so (RFC 4787 REQ-1 for its next flows).
+    assert_eq!(sport(&dp, pod2, remote(2)), 40000);
+    let moved = sport(&dp, POD, remote(2));
+    assert_ne!(moved, 40000);
+    assert_eq!(dp.count(Counter::AllocRandom), 1);
+    assert_eq!(sport(&dp, POD, remote(3)), moved);
+    assert_eq!(dp.count(Counter::AllocSameEndpoint), 1);
+}
+
+#[test]
 fn icmp_errors_neither_end_nor_refresh_a_mapping() {
     // RFC 4787 REQ-12, RFC 5508: an error is translated but changes nothing about the mapping.
     let mut dp = Dp::new("");

@@ -40,7 +40,7 @@ use snat_common::{
     PROG_XDP, XDP_DONE,
 };
 use snat_user::{
-    datapath::{Counters, Engine, NatPool, Tables6},
+    datapath::{Counters, Engine, NatPool, Tables, Tables6},
     settings::{
         cli::{Cli, Command},
         Interface, Policy, Settings,
@@ -340,6 +340,15 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
 
     rows.extend(ipv6_rows(&mut engine, &tables6, plan, overhead, &mut out)?);
 
+    rows.push(kept_port_row(
+        &mut engine,
+        &tables,
+        &counters,
+        plan,
+        overhead,
+        &mut out,
+    )?);
+
     // New mappings towards one destination whose range is more and more claimed.
     // The established flow above holds one port towards the destination already.
     let mut claimed: u32 = 1;
@@ -414,6 +423,61 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
         rows,
         floors,
     })
+}
+
+/// New mappings whose NAT port is the pod's own (its source port lies in the range and is free
+/// towards the destination), the common case for pods whose ephemeral ports lie in the NAT
+/// range, with nothing else claimed towards the destination but the established flow's port.
+/// Each mapping is released right after; a SYN whose port was not kept (the established flow's
+/// port) is not counted. Informational: the targets are judged on the rows of a fresh port.
+fn kept_port_row(
+    engine: &mut Engine,
+    tables: &Tables,
+    counters: &Counters,
+    plan: &Plan,
+    overhead: f64,
+    out: &mut [u8],
+) -> anyhow::Result<Row> {
+    crate::check()?;
+    let kept_before = counter(counters, Counter::AllocPreserved)?;
+    let hist_before = counters.alloc_histogram()?;
+    let mut ns = Vec::with_capacity(plan.dp_new_samples);
+    for i in 0..plan.dp_new_samples {
+        let sport = 40_000 + (i % 20_000) as u16;
+        let frame = packets::tcp((POD, sport), (REMOTE, 80), SYN, b"");
+        let (ret, d, _) = run(engine, PROG_EGRESS, &frame, 1, out)?;
+        if ret != PASS {
+            bail!("a SYN from the pod's port {sport} was refused (verdict {ret})");
+        }
+        // The TCP source port of the translated frame (Ethernet, IPv4 without options).
+        if u16::from_be_bytes([out[34], out[35]]) == sport {
+            ns.push(d);
+        }
+        let key = packets::flow_key(proto::TCP, (POD, sport), (REMOTE, 80));
+        let mut entry = [tables.release_entry(key).context("the new mapping")?];
+        engine.release(&mut entry)?;
+        if entry[0].result != release_result::RELEASED {
+            bail!("releasing a benchmark mapping returned {}", entry[0].result);
+        }
+    }
+    let kept = counter(counters, Counter::AllocPreserved)? - kept_before;
+    if kept != ns.len() as u64 {
+        bail!(
+            "{kept} ports kept by the datapath's count, {} by the frames",
+            ns.len()
+        );
+    }
+    let hist = counters.alloc_histogram()?;
+    let timed = hist.count - hist_before.count;
+    let mut r = row(
+        "egress, new TCP mapping, the pod's own port kept, range 0.0 % claimed",
+        ns,
+        overhead,
+    );
+    r.occupancy = Some(0.0);
+    r.scan_share = Some(0.0);
+    r.alloc_mean = (timed > 0).then(|| (hist.sum_ns - hist_before.sum_ns) as f64 / timed as f64);
+    Ok(r)
 }
 
 /// NAT66 (a dual-stack node): the same paths for IPv6 frames, which the IPv4 programs hand to

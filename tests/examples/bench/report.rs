@@ -1163,7 +1163,10 @@ impl Results {
              32,768 ports claimed to the given share beforehand by real mappings (SYNs from other \
              pods through the same program, so from 7/8 on the destination is hot and has its \
              free-port index); each mapping is released right after, so occupancy stays \
-             constant. **walks**: share of new mappings that needed the walk of the whole range \
+             constant. **The pod's own port kept**: the same, but from source ports inside the \
+             range (40000 on) and free towards the destination, so the NAT port is the pod's \
+             own — the common case where pods' ephemeral ports lie in the NAT range; no target \
+             (the targets are judged on fresh ports). **walks**: share of new mappings that needed the walk of the whole range \
              after the pod's port, 8 random tries (skipped while the destination is hot) and the \
              index. **allocation \
              alone**: the mean the datapath's own allocation timer (`SNAT_ALLOC_NS`, two \
