@@ -372,12 +372,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
                 continue;
             }
             ns.push(d);
-            let key = packets::flow_key(proto::TCP, (POD, sport), (REMOTE, 80));
-            let mut entry = [tables.release_entry(key).context("the new mapping")?];
-            engine.release(&mut entry)?;
-            if entry[0].result != release_result::RELEASED {
-                bail!("releasing a benchmark mapping returned {}", entry[0].result);
-            }
+            release_syn(&mut engine, &tables, sport)?;
         }
         let scans = counter(&counters, Counter::AllocScan)? - scans_before;
         let hist = counters.alloc_histogram()?;
@@ -425,6 +420,18 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
     })
 }
 
+/// Releases the mapping a benchmark SYN from the pod's port `sport` to the server made, through
+/// the kernel's release program as the agent does, so the next SYN meets the same occupancy.
+fn release_syn(engine: &mut Engine, tables: &Tables, sport: u16) -> anyhow::Result<()> {
+    let key = packets::flow_key(proto::TCP, (POD, sport), (REMOTE, 80));
+    let mut entry = [tables.release_entry(key).context("the new mapping")?];
+    engine.release(&mut entry)?;
+    if entry[0].result != release_result::RELEASED {
+        bail!("releasing a benchmark mapping returned {}", entry[0].result);
+    }
+    Ok(())
+}
+
 /// New mappings whose NAT port is the pod's own (its source port lies in the range and is free
 /// towards the destination), the common case for pods whose ephemeral ports lie in the NAT
 /// range, with nothing else claimed towards the destination but the established flow's port.
@@ -453,12 +460,7 @@ fn kept_port_row(
         if u16::from_be_bytes([out[34], out[35]]) == sport {
             ns.push(d);
         }
-        let key = packets::flow_key(proto::TCP, (POD, sport), (REMOTE, 80));
-        let mut entry = [tables.release_entry(key).context("the new mapping")?];
-        engine.release(&mut entry)?;
-        if entry[0].result != release_result::RELEASED {
-            bail!("releasing a benchmark mapping returned {}", entry[0].result);
-        }
+        release_syn(engine, tables, sport)?;
     }
     let kept = counter(counters, Counter::AllocPreserved)? - kept_before;
     if kept != ns.len() as u64 {
