@@ -1,5 +1,5 @@
-//! The time a packet stamps on its mapping: the kernel's coarse clock, read once per tick and
-//! CPU.
+//! The time a packet stamps on its mapping (and a new mapping's first stamps and refusal times,
+//! in `snat_create`): the kernel's coarse clock, read once per tick and CPU.
 //!
 //! The coarse clock only moves at a timer tick, when `jiffies` does, yet reading it is a helper
 //! call, and on AMD hosts with the SRSO "safe RET" mitigation every call and return inside the
