@@ -86,6 +86,20 @@ fn a_killed_agent_restarts_without_losing_flows() {
     });
     assert_ne!(after, seen);
     drop(conn);
+    // Both connections were closed by the pod; each close ends with the pod's last ACK, which
+    // must leave translated: `--on-stop open` below lets the pod's own address out once the
+    // programs are gone. The pod's sockets reach TIME_WAIT when that ACK has been sent.
+    let server = SERVER.to_string();
+    let closed = tests::traffic::wait_for(Duration::from_secs(3), || {
+        let ss = topo.pods[0]
+            .ns
+            .exec(&["ss", "-Htn", "exclude", "time-wait", "dst", &server]);
+        String::from_utf8_lossy(&ss.stdout)
+            .trim()
+            .is_empty()
+            .then_some(())
+    });
+    assert!(closed.is_some(), "the pod's connections did not close");
 
     // A plain stop removes everything, pins included.
     let (status, _) = second.stop();
