@@ -357,8 +357,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
         crate::check()?;
         let want = (occupancy * f64::from(RANGE_LEN)).round() as u32;
         prefill(&mut engine, &mut claimed, want, &mut out)?;
-        let scans_before = counter(&counters, Counter::AllocScan)?;
-        let hist_before = counters.alloc_histogram()?;
+        let deltas = Deltas::start(&counters)?;
         let mut ns = Vec::with_capacity(plan.dp_new_samples);
         let mut refused = 0;
         for _ in 0..plan.dp_new_samples {
@@ -374,9 +373,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
             ns.push(d);
             release_syn(&mut engine, &tables, sport)?;
         }
-        let scans = counter(&counters, Counter::AllocScan)? - scans_before;
-        let hist = counters.alloc_histogram()?;
-        let timed = hist.count - hist_before.count;
+        let scans = deltas.of(Counter::AllocScan)?;
         let name = format!(
             "egress, new TCP mapping, range {:.1} % claimed",
             occupancy * 100.0
@@ -385,8 +382,7 @@ pub fn measure(plan: &Plan) -> anyhow::Result<Datapath> {
         r.occupancy = Some(occupancy);
         r.scan_share = Some(scans as f64 / r.samples.max(1) as f64);
         r.refused = refused;
-        r.alloc_mean =
-            (timed > 0).then(|| (hist.sum_ns - hist_before.sum_ns) as f64 / timed as f64);
+        r.alloc_mean = deltas.alloc_mean()?;
         r.target = Some(TARGET_NEW);
         rows.push(r);
         crate::say(format_args!(
@@ -446,8 +442,7 @@ fn kept_port_row(
     out: &mut [u8],
 ) -> anyhow::Result<Row> {
     crate::check()?;
-    let kept_before = counter(counters, Counter::AllocPreserved)?;
-    let hist_before = counters.alloc_histogram()?;
+    let deltas = Deltas::start(counters)?;
     let mut ns = Vec::with_capacity(plan.dp_new_samples);
     for i in 0..plan.dp_new_samples {
         let sport = 40_000 + (i % 20_000) as u16;
@@ -462,15 +457,13 @@ fn kept_port_row(
         }
         release_syn(engine, tables, sport)?;
     }
-    let kept = counter(counters, Counter::AllocPreserved)? - kept_before;
+    let kept = deltas.of(Counter::AllocPreserved)?;
     if kept != ns.len() as u64 {
         bail!(
             "{kept} ports kept by the datapath's count, {} by the frames",
             ns.len()
         );
     }
-    let hist = counters.alloc_histogram()?;
-    let timed = hist.count - hist_before.count;
     let mut r = row(
         "egress, new TCP mapping, the pod's own port kept, range 0.0 % claimed",
         ns,
@@ -478,7 +471,7 @@ fn kept_port_row(
     );
     r.occupancy = Some(0.0);
     r.scan_share = Some(0.0);
-    r.alloc_mean = (timed > 0).then(|| (hist.sum_ns - hist_before.sum_ns) as f64 / timed as f64);
+    r.alloc_mean = deltas.alloc_mean()?;
     Ok(r)
 }
 

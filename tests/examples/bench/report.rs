@@ -1166,8 +1166,8 @@ impl Results {
              constant. **The pod's own port kept**: the same, but from source ports inside the \
              range (40000 on) and free towards the destination, so the NAT port is the pod's \
              own — the common case where pods' ephemeral ports lie in the NAT range; no target \
-             (the targets are judged on fresh ports). **walks**: share of new mappings that needed the walk of the whole range \
-             after the pod's port, 8 random tries (skipped while the destination is hot) and the \
+             (the targets are judged on fresh ports). **walks**: share of new mappings that \
+             needed the walk of the whole range after the pod's port, 8 random tries (skipped while the destination is hot) and the \
              index. **allocation \
              alone**: the mean the datapath's own allocation timer (`SNAT_ALLOC_NS`, two \
              `bpf_ktime_get_ns` around claiming the port and publishing the mapping) recorded for \
