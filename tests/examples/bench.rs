@@ -13,8 +13,10 @@
 //!   our own in the node's namespace;
 //! - `snat`: the agent on the node's uplink with `--port-range 32768:65535`.
 //!
-//! Workloads: churn of short TCP connections to one destination and to many server ports, UDP
-//! packet rate (one flow, many flows), bulk TCP (iperf3); a pod hammering an exhausted
+//! Workloads: churn of short TCP connections to one destination and to many server ports (and,
+//! not compared, one more run of `snat` per round with its programs' time per connection taken
+//! from the kernel's BPF statistics), UDP packet rate (one flow, many flows), bulk TCP (iperf3);
+//! a pod hammering an exhausted
 //! destination with new flows against an established flow at the same rate (the node's softirq
 //! and the agents' CPU, snat only); then, in this process, the datapath's cost per packet with
 //! `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 % occupancy, refused new flows
@@ -388,7 +390,7 @@ fn network(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    churn_rounds(plan, &mut labs, &Contender::ALL, "churn", results)?;
+    churn_rounds(plan, &mut labs, &Contender::ALL, "churn", true, results)?;
     check()?;
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
         traffic::rate_phase(plan, &mut labs, results)
@@ -402,12 +404,14 @@ fn network(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
 /// so no contender keeps one lab's quirks. (Rotating did not narrow the control's spread: plain
 /// routing in two labs came out 1.02×–1.14× apart on every burst of one full run with fixed
 /// labs and 1.06×–1.16× in a run with rotated ones; the spread is from run to run. It costs
-/// nothing and takes the lab out of the question.)
+/// nothing and takes the lab out of the question.) With `timed`, every round ends with one more
+/// run of `snat` whose programs are timed (not compared, see [`traffic::churn_program_time`]).
 fn churn_rounds(
     plan: &Plan,
     labs: &mut [Lab],
     contenders: &[Contender],
     what: &str,
+    timed: bool,
     results: &mut Results,
 ) -> anyhow::Result<()> {
     let n = contenders.len();
@@ -425,12 +429,25 @@ fn churn_rounds(
                 lab.topo.prefix
             ));
             let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                traffic::churn_run(plan, lab, c, results)
+                traffic::churn_run(plan, lab, c, results, traffic::ChurnRun::Compared)
             }));
             settle_failure(
                 run,
                 results,
                 &format!("{what} round {} {}", round + 1, c.label()),
+            )?;
+        }
+        let snat = contenders.iter().position(|&c| c == Contender::Snat);
+        if let (true, Some(k)) = (timed, snat) {
+            check()?;
+            let lab = &mut labs[(k + round) % n];
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                traffic::churn_program_time(plan, lab, results)
+            }));
+            settle_failure(
+                run,
+                results,
+                &format!("{what} round {}: snat's program time", round + 1),
             )?;
         }
     }
@@ -444,7 +461,14 @@ fn network6(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
     for _ in Contender::ALL6 {
         labs.push(Lab::new_dual_stack()?);
     }
-    churn_rounds(plan, &mut labs, &Contender::ALL6, "IPv6 churn", results)
+    churn_rounds(
+        plan,
+        &mut labs,
+        &Contender::ALL6,
+        "IPv6 churn",
+        false,
+        results,
+    )
 }
 
 /// Turns a failed (or panicked) part into a note and carries on, unless interrupted. Whatever the

@@ -330,8 +330,9 @@ fn cpu_states() -> anyhow::Result<Vec<u64>> {
         .collect())
 }
 
-/// The id of the `snat_egress` program the process `pid` holds.
-pub fn egress_prog(pid: u32) -> Option<u32> {
+/// The id of the program named `name` (e.g. [`snat_common::PROG_EGRESS`]) the process `pid`
+/// holds.
+pub fn agent_prog(pid: u32, name: &str) -> Option<u32> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .ok()?
@@ -349,7 +350,7 @@ pub fn egress_prog(pid: u32) -> Option<u32> {
     }
     aya::programs::loaded_programs()
         .flatten()
-        .find(|p| ids.contains(&p.id()) && p.name_as_str() == Some(snat_common::PROG_EGRESS))
+        .find(|p| ids.contains(&p.id()) && p.name_as_str() == Some(name))
         .map(|p| p.id())
 }
 
@@ -485,7 +486,9 @@ fn setup(out: &mut Exhaustion) -> anyhow::Result<Setup> {
         Receivers::start(&labs[DROP])?,
         Receivers::start(&labs[REJECT])?,
     ];
-    let egress = [egress_prog(agents[0].pid()), egress_prog(agents[1].pid())];
+    let egress = agents
+        .each_ref()
+        .map(|a| agent_prog(a.pid(), snat_common::PROG_EGRESS));
 
     // The established flow, made by the datapath while ports are free.
     let established = labs[REJECT].pods()[1]

@@ -533,6 +533,9 @@ impl Results {
                 p.many_ports
             ),
         );
+        // What both IPv4 workloads cost snat and the machine, under section 2 (before IPv6's).
+        self.snat_alloc(&mut s);
+        self.churn_cpu(&mut s);
         if self.net.keys().any(|k| k.starts_with("churn6.")) {
             self.churn_tables_of(
                 &mut s,
@@ -551,8 +554,6 @@ impl Results {
                 &Contender::ALL6,
             );
         }
-        self.snat_alloc(&mut s);
-        self.churn_cpu(&mut s);
         self.udp_table(&mut s);
         self.bulk_table(&mut s);
         self.reply_tables(&mut s);
@@ -595,9 +596,18 @@ impl Results {
             ),
         ] {
             let (r, b) = self.worst_burst(key, Contender::Snat);
+            let prog = match self.churn_program_bound(key) {
+                (t, p) if p.is_finite() && t.is_finite() => format!(
+                    "; snat's programs {:.2} µs per connection of t = {:.1} µs CPU per connection under none: ≈ {} from the programs alone (section 2)",
+                    p / 1e3,
+                    t / 1e3,
+                    times3(t / (t + p))
+                ),
+                _ => String::new(),
+            };
             let measured = if r.is_finite() {
                 format!(
-                    "worst burst {b}: {}{}; snat's agent {} cores",
+                    "worst burst {b}: {}{}; snat's agent {} cores{prog}",
                     times3(r),
                     control(self.worst_burst(key, Contender::Control).0),
                     self.cell(&format!("{key}.agent_cores"), Contender::Snat, |v| format!(
@@ -893,6 +903,67 @@ impl Results {
             let _ = writeln!(s, "{line}");
         }
         s.push('\n');
+        if self
+            .samples("churn1.prog_ns_per_conn", Contender::Snat)
+            .is_none()
+        {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "**snat's programs in this path** (one more run of `snat`, both workloads, at the end \
+             of every round, not compared, with the kernel's BPF run-time statistics on, which \
+             stay off while contenders are compared; their own clock reads are in the figure): \
+             the time snat's TC egress and ingress programs took per completed connection (a new \
+             mapping is in the egress program's time: the allocation is a tail call from it), \
+             the packets they saw and the allocations they made per connection (created or \
+             refused flows; a SYN that reopens a closed mapping on its port makes none), and an \
+             allocation's mean time in this path by the agent's allocation timer \
+             (`snat_allocation_duration_seconds`; section 5 times one alone). Where churn is \
+             bound by CPU, plain routing spends t = its CPU per connection (above) and snat adds \
+             its programs' time to that, so if nothing else changed snat would reach **programs \
+             alone** = t / (t + programs) of none's rate. An estimate from medians: a burst's \
+             rate moves by more than this (compare `none again` with `none`).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| workload | t (none) | snat's programs per connection | egress / ingress | packets per connection | allocations per connection | an allocation (the agent's timer) | programs alone |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        fn micros(ns: f64) -> String {
+            format!("{:.2} µs", ns / 1e3)
+        }
+        for (key, what) in [
+            ("churn1", "one destination"),
+            ("churnN", "many destinations"),
+        ] {
+            let (t, p) = self.churn_program_bound(key);
+            let snat = |k: &str, fmt: fn(f64) -> String| {
+                self.cell(&format!("{key}.{k}"), Contender::Snat, fmt)
+            };
+            let _ = writeln!(
+                s,
+                "| {what} | {:.1} µs | {} | {} / {} | {} | {} | {} | {} |",
+                t / 1e3,
+                snat("prog_ns_per_conn", micros),
+                snat("egress_ns_per_conn", micros),
+                snat("ingress_ns_per_conn", micros),
+                snat("prog_runs_per_conn", |v| format!("{v:.1}")),
+                snat("allocs_per_conn", |v| format!("{v:.2}")),
+                snat("alloc_ns", ns),
+                times3(t / (t + p))
+            );
+        }
+        s.push('\n');
+    }
+
+    /// A churn workload's machine CPU per connection under plain routing (none's median) and
+    /// snat's programs' own time per connection, in ns.
+    fn churn_program_bound(&self, key: &str) -> (f64, f64) {
+        let t = 1e3 * self.med(&format!("{key}.cpu_per_conn_us"), Contender::None);
+        let p = self
+            .samples(&format!("{key}.prog_ns_per_conn"), Contender::Snat)
+            .map_or(f64::NAN, median);
+        (t, p)
     }
 
     fn udp_table(&self, s: &mut String) {

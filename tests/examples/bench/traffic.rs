@@ -2,7 +2,9 @@
 //!
 //! - Churn ([`churn_run`], one contender at a time, on a fresh server namespace): to one
 //!   destination (`churn1`) and to many server ports (`churnN`), bursts of short TCP connections
-//!   back to back; rate per burst, failed and stalled connects, SYN retransmissions.
+//!   back to back; rate per burst, failed and stalled connects, SYN retransmissions. And
+//!   [`churn_program_time`]: snat once more, not compared, its programs' own time per
+//!   connection from the kernel's BPF run-time statistics.
 //! - Packet rate and bulk ([`rate_phase`], every contender set up at once, short windows
 //!   alternating between them): UDP with small (64-byte frame) datagrams, one flow and many
 //!   flows, from our own sender (`sendmmsg`) in pod 0 to our own receiver (`recvmmsg`, polling)
@@ -22,6 +24,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use snat_common::{PROG_EGRESS, PROG_INGRESS};
 use tests::{
     netns::Netns,
     topo::{SERVER, SERVER6},
@@ -94,6 +97,19 @@ fn server_of(c: Contender) -> IpAddr {
     }
 }
 
+/// What a churn run records.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ChurnRun {
+    /// The compared figures: the rate of every burst, failures, the machine's and the agent's
+    /// CPU, the agent's allocation counters.
+    Compared,
+    /// Nothing compared, only what the agent's programs (TC egress and ingress) did per completed
+    /// connection, from the kernel's BPF run-time statistics, which the caller has turned on:
+    /// their own time (`{key}.prog_ns_per_conn`) and the packets they saw
+    /// (`{key}.prog_runs_per_conn`).
+    ProgramTime,
+}
+
 /// One churn run of contender `c` in its lab: a fresh server, the contender set up, both churn
 /// workloads (bursts back to back), the contender torn down.
 pub fn churn_run(
@@ -101,12 +117,29 @@ pub fn churn_run(
     lab: &mut Lab,
     c: Contender,
     results: &mut Results,
+    run: ChurnRun,
 ) -> anyhow::Result<()> {
     lab.fresh_server()?;
     crate::check()?;
     let active = lab.activate(c)?;
     let lab: &Lab = lab;
     check_sources(lab, c)?;
+    // The programs timed by a `ProgramTime` run: the entry points, whose run time includes the
+    // allocation they tail-call.
+    let progs: Vec<u32> = match (run, &active.agent) {
+        (ChurnRun::ProgramTime, Some(agent)) => [PROG_EGRESS, PROG_INGRESS]
+            .into_iter()
+            .filter_map(|name| crate::exhaustion::agent_prog(agent.pid(), name))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if run == ChurnRun::ProgramTime && progs.len() != 2 {
+        say(format_args!(
+            "  {}: its egress and ingress programs not found: no program time per connection",
+            c.label()
+        ));
+        return Ok(());
+    }
     let many: Vec<u16> = (0..plan.many_ports).map(|i| MANY_BASE + i).collect();
     let mut ports = vec![ONE_PORT];
     ports.extend(&many);
@@ -130,6 +163,8 @@ pub fn churn_run(
         // The whole machine's busy time over the bursts: CPU per connection, every contender.
         let busy_before = crate::exhaustion::busy_ticks()?;
         let mut completed = 0;
+        let progs_before = prog_stats_of(&progs);
+        let alloc_before = active.agent.as_ref().map(allocations);
         for b in 1..=plan.bursts {
             crate::check()?;
             let r = churn::burst(
@@ -141,11 +176,62 @@ pub fn churn_run(
                 plan.burst_limit,
             );
             rates.push(r.rate());
-            results.push(&format!("{key}.burst{b}"), c, r.rate());
+            if run == ChurnRun::Compared {
+                results.push(&format!("{key}.burst{b}"), c, r.rate());
+            }
             completed += r.completed;
             failed += r.failed;
             stalled += r.stalled;
             unfinished += r.unfinished;
+        }
+        if run == ChurnRun::ProgramTime {
+            let conns = completed as f64;
+            let progs_after = prog_stats_of(&progs);
+            let delta = |i: usize| {
+                let (t, n) = (
+                    progs_after[i].0 - progs_before[i].0,
+                    progs_after[i].1 - progs_before[i].1,
+                );
+                (t as f64, n as f64)
+            };
+            let ((egress, egress_runs), (ingress, ingress_runs)) = (delta(0), delta(1));
+            if completed > 0 && egress_runs > 0.0 {
+                let per_conn = |v: f64| v / conns;
+                results.push(&format!("{key}.egress_ns_per_conn"), c, per_conn(egress));
+                results.push(&format!("{key}.ingress_ns_per_conn"), c, per_conn(ingress));
+                results.push(
+                    &format!("{key}.prog_ns_per_conn"),
+                    c,
+                    per_conn(egress + ingress),
+                );
+                let runs = egress_runs + ingress_runs;
+                results.push(&format!("{key}.prog_runs_per_conn"), c, per_conn(runs));
+                say(format_args!(
+                    "  {key}: snat's programs {:.0} ns per connection over {completed} connections (egress {:.0} ns, ingress {:.0} ns; {:.1} packets each)",
+                    per_conn(egress + ingress),
+                    per_conn(egress),
+                    per_conn(ingress),
+                    per_conn(runs),
+                ));
+                if let (Some(agent), Some((count0, sum0))) = (&active.agent, alloc_before) {
+                    let (count, sum) = allocations(agent);
+                    if count > count0 {
+                        let alloc_ns = (sum - sum0) / (count - count0);
+                        results.push(
+                            &format!("{key}.allocs_per_conn"),
+                            c,
+                            per_conn(count - count0),
+                        );
+                        results.push(&format!("{key}.alloc_ns"), c, alloc_ns);
+                        say(format_args!(
+                            "  {key}: {:.2} allocations per connection, {alloc_ns:.0} ns each (the agent's allocation timer)",
+                            per_conn(count - count0)
+                        ));
+                    }
+                }
+            }
+            settle();
+            continue;
         }
         let retrans: u64 = lab
             .pods()
@@ -182,7 +268,7 @@ pub fn churn_run(
         ));
         settle();
     }
-    if let Some(agent) = &active.agent {
+    if let (ChurnRun::Compared, Some(agent)) = (run, &active.agent) {
         let s = agent.stats();
         let count = s["allocation"]["count"].as_f64().unwrap_or(0.0);
         if count > 0.0 {
@@ -204,6 +290,47 @@ pub fn churn_run(
     }
     drop(server);
     drop(active);
+    Ok(())
+}
+
+/// The run time (ns) and runs of each of the programs `ids` so far.
+fn prog_stats_of(ids: &[u32]) -> Vec<(u64, u64)> {
+    ids.iter()
+        .map(|&id| crate::exhaustion::prog_stats(id).unwrap_or((0, 0)))
+        .collect()
+}
+
+/// The allocations the agent has timed so far (created or refused flows) and their summed time
+/// in ns (`snat_allocation_duration_seconds`, from `snat stats`).
+fn allocations(agent: &tests::agent::Agent) -> (f64, f64) {
+    let s = agent.stats();
+    (
+        s["allocation"]["count"].as_f64().unwrap_or(0.0),
+        s["allocation"]["sum_ns"].as_f64().unwrap_or(0.0),
+    )
+}
+
+/// Where snat's time per churn connection goes: one more churn run of `snat` (both workloads)
+/// in `lab` at the end of a round, with the kernel's BPF run-time statistics on (they add two
+/// clock reads to every run, so they stay off while contenders are compared): its programs' own
+/// time per completed connection in the real path, against the machine's CPU per connection
+/// under plain routing in the compared runs.
+pub fn churn_program_time(plan: &Plan, lab: &mut Lab, results: &mut Results) -> anyhow::Result<()> {
+    let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => fd,
+        Err(e) => {
+            say(format_args!(
+                "  BPF run-time statistics unavailable ({e}): no program time per connection"
+            ));
+            return Ok(());
+        }
+    };
+    say(format_args!(
+        "churn: snat again, its programs timed (BPF statistics on, not compared; lab {})",
+        lab.topo.prefix
+    ));
+    churn_run(plan, lab, Contender::Snat, results, ChurnRun::ProgramTime)?;
+    drop(stats);
     Ok(())
 }
 
@@ -722,7 +849,7 @@ fn program_time(
     let Some(agent) = &actives[k].agent else {
         return Ok(());
     };
-    let Some(prog) = crate::exhaustion::egress_prog(agent.pid()) else {
+    let Some(prog) = crate::exhaustion::agent_prog(agent.pid(), PROG_EGRESS) else {
         say(format_args!(
             "  snat's egress program not found: no per-datagram program time"
         ));
