@@ -636,6 +636,15 @@ impl Results {
                     ns(t),
                     times3(t / (t + p))
                 ),
+                None => match self.samples("bulk.prog_share", Contender::Snat) {
+                    Some(v) => format!(
+                        "; snat's programs {:.2} % of the machine's busy CPU in a transfer: ≈ {}–{} from the programs alone (section 4)",
+                        median(v) * 100.0,
+                        times3(1.0 - median(v) * self.machine.cpus as f64),
+                        times3(1.0 - median(v))
+                    ),
+                    None => String::new(),
+                },
                 _ => String::new(),
             };
             let _ = writeln!(
@@ -1107,6 +1116,26 @@ impl Results {
              `sum_sent.retransmits`) summed over all {} windows of a contender.\n",
             self.plan.rate_reps
         );
+        let share = self.samples("bulk.prog_share", Contender::Snat);
+        if let Some(share) = share.map(median) {
+            let _ = writeln!(
+                s,
+                "**snat's programs in this path** (one more transfer after the compared ones, \
+                 with the kernel's BPF run-time statistics on, which stay off while contenders \
+                 are compared): its TC egress and ingress programs ran {} a run (the segments \
+                 going out, GSO-sized, and the ACKs coming back) and took {:.2} % of the \
+                 machine's busy CPU time over the transfer. Where bulk is bound by the \
+                 machine's CPU, that leaves **programs alone** ≈ {} of plain routing's \
+                 throughput; where one CPU bounds it and runs all of the programs' work, ≈ {} \
+                 at worst (the share of that CPU is up to {} times the machine's). A window's \
+                 rate moves by more than this (compare `none again` with `none`).\n",
+                self.cell("bulk.prog_ns", Contender::Snat, ns),
+                share * 100.0,
+                times3(1.0 - share),
+                times3(1.0 - share * self.machine.cpus as f64),
+                self.machine.cpus
+            );
+        }
     }
 
     /// The reply direction for every contender, then snat's two reply paths side by side on

@@ -835,7 +835,9 @@ fn window_rates(received: &AtomicU64, sent: &AtomicU64, secs: f64) -> (f64, f64)
 /// the compared ones, with the kernel's BPF run-time statistics on (they add two clock reads to
 /// every run, so they stay off while contenders are compared): the egress program's own time
 /// per datagram in the real path (`{key}.egress_prog_ns`), against the whole path's time added
-/// over plain routing in the compared windows.
+/// over plain routing in the compared windows. Then one more bulk transfer: both programs' time
+/// as a share of the machine's busy CPU time over it (`bulk.prog_share`) and per run
+/// (`bulk.prog_ns`).
 fn program_time(
     plan: &Plan,
     labs: &[Lab],
@@ -877,6 +879,33 @@ fn program_time(
                 "  {key}: snat's egress program {per:.0} ns per datagram over {runs} runs"
             ));
         }
+    }
+    // Bulk: both programs (segments out, ACKs back) against the machine's busy CPU time over
+    // the same transfer.
+    let progs: Vec<u32> = [PROG_EGRESS, PROG_INGRESS]
+        .into_iter()
+        .filter_map(|name| crate::exhaustion::agent_prog(agent.pid(), name))
+        .collect();
+    crate::check()?;
+    let before = prog_stats_of(&progs);
+    let busy_before = crate::exhaustion::busy_ticks()?;
+    let (gbps, _) = bulk(&labs[k], plan.bulk_secs, false)?;
+    let busy = (crate::exhaustion::busy_ticks()? - busy_before) as f64
+        / crate::scale::clock_ticks() as f64;
+    let after = prog_stats_of(&progs);
+    let (ns, runs) = before
+        .iter()
+        .zip(&after)
+        .fold((0, 0), |(t, n), (b, a)| (t + a.0 - b.0, n + a.1 - b.1));
+    if runs > 0 && busy > 0.0 {
+        let share = ns as f64 / 1e9 / busy;
+        results.push("bulk.prog_share", c, share);
+        results.push("bulk.prog_ns", c, ns as f64 / runs as f64);
+        say(format_args!(
+            "  bulk: snat's programs {:.0} ns a run over {runs} runs (segments and ACKs), {:.2} % of the machine's busy CPU ({busy:.1} CPU-seconds) at {gbps:.2} Gbit/s",
+            ns as f64 / runs as f64,
+            share * 100.0
+        ));
     }
     drop(stats);
     Ok(())
