@@ -15,8 +15,8 @@
 //!
 //! Workloads: churn of short TCP connections to one destination and to many server ports (and,
 //! not compared, one more run of `snat` per round with its programs' time per connection taken
-//! from the kernel's BPF statistics), UDP packet rate (one flow, many flows), bulk TCP (iperf3);
-//! a pod hammering an exhausted
+//! from the kernel's BPF statistics), UDP packet rate (one flow, many flows), bulk TCP (iperf3;
+//! the same statistics over one more transfer of `snat`); a pod hammering an exhausted
 //! destination with new flows against an established flow at the same rate (the node's softirq
 //! and the agents' CPU, snat only); then, in this process, the datapath's cost per packet with
 //! `BPF_PROG_TEST_RUN` (established flows, new mappings at 0–99.9 % occupancy, refused new flows

@@ -105,8 +105,10 @@ pub enum ChurnRun {
     Compared,
     /// Nothing compared, only what the agent's programs (TC egress and ingress) did per completed
     /// connection, from the kernel's BPF run-time statistics, which the caller has turned on:
-    /// their own time (`{key}.prog_ns_per_conn`) and the packets they saw
-    /// (`{key}.prog_runs_per_conn`).
+    /// their own time (`{key}.prog_ns_per_conn`, and each program's: `{key}.egress_ns_per_conn`,
+    /// `{key}.ingress_ns_per_conn`), the packets they saw (`{key}.prog_runs_per_conn`), and the
+    /// allocations (`{key}.allocs_per_conn`) with their mean time by the agent's allocation
+    /// timer (`{key}.alloc_ns`).
     ProgramTime,
 }
 
@@ -189,8 +191,8 @@ pub fn churn_run(
             let progs_after = prog_stats_of(&progs);
             let delta = |i: usize| {
                 let (t, n) = (
-                    progs_after[i].0 - progs_before[i].0,
-                    progs_after[i].1 - progs_before[i].1,
+                    progs_after[i].0.saturating_sub(progs_before[i].0),
+                    progs_after[i].1.saturating_sub(progs_before[i].1),
                 );
                 (t as f64, n as f64)
             };
@@ -893,10 +895,9 @@ fn program_time(
     let busy = (crate::exhaustion::busy_ticks()? - busy_before) as f64
         / crate::scale::clock_ticks() as f64;
     let after = prog_stats_of(&progs);
-    let (ns, runs) = before
-        .iter()
-        .zip(&after)
-        .fold((0, 0), |(t, n), (b, a)| (t + a.0 - b.0, n + a.1 - b.1));
+    let (ns, runs) = before.iter().zip(&after).fold((0, 0), |(t, n), (b, a)| {
+        (t + a.0.saturating_sub(b.0), n + a.1.saturating_sub(b.1))
+    });
     if runs > 0 && busy > 0.0 {
         let share = ns as f64 / 1e9 / busy;
         results.push("bulk.prog_share", c, share);
