@@ -354,6 +354,21 @@ pub fn agent_prog(pid: u32, name: &str) -> Option<u32> {
         .map(|p| p.id())
 }
 
+/// Turns the kernel's BPF run-time statistics on until the returned fd is dropped (they add two
+/// clock reads to every program run, so they stay off while contenders are compared); where
+/// they cannot be, says so and that the part goes `without` its program times.
+pub fn run_time_stats(without: &str) -> Option<std::os::fd::OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            say(format_args!(
+                "  BPF run-time statistics unavailable ({e}): {without}"
+            ));
+            None
+        }
+    }
+}
+
 /// Run time (ns) and runs of the program `id` so far (zero unless BPF statistics are on).
 pub fn prog_stats(id: u32) -> Option<(u64, u64)> {
     aya::programs::loaded_programs()
@@ -666,12 +681,7 @@ fn window(plan: &Plan, s: &Setup, kind: Kind) -> anyhow::Result<Window> {
 /// Runs the part; what it measured goes into `out` window by window.
 pub fn run(plan: &Plan, out: &mut Option<Exhaustion>) -> anyhow::Result<()> {
     // BPF run-time statistics, for this part only (off again when the descriptor closes).
-    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
-    if let Err(e) = &stats {
-        say(format_args!(
-            "  BPF run-time statistics unavailable ({e}): no per-packet program time"
-        ));
-    }
+    let stats = run_time_stats("no per-packet program time");
     let hz = crate::scale::clock_ticks();
     let m = out.insert(Exhaustion {
         rate: plan.exhaust_rate,
@@ -680,7 +690,7 @@ pub fn run(plan: &Plan, out: &mut Option<Exhaustion>) -> anyhow::Result<()> {
         cpus: std::thread::available_parallelism().map_or(1, usize::from),
         hz,
         irq_time_accounting: irq_time_accounting(),
-        bpf_stats: stats.is_ok(),
+        bpf_stats: stats.is_some(),
         written: [0; 2],
         already_claimed: [0; 2],
         windows: Vec::new(),

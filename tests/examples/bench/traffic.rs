@@ -129,10 +129,7 @@ pub fn churn_run(
     // The programs timed by a `ProgramTime` run: the entry points, whose run time includes the
     // allocation they tail-call.
     let progs: Vec<u32> = match (run, &active.agent) {
-        (ChurnRun::ProgramTime, Some(agent)) => [PROG_EGRESS, PROG_INGRESS]
-            .into_iter()
-            .filter_map(|name| crate::exhaustion::agent_prog(agent.pid(), name))
-            .collect(),
+        (ChurnRun::ProgramTime, Some(agent)) => entry_progs(agent.pid()),
         _ => Vec::new(),
     };
     if run == ChurnRun::ProgramTime && progs.len() != 2 {
@@ -188,14 +185,8 @@ pub fn churn_run(
         }
         if run == ChurnRun::ProgramTime {
             let conns = completed as f64;
-            let progs_after = prog_stats_of(&progs);
-            let delta = |i: usize| {
-                let (t, n) = (
-                    progs_after[i].0.saturating_sub(progs_before[i].0),
-                    progs_after[i].1.saturating_sub(progs_before[i].1),
-                );
-                (t as f64, n as f64)
-            };
+            let d = prog_deltas(&progs_before, &prog_stats_of(&progs));
+            let delta = |i: usize| (d[i].0 as f64, d[i].1 as f64);
             let ((egress, egress_runs), (ingress, ingress_runs)) = (delta(0), delta(1));
             if completed > 0 && egress_runs > 0.0 {
                 let per_conn = |v: f64| v / conns;
@@ -295,10 +286,29 @@ pub fn churn_run(
     Ok(())
 }
 
+/// The ids of the agent `pid`'s entry programs, TC egress then ingress (those it has; the
+/// allocation's run time is in egress's, which tail-calls it).
+fn entry_progs(pid: u32) -> Vec<u32> {
+    [PROG_EGRESS, PROG_INGRESS]
+        .into_iter()
+        .filter_map(|name| crate::exhaustion::agent_prog(pid, name))
+        .collect()
+}
+
 /// The run time (ns) and runs of each of the programs `ids` so far.
 fn prog_stats_of(ids: &[u32]) -> Vec<(u64, u64)> {
     ids.iter()
         .map(|&id| crate::exhaustion::prog_stats(id).unwrap_or((0, 0)))
+        .collect()
+}
+
+/// Each program's run time (ns) and runs between two readings of [`prog_stats_of`], none below
+/// zero (a program whose statistics could not be read reads as zero).
+fn prog_deltas(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1)))
         .collect()
 }
 
@@ -318,14 +328,8 @@ fn allocations(agent: &tests::agent::Agent) -> (f64, f64) {
 /// time per completed connection in the real path, against the machine's CPU per connection
 /// under plain routing in the compared runs.
 pub fn churn_program_time(plan: &Plan, lab: &mut Lab, results: &mut Results) -> anyhow::Result<()> {
-    let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-        Ok(fd) => fd,
-        Err(e) => {
-            say(format_args!(
-                "  BPF run-time statistics unavailable ({e}): no program time per connection"
-            ));
-            return Ok(());
-        }
+    let Some(stats) = crate::exhaustion::run_time_stats("no program time per connection") else {
+        return Ok(());
     };
     say(format_args!(
         "churn: snat again, its programs timed (BPF statistics on, not compared; lab {})",
@@ -859,14 +863,8 @@ fn program_time(
         ));
         return Ok(());
     };
-    let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-        Ok(fd) => fd,
-        Err(e) => {
-            say(format_args!(
-                "  BPF run-time statistics unavailable ({e}): no per-datagram program time"
-            ));
-            return Ok(());
-        }
+    let Some(stats) = crate::exhaustion::run_time_stats("no per-datagram program time") else {
+        return Ok(());
     };
     for (key, many) in [("udp1", false), ("udpN", true)] {
         crate::check()?;
@@ -884,20 +882,16 @@ fn program_time(
     }
     // Bulk: both programs (segments out, ACKs back) against the machine's busy CPU time over
     // the same transfer.
-    let progs: Vec<u32> = [PROG_EGRESS, PROG_INGRESS]
-        .into_iter()
-        .filter_map(|name| crate::exhaustion::agent_prog(agent.pid(), name))
-        .collect();
+    let progs = entry_progs(agent.pid());
     crate::check()?;
     let before = prog_stats_of(&progs);
     let busy_before = crate::exhaustion::busy_ticks()?;
     let (gbps, _) = bulk(&labs[k], plan.bulk_secs, false)?;
     let busy = (crate::exhaustion::busy_ticks()? - busy_before) as f64
         / crate::scale::clock_ticks() as f64;
-    let after = prog_stats_of(&progs);
-    let (ns, runs) = before.iter().zip(&after).fold((0, 0), |(t, n), (b, a)| {
-        (t + a.0.saturating_sub(b.0), n + a.1.saturating_sub(b.1))
-    });
+    let (ns, runs) = prog_deltas(&before, &prog_stats_of(&progs))
+        .into_iter()
+        .fold((0, 0), |(t, n), (dt, dn)| (t + dt, n + dn));
     if runs > 0 && busy > 0.0 {
         let share = ns as f64 / 1e9 / busy;
         results.push("bulk.prog_share", c, share);
